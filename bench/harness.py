@@ -1,0 +1,1119 @@
+#!/usr/bin/env python3
+"""Side-by-side reverse-proxy benchmark for apishield (stdlib only).
+
+Targets, all on 127.0.0.1 in front of one fast upstream (nginx returning ~200 B of JSON):
+
+  direct                 wrk -> upstream (reference only)
+  nginx_proxy            wrk -> nginx proxy_pass (upstream keepalive 64) -> upstream
+  apishield_passthrough  wrk -> apishield (one-operation contract) -> upstream
+  apishield_demo         wrk -> apishield (~20-path contract) -> upstream
+
+Every target is driven with `wrk -t1 -c50 --latency`; rounds alternate between targets
+(round 1: A,B,C,D; round 2: A,B,C,D; ...) and the figures reported are medians, ratios
+being medians of per-round ratios. Proxies run on CPU 0, upstream and wrk on CPU 1
+(`taskset`), when the machine allows it. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import http.client
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+HOST = "127.0.0.1"
+PATH = "/item"
+
+# ~200 bytes of JSON served by the upstream for every path (the proxies are measured on /item).
+UPSTREAM_BODY = (
+    '{"id":42,"name":"widget","sku":"WID-0042","price":19.99,"currency":"EUR",'
+    '"in_stock":true,"tags":["hardware","small","blue"],"dimensions":{"w":10,"h":4,"d":2},'
+    '"description":"A small blue widget used for benchmarks."}'
+)
+assert "'" not in UPSTREAM_BODY and "$" not in UPSTREAM_BODY  # embedded in nginx.conf
+
+TARGETS = ("nginx_proxy", "apishield_passthrough", "apishield_demo", "direct")
+APISHIELD_TARGETS = ("apishield_passthrough", "apishield_demo")
+ALIASES = {
+    "nginx": ("nginx_proxy", "direct"),
+    "proxy": ("nginx_proxy",),
+    "nginx_proxy": ("nginx_proxy",),
+    "direct": ("direct",),
+    "apishield": ("nginx_proxy", "apishield_passthrough", "apishield_demo"),
+    "passthrough": ("apishield_passthrough",),
+    "apishield_passthrough": ("apishield_passthrough",),
+    "demo": ("apishield_demo",),
+    "apishield_demo": ("apishield_demo",),
+}
+
+
+class BenchError(Exception):
+    """A failure that aborts the run with a clear message."""
+
+
+class Timeout(BenchError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen
+    port: int
+    stderr_path: Path
+    cpu: str | None  # pinned CPU list, or None
+    extra: dict = field(default_factory=dict)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stderr_tail(self, limit: int = 4000) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return "(no stderr captured)"
+        return text[-limit:] if text else "(stderr empty)"
+
+
+class Processes:
+    """Starts children in their own process group; stops every group at exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], stdout, stderr, cwd: Path | None = None):
+        log(f"  start {name}: {shlex.join(argv)}")
+        try:
+            proc = subprocess.Popen(
+                argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+                cwd=cwd, start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise BenchError(f"{name}: cannot run {argv[0]!r}: {exc}") from None
+        self.procs.append((name, proc))
+        return proc
+
+    @staticmethod
+    def stop(name: str, proc: subprocess.Popen, grace: float = 5.0) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                log(f"  {name} did not stop within {grace}s; killing")
+        # Kill whatever is left of the group (nginx workers, apishield workers).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+    def stop_all(self) -> None:
+        while self.procs:
+            name, proc = self.procs.pop()
+            self.stop(name, proc)
+
+
+def run(argv: list[str], timeout: float, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, check=check,
+            stdin=subprocess.DEVNULL, **kw,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"timed out after {timeout}s: {shlex.join(argv)}") from None
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def wait_port(service: Service, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not service.alive():
+            raise BenchError(
+                f"{service.name} exited with code {service.proc.returncode} before listening "
+                f"on {HOST}:{service.port}. Its stderr:\n{service.stderr_tail()}"
+            )
+        try:
+            with socket.create_connection((HOST, service.port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BenchError(
+        f"{service.name} did not accept connections on {HOST}:{service.port} within "
+        f"{timeout}s. Its stderr:\n{service.stderr_tail()}"
+    )
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        body = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+    finally:
+        conn.close()
+
+
+def proc_tree_cpu_seconds(pid: int) -> float:
+    """utime+stime of a process and its live descendants (from /proc), in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        out = run(argv, timeout=10)
+    except (BenchError, FileNotFoundError):
+        return "unknown"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0].strip() if text else "unknown"
+
+
+def ensure_tools(install: bool) -> None:
+    missing = [t for t in ("nginx", "wrk") if shutil.which(t) is None]
+    if not missing:
+        return
+    if not install:
+        raise BenchError(f"missing {', '.join(missing)} (and --no-install was given)")
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise BenchError(
+            f"missing {', '.join(missing)}; install them: apt-get install -y nginx wrk")
+    log(f"installing {' '.join(missing)} with apt-get ...")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for argv in (["apt-get", "update"], ["apt-get", "install", "-y", "nginx", "wrk"]):
+        out = run(argv, timeout=900, env=env)
+        if out.returncode != 0:
+            raise BenchError(f"{shlex.join(argv)} failed:\n{out.stderr[-3000:]}")
+    still = [t for t in ("nginx", "wrk") if shutil.which(t) is None]
+    if still:
+        raise BenchError(f"still missing after apt-get: {', '.join(still)}")
+
+
+@dataclass
+class Pinning:
+    pinned: bool
+    proxy_cpu: str | None
+    load_cpu: str | None
+    note: str
+
+    def prefix(self, role: str) -> list[str]:
+        cpu = self.proxy_cpu if role == "proxy" else self.load_cpu
+        return ["taskset", "-c", cpu] if self.pinned and cpu is not None else []
+
+
+def decide_pinning(disabled: bool) -> Pinning:
+    if disabled:
+        return Pinning(False, None, None, "pinning disabled (--no-pin); all processes unpinned")
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    if len(cpus) < 2:
+        return Pinning(False, None, None, f"only {len(cpus)} CPU available; running UNPINNED")
+    if shutil.which("taskset") is None:
+        return Pinning(False, None, None, "taskset not found; running UNPINNED")
+    a, b = str(cpus[0]), str(cpus[1])
+    for cpu in (a, b):
+        try:
+            ok = run(["taskset", "-c", cpu, "true"], timeout=10).returncode == 0
+        except BenchError:
+            ok = False
+        if not ok:
+            return Pinning(False, None, None, f"`taskset -c {cpu}` fails here; running UNPINNED")
+    note = f"proxies on CPU {a}; upstream nginx and wrk on CPU {b}"
+    if len(cpus) > 2:
+        note += f" ({len(cpus)} CPUs available, others unused)"
+    return Pinning(True, a, b, note)
+
+
+# --------------------------------------------------------------------------- nginx
+
+
+NGINX_COMMON = """\
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+"""
+
+NGINX_HTTP_COMMON = """\
+    access_log off;
+    server_tokens off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+"""
+
+
+def nginx_upstream_conf(d: Path, port: int) -> str:
+    return NGINX_COMMON.format(d=d) + (
+        "http {\n" + NGINX_HTTP_COMMON.format(d=d) +
+        f"    server {{\n"
+        f"        listen {HOST}:{port};\n"
+        f"        location / {{\n"
+        f"            default_type application/json;\n"
+        f"            return 200 '{UPSTREAM_BODY}';\n"
+        f"        }}\n"
+        f"    }}\n"
+        "}\n"
+    )
+
+
+def nginx_proxy_conf(d: Path, port: int, upstream_port: int) -> str:
+    return NGINX_COMMON.format(d=d) + (
+        "http {\n" + NGINX_HTTP_COMMON.format(d=d) +
+        f"    upstream backend {{\n"
+        f"        server {HOST}:{upstream_port};\n"
+        f"        keepalive 64;\n"
+        f"    }}\n"
+        f"    server {{\n"
+        f"        listen {HOST}:{port};\n"
+        f"        location / {{\n"
+        f"            proxy_pass http://backend;\n"
+        f"            proxy_http_version 1.1;\n"
+        f"            proxy_set_header Connection \"\";\n"
+        f"        }}\n"
+        f"    }}\n"
+        "}\n"
+    )
+
+
+def start_nginx(procs: Processes, name: str, d: Path, conf: str, port: int,
+                prefix: list[str]) -> Service:
+    d.mkdir(parents=True)
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (d / sub).mkdir()
+    conf_path = d / "nginx.conf"
+    conf_path.write_text(conf)
+    test = run(["nginx", "-t", "-q", "-p", str(d), "-c", str(conf_path)], timeout=20)
+    if test.returncode != 0:
+        raise BenchError(f"{name}: nginx -t rejected the config:\n{test.stderr}\n{conf}")
+    stderr_path = d / "stderr.log"
+    argv = [*prefix, "nginx", "-p", str(d), "-c", str(conf_path), "-g", "daemon off;"]
+    with open(stderr_path, "wb") as err:
+        proc = procs.start(name, argv, subprocess.DEVNULL, err)
+    svc = Service(name, proc, port, stderr_path, prefix[-1] if prefix else None)
+    try:
+        wait_port(svc, 15)
+    except BenchError as exc:
+        errlog = (d / "error.log")
+        extra = errlog.read_text(errors="replace")[-3000:] if errlog.exists() else ""
+        raise BenchError(f"{exc}\nnginx error.log:\n{extra}") from None
+    return svc
+
+
+# --------------------------------------------------------------------------- apishield
+
+
+def yaml_scalar(value) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict) and not value:
+        return "{}"
+    if isinstance(value, list) and not value:
+        return "[]"
+    return json.dumps(str(value))  # a JSON string is a valid YAML double-quoted scalar
+
+
+def yaml_key(key) -> str:
+    key = str(key)
+    return key if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", key) else json.dumps(key)
+
+
+def to_yaml(obj, indent: int = 0) -> list[str]:
+    """A tiny block-style YAML emitter (dicts, lists, scalars) so the harness needs no PyYAML."""
+    pad = "  " * indent
+    lines: list[str] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, dict | list) and v:
+                lines.append(f"{pad}{yaml_key(k)}:")
+                lines.extend(to_yaml(v, indent + 1))
+            else:
+                lines.append(f"{pad}{yaml_key(k)}: {yaml_scalar(v)}")
+    elif isinstance(obj, list):
+        for item in obj:
+            if isinstance(item, dict | list) and item:
+                sub = to_yaml(item, indent + 1)
+                lines.append(f"{pad}- {sub[0].lstrip()}")
+                lines.extend(sub[1:])
+            else:
+                lines.append(f"{pad}- {yaml_scalar(item)}")
+    else:
+        lines.append(pad + yaml_scalar(obj))
+    return lines
+
+
+def get_item_operation() -> dict:
+    return {"operationId": "getItem", "responses": {"200": {"description": "ok"}}}
+
+
+def passthrough_contract() -> dict:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "bench passthrough", "version": "1"},
+        "security": [],
+        "paths": {"/item": {"get": get_item_operation()}},
+    }
+
+
+DEMO_PATHS: list[tuple[str, tuple[str, ...]]] = [
+    ("/health", ("get",)),
+    ("/item", ("get",)),
+    ("/items", ("get", "post")),
+    ("/items/{itemId}", ("get", "put", "delete")),
+    ("/pets", ("get", "post")),
+    ("/pets/{petId}", ("get", "put", "delete")),
+    ("/pets/{petId}/photos", ("get", "post")),
+    ("/pets/{petId}/photos/{photoId}", ("get", "delete")),
+    ("/users", ("get", "post")),
+    ("/users/{userId}", ("get", "patch", "delete")),
+    ("/users/{userId}/orders", ("get", "post")),
+    ("/users/{userId}/orders/{orderId}", ("get",)),
+    ("/orders", ("get", "post")),
+    ("/orders/{orderId}", ("get", "patch", "delete")),
+    ("/orders/{orderId}/items", ("get", "post")),
+    ("/orders/{orderId}/items/{lineId}", ("get", "put", "delete")),
+    ("/stores", ("get",)),
+    ("/stores/{storeId}", ("get", "put")),
+    ("/stores/{storeId}/inventory", ("get",)),
+    ("/inventory/{sku}", ("get", "put")),
+    ("/search", ("get",)),
+    ("/webhooks/{hookId}", ("post", "delete")),
+]
+
+DEMO_SCHEMAS = {
+    "Pet": {
+        "type": "object", "additionalProperties": False, "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 64},
+            "species": {"type": "string", "enum": ["cat", "dog", "bird", "fish"]},
+            "age": {"type": "integer", "minimum": 0, "maximum": 60},
+            "tags": {"type": "array", "maxItems": 10, "items": {"type": "string", "maxLength": 32}},
+        },
+    },
+    "User": {
+        "type": "object", "additionalProperties": False, "required": ["email"],
+        "properties": {
+            "email": {"type": "string", "maxLength": 254},
+            "name": {"type": "string", "maxLength": 100},
+            "role": {"type": "string", "enum": ["customer", "staff"]},
+        },
+    },
+    "Order": {
+        "type": "object", "additionalProperties": False, "required": ["lines"],
+        "properties": {
+            "lines": {
+                "type": "array", "minItems": 1, "maxItems": 50,
+                "items": {
+                    "type": "object", "additionalProperties": False,
+                    "required": ["sku", "qty"],
+                    "properties": {
+                        "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+                        "qty": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                },
+            },
+            "note": {"type": "string", "maxLength": 500},
+        },
+    },
+    "Generic": {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "maxLength": 100},
+            "value": {"type": "number"},
+            "active": {"type": "boolean"},
+        },
+    },
+}
+
+
+def _path_param(name: str) -> dict:
+    if name == "sku":
+        schema = {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}
+    elif name in ("userId", "hookId"):
+        schema = {"type": "string", "pattern": "^[a-z0-9-]{1,36}$"}
+    else:
+        schema = {"type": "integer", "minimum": 1}
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def _body_schema(path: str) -> str:
+    first = path.split("/")[1]
+    return {"pets": "Pet", "users": "User", "orders": "Order"}.get(first, "Generic")
+
+
+def demo_contract() -> dict:
+    paths: dict = {}
+    used: set[str] = set()
+    for path, methods in DEMO_PATHS:
+        item: dict = {}
+        params = [_path_param(p) for p in re.findall(r"{(\w+)}", path)]
+        if params:
+            item["parameters"] = params
+        for method in methods:
+            if path == "/item" and method == "get":
+                item[method] = get_item_operation()  # identical to the pass-through contract
+                continue
+            words = [w.strip("{}") for w in path.strip("/").split("/")]
+            op_id = method + "".join(w[:1].upper() + w[1:] for w in words)
+            assert op_id not in used, op_id
+            used.add(op_id)
+            op: dict = {"operationId": op_id}
+            if method == "get" and not params and path != "/health":
+                op["parameters"] = [
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                    {"name": "cursor", "in": "query", "required": False,
+                     "schema": {"type": "string", "maxLength": 64}},
+                ]
+                if path == "/search":
+                    op["parameters"].append(
+                        {"name": "q", "in": "query", "required": True,
+                         "schema": {"type": "string", "minLength": 1, "maxLength": 100}})
+            if method in ("post", "put", "patch"):
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{_body_schema(path)}"}}},
+                }
+            code = {"post": "201", "delete": "204"}.get(method, "200")
+            op["responses"] = {code: {"description": "ok"}}
+            item[method] = op
+        paths[path] = item
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "bench demo", "version": "1"},
+        "security": [],
+        "paths": paths,
+        "components": {"schemas": DEMO_SCHEMAS},
+    }
+
+
+def write_apishield_config(d: Path, name: str, contract: dict, port: int,
+                           upstream_port: int) -> tuple[Path, Path]:
+    d.mkdir(parents=True)
+    contract_path = d / "openapi.yaml"
+    contract_path.write_text("\n".join(to_yaml(contract)) + "\n")
+    access_log = d / "access.log"
+    config = {
+        "contract": contract_path.name,
+        "listen": {"host": HOST, "port": port},
+        "upstream": {"url": f"http://{HOST}:{upstream_port}"},
+        "access_log": {"path": str(access_log)},
+    }
+    config_path = d / f"{name}.yaml"
+    config_path.write_text("\n".join(to_yaml(config)) + "\n")
+    return config_path, access_log
+
+
+def apishield_argv(override: str | None) -> list[str]:
+    if override:
+        return shlex.split(override)
+    local = REPO / ".venv" / "bin" / "apishield"
+    if local.exists():
+        return [str(local)]
+    found = shutil.which("apishield")
+    if found:
+        return [found]
+    raise BenchError(
+        f"apishield not found ({local} does not exist and nothing on PATH); "
+        "install it (pip install -e .) or pass --apishield-cmd, or use --only nginx"
+    )
+
+
+def start_apishield(procs: Processes, name: str, d: Path, base_argv: list[str],
+                    config_path: Path, access_log: Path, port: int,
+                    prefix: list[str]) -> Service:
+    stderr_path = d / "stderr.log"
+    argv = [*prefix, *base_argv, "serve", "--config", str(config_path)]
+    with open(stderr_path, "wb") as err, open(d / "stdout.log", "wb") as out:
+        proc = procs.start(name, argv, out, err, cwd=d)
+    svc = Service(name, proc, port, stderr_path, prefix[-1] if prefix else None,
+                  extra={"access_log": access_log, "dir": d})
+    wait_port(svc, 15)
+    return svc
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+_TIME = re.compile(r"^([\d.]+)(us|ms|s|m|h)$")
+_TIME_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
+
+
+def parse_time_ms(token: str) -> float:
+    m = _TIME.match(token.strip())
+    if not m:
+        raise ValueError(f"unparsable wrk time {token!r}")
+    return float(m.group(1)) * _TIME_MS[m.group(2)]
+
+
+def parse_wrk(text: str) -> dict:
+    out: dict = {"latency_ms": {}, "non2xx": 0,
+                 "socket_errors": {"connect": 0, "read": 0, "write": 0, "timeout": 0}}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if not m:
+        raise ValueError("no 'Requests/sec' line in wrk output")
+    out["rps"] = float(m.group(1))
+    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)", text)
+    if m:
+        out["requests"] = int(m.group(1))
+        out["elapsed_s"] = round(parse_time_ms(m.group(2) + m.group(3)) / 1000, 3)
+    for pct in ("50", "75", "90", "99"):
+        m = re.search(rf"^\s*{pct}%\s+(\S+)", text, re.M)
+        if m:
+            out["latency_ms"][f"p{pct}"] = round(parse_time_ms(m.group(1)), 4)
+    m = re.search(r"^\s*Latency\s+(\S+)\s+(\S+)\s+(\S+)", text, re.M)
+    if m:
+        with contextlib.suppress(ValueError):
+            out["latency_ms"]["avg"] = round(parse_time_ms(m.group(1)), 4)
+            out["latency_ms"]["max"] = round(parse_time_ms(m.group(3)), 4)
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    if m:
+        out["non2xx"] = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        out["socket_errors"] = dict(zip(("connect", "read", "write", "timeout"),
+                                        map(int, m.groups()), strict=True))
+    out["errors"] = out["non2xx"] + sum(out["socket_errors"].values())
+    return out
+
+
+@dataclass
+class Load:
+    threads: int
+    connections: int
+    prefix: list[str]
+
+    def argv(self, port: int, duration: float) -> list[str]:
+        return [
+            *self.prefix, "wrk", f"-t{self.threads}", f"-c{self.connections}", f"-d{duration:g}s",
+            "--latency", "--timeout", "5s", f"http://{HOST}:{port}{PATH}",
+        ]
+
+    def run(self, port: int, duration: float) -> tuple[dict, str]:
+        argv = self.argv(port, duration)
+        out = run(argv, timeout=duration + 60)
+        text = out.stdout + out.stderr
+        if out.returncode != 0:
+            raise BenchError(f"wrk failed (code {out.returncode}):\n{text}")
+        try:
+            return parse_wrk(out.stdout), text
+        except ValueError as exc:
+            raise BenchError(f"{exc}:\n{text}") from None
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def verify(services: dict[str, Service]) -> dict:
+    """Every target must answer GET /item with 200 and the upstream's body."""
+    checks: dict = {}
+    failures = []
+    for name, svc in services.items():
+        try:
+            status, headers, body = http_get(svc.port, PATH)
+        except OSError as exc:
+            failures.append(f"{name}: GET {PATH} failed: {exc}")
+            continue
+        entry = {"status": status, "body_bytes": len(body), "headers": sorted(headers)}
+        if status != 200:
+            failures.append(f"{name}: GET {PATH} answered {status}: {body[:300]!r}")
+        elif body != UPSTREAM_BODY.encode():
+            entry["warning"] = "body differs from the upstream's"
+            log(f"  WARNING {name}: GET {PATH} body differs from the upstream's: {body[:200]!r}")
+        if name in APISHIELD_TARGETS:
+            # Informational: is the contract enforced (undeclared path refused)?
+            with contextlib.suppress(OSError):
+                entry["undeclared_path_status"] = http_get(svc.port, "/not-in-contract")[0]
+            if name == "apishield_demo":
+                with contextlib.suppress(OSError):
+                    entry["templated_path_status"] = http_get(svc.port, "/pets/123")[0]
+        checks[name] = entry
+    if failures:
+        raise BenchError("target verification failed:\n  " + "\n  ".join(failures))
+    return checks
+
+
+def median(values: list[float], digits: int = 4) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), digits) if values else None
+
+
+def summarize(rounds: list[dict], targets: list[str]) -> dict:
+    summary: dict = {}
+    for t in targets:
+        runs = [r["results"][t] for r in rounds if t in r["results"]]
+        rps = [x["rps"] for x in runs]
+        lat = {p: median([x["latency_ms"].get(p) for x in runs])
+               for p in ("p50", "p75", "p90", "p99")}
+        summary[t] = {
+            "rps_median": median(rps, 1),
+            "rps_min": min(rps) if rps else None,
+            "rps_max": max(rps) if rps else None,
+            "latency_ms_median": lat,
+            "proxy_cpu_pct_median": median([x.get("proxy_cpu_pct") for x in runs]),
+            "upstream_cpu_pct_median": median([x.get("upstream_cpu_pct") for x in runs]),
+            "non2xx_total": sum(x["non2xx"] for x in runs),
+            "socket_errors_total": sum(sum(x["socket_errors"].values()) for x in runs),
+            "flagged": any(x["errors"] for x in runs),
+        }
+        logb = [x.get("access_log_bytes_per_request") for x in runs]
+        if any(v is not None for v in logb):
+            summary[t]["access_log_bytes_per_request_median"] = median(logb)
+    return summary
+
+
+def ratio_series(rounds: list[dict], num: str, den: str) -> list[float]:
+    out = []
+    for r in rounds:
+        res = r["results"]
+        if num in res and den in res and res[den]["rps"] > 0:
+            out.append(res[num]["rps"] / res[den]["rps"])
+    return out
+
+
+def fmt_num(v, spec: str = ",.0f", none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
+def render_table(result: dict) -> str:
+    s = result["summary"]
+    lines = []
+    m = result["machine"]
+    lines.append(f"apishield proxy benchmark  {result['date']}")
+    lines.append(
+        f"wrk -t{result['load']['threads']} -c{result['load']['connections']} "
+        f"-d{result['load']['duration_s']:g}s x {result['load']['rounds']} alternating rounds "
+        f"(+{result['load']['warmup_s']:g}s warm-up each), GET {PATH}, 127.0.0.1"
+    )
+    pin = "pinned" if m["pinned"] else "UNPINNED"
+    lines.append(f"machine: {m['nproc']} CPUs, {pin}: {m['pinning']}")
+    lines.append(f"python {m['python']}, {m['nginx']}, {m['wrk']}")
+    lines.append("")
+    hdr = (f"{'target':<23}{'rps median':>11}{'min':>9}{'max':>9}{'vs nginx':>10}"
+           f"{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'proxy cpu':>10}{'upstr cpu':>10}"
+           f"{'errors':>8}")
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    ratios = result.get("ratios", {})
+    for t in result["targets"]:
+        x = s[t]
+        lat = x["latency_ms_median"]
+        ratio = ratios.get(t)
+        cpu = x["proxy_cpu_pct_median"]
+        ucpu = x["upstream_cpu_pct_median"]
+        errs = x["non2xx_total"] + x["socket_errors_total"]
+        lines.append(
+            f"{t:<23}{fmt_num(x['rps_median']):>11}{fmt_num(x['rps_min']):>9}"
+            f"{fmt_num(x['rps_max']):>9}{fmt_num(ratio, '.3f'):>10}"
+            f"{fmt_num(lat['p50'], '.2f'):>8}{fmt_num(lat['p90'], '.2f'):>8}"
+            f"{fmt_num(lat['p99'], '.2f'):>8}"
+            f"{(fmt_num(cpu, '.0f') + '%') if cpu is not None else '-':>10}"
+            f"{(fmt_num(ucpu, '.0f') + '%') if ucpu is not None else '-':>10}"
+            f"{errs:>8}{'  <-- ERRORS' if x['flagged'] else ''}"
+        )
+    lines.append("")
+    lines.append("'vs nginx' = median of per-round ratios target/nginx_proxy (same round).")
+    lines.append("'proxy cpu' / 'upstr cpu' = CPU used by the proxy / upstream nginx process tree")
+    lines.append("during the run (100% = 1 core; wrk shares the upstream's CPU).")
+    lines.append("")
+    lines.append("per round (rps):")
+    lines.append("  round  " + "".join(f"{t:>23}" for t in result["targets"]))
+    for r in result["rounds"]:
+        row = "".join(f"{fmt_num(r['results'][t]['rps']) if t in r['results'] else '-':>23}"
+                      for t in result["targets"])
+        lines.append(f"  {r['round']:>5}  {row}")
+    flagged = [t for t in result["targets"] if s[t]["flagged"]]
+    if flagged:
+        lines.append("")
+        for t in flagged:
+            lines.append(f"WARNING {t}: {s[t]['non2xx_total']} non-2xx/3xx responses, "
+                         f"{s[t]['socket_errors_total']} socket errors reported by wrk")
+    for t, v in result.get("checks", {}).items():
+        extra = {k: v[k] for k in ("undeclared_path_status", "templated_path_status", "warning")
+                 if k in v}
+        if extra:
+            lines.append(f"check {t}: {extra}")
+    if not m["pinned"]:
+        lines.append("")
+        lines.append(f"NOTE: processes were NOT pinned ({m['pinning']}).")
+    return "\n".join(lines) + "\n"
+
+
+def machine_info(pin: Pinning) -> dict:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = os.cpu_count()
+    git = "unknown"
+    with contextlib.suppress(BenchError, FileNotFoundError):
+        out = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], timeout=10)
+        git = out.stdout.strip() if out.returncode == 0 else "no commit"
+    return {
+        "nproc": affinity,
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "nginx": tool_version(["nginx", "-v"]).removeprefix("nginx version: "),
+        "wrk": re.sub(r"\s+Copyright.*", "", tool_version(["wrk", "-v"])),
+        "kernel": platform.release(),
+        "pinned": pin.pinned,
+        "pinning": pin.note,
+        "loadavg_at_start": os.getloadavg(),
+        "git": git,
+    }
+
+
+def measure(name: str, svc: Service, load: Load, duration: float, warmup: float,
+            upstream: Service) -> dict:
+    if not svc.alive():
+        raise BenchError(f"{name} died (code {svc.proc.returncode}). stderr:\n{svc.stderr_tail()}")
+    if warmup > 0:
+        load.run(svc.port, warmup)
+    access_log: Path | None = svc.extra.get("access_log")
+    if access_log is not None and access_log.exists():
+        os.truncate(access_log, 0)  # keeps the temp dir small; apishield keeps appending
+    cpu0 = proc_tree_cpu_seconds(svc.proc.pid)
+    up0 = proc_tree_cpu_seconds(upstream.proc.pid)
+    t0 = time.monotonic()
+    res, _text = load.run(svc.port, duration)
+    wall = time.monotonic() - t0
+    cpu1 = proc_tree_cpu_seconds(svc.proc.pid)
+    up1 = proc_tree_cpu_seconds(upstream.proc.pid)
+    if svc is not upstream:
+        res["proxy_cpu_pct"] = round(100 * (cpu1 - cpu0) / wall, 1)
+    res["upstream_cpu_pct"] = round(100 * (up1 - up0) / wall, 1)
+    if access_log is not None:
+        size = access_log.stat().st_size if access_log.exists() else 0
+        res["access_log_bytes"] = size
+        if res.get("requests"):
+            res["access_log_bytes_per_request"] = round(size / res["requests"], 1)
+    if not svc.alive():
+        raise BenchError(f"{name} died during the run. stderr:\n{svc.stderr_tail()}")
+    return res
+
+
+def parse_targets(only: str | None) -> list[str]:
+    if not only:
+        return list(TARGETS)
+    wanted: set[str] = set()
+    for part in only.split(","):
+        part = part.strip()
+        if part not in ALIASES:
+            raise BenchError(f"--only: unknown target {part!r}; use {', '.join(ALIASES)}")
+        wanted.update(ALIASES[part])
+    return [t for t in TARGETS if t in wanted]
+
+
+def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
+                  targets: list[str]) -> tuple[Service, dict[str, Service]]:
+    up_port, proxy_port, pt_port, demo_port = free_ports(4)
+    upstream = start_nginx(procs, "upstream", tmp / "upstream",
+                           nginx_upstream_conf(tmp / "upstream", up_port), up_port,
+                           pin.prefix("load"))
+    services: dict[str, Service] = {}
+    if "nginx_proxy" in targets:
+        services["nginx_proxy"] = start_nginx(
+            procs, "nginx_proxy", tmp / "nginx_proxy",
+            nginx_proxy_conf(tmp / "nginx_proxy", proxy_port, up_port), proxy_port,
+            pin.prefix("proxy"))
+    wanted_api = [t for t in APISHIELD_TARGETS if t in targets]
+    if wanted_api:
+        base = apishield_argv(args.apishield_cmd)
+        for t, port, contract, cfg in (
+            ("apishield_passthrough", pt_port, passthrough_contract(), "passthrough"),
+            ("apishield_demo", demo_port, demo_contract(), "demo"),
+        ):
+            if t not in wanted_api:
+                continue
+            d = tmp / t
+            config_path, access_log = write_apishield_config(d, cfg, contract, port, up_port)
+            services[t] = start_apishield(procs, t, d, base, config_path, access_log, port,
+                                          pin.prefix("proxy"))
+    if "direct" in targets:
+        services["direct"] = upstream
+    return upstream, services
+
+
+def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
+    targets = parse_targets(args.only)
+    load = Load(args.threads, args.connections, pin.prefix("load"))
+    log("starting targets ...")
+    upstream, services = start_targets(args, procs, tmp, pin, targets)
+    log("verifying GET /item on every target ...")
+    checks = verify(services)
+    machine = machine_info(pin)
+    log(f"pinning: {pin.note}")
+    rounds = []
+    for i in range(1, args.rounds + 1):
+        entry = {"round": i, "results": {}}
+        for t in targets:
+            res = measure(t, services[t], load, args.duration, args.warmup, upstream)
+            entry["results"][t] = res
+            flag = "  ERRORS" if res["errors"] else ""
+            log(f"  round {i}/{args.rounds} {t:<22} {res['rps']:>10,.0f} rps  "
+                f"p99 {res['latency_ms'].get('p99', float('nan')):.2f} ms  "
+                f"cpu {res.get('proxy_cpu_pct', '-')}%{flag}")
+        rounds.append(entry)
+
+    summary = summarize(rounds, targets)
+    ratios_raw = {t: ratio_series(rounds, t, "nginx_proxy") for t in targets}
+    ratios = {t: median(v) for t, v in ratios_raw.items() if v}
+    for entry in rounds:
+        entry["ratios_vs_nginx_proxy"] = {
+            t: round(entry["results"][t]["rps"] / entry["results"]["nginx_proxy"]["rps"], 4)
+            for t in targets
+            if "nginx_proxy" in entry["results"] and entry["results"]["nginx_proxy"]["rps"] > 0
+        }
+
+    def rps(t):
+        return summary[t]["rps_median"] if t in summary else None
+
+    result = {
+        "nginx_proxy_rps": rps("nginx_proxy"),
+        "apishield_passthrough_rps": rps("apishield_passthrough"),
+        "apishield_demo_rps": rps("apishield_demo"),
+        "direct_rps": rps("direct"),
+        "ratio_passthrough": ratios.get("apishield_passthrough"),
+        "ratio_demo": ratios.get("apishield_demo"),
+        "ratio_direct": ratios.get("direct"),
+        "p99_ms": {t: (summary[t]["latency_ms_median"]["p99"] if t in summary else None)
+                   for t in TARGETS},
+        "errors": {t: {"non2xx": summary[t]["non2xx_total"],
+                       "socket_errors": summary[t]["socket_errors_total"]} for t in targets},
+        "flagged": [t for t in targets if summary[t]["flagged"]],
+        "targets": targets,
+        "partial": targets != list(TARGETS),
+        "summary": summary,
+        "ratios": ratios,
+        "rounds": rounds,
+        "checks": checks,
+        "load": {"tool": "wrk", "threads": args.threads, "connections": args.connections,
+                 "duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup,
+                 "path": PATH, "upstream_body_bytes": len(UPSTREAM_BODY)},
+        "machine": machine,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
+    table = render_table(result)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / f"{args.output}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS_DIR / f"{args.output}.txt").write_text(table)
+    print(table, end="")
+    log(f"wrote {RESULTS_DIR / (args.output + '.json')} and .txt")
+    return 3 if result["flagged"] else 0
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def find_py_spy() -> str | None:
+    local = REPO / ".venv" / "bin" / "py-spy"
+    if local.exists():
+        return str(local)
+    return shutil.which("py-spy")
+
+
+def profile(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
+    """Run apishield pass-through under `py-spy record` for one wrk run per output format."""
+    py_spy = find_py_spy()
+    if py_spy is None:
+        print("py-spy is not installed; install it with: .venv/bin/pip install py-spy")
+        return 2
+    load = Load(args.threads, args.connections, pin.prefix("load"))
+    _upstream, services = start_targets(args, procs, tmp, pin, ["apishield_passthrough"])
+    verify(services)
+    svc = services["apishield_passthrough"]
+    RESULTS_DIR.mkdir(exist_ok=True)
+    outputs = [("flamegraph", RESULTS_DIR / "profile-passthrough.svg"),
+               ("raw", RESULTS_DIR / "profile-passthrough.raw")]
+    if args.warmup > 0:
+        load.run(svc.port, args.warmup)
+    lines = [f"profile of apishield_passthrough (pid {svc.proc.pid}) with {py_spy}, "
+             f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s; {pin.note}"]
+    for fmt, path in outputs:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        # py-spy itself is not pinned: it samples at --rate Hz and must not sit on the proxy CPU.
+        argv = [py_spy, "record", "--pid", str(svc.proc.pid), "--format", fmt,
+                "--output", str(path), "--rate", str(args.profile_rate), "--subprocesses"]
+        spy_err = tmp / f"py-spy-{fmt}.log"
+        with open(spy_err, "wb") as err:
+            spy = procs.start(f"py-spy {fmt}", argv, err, err)
+        time.sleep(1.0)  # let it attach
+        if spy.poll() is not None:
+            msg = spy_err.read_text(errors="replace").strip()
+            print(f"py-spy could not attach to apishield (pid {svc.proc.pid}), "
+                  f"exit code {spy.returncode}:\n{msg}\n"
+                  "Hint: attaching needs ptrace rights (CAP_SYS_PTRACE or "
+                  "kernel.yama.ptrace_scope=0); inside containers run with --cap-add SYS_PTRACE.")
+            return 2
+        res, _ = load.run(svc.port, args.duration)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(spy.pid, signal.SIGINT)  # py-spy writes its output on Ctrl-C
+        try:
+            spy.wait(60)
+        except subprocess.TimeoutExpired:
+            Processes.stop(f"py-spy {fmt}", spy)
+        log_text = spy_err.read_text(errors="replace").strip()
+        if path.exists() and path.stat().st_size > 0:
+            lines.append(f"  {fmt:<10} {res['rps']:>9,.0f} rps under profiling -> {path} "
+                         f"({path.stat().st_size:,} bytes)")
+        else:
+            lines.append(f"  {fmt:<10} FAILED: py-spy wrote nothing (exit {spy.returncode}):"
+                         f"\n{log_text[-2000:]}")
+    lines.append("(throughput under profiling is lower than in a normal run; compare stacks, "
+                 "not rps)")
+    print("\n".join(lines))
+    return 0 if all(p.exists() for _, p in outputs) else 2
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="bench/run",
+        description="Benchmark apishield against nginx proxy_pass, side by side, on 127.0.0.1.")
+    ap.add_argument("--duration", type=float, help="seconds per measured wrk run (default 10)")
+    ap.add_argument("--rounds", type=int, help="alternating rounds (default 5)")
+    ap.add_argument("--quick", action="store_true", help="3 s runs, 2 rounds")
+    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each run")
+    ap.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
+    ap.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
+    ap.add_argument("--only", help="comma list of targets: nginx (= nginx_proxy,direct), "
+                    "direct, proxy, passthrough, demo, apishield (= proxy,passthrough,demo)")
+    ap.add_argument("--apishield-cmd", help="command to run apishield (default: "
+                    "<repo>/.venv/bin/apishield, else apishield on PATH)")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    ap.add_argument("--no-install", action="store_true", help="never apt-get install nginx/wrk")
+    ap.add_argument("--output", default="latest",
+                    help="results name: bench/results/<NAME>.json and .txt (default latest)")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of the benchmark: profile apishield pass-through with py-spy")
+    ap.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
+    ap.add_argument("--max-seconds", type=float,
+                    help="abort the whole run after this long (default: computed from the plan)")
+    args = ap.parse_args(argv)
+    if args.duration is None:
+        args.duration = 3.0 if args.quick else 10.0
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else 5
+    if args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
+        ap.error("--duration must be > 0, --rounds >= 1, --warmup >= 0")
+
+    def on_alarm(signum, frame):
+        raise Timeout(f"the whole run exceeded --max-seconds={args.max_seconds:g}s")
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    limit = args.max_seconds or (
+        120 + args.rounds * len(TARGETS) * (args.duration + args.warmup + 15)
+        + (2 * (args.duration + 60) if args.profile else 0))
+    args.max_seconds = limit
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.alarm(int(limit) + 1)
+
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix="apishield-bench-"))
+    try:
+        ensure_tools(not args.no_install)
+        pin = decide_pinning(args.no_pin)
+        if not pin.pinned:
+            log(f"NOTE: {pin.note}")
+        log(f"temp dir: {tmp}")
+        if args.profile:
+            return profile(args, procs, tmp, pin)
+        return benchmark(args, procs, tmp, pin)
+    except BenchError as exc:
+        log(f"\nbench FAILED: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        log("\ninterrupted; stopping everything")
+        return 130
+    finally:
+        signal.alarm(0)
+        procs.stop_all()
+        if args.keep_tmp:
+            log(f"kept temp dir {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

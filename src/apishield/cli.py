@@ -1,0 +1,182 @@
+"""`apishield serve | check | demo`.
+
+Exit codes: 0 success, 2 configuration or contract errors (every problem is printed, one
+per line, with its location), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from apishield.config import Config, ConfigError, config_from_dict, load_config
+from apishield.proxy import Gateway, build_gateway, serve
+
+EXIT_CONFIG = 2
+DEMO_DIR = Path(__file__).parent / "demo"
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def _report(error: ConfigError, source: str) -> int:
+    print(f"apishield: {len(error.problems)} problem(s) in {source}:", file=sys.stderr)
+    for problem in error.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _load(path: str, host: str | None = None, port: int | None = None) -> Config:
+    config = load_config(path)
+    if host is not None or port is not None:
+        listen = config.listen.model_copy(
+            update={k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        )
+        config = config.model_copy(update={"listen": listen})
+    return config
+
+
+def _compile_for_serving(config: Config) -> Gateway:
+    if config.upstream is None:
+        raise ConfigError(["upstream: required key is missing (write e.g. upstream: {url: "
+                           "http://127.0.0.1:9000})"])
+    return build_gateway(config)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        gateway = _compile_for_serving(config)
+    except ConfigError as exc:
+        return _report(exc, args.config)
+    operations = gateway.contract.operations
+    print(f"{args.config}: OK ({len(operations)} operations from {config.contract})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config, args.host, args.port)
+        gateway = _compile_for_serving(config)
+    except ConfigError as exc:
+        return _report(exc, args.config)
+    _setup_logging()
+    _run(serve(gateway, config.listen.host, config.listen.port))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from apishield.demo.api import make_server
+
+    upstream = make_server("127.0.0.1", args.upstream_port)
+    thread = threading.Thread(target=upstream.serve_forever, daemon=True)
+    thread.start()
+    up_host, up_port = upstream.server_address[:2]
+    config = config_from_dict(
+        {
+            "contract": "openapi.yaml",
+            "upstream": {"url": f"http://{up_host}:{up_port}"},
+            "listen": {"host": "127.0.0.1", "port": args.port},
+            "access_log": {"path": args.access_log},
+        },
+        source_dir=DEMO_DIR,
+    )
+    try:
+        gateway = build_gateway(config)
+    except ConfigError as exc:  # the bundled demo must always load; this is a bug
+        return _report(exc, "the bundled demo")
+    _setup_logging()
+
+    async def main() -> None:
+        ready: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(serve(gateway, "127.0.0.1", args.port, ready=ready))
+        host, port = await ready
+        base = f"http://{host}:{port}"
+        print(
+            f"""
+apishield demo
+  demo API (unprotected): http://{up_host}:{up_port}
+  gateway  (protected):   {base}
+  contract:               {DEMO_DIR / 'openapi.yaml'}
+
+Try:
+  curl -i {base}/pets/1                      # declared: passes (note the security headers)
+  curl -i {base}/admin                       # not in the contract: 404 problem+json
+  curl -i -X PUT {base}/pets/1               # method not declared: 405 with Allow
+  curl -i -X POST {base}/pets -H 'content-type: text/plain' -d hi     # 415
+  curl -i '{base}/pets/..%2fadmin'           # path trick: 400
+  curl -i {base}/pets -H 'content-type: application/json' \\
+       --data-binary @/dev/zero -H 'content-length: 10000000'        # 413 before reading it
+
+Access log: {args.access_log if args.access_log != '-' else 'standard output'}. Ctrl-C stops.
+""",
+            flush=True,
+        )
+        await task
+
+    try:
+        _run(main())
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apishield",
+        description="Contract-first API security gateway: what the OpenAPI document does "
+        "not declare is refused.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_cmd = commands.add_parser("serve", help="run the gateway in front of an upstream")
+    serve_cmd.add_argument("--config", "-c", default="apishield.yaml")
+    serve_cmd.add_argument("--host", help="listen address (overrides listen.host)")
+    serve_cmd.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    serve_cmd.set_defaults(func=cmd_serve)
+
+    check_cmd = commands.add_parser("check", help="load and compile everything; report problems")
+    check_cmd.add_argument("--config", "-c", default="apishield.yaml")
+    check_cmd.set_defaults(func=cmd_check)
+
+    demo_cmd = commands.add_parser("demo", help="the bundled demo API behind the gateway")
+    demo_cmd.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    demo_cmd.add_argument("--upstream-port", type=int, default=0, help="demo API port (0: any)")
+    demo_cmd.add_argument("--access-log", default="-", help="access log file ('-': stdout)")
+    demo_cmd.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:  # e.g. the port is taken
+        print(f"apishield: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

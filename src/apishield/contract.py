@@ -1,0 +1,348 @@
+"""Load an OpenAPI 3.0/3.1 document into the immutable list of operations it declares.
+
+The contract is the allow-list (checklist A7): what it does not declare is refused, so the
+loader is strict and reports every problem with its location
+(`openapi.yaml#/paths/~1pets/get/x-apishield: unknown key "ratelimit"`).
+
+Large real-world contracts (megabytes, thousands of `$ref`s) load in seconds because
+references are never inlined: the loader follows a `$ref` only where it needs the target
+(path items, parameters, request bodies) and checks every other `$ref` once, memoized
+per (file, pointer). Refs to sibling files are read once each; remote (`http:`) refs are
+refused, since fetching at load would let the contract pull code from the network.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+from pydantic import ValidationError
+
+from apishield.config import (
+    Config,
+    ConfigError,
+    OperationPolicy,
+    format_validation_error,
+    read_yaml,
+)
+
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+_TEMPLATE_PARAM = re.compile(r"\{([^{}/]+)\}")
+_SUPPORTED_VERSION = re.compile(r"^3\.[01]\.\d+")
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One declared (method, path) with what the foundation steps need, compiled."""
+
+    method: str  # upper case
+    path: str  # the template as written in the contract
+    operation_id: str | None
+    pointer: str  # where it is declared, for messages
+    media_types: tuple[str, ...]  # declared request media types, lower case; () = no body
+    body_required: bool
+    security: tuple[dict[str, Any], ...] | None  # effective requirement list (None: unset)
+    policy: OperationPolicy
+    spec: dict[str, Any] = field(repr=False, compare=False)  # the raw operation object
+
+    @property
+    def public(self) -> bool:
+        """Explicitly public: `security: []` or `x-apishield: {public: true}`."""
+        if self.policy.public is not None:
+            return self.policy.public
+        return self.security is not None and len(self.security) == 0
+
+
+@dataclass(frozen=True)
+class Contract:
+    source: Path
+    version: str
+    operations: tuple[Operation, ...]
+
+
+def escape_pointer(token: str) -> str:
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+class RefResolver:
+    """Resolves `$ref`s across the root document and sibling files, with memoization."""
+
+    def __init__(self, root_path: Path, root_doc: Any) -> None:
+        self.root_path = root_path
+        self.docs: dict[Path, Any] = {root_path: root_doc}
+        self._cache: dict[tuple[Path, str], tuple[Any, Path]] = {}
+
+    def document(self, path: Path) -> Any:
+        if path not in self.docs:
+            self.docs[path] = load_document(path)
+        return self.docs[path]
+
+    def resolve_ref(self, ref: str, base: Path) -> tuple[Any, Path]:
+        """Return (target node, file it lives in); raise ValueError with a reason."""
+        file_part, _, fragment = ref.partition("#")
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", file_part):
+            raise ValueError(f"remote reference {ref!r} is not supported; vendor the file")
+        target_file = (base.parent / unquote(file_part)).resolve() if file_part else base
+        key = (target_file, fragment)
+        if key in self._cache:
+            return self._cache[key]
+        try:
+            node = self.document(target_file)
+        except ConfigError as exc:
+            raise ValueError(f"{ref!r}: {exc.problems[0]}") from None
+        if fragment:
+            if not fragment.startswith("/"):
+                raise ValueError(f"{ref!r}: the fragment must be a JSON pointer (#/...)")
+            for raw_token in fragment[1:].split("/"):
+                token = unquote(raw_token).replace("~1", "/").replace("~0", "~")
+                if isinstance(node, dict) and token in node:
+                    node = node[token]
+                elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+                    node = node[int(token)]
+                else:
+                    raise ValueError(f"{ref!r} points at nothing")
+        self._cache[key] = (node, target_file)
+        return node, target_file
+
+    def deref(self, node: Any, base: Path) -> tuple[Any, Path]:
+        """Follow a chain of `$ref`s to a concrete node, refusing cycles."""
+        seen: set[tuple[Path, str]] = set()
+        while isinstance(node, dict) and isinstance(node.get("$ref"), str):
+            ref = node["$ref"]
+            if (base, ref) in seen:
+                raise ValueError(f"{ref!r} is part of a reference cycle")
+            seen.add((base, ref))
+            node, base = self.resolve_ref(ref, base)
+        return node, base
+
+
+def load_document(path: Path) -> Any:
+    """JSON through orjson (fast), anything else through libyaml."""
+    if path.suffix.lower() == ".json":
+        try:
+            return orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise ConfigError([f"{path}: file not found"]) from None
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError([f"{path}: invalid JSON: {exc}"]) from None
+    return read_yaml(path)
+
+
+class _Problems:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.items: list[str] = []
+
+    def add(self, file: Path, pointer: str, message: str) -> None:
+        name = file.name if file.parent == self.root.parent else str(file)
+        self.items.append(f"{name}#{pointer}: {message}")
+
+
+def load_contract(config: Config) -> Contract:
+    """Load, check and compile the contract named by the config; ConfigError on problems."""
+    path = config.contract_path
+    doc = load_document(path)
+    problems = _Problems(path)
+    if not isinstance(doc, dict):
+        raise ConfigError([f"{path.name}: an OpenAPI document must be a mapping"])
+    if "swagger" in doc:
+        raise ConfigError(
+            [
+                f"{path.name}#/swagger: Swagger/OpenAPI 2.0 is not supported; convert the "
+                "document to OpenAPI 3 first (for example with swagger2openapi)"
+            ]
+        )
+    version = str(doc.get("openapi", ""))
+    if not _SUPPORTED_VERSION.match(version):
+        raise ConfigError(
+            [f"{path.name}#/openapi: version {version or '(missing)'!r} is not supported; "
+             "apishield reads OpenAPI 3.0.x and 3.1.x"]
+        )
+    resolver = RefResolver(path, doc)
+    _check_all_refs(resolver, problems)
+    operations = _collect_operations(doc, resolver, problems, config)
+    _check_config_operations(config, operations, problems)
+    if problems.items:
+        raise ConfigError(problems.items)
+    return Contract(source=path, version=version, operations=tuple(operations))
+
+
+def _check_all_refs(resolver: RefResolver, problems: _Problems) -> None:
+    """Every `$ref` in every reachable file must resolve (checked once per target)."""
+    pending = [resolver.root_path]
+    visited: set[Path] = set()
+    while pending:
+        file = pending.pop()
+        if file in visited:
+            continue
+        visited.add(file)
+        stack: list[tuple[Any, str]] = [(resolver.document(file), "")]
+        while stack:
+            node, pointer = stack.pop()
+            if isinstance(node, dict):
+                ref = node.get("$ref")
+                if isinstance(ref, str):
+                    try:
+                        _, target_file = resolver.resolve_ref(ref, file)
+                    except ValueError as exc:
+                        problems.add(file, pointer + "/$ref", str(exc))
+                    else:
+                        if target_file not in visited:
+                            pending.append(target_file)
+                for key, value in node.items():
+                    if isinstance(value, dict | list):
+                        stack.append((value, f"{pointer}/{escape_pointer(str(key))}"))
+            elif isinstance(node, list):
+                for index, value in enumerate(node):
+                    if isinstance(value, dict | list):
+                        stack.append((value, f"{pointer}/{index}"))
+
+
+def _collect_operations(
+    doc: dict[str, Any], resolver: RefResolver, problems: _Problems, config: Config
+) -> list[Operation]:
+    root = resolver.root_path
+    paths = doc.get("paths") or {}
+    if not isinstance(paths, dict):
+        problems.add(root, "/paths", "must be a mapping of path templates")
+        return []
+    top_security = doc.get("security")
+    seen_ids: dict[str, str] = {}
+    operations: list[Operation] = []
+    for template, raw_item in paths.items():
+        item_pointer = "/paths/" + escape_pointer(str(template))
+        if not isinstance(template, str) or not template.startswith("/"):
+            problems.add(root, item_pointer, "a path template must start with '/'")
+            continue
+        try:
+            item, item_file = resolver.deref(raw_item, root)
+        except ValueError as exc:
+            problems.add(root, item_pointer, str(exc))
+            continue
+        if not isinstance(item, dict):
+            problems.add(root, item_pointer, "a path item must be a mapping")
+            continue
+        _check_template(template, root, item_pointer, problems)
+        for method in HTTP_METHODS:
+            raw_op = item.get(method)
+            if raw_op is None:
+                continue
+            op_pointer = f"{item_pointer}/{method}"
+            if not isinstance(raw_op, dict):
+                problems.add(item_file, op_pointer, "an operation must be a mapping")
+                continue
+            operation = _compile_operation(
+                method, template, raw_op, op_pointer, item_file, resolver, problems,
+                top_security, config,
+            )
+            if operation.operation_id:
+                if operation.operation_id in seen_ids:
+                    problems.add(
+                        root, op_pointer + "/operationId",
+                        f"duplicate operationId {operation.operation_id!r} "
+                        f"(also at {seen_ids[operation.operation_id]})",
+                    )
+                seen_ids[operation.operation_id] = op_pointer
+            operations.append(operation)
+    return operations
+
+
+def _check_template(template: str, file: Path, pointer: str, problems: _Problems) -> None:
+    stripped = _TEMPLATE_PARAM.sub("x", template)
+    if "{" in stripped or "}" in stripped:
+        problems.add(file, pointer, f"malformed path template {template!r}")
+    names = _TEMPLATE_PARAM.findall(template)
+    if len(names) != len(set(names)):
+        problems.add(file, pointer, f"path template {template!r} repeats a parameter name")
+
+
+def _compile_operation(
+    method: str,
+    template: str,
+    raw: dict[str, Any],
+    pointer: str,
+    file: Path,
+    resolver: RefResolver,
+    problems: _Problems,
+    top_security: Any,
+    config: Config,
+) -> Operation:
+    operation_id = raw.get("operationId")
+    if operation_id is not None and not isinstance(operation_id, str):
+        problems.add(file, pointer + "/operationId", "must be a string")
+        operation_id = None
+    media_types: tuple[str, ...] = ()
+    body_required = False
+    if "requestBody" in raw:
+        try:
+            body, _ = resolver.deref(raw["requestBody"], file)
+        except ValueError as exc:
+            problems.add(file, pointer + "/requestBody", str(exc))
+            body = {}
+        if isinstance(body, dict):
+            content = body.get("content") or {}
+            media_types = tuple(str(key).lower().split(";")[0].strip() for key in content)
+            body_required = bool(body.get("required", False))
+    security = raw.get("security", top_security)
+    if security is not None and not isinstance(security, list):
+        problems.add(file, pointer + "/security", "must be a list of requirement objects")
+        security = None
+    policy = _operation_policy(raw, operation_id, pointer, file, problems, config)
+    return Operation(
+        method=method.upper(),
+        path=template,
+        operation_id=operation_id,
+        pointer=pointer,
+        media_types=media_types,
+        body_required=body_required,
+        security=tuple(security) if security is not None else None,
+        policy=policy,
+        spec=raw,
+    )
+
+
+def _operation_policy(
+    raw: dict[str, Any],
+    operation_id: str | None,
+    pointer: str,
+    file: Path,
+    problems: _Problems,
+    config: Config,
+) -> OperationPolicy:
+    """`x-apishield` on the operation, overlaid by `operations.<id>` from the YAML."""
+    merged: dict[str, Any] = {}
+    extension = raw.get("x-apishield")
+    if extension is not None:
+        if not isinstance(extension, dict):
+            problems.add(file, pointer + "/x-apishield", "must be a mapping")
+        else:
+            try:
+                merged = OperationPolicy.model_validate(extension).model_dump(exclude_unset=True)
+            except ValidationError as exc:
+                for line in format_validation_error(exc):
+                    location, _, message = line.partition(": ")
+                    suffix = "" if location == "(top level)" else "/" + location.replace(".", "/")
+                    problems.add(file, f"{pointer}/x-apishield{suffix}", message)
+    if operation_id and operation_id in config.operations:
+        override = config.operations[operation_id].model_dump(exclude_unset=True)
+        for key, value in override.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    return OperationPolicy.model_validate(merged)
+
+
+def _check_config_operations(
+    config: Config, operations: list[Operation], problems: _Problems
+) -> None:
+    known = {op.operation_id for op in operations if op.operation_id}
+    for operation_id in config.operations:
+        if operation_id not in known:
+            problems.items.append(
+                f"operations.{operation_id}: no operation with this operationId in the contract"
+            )

@@ -1,0 +1,1 @@
+"""Bundled demo upstream (pets/users/orders) and its contract, used by `apishield demo`."""

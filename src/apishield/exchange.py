@@ -1,0 +1,98 @@
+"""Per-request state shared by the pipeline and both front ends.
+
+Plain classes with `__slots__`: one is built per request on the hot path, so they cost
+attribute stores, not validation. Header names are lower-case bytes everywhere (HTTP field
+names are case-insensitive, RFC 9110 5.1); values are the raw bytes as received.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from apishield.contract import Operation
+    from apishield.problems import Problem
+    from apishield.router import PathEntry
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def new_request_id() -> str:
+    """128 bits from the OS CSPRNG (checklist C5): unguessable, so safe to show clients."""
+    return secrets.token_hex(16)
+
+
+class Request:
+    __slots__ = (
+        "body",
+        "headers",
+        "http_version",
+        "method",
+        "path",
+        "peer_ip",
+        "query",
+        "raw_path",
+        "scheme",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        raw_path: bytes,
+        query: bytes,
+        headers: Headers,
+        peer_ip: str,
+        scheme: str = "http",
+        http_version: str = "1.1",
+    ) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        self.query = query
+        self.path = ""  # normalized and decoded, set by the route step
+        self.headers = headers
+        self.peer_ip = peer_ip
+        self.scheme = scheme
+        self.http_version = http_version
+        self.body = b""
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header (names are lower case)."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+class Exchange:
+    """One request's journey. Each field is written by exactly one step (see pipeline)."""
+
+    __slots__ = (
+        "body_limit",
+        "client_ip",
+        "entry",
+        "forwarded_for",
+        "id",
+        "operation",
+        "path_params",
+        "problem",
+        "reason",
+        "request",
+        "started",
+        "trusted_peer",
+    )
+
+    def __init__(self, request: Request) -> None:
+        self.id = new_request_id()
+        self.request = request
+        self.started = time.perf_counter()
+        self.client_ip = request.peer_ip  # client_ip step: trusted-proxy aware
+        self.forwarded_for = request.peer_ip  # client_ip step: X-Forwarded-For to send
+        self.trusted_peer = False  # client_ip step: the peer is a configured trusted proxy
+        self.entry: PathEntry | None = None  # route step
+        self.operation: Operation | None = None  # route step
+        self.path_params: dict[str, str] = {}  # route step
+        self.body_limit = 0  # limits step
+        self.problem: Problem | None = None  # whoever refused
+        self.reason = ""  # outcome reason for the access log

@@ -1,0 +1,125 @@
+"""The pipeline both front ends run: compiled once from config + contract.
+
+Order is fixed and documented (no priority numbers; ARCHITECTURE.md):
+
+    head phase (request line + headers, before any body is read; synchronous):
+        client_ip -> route -> limits
+    request phase (body read; async steps such as authentication plug in here)
+    forward (the front end's job: upstream pool or the wrapped ASGI app)
+    response phase (on the response head, before any body byte is sent):
+        security_headers
+
+Why the pipeline does not call `forward` itself: the two front ends stream bodies in very
+different ways (raw transports vs ASGI messages), and the response steps need only the
+head. So the pipeline exposes its phases and each front end drives them around its own
+forwarding; a test asserts the order. A step that must see a whole body will declare it,
+and the front ends will buffer only then.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from apishield import problems
+from apishield.accesslog import AccessLog
+from apishield.config import Config
+from apishield.contract import Contract
+from apishield.exchange import Exchange, Headers
+from apishield.problems import Problem, render_problem
+from apishield.router import Router
+from apishield.steps import client_ip, limits, route, security_headers
+
+logger = logging.getLogger("apishield")
+
+HEAD_ORDER = ("client_ip", "route", "limits")
+RESPONSE_ORDER = ("security_headers",)
+
+REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+class Pipeline:
+    def __init__(self, config: Config, contract: Contract, *, tls: bool = False) -> None:
+        self.config = config
+        self.contract = contract
+        self.router = Router(contract.operations, config.base_path)
+        head_steps = [
+            client_ip.build(config.trusted_proxies),
+            route.RouteStep(self.router),
+            limits.LimitsStep(config.limits, contract.operations),
+        ]
+        self.head_steps = [step for step in head_steps if step is not None]
+        self._head_calls: list[Callable[[Exchange], None]] = [s.on_head for s in self.head_steps]
+        self.response_steps = [security_headers.SecurityHeadersStep(config.headers, tls=tls)]
+        self._response_calls = [s.on_response for s in self.response_steps]
+        self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
+
+    def step_names(self) -> list[str]:
+        return [s.name for s in self.head_steps] + [s.name for s in self.response_steps]
+
+    def on_head(self, exchange: Exchange) -> None:
+        """Run the head steps; a refusal is stored on the exchange, not raised."""
+        try:
+            for call in self._head_calls:
+                call(exchange)
+        except Problem as problem:
+            exchange.problem = problem
+
+    async def on_request(self, exchange: Exchange) -> None:
+        """Steps that need the body or I/O (validation, authentication) will run here."""
+
+    def on_response(self, exchange: Exchange, status: int, headers: Headers) -> Headers:
+        for call in self._response_calls:
+            headers = call(exchange, status, headers)
+        return headers
+
+    def problem_response(self, exchange: Exchange, problem: Problem) -> tuple[int, Headers, bytes]:
+        """The only way a refusal becomes a response (masked, with the request id)."""
+        exchange.problem = problem
+        exchange.reason = problem.reason
+        body = render_problem(problem, exchange.id)
+        headers: Headers = [
+            (b"content-type", problems.PROBLEM_CONTENT_TYPE),
+            (b"content-length", str(len(body)).encode()),
+            *problem.headers,
+        ]
+        if exchange.request.method == "HEAD":
+            body = b""
+        return problem.status, self.on_response(exchange, problem.status, headers), body
+
+    def internal_error(self, exchange: Exchange, exc: BaseException) -> tuple[int, Headers, bytes]:
+        """A bug or an unexpected failure: traceback to the log with the id, generic 500 out."""
+        logger.error("internal error in request %s", exchange.id, exc_info=exc)
+        problem = problems.InternalError(f"exception:{type(exc).__name__}")
+        return self.problem_response(exchange, problem)
+
+    def record(self, exchange: Exchange, status: int) -> None:
+        if self.access_log is None:
+            return
+        operation = exchange.operation
+        entry: dict[str, Any] = {
+            "id": exchange.id,
+            "method": exchange.request.method,
+            "route": exchange.entry.template if exchange.entry is not None else None,
+            "operation": operation.operation_id if operation is not None else None,
+            "status": status,
+            "duration_ms": round((time.perf_counter() - exchange.started) * 1000, 3),
+            "client_ip": exchange.client_ip,
+            "outcome": _outcome(exchange),
+            "reason": exchange.reason or None,
+        }
+        self.access_log.record(entry)
+
+    def close(self) -> None:
+        if self.access_log is not None:
+            self.access_log.close()
+
+
+def _outcome(exchange: Exchange) -> str:
+    problem = exchange.problem
+    if problem is None:
+        return "allowed"
+    return "error" if problem.status >= 500 else "refused"

@@ -1,0 +1,186 @@
+"""Refusals, and the one place that renders them (RFC 9457 problem details).
+
+Steps reject a request by raising a `Problem`. Nothing else writes an error body, so
+masking is decided once, here: the client sees a generic `title`/`detail`, the `type`
+that names the practice, and the request id; the precise `reason` goes to the access
+log only (no oracle for attackers, checklist E1/E2).
+
+Exception tree::
+
+    Problem                         status 400 unless a subclass says otherwise
+    ├── BadRequest                  400  malformed request (parser, smuggling, path tricks)
+    ├── NotFound                    404  path not in the contract (A7)
+    ├── MethodNotAllowed            405  method not declared for the path (A7), carries Allow
+    ├── PayloadTooLarge             413  body over the limit (B4)
+    ├── UriTooLong                  414  URL over the limit (B4)
+    ├── UnsupportedMediaType        415  undeclared request media type (B5)
+    ├── HeadersTooLarge             431  header bytes or count over the limit (B4)
+    ├── Forbidden                   403  refused on purpose (websockets not allowed, ...)
+    ├── RequestTimeout              408  the client did not send its request in time (D3)
+    ├── InternalError               500  a bug in apishield: traceback logged, never sent
+    ├── BadGateway                  502  upstream unreachable or broke the protocol
+    ├── ServiceUnavailable          503  shutting down, pool exhausted
+    └── GatewayTimeout              504  upstream too slow
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+
+PROBLEM_CONTENT_TYPE = b"application/problem+json"
+TYPE_PREFIX = "urn:apishield:problem:"
+
+
+class Problem(Exception):
+    """A refusal. Class attributes are the public defaults; `reason` is private."""
+
+    status: ClassVar[int] = 400
+    slug: ClassVar[str] = "bad-request"
+    title: ClassVar[str] = "Bad Request"
+    detail: ClassVar[str] = "The request is not acceptable."
+    practice: ClassVar[str] = "B3"
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        close: bool = False,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason  # precise, machine-readable; logged, never sent
+        self.headers = headers or []
+        self.close = close  # close the client connection after answering
+
+
+class BadRequest(Problem):
+    pass
+
+
+class NotFound(Problem):
+    status = 404
+    slug = "route-not-found"
+    title = "Not Found"
+    detail = "No such resource."
+    practice = "A7"
+
+
+class MethodNotAllowed(Problem):
+    status = 405
+    slug = "method-not-allowed"
+    title = "Method Not Allowed"
+    detail = "The method is not allowed for this resource."
+    practice = "A7"
+
+
+class Forbidden(Problem):
+    status = 403
+    slug = "forbidden"
+    title = "Forbidden"
+    detail = "The request is not allowed."
+    practice = "A7"
+
+
+class RequestTimeout(Problem):
+    status = 408
+    slug = "request-timeout"
+    title = "Request Timeout"
+    detail = "The request was not received in time."
+    practice = "D3"
+
+
+class PayloadTooLarge(Problem):
+    status = 413
+    slug = "body-too-large"
+    title = "Content Too Large"
+    detail = "The request body is larger than allowed."
+    practice = "B4"
+
+
+class UriTooLong(Problem):
+    status = 414
+    slug = "url-too-long"
+    title = "URI Too Long"
+    detail = "The request URL is longer than allowed."
+    practice = "B4"
+
+
+class UnsupportedMediaType(Problem):
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported Media Type"
+    detail = "The request body media type is not accepted for this operation."
+    practice = "B5"
+
+
+class HeadersTooLarge(Problem):
+    status = 431
+    slug = "headers-too-large"
+    title = "Request Header Fields Too Large"
+    detail = "The request headers are larger or more numerous than allowed."
+    practice = "B4"
+
+
+class InternalError(Problem):
+    status = 500
+    slug = "internal-error"
+    title = "Internal Server Error"
+    detail = "An internal error occurred. Quote the request id to the API operator."
+    practice = "E2"
+
+
+class BadGateway(Problem):
+    status = 502
+    slug = "bad-gateway"
+    title = "Bad Gateway"
+    detail = "The service behind the gateway could not answer."
+    practice = "E1"
+
+
+class ServiceUnavailable(Problem):
+    status = 503
+    slug = "unavailable"
+    title = "Service Unavailable"
+    detail = "The service is temporarily unavailable."
+    practice = "E1"
+
+
+class GatewayTimeout(Problem):
+    status = 504
+    slug = "gateway-timeout"
+    title = "Gateway Timeout"
+    detail = "The service behind the gateway did not answer in time."
+    practice = "E1"
+
+
+ALL_PROBLEMS: tuple[type[Problem], ...] = (
+    BadRequest,
+    NotFound,
+    MethodNotAllowed,
+    Forbidden,
+    RequestTimeout,
+    PayloadTooLarge,
+    UriTooLong,
+    UnsupportedMediaType,
+    HeadersTooLarge,
+    InternalError,
+    BadGateway,
+    ServiceUnavailable,
+    GatewayTimeout,
+)
+
+
+def render_problem(problem: Problem, request_id: str) -> bytes:
+    """The body every refusal gets: RFC 9457 members plus `practice` (G5)."""
+    return orjson.dumps(
+        {
+            "type": TYPE_PREFIX + problem.slug,
+            "title": problem.title,
+            "status": problem.status,
+            "detail": problem.detail,
+            "instance": "urn:apishield:request:" + request_id,
+            "practice": problem.practice,
+        }
+    )

@@ -1,0 +1,389 @@
+"""The client side of the gateway: an `asyncio.Protocol` fed by llhttp (httptools).
+
+llhttp does the parsing and already refuses the classic smuggling vectors (Content-Length
+with Transfer-Encoding, repeated Content-Length, a Transfer-Encoding that does not end in
+`chunked`); this module owns the glue, and tests it (tests/test_security_regressions.py):
+
+- limits that must hold before anything is buffered: URL length (414), header bytes and
+  count (431), body bytes (413, refused on `Content-Length` or as soon as a chunked body
+  passes the limit), header/body/idle timeouts against slow clients (408 / close);
+- HTTP/1.1 keep-alive and pipelining: requests are answered strictly in order, one at a
+  time per connection; a backlog of pipelined requests pauses reading;
+- a malformed request gets a 400 problem and the connection is closed (after answering
+  the requests before it), since the parser cannot know where the next one starts;
+- responses stream to the client with flow control (`pause_writing`), so a slow reader
+  slows the upstream socket instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+
+from apishield.exchange import Exchange, Headers, Request
+from apishield.paths import split_target
+from apishield.pipeline import REASONS
+from apishield.problems import (
+    BadRequest,
+    Forbidden,
+    HeadersTooLarge,
+    InternalError,
+    PayloadTooLarge,
+    Problem,
+    RequestTimeout,
+    UriTooLong,
+)
+
+if TYPE_CHECKING:
+    from apishield.proxy import Gateway, Reply
+
+logger = logging.getLogger("apishield")
+
+MAX_PIPELINED = 16
+
+
+class _Message:
+    """A parsed request waiting for its turn, with what the connection needs to answer."""
+
+    __slots__ = ("exchange", "keep_alive", "parts", "size")
+
+    def __init__(self, exchange: Exchange, keep_alive: bool) -> None:
+        self.exchange = exchange
+        self.keep_alive = keep_alive
+        self.parts: list[bytes] = []
+        self.size = 0
+
+
+class HttpConnection(asyncio.Protocol):
+    def __init__(self, gateway: Gateway, *, scheme: str = "http") -> None:
+        self.gateway = gateway
+        self.pipeline = gateway.pipeline
+        config = gateway.config
+        self.max_url = config.limits.max_url_length
+        self.max_header_bytes = config.limits.max_header_bytes
+        self.max_header_count = config.limits.max_header_count
+        self.header_timeout = config.timeouts.header
+        self.body_timeout = config.timeouts.body
+        self.idle_timeout = config.timeouts.keepalive
+        self.scheme = scheme
+        self.loop = gateway.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = ""
+        self.queue: deque[_Message] = deque()
+        self.current: _Message | None = None
+        self.busy = False
+        self.closing = False  # no more requests are read; close after the queue is answered
+        self.closed = False
+        self.reading_paused = False
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self._url: list[bytes] = []
+        self._url_len = 0
+        self._headers: Headers = []
+        self._header_bytes = 0
+        self.receiving = False  # between the first byte of a request and its last
+
+    # -- connection lifecycle -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        self.gateway.connections.add(self)
+        self._arm(self.header_timeout, self._on_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.gateway.connections.discard(self)
+        self._disarm()
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_exception(ConnectionResetError())
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+
+    async def drain(self) -> None:
+        if self.write_paused and not self.closed:
+            self.drain_waiter = self.loop.create_future()
+            await self.drain_waiter
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, Problem):
+                self._fatal(cause)
+            else:
+                logger.error("parser callback failed", exc_info=cause)
+                self._fatal(InternalError("parser-callback-error", close=True))
+        except httptools.HttpParserUpgrade:
+            self.closing = True  # the upgrade request itself was answered with a refusal
+            self._pause_reading()
+        except httptools.HttpParserError:
+            self._fatal(BadRequest("malformed-request", close=True))
+
+    def shutdown(self) -> None:
+        """Graceful stop: idle connections close now, busy ones after their response."""
+        self.closing = True
+        if not self.busy and not self.queue and self.transport is not None:
+            self.transport.close()
+
+    # -- timers -------------------------------------------------------------------------
+    def _arm(self, delay: float, callback: object) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(delay, callback)  # type: ignore[arg-type]
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.busy or self.queue:
+            return  # a request is being answered; the upstream timeouts govern it
+        if not self.receiving:
+            if self.transport is not None:
+                self.transport.close()  # connected but never sent a byte
+            return
+        self._fatal(RequestTimeout("client-too-slow", close=True))
+
+    def _on_idle_timeout(self) -> None:
+        self.timer = None
+        if not self.busy and not self.queue and self.current is None and self.transport:
+            self.transport.close()
+
+    # -- llhttp callbacks -----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = []
+        self._url_len = 0
+        self._headers = []
+        self._header_bytes = 0
+        self.receiving = True
+        self._arm(self.header_timeout, self._on_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url_len += len(url)
+        if self._url_len > self.max_url:
+            raise UriTooLong("url-over-limit", close=True)
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.max_header_bytes:
+            raise HeadersTooLarge("header-bytes-over-limit", close=True)
+        if len(self._headers) >= self.max_header_count:
+            raise HeadersTooLarge("header-count-over-limit", close=True)
+        name = name.lower()
+        if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            # llhttp refuses most obfuscations; anything but exactly `chunked` is refused
+            # here too, so no transfer coding reaches an upstream that may read it differently.
+            raise BadRequest("transfer-encoding-not-chunked", close=True)
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        raw_path, query = split_target(b"".join(self._url))
+        parser = self.parser
+        request = Request(
+            parser.get_method().decode("ascii"),
+            raw_path,
+            query,
+            self._headers,
+            self.peer_ip,
+            self.scheme,
+            parser.get_http_version(),
+        )
+        exchange = Exchange(request)
+        message = _Message(exchange, parser.should_keep_alive())
+        self.current = message
+        self.pipeline.on_head(exchange)
+        if parser.should_upgrade():
+            exchange.problem = Forbidden("upgrade-not-allowed", close=True)
+        problem = exchange.problem
+        if problem is not None and problem.close:
+            self._complete(message)  # answer now; the body, if any, is never read
+            self.closing = True
+            self._pause_reading()
+            return
+        self._arm(self.body_timeout, self._on_timeout)
+        if problem is None and not self.busy and not self.queue:
+            expect = request.header(b"expect")
+            if expect is not None and expect.lower() == b"100-continue" and self.transport:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        message = self.current
+        if message is None:
+            return
+        message.size += len(body)
+        exchange = message.exchange
+        if message.size > exchange.body_limit:
+            exchange.problem = PayloadTooLarge("body-over-limit", close=True)
+            self._complete(message)
+            self.closing = True
+            self._pause_reading()
+            return
+        if exchange.problem is None:
+            message.parts.append(body)
+
+    def on_message_complete(self) -> None:
+        message = self.current
+        if message is None:
+            return
+        parts = message.parts
+        if parts:
+            message.exchange.request.body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._complete(message)
+
+    # -- answering, in order ----------------------------------------------------------------
+    def _complete(self, message: _Message) -> None:
+        self.current = None
+        self.receiving = False
+        self._disarm()
+        self.queue.append(message)
+        if len(self.queue) > MAX_PIPELINED:
+            self._pause_reading()
+        if not self.busy:
+            self._next()
+
+    def _fatal(self, problem: Problem) -> None:
+        """Answer `problem` after the requests already parsed, then close."""
+        message = self.current
+        if message is None:
+            request = Request("GET", b"/", b"", [], self.peer_ip, self.scheme)
+            message = _Message(Exchange(request), False)
+        message.exchange.problem = problem
+        self._complete(message)
+        self.closing = True
+        self._pause_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _next(self) -> None:
+        if self.queue:
+            self.busy = True
+            self.loop.create_task(self._answer(self.queue.popleft()))
+            return
+        self.busy = False
+        if self.closing:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if self.current is None:
+            self._arm(self.idle_timeout, self._on_idle_timeout)
+
+    async def _answer(self, message: _Message) -> None:
+        exchange = message.exchange
+        pipeline = self.pipeline
+        status = 500
+        keep_alive = message.keep_alive
+        try:
+            head_sent = False
+            try:
+                if exchange.problem is not None:
+                    raise exchange.problem
+                await pipeline.on_request(exchange)
+                reply = await self.gateway.forward(exchange)
+                status = reply.status
+                headers = pipeline.on_response(exchange, status, reply.headers)
+                head_sent = True
+                keep_alive = await self._send_reply(message, reply, headers) and keep_alive
+            except Problem as problem:
+                if head_sent:
+                    raise
+                status, headers, body = pipeline.problem_response(exchange, problem)
+                keep_alive = keep_alive and not problem.close and not self.closing
+                self._write(self._head(status, headers, keep_alive, message) + body)
+        except Exception as exc:  # a bug: log it with the id, answer generically if we can
+            if head_sent:
+                logger.error("response to %s broken", exchange.id, exc_info=exc)
+                exchange.reason = exchange.reason or "response-broken"
+            else:
+                status, headers, body = pipeline.internal_error(exchange, exc)
+                self._write(self._head(status, headers, False, message) + body)
+            keep_alive = False
+        finally:
+            pipeline.record(exchange, status)
+        if not keep_alive:
+            self.closing = True
+        self._next()
+
+    async def _send_reply(self, message: _Message, reply: Reply, headers: Headers) -> bool:
+        """Write the upstream's answer; return whether the connection can be kept."""
+        request = message.exchange.request
+        no_body = request.method == "HEAD" or reply.status in (204, 304) or reply.status < 200
+        keep_alive = message.keep_alive and not self.closing
+        if reply.stream is None:
+            if not no_body:
+                headers.append((b"content-length", str(len(reply.body)).encode()))
+            elif reply.content_length is not None and request.method == "HEAD":
+                headers.append((b"content-length", str(reply.content_length).encode()))
+            self._write(self._head(reply.status, headers, keep_alive, message) + reply.body)
+            return keep_alive
+        stream = reply.stream
+        chunked = False
+        try:
+            if reply.content_length is not None:
+                headers.append((b"content-length", str(reply.content_length).encode()))
+            elif request.http_version == "1.1":
+                chunked = True
+                headers.append((b"transfer-encoding", b"chunked"))
+            else:
+                keep_alive = False  # HTTP/1.0 without a length: the close delimits the body
+            self._write(self._head(reply.status, headers, keep_alive, message))
+            piece = reply.body
+            while piece:
+                if chunked:
+                    self._write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                else:
+                    self._write(piece)
+                await self.drain()
+                if self.closed:
+                    return False
+                piece = await stream.read()
+            if chunked:
+                self._write(b"0\r\n\r\n")
+            return keep_alive
+        except Problem as problem:
+            # The head is out: the only honest signal left is to cut the connection.
+            message.exchange.reason = problem.reason
+            if self.transport is not None:
+                self.transport.abort()
+            return False
+        finally:
+            stream.release()
+
+    def _head(self, status: int, headers: Headers, keep_alive: bool, message: _Message) -> bytes:
+        lines = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b"Unknown"))]
+        for name, value in headers:
+            lines.append(b"%b: %b\r\n" % (name, value))
+        if not keep_alive:
+            lines.append(b"connection: close\r\n")
+        elif message.exchange.request.http_version == "1.0":
+            lines.append(b"connection: keep-alive\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def _write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)

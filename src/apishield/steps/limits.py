@@ -1,0 +1,66 @@
+"""Early size and media-type limits (checklist B4, B5), decided from the request head.
+
+The body limit is known before a byte of body is read, so the front ends refuse a
+`Content-Length` over it at once and stop reading a chunked body the moment it passes it:
+an oversized body is never buffered whole.
+"""
+
+from __future__ import annotations
+
+from apishield.config import Limits
+from apishield.contract import Operation
+from apishield.exchange import Exchange
+from apishield.problems import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+
+class LimitsStep:
+    name = "limits"
+
+    def __init__(self, limits: Limits, operations: tuple[Operation, ...]) -> None:
+        self.default_body = limits.max_body_bytes
+        self.body_limit: dict[str, int] = {}
+        self.media: dict[str, tuple[frozenset[str], frozenset[str], bool]] = {}
+        for op in operations:
+            override = op.policy.limits.max_body_bytes if op.policy.limits else None
+            self.body_limit[op.pointer] = limits.max_body_bytes if override is None else override
+            exact = frozenset(m for m in op.media_types if not m.endswith("/*"))
+            prefixes = frozenset(m[:-1] for m in op.media_types if m.endswith("/*") and m != "*/*")
+            self.media[op.pointer] = (exact, prefixes, "*/*" in op.media_types)
+
+    def on_head(self, exchange: Exchange) -> None:
+        operation = exchange.operation
+        assert operation is not None  # the route step runs first
+        limit = self.body_limit[operation.pointer]
+        exchange.body_limit = limit
+        length = None
+        chunked = False
+        content_type = None
+        for name, value in exchange.request.headers:
+            if name == b"content-length":
+                if not value.isdigit():  # llhttp checks this too; the middleware has no llhttp
+                    raise BadRequest("content-length-invalid", close=True)
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"content-type":
+                content_type = value
+        if length is not None and length > limit:
+            raise PayloadTooLarge("body-over-limit", close=True)
+        has_body = chunked or bool(length)
+        if not has_body:
+            if operation.body_required:
+                raise BadRequest("body-required")
+            return
+        exact, prefixes, anything = self.media[operation.pointer]
+        if not (exact or prefixes or anything):
+            raise UnsupportedMediaType("body-not-declared", close=not length)
+        if anything:
+            return
+        if content_type is None:
+            raise UnsupportedMediaType("content-type-missing")
+        media = content_type.decode("latin-1").split(";", 1)[0].strip().lower()
+        if media in exact:
+            return
+        if any(media.startswith(prefix) for prefix in prefixes):
+            return
+        raise UnsupportedMediaType("content-type-not-declared")

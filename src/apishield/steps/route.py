@@ -1,0 +1,30 @@
+"""Default deny (checklist A7): a path the contract does not declare is 404, a method it
+does not declare for the path is 405 with `Allow` (RFC 9110 15.5.6)."""
+
+from __future__ import annotations
+
+from apishield.exchange import Exchange
+from apishield.paths import normalize_path
+from apishield.problems import MethodNotAllowed, NotFound
+from apishield.router import Router
+
+
+class RouteStep:
+    name = "route"
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def on_head(self, exchange: Exchange) -> None:
+        request = exchange.request
+        request.path = normalize_path(request.raw_path)
+        found = self.router.match(request.path)
+        if found is None:
+            raise NotFound("route-not-declared")
+        entry, params = found
+        exchange.entry = entry
+        operation = entry.operations.get(request.method)
+        if operation is None:
+            raise MethodNotAllowed("method-not-declared", headers=[(b"allow", entry.allow)])
+        exchange.operation = operation
+        exchange.path_params = params

@@ -1,0 +1,315 @@
+"""The upstream client: a keep-alive pool of `asyncio.Protocol` connections parsed by llhttp.
+
+PERF-BASELINE.md shows the upstream client dominates a Python proxy's cost (aiohttp ~200 us
+a request, httpx far more); a protocol on httptools costs tens of microseconds. So this
+module owns the little HTTP/1.1 client the gateway needs and nothing more:
+
+- requests are serialized by the caller (`proxy.py`), bodies are sent with Content-Length;
+- a response is handed back as soon as it is complete, or, for a large or slow body, once
+  64 KiB are buffered, as a stream with flow control (the upstream socket is paused while
+  the client is slow, so memory stays bounded);
+- a pooled connection that the upstream closed while idle is detected and not reused; a
+  request that fails on a reused connection before any response byte arrived is retried
+  once on a fresh one when its method is idempotent (RFC 9110 9.2.2), like nginx does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+
+import httptools
+
+from apishield.exchange import Headers
+from apishield.problems import BadGateway, GatewayTimeout, ServiceUnavailable
+
+STREAM_THRESHOLD = 64 * 1024  # buffer up to this much before switching to streaming
+HIGH_WATER = 256 * 1024  # pause the upstream socket above this many unread bytes
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+class UpstreamError(Exception):
+    def __init__(self, reason: str, *, retryable: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
+class UpstreamResponse:
+    """Status, headers, the body received so far and, if not complete, a stream of the rest."""
+
+    __slots__ = ("_conn", "body", "complete", "content_length", "headers", "status")
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self._conn = conn
+        self.status = conn.status
+        self.headers = conn.headers
+        self.body = b"".join(conn.chunks)
+        conn.chunks.clear()
+        conn.buffered = 0
+        self.complete = conn.complete
+        self.content_length = conn.content_length
+
+    async def read(self) -> bytes:
+        """The next piece of a streamed body; b"" at the end. Raises a Problem."""
+        try:
+            return await self._conn.read_chunk()
+        except UpstreamError as exc:
+            if exc.reason == "upstream-timeout":
+                raise GatewayTimeout("upstream-read-timeout") from None
+            raise BadGateway(exc.reason) from None
+
+    def release(self) -> None:
+        """Give the connection back (or close it) once the body has been consumed."""
+        self._conn.finish()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.reused = False
+        self.closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.headers: Headers = []
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.content_length: int | None = None
+        self.complete = False
+        self.head_done = False
+        self.keep_alive = False
+        self.got_bytes = False
+        self.streaming = False
+        self.head_only = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: UpstreamError | None = None
+        self.paused = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail(UpstreamError("upstream-bad-response"))
+            self._close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if not self.complete:
+            self._fail(
+                UpstreamError("upstream-closed", retryable=self.reused and not self.got_bytes)
+            )
+
+    # -- llhttp callbacks -------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            self.headers = []  # an interim response (RFC 9110 15.2): wait for the final one
+            return
+        self.status = status
+        self.head_done = True
+        self.keep_alive = self.parser.should_keep_alive()
+        for name, value in self.headers:
+            if name == b"content-length" and value.isdigit():
+                self.content_length = int(value)
+        if self.head_only or status in (204, 304):
+            # No body follows (RFC 9112 6.3); llhttp cannot be told so for HEAD, so the
+            # message ends here and the next response gets a fresh parser.
+            self.complete = True
+            self.parser = httptools.HttpResponseParser(self)
+            self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        if not self.streaming and self.buffered >= STREAM_THRESHOLD:
+            self.streaming = True
+            self._wake()
+        elif self.streaming:
+            self._wake()
+
+    def on_message_complete(self) -> None:
+        if not self.head_done:
+            return  # the end of an interim 1xx response
+        self.complete = True
+        self.keep_alive = self.parser.should_keep_alive()
+        self._wake()
+
+    # -- used by the pool and the response ---------------------------------------------
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        self.error = error
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def send(self, payload: bytes, *, head_only: bool) -> UpstreamResponse:
+        self.head_only = head_only
+        assert self.transport is not None
+        self.transport.write(payload)
+        self.waiter = self.loop.create_future()
+        timer = self.loop.call_later(self.pool.read_timeout, self._timeout)
+        try:
+            await self.waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+        return UpstreamResponse(self)
+
+    def _timeout(self) -> None:
+        self._fail(UpstreamError("upstream-timeout"))
+        self._close()
+
+    async def read_chunk(self) -> bytes:
+        while True:
+            if self.chunks:
+                chunk = self.chunks.popleft()
+                self.buffered -= len(chunk)
+                if self.paused and self.buffered < HIGH_WATER // 2 and self.transport:
+                    self.paused = False
+                    self.transport.resume_reading()
+                return chunk
+            if self.complete:
+                return b""
+            if self.error is not None:
+                raise self.error
+            self.waiter = self.loop.create_future()
+            timer = self.loop.call_later(self.pool.read_timeout, self._timeout)
+            try:
+                await self.waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+
+    def finish(self) -> None:
+        """Return to the pool if the exchange ended cleanly, else close."""
+        if self.complete and not self.closed and self.error is None and self.keep_alive:
+            self._reset()
+            self.reused = True
+            self.pool.release(self)
+        else:
+            self._close()
+            self.pool.forget(self)
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None,
+        connect_timeout: float,
+        read_timeout: float,
+        max_connections: int,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self.loop = asyncio.get_running_loop()
+        self.idle: list[UpstreamConnection] = []
+        self.busy: set[UpstreamConnection] = set()
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+
+    async def request(self, payload: bytes, method: str) -> UpstreamResponse:
+        """Send a serialized request; map every failure to a Problem (502/503/504)."""
+        for attempt in (0, 1):
+            conn = await self._acquire()
+            try:
+                return await conn.send(payload, head_only=method == "HEAD")
+            except UpstreamError as exc:
+                conn._close()
+                self.forget(conn)
+                if exc.reason == "upstream-timeout":
+                    raise GatewayTimeout("upstream-read-timeout") from None
+                if exc.retryable and attempt == 0 and method in IDEMPOTENT:
+                    continue
+                raise BadGateway(exc.reason) from None
+        raise BadGateway("upstream-closed")  # pragma: no cover - loop always returns/raises
+
+    async def _acquire(self) -> UpstreamConnection:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                self.busy.add(conn)
+                return conn
+        if len(self.busy) >= self.max_connections:
+            waiter = self.loop.create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, self.connect_timeout)
+            except TimeoutError:
+                raise ServiceUnavailable("upstream-pool-exhausted") from None
+            return await self._acquire()
+        conn = UpstreamConnection(self)
+        self.busy.add(conn)
+        try:
+            await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: conn, self.host, self.port, ssl=self.tls,
+                    server_hostname=self.host if self.tls else None,
+                ),
+                self.connect_timeout,
+            )
+        except TimeoutError:
+            self.busy.discard(conn)
+            raise GatewayTimeout("upstream-connect-timeout") from None
+        except OSError:
+            self.busy.discard(conn)
+            self._wake_waiter()
+            raise BadGateway("upstream-unreachable") from None
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        self.busy.discard(conn)
+        self.idle.append(conn)
+        self._wake_waiter()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        if conn in self.busy:
+            self.busy.discard(conn)
+            self._wake_waiter()
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def _wake_waiter(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def close(self) -> None:
+        for conn in [*self.idle, *self.busy]:
+            conn._close()
+        self.idle.clear()
+        self.busy.clear()
