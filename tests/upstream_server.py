@@ -198,7 +198,7 @@ class UpstreamHandler(BaseHTTPRequestHandler):
             self._chunked(self._int_arg(query, "parts", 5), self._int_arg(query, "size", 10))
         elif path == "/error":
             self._send(500, TRACEBACK_BODY.encode(), "text/plain; charset=utf-8")
-        elif path == "/cache":
+        elif path in ("/cache", "/cache-private"):
             self._send(200, {"cached": True}, headers=[("Cache-Control", "public, max-age=60")])
         elif path.startswith("/status/"):
             code = path.removeprefix("/status/")

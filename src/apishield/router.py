@@ -67,12 +67,10 @@ class Router:
         if problems:
             raise ConfigError(problems)
         for entry in entries.values():
-            methods = sorted(entry.operations)
             if "GET" in entry.operations and "HEAD" not in entry.operations:
                 # RFC 9110 9.3.2: HEAD is GET without a body; the operation is GET's.
                 entry.operations["HEAD"] = entry.operations["GET"]
-                methods.append("HEAD")
-            entry.allow = ", ".join(methods).encode()
+            entry.allow = ", ".join(sorted(entry.operations)).encode()
 
     def _insert(self, entry: PathEntry) -> None:
         if "{" not in entry.template:

@@ -1,0 +1,176 @@
+"""Fixtures that start real servers on 127.0.0.1: the test upstream and the gateway CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.upstream_server import UpstreamServer, start_upstream, stop
+
+DATA = Path(__file__).parent / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"gateway did not listen on {port} within {timeout}s")
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    access_log: Path
+    stderr_path: Path
+    config_path: Path
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The access log so far (it is flushed every 100 ms, so wait a little)."""
+        time.sleep(0.25)
+        if not self.access_log.exists():
+            return []
+        text = self.access_log.read_text()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def log_entry(self, request_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            for entry in self.log_lines():
+                if entry["id"] == request_id:
+                    return entry
+        raise AssertionError(f"no access-log line for request {request_id}")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[UpstreamServer]:
+    server, _ = start_upstream()
+    yield server
+    stop(server)
+
+
+@pytest.fixture(scope="session")
+def upstream_url(upstream: UpstreamServer) -> str:
+    host, port = upstream.server_address[:2]
+    return f"http://{host}:{port}"
+
+
+def start_gateway(
+    workdir: Path, upstream_url: str, overrides: dict[str, Any] | None = None,
+    contract: Path | None = None,
+) -> RunningGateway:
+    """Copy the test contract to `workdir`, write a config and run `apishield serve`."""
+    for name in ("contract.yaml", "paths.yaml"):
+        shutil.copy(DATA / name, workdir / name)
+    if contract is not None:
+        shutil.copy(contract, workdir / "contract.yaml")
+    port = free_port()
+    access_log = workdir / "access.log"
+    config: dict[str, Any] = {
+        "contract": "contract.yaml",
+        "upstream": {"url": upstream_url},
+        "access_log": {"path": str(access_log)},
+    }
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    config_path = workdir / "apishield.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    stderr_path = workdir / "gateway.stderr"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "apishield", "serve", "--config", str(config_path),
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=stderr_path.open("wb"),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        wait_for_port(port, process)
+    except RuntimeError as exc:
+        process.kill()
+        raise RuntimeError(f"{exc}\n{stderr_path.read_text()}") from None
+    return RunningGateway(f"http://127.0.0.1:{port}", port, process, access_log, stderr_path,
+                          config_path)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, upstream_url: str) -> Iterator[RunningGateway]:
+    """One gateway with the default test config, shared by a module's tests."""
+    running = start_gateway(tmp_path_factory.mktemp("gw"), upstream_url)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, upstream_url: str) -> Iterator[Any]:
+    """Start a gateway with config overrides; stopped at the end of the test."""
+    started: list[RunningGateway] = []
+
+    def make(overrides: dict[str, Any] | None = None, **kwargs: Any) -> RunningGateway:
+        workdir = tmp_path / f"gw{len(started)}"
+        workdir.mkdir()
+        running = start_gateway(workdir, kwargs.pop("upstream", upstream_url), overrides,
+                                **kwargs)
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        running.stop()
+
+
+def raw_exchange(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes or goes quiet; return what came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        chunks = []
+        sock.settimeout(timeout)
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
