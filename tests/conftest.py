@@ -134,7 +134,9 @@ def start_gateway(
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, upstream_url: str) -> Iterator[RunningGateway]:
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, upstream_url: str
+) -> Iterator[RunningGateway]:
     """One gateway with the default test config, shared by a module's tests."""
     running = start_gateway(tmp_path_factory.mktemp("gw"), upstream_url)
     yield running
