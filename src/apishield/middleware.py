@@ -1,0 +1,180 @@
+"""`ApiShieldMiddleware`: the same pipeline in-process, in front of any ASGI app.
+
+    app.add_middleware(ApiShieldMiddleware, config="apishield.yaml")
+
+Here `forward` is the wrapped app. What the ASGI server already guarantees (one parse by
+its own HTTP parser, hop-by-hop handling, keep-alive) is left to it; everything the
+contract decides (default deny, media types, body limits, security headers, request id,
+access log) is the same code the gateway runs. `upstream` and `listen` in the config are
+ignored here.
+
+- `lifespan` passes through untouched; `websocket` connections are refused (closed with
+  1008 before the handshake, which servers answer with HTTP 403) unless `websockets: true`.
+- The body is read under the operation's limit before the app sees a byte of it; the app
+  gets it replayed as a single `http.request` message.
+- Client copies of `X-Apishield-*` (the identity namespace) and `X-Request-Id` are removed
+  from the scope; the app sees the gateway's request id in `x-request-id`.
+- An exception from the app before it started its response becomes a generic 500
+  problem, with the traceback logged under the request id; after, it propagates so the
+  server aborts the connection (the only honest signal once a status was sent).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from apishield.config import Config, load_config
+from apishield.contract import load_contract
+from apishield.exchange import Exchange, Headers, Request
+from apishield.pipeline import Pipeline
+from apishield.problems import HeadersTooLarge, PayloadTooLarge, Problem, UriTooLong
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger("apishield")
+_IDENTITY_PREFIX = b"x-apishield-"
+
+
+class ApiShieldMiddleware:
+    def __init__(self, app: ASGIApp, config: str | Path | Config = "apishield.yaml") -> None:
+        self.app = app
+        self.config = config if isinstance(config, Config) else load_config(config)
+        self.contract = load_contract(self.config)
+        self.pipeline = Pipeline(self.config, self.contract)
+        limits = self.config.limits
+        self._max_url = limits.max_url_length
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_header_count = limits.max_header_count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket" and not self.config.websockets:
+            await send({"type": "websocket.close", "code": 1008})
+        else:  # lifespan, and websockets when allowed
+            await self.app(scope, receive, send)
+
+    def _request(self, scope: Scope) -> Request:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+        root_path = scope.get("root_path", "").encode("utf-8")
+        if root_path and raw_path.startswith(root_path):
+            raw_path = raw_path[len(root_path):] or b"/"  # contract paths are app-relative
+        client = scope.get("client")
+        return Request(
+            scope["method"],
+            raw_path,
+            scope.get("query_string", b""),
+            [(name.lower(), value) for name, value in scope.get("headers", [])],
+            client[0] if client else "",
+            scope.get("scheme", "http"),
+            scope.get("http_version", "1.1"),
+        )
+
+    def _check_sizes(self, request: Request) -> None:
+        if len(request.raw_path) + len(request.query) + 1 > self._max_url:
+            raise UriTooLong("url-over-limit")
+        if len(request.headers) > self._max_header_count:
+            raise HeadersTooLarge("header-count-over-limit")
+        if sum(len(n) + len(v) + 4 for n, v in request.headers) > self._max_header_bytes:
+            raise HeadersTooLarge("header-bytes-over-limit")
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pipeline = self.pipeline
+        request = self._request(scope)
+        exchange = Exchange(request)
+        status = 500
+        started = False
+
+        async def refuse(problem: Problem) -> None:
+            nonlocal status
+            status, headers, body = pipeline.problem_response(exchange, problem)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        try:
+            try:
+                self._check_sizes(request)
+            except Problem as problem:
+                exchange.problem = problem
+            else:
+                pipeline.on_head(exchange)
+            if exchange.problem is not None:
+                await refuse(exchange.problem)
+                return
+            body = await self._read_body(receive, exchange.body_limit)
+            if body is None:
+                exchange.reason = "client-disconnected"
+                status = 499
+                return
+            request.body = body
+            await pipeline.on_request(exchange)
+
+            replayed = False
+
+            async def app_receive() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            async def app_send(message: Message) -> None:
+                nonlocal status, started
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    headers: Headers = [
+                        (name.lower(), value) for name, value in message.get("headers", [])
+                    ]
+                    message = {**message, "headers": pipeline.on_response(exchange, status, headers)}
+                    started = True
+                await send(message)
+
+            await self.app(self._app_scope(scope, exchange), app_receive, app_send)
+        except Problem as problem:
+            if started:
+                raise
+            await refuse(problem)
+        except Exception as exc:
+            if started:
+                logger.error("response to %s broken", exchange.id, exc_info=exc)
+                exchange.reason = "response-broken"
+                raise
+            status, headers, body = pipeline.internal_error(exchange, exc)
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            pipeline.record(exchange, status)
+
+    async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
+        """The whole body, refused with 413 the moment it passes `limit`."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge("body-over-limit")
+                parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    def _app_scope(self, scope: Scope, exchange: Exchange) -> Scope:
+        headers = [
+            (name, value)
+            for name, value in scope.get("headers", [])
+            if not name.lower().startswith(_IDENTITY_PREFIX) and name.lower() != b"x-request-id"
+        ]
+        headers.append((b"x-request-id", exchange.id.encode()))
+        return {**scope, "headers": headers}

@@ -1,0 +1,143 @@
+"""ApiShieldMiddleware in-process (httpx ASGITransport) and under a real uvicorn server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, wait_for_port
+from tests.middleware_app import CONFIG, create_app, events
+
+
+@pytest.fixture
+async def client():
+    transport = httpx.ASGITransport(app=create_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+async def test_declared_route_passes_with_headers(client):
+    response = await client.get("/items/7")
+    assert response.status_code == 200 and response.json() == {"item_id": "7"}
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["cache-control"] == "no-store"
+    assert len(response.headers["x-request-id"]) == 32
+
+
+async def test_app_route_missing_from_contract_is_unreachable(client):
+    response = await client.get("/admin")
+    assert response.status_code == 404
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "admin panel" not in response.text
+
+
+async def test_405_and_415_and_413(client):
+    assert (await client.delete("/items/1")).status_code == 405
+    assert (await client.post("/items", content=b"x",
+                              headers={"content-type": "text/plain"})).status_code == 415
+    big = await client.post("/items", json={"a": "x" * 100})
+    assert big.status_code == 413
+    ok = await client.post("/items", json={"a": 1})
+    assert ok.status_code == 201 and ok.json() == {"received": {"a": 1}}
+
+
+async def test_path_tricks_refused(client):
+    assert (await client.get("/items/a%2fb")).status_code == 400
+    assert (await client.get("/items/%ff")).status_code == 400
+
+
+async def test_app_exception_is_generic_500_without_detail(client, caplog):
+    response = await client.get("/boom")
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "hunter2" not in response.text and "RuntimeError" not in response.text
+    request_id = response.headers["x-request-id"]
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert logged and logged[0].exc_info is not None  # the traceback is in the log, with the id
+
+
+async def test_streaming_response_passes_and_banners_removed(client):
+    response = await client.get("/stream")
+    assert response.text == "part0;part1;part2;part3;part4;"
+    assert "server" not in response.headers and "x-powered-by" not in response.headers
+
+
+async def test_identity_headers_stripped_and_request_id_given(client):
+    response = await client.get(
+        "/headers", headers={"X-Apishield-Subject": "admin", "X-Request-Id": "mine"}
+    )
+    seen = response.json()
+    assert "x-apishield-subject" not in seen
+    assert seen["x-request-id"] == response.headers["x-request-id"] != "mine"
+
+
+async def test_lifespan_passes_through():
+    app = create_app()
+    messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict] = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    events.clear()
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert events == ["startup", "shutdown"]
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def test_websocket_refused_unless_allowed(tmp_path):
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    await create_app()({"type": "websocket", "path": "/ws", "headers": []}, receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
+@pytest.fixture
+def uvicorn_server():
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "tests.middleware_app:app", "--port", str(port),
+         "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    wait_for_port(port, process)
+    yield f"http://127.0.0.1:{port}", port
+    process.terminate()
+    process.wait(10)
+
+
+def test_under_real_uvicorn(uvicorn_server):
+    url, port = uvicorn_server
+    assert httpx.get(f"{url}/items/1").status_code == 200
+    assert httpx.get(f"{url}/admin").status_code == 404
+    assert httpx.get(f"{url}/items/..%2f..%2fadmin").status_code == 400
+    response = httpx.post(f"{url}/items", content=b'{"a":"' + b"x" * 200 + b'"}',
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    # a websocket handshake is refused by the middleware; uvicorn answers 403
+    import base64
+    import os
+    import socket
+
+    key = base64.b64encode(os.urandom(16))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 403")
+
+
+def test_config_path_is_used():
+    assert CONFIG.exists()
