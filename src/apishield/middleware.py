@@ -133,7 +133,8 @@ class ApiShieldMiddleware:
                     headers: Headers = [
                         (name.lower(), value) for name, value in message.get("headers", [])
                     ]
-                    message = {**message, "headers": pipeline.on_response(exchange, status, headers)}
+                    headers = pipeline.on_response(exchange, status, headers)
+                    message = {**message, "headers": headers}
                     started = True
                 await send(message)
 
