@@ -1,0 +1,59 @@
+"""The docs cannot drift from the code: config keys and problem types are checked both ways."""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from apishield.config import Config, OperationPolicy
+from apishield.pipeline import HEAD_ORDER, RESPONSE_ORDER
+from apishield.problems import ALL_PROBLEMS
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def _model_of(annotation: object) -> type[BaseModel] | None:
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        if name == "operations":
+            keys |= _keys(OperationPolicy, "operations.<operationId>.")
+            continue
+        nested = _model_of(field.annotation)
+        if nested is not None:
+            keys |= _keys(nested, f"{prefix}{name}.")
+        else:
+            keys.add(prefix + name)
+    return keys
+
+
+def test_configuration_reference_matches_the_models():
+    text = (DOCS / "configuration.md").read_text()
+    documented = set(re.findall(r"^\| `([^`]+)` \|", text, flags=re.MULTILINE))
+    actual = _keys(Config)
+    assert actual - documented == set(), "keys missing from docs/configuration.md"
+    assert documented - actual == set(), "docs/configuration.md documents keys that do not exist"
+
+
+def test_every_problem_type_is_documented():
+    text = (DOCS / "problems.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z-]+)` \| (\d{3}) \| (\w+) \|", text, flags=re.MULTILINE))
+    actual = {(p.slug, str(p.status), p.practice) for p in ALL_PROBLEMS}
+    assert documented == actual
+
+
+def test_pipeline_order_is_the_documented_one():
+    text = (DOCS / "architecture.md").read_text()
+    assert " -> ".join(HEAD_ORDER) in text
+    assert " -> ".join(RESPONSE_ORDER) in text

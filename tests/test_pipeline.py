@@ -1,0 +1,63 @@
+"""The pipeline's fixed step order and its single problem renderer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from apishield.config import config_from_dict
+from apishield.contract import load_contract
+from apishield.exchange import Exchange, Request
+from apishield.pipeline import HEAD_ORDER, RESPONSE_ORDER, Pipeline
+from apishield.problems import ALL_PROBLEMS, InternalError
+
+DATA = Path(__file__).parent / "data"
+
+
+def _pipeline(**extra):
+    config = config_from_dict({"contract": "contract.yaml", "access_log": {"enabled": False},
+                               **extra}, source_dir=DATA)
+    return Pipeline(config, load_contract(config))
+
+
+def test_steps_run_in_the_documented_order():
+    pipeline = _pipeline(trusted_proxies=["10.0.0.0/8"])
+    assert pipeline.step_names() == [*HEAD_ORDER, *RESPONSE_ORDER]
+    assert HEAD_ORDER == ("client_ip", "route", "limits")
+
+
+def test_disabled_steps_cost_nothing():
+    assert "client_ip" not in _pipeline().step_names()  # no trusted proxies: no step at all
+
+
+def test_every_problem_renders_masked_with_request_id():
+    pipeline = _pipeline()
+    for cls in ALL_PROBLEMS:
+        exchange = Exchange(Request("GET", b"/echo", b"", [], "127.0.0.1"))
+        status, headers, body = pipeline.problem_response(exchange, cls("secret-internal-reason"))
+        document = json.loads(body)
+        assert status == cls.status == document["status"]
+        assert document["instance"] == f"urn:apishield:request:{exchange.id}"
+        assert "secret-internal-reason" not in body.decode()
+        names = dict(headers)
+        assert names[b"content-type"] == b"application/problem+json"
+        assert names[b"x-request-id"] == exchange.id.encode()
+        assert names[b"x-content-type-options"] == b"nosniff"
+        assert exchange.reason == "secret-internal-reason"
+
+
+def test_internal_error_logs_traceback_but_sends_nothing(caplog):
+    pipeline = _pipeline()
+    exchange = Exchange(Request("GET", b"/echo", b"", [], "127.0.0.1"))
+    try:
+        raise ValueError("password=hunter2")
+    except ValueError as exc:
+        status, _, body = pipeline.internal_error(exchange, exc)
+    assert status == InternalError.status
+    assert b"hunter2" not in body and b"ValueError" not in body
+    assert any(exchange.id in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_request_ids_are_unique_and_random():
+    ids = {Exchange(Request("GET", b"/", b"", [], "")).id for _ in range(1000)}
+    assert len(ids) == 1000
