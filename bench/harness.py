@@ -50,14 +50,16 @@ UPSTREAM_BODY = (
 )
 assert "'" not in UPSTREAM_BODY and "$" not in UPSTREAM_BODY  # embedded in nginx.conf
 
-TARGETS = ("nginx_proxy", "apishield_passthrough", "apishield_demo", "direct")
+TARGETS = ("nginx_proxy", "python_floor", "apishield_passthrough", "apishield_demo", "direct")
 APISHIELD_TARGETS = ("apishield_passthrough", "apishield_demo")
 ALIASES = {
     "nginx": ("nginx_proxy", "direct"),
     "proxy": ("nginx_proxy",),
     "nginx_proxy": ("nginx_proxy",),
     "direct": ("direct",),
-    "apishield": ("nginx_proxy", "apishield_passthrough", "apishield_demo"),
+    "apishield": ("nginx_proxy", "python_floor", "apishield_passthrough", "apishield_demo"),
+    "floor": ("nginx_proxy", "python_floor"),
+    "python_floor": ("python_floor",),
     "passthrough": ("apishield_passthrough",),
     "apishield_passthrough": ("apishield_passthrough",),
     "demo": ("apishield_demo",),
@@ -879,7 +881,7 @@ def parse_targets(only: str | None) -> list[str]:
 
 def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
                   targets: list[str]) -> tuple[Service, dict[str, Service]]:
-    up_port, proxy_port, pt_port, demo_port = free_ports(4)
+    up_port, proxy_port, pt_port, demo_port, floor_port = free_ports(5)
     upstream = start_nginx(procs, "upstream", tmp / "upstream",
                            nginx_upstream_conf(tmp / "upstream", up_port), up_port,
                            pin.prefix("load"))
@@ -889,6 +891,17 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
             procs, "nginx_proxy", tmp / "nginx_proxy",
             nginx_proxy_conf(tmp / "nginx_proxy", proxy_port, up_port), proxy_port,
             pin.prefix("proxy"))
+    if "python_floor" in targets:
+        d = tmp / "python_floor"
+        d.mkdir(parents=True, exist_ok=True)
+        argv = [*pin.prefix("proxy"), sys.executable, str(Path(__file__).parent / "floor_proxy.py"),
+                "--port", str(floor_port), "--upstream-port", str(up_port)]
+        stderr_path = d / "stderr.log"
+        with open(stderr_path, "wb") as err, open(d / "stdout.log", "wb") as out:
+            proc = procs.start("python_floor", argv, out, err, cwd=d)
+        services["python_floor"] = Service("python_floor", proc, floor_port, stderr_path,
+                                           pin.prefix("proxy")[-1] if pin.prefix("proxy") else None)
+        wait_port(services["python_floor"], 15)
     wanted_api = [t for t in APISHIELD_TARGETS if t in targets]
     if wanted_api:
         base = apishield_argv(args.apishield_cmd)

@@ -14,7 +14,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from apishield.config import Config, ConfigError, config_from_dict, load_config
+from apishield.config import Config, ConfigError, config_from_dict, load_config, read_yaml
+from apishield.contract import load_contract
 from apishield.proxy import Gateway, build_gateway, serve
 
 EXIT_CONFIG = 2
@@ -55,6 +56,31 @@ def _load(path: str, host: str | None = None, port: int | None = None) -> Config
     return config
 
 
+def _contract_problems_despite(path: str) -> list[str]:
+    """When the config itself is broken, still check its contract: report everything at once."""
+    try:
+        data = read_yaml(Path(path))
+    except ConfigError:
+        return []
+    if not isinstance(data, dict) or not isinstance(data.get("contract"), str):
+        return []
+    try:
+        minimal = config_from_dict({"contract": data["contract"]},
+                                   source_dir=Path(path).parent.resolve())
+        load_contract(minimal)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def _load_and_compile(path: str, host: str | None = None, port: int | None = None) -> Gateway:
+    try:
+        config = _load(path, host, port)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems + _contract_problems_despite(path)) from None
+    return _compile_for_serving(config)
+
+
 def _compile_for_serving(config: Config) -> Gateway:
     if config.upstream is None:
         raise ConfigError(["upstream: required key is missing (write e.g. upstream: {url: "
@@ -64,23 +90,22 @@ def _compile_for_serving(config: Config) -> Gateway:
 
 def cmd_check(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
-        gateway = _compile_for_serving(config)
+        gateway = _load_and_compile(args.config)
     except ConfigError as exc:
         return _report(exc, args.config)
     operations = gateway.contract.operations
-    print(f"{args.config}: OK ({len(operations)} operations from {config.contract})")
+    print(f"{args.config}: OK ({len(operations)} operations from {gateway.config.contract})")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        config = _load(args.config, args.host, args.port)
-        gateway = _compile_for_serving(config)
+        gateway = _load_and_compile(args.config, args.host, args.port)
     except ConfigError as exc:
         return _report(exc, args.config)
     _setup_logging()
-    _run(serve(gateway, config.listen.host, config.listen.port))
+    listen = gateway.config.listen
+    _run(serve(gateway, listen.host, listen.port))
     return 0
 
 

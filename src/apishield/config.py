@@ -114,6 +114,7 @@ class Timeouts(Model):
     header: Seconds = 10.0  # complete request head within (slowloris defence, D3)
     body: Seconds = 30.0  # complete request body within
     keepalive: Seconds = 5.0  # idle keep-alive connection closed after
+    write: Seconds = 30.0  # a client that reads none of a response for this long is cut
     shutdown: Seconds = 10.0  # in-flight requests get this long on SIGTERM
 
 

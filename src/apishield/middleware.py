@@ -42,6 +42,12 @@ logger = logging.getLogger("apishield")
 _IDENTITY_PREFIX = b"x-apishield-"
 
 
+def _spoofs_gateway_header(name: bytes) -> bool:
+    """Client copies of what only the gateway may say (also as `X_Apishield_...` twins)."""
+    dashed = name.replace(b"_", b"-")
+    return dashed.startswith(_IDENTITY_PREFIX) or dashed == b"x-request-id"
+
+
 class ApiShieldMiddleware:
     def __init__(self, app: ASGIApp, config: str | Path | Config = "apishield.yaml") -> None:
         self.app = app
@@ -175,7 +181,7 @@ class ApiShieldMiddleware:
         headers = [
             (name, value)
             for name, value in scope.get("headers", [])
-            if not name.lower().startswith(_IDENTITY_PREFIX) and name.lower() != b"x-request-id"
+            if not _spoofs_gateway_header(name.lower())
         ]
         headers.append((b"x-request-id", exchange.id.encode()))
         return {**scope, "headers": headers}

@@ -9,7 +9,8 @@ accepts only paths whose meaning is unambiguous and refuses the rest (checklist 
 - percent-decoding happens once; a `%` not followed by two hex digits, an encoded `/` or
   `\\`, a decoded control character, or a decoded `%XX` (double encoding) is refused;
 - the decoded path must be UTF-8;
-- `.` and `..` segments (also as `%2e`) and empty segments (`//`) are refused, as is `\\`.
+- `.` and `..` segments (also as `%2e`, and `..;x` which servlet containers read as `..`)
+  and empty segments (`//`) are refused, as is `\\`.
 
 The raw target is what goes to the upstream, so both sides read the same bytes.
 """
@@ -74,7 +75,8 @@ def _percent_decode(raw: bytes) -> bytes:
 def _check_segments(path: str) -> None:
     segments = path.split("/")[1:]
     for index, segment in enumerate(segments):
-        if segment in (".", ".."):
+        if segment in (".", "..") or segment.split(";", 1)[0] in (".", ".."):
+            # `..;/` is a dot segment to servlet containers (path parameters, RFC 3986 3.3)
             raise BadRequest("path-dot-segment")
         if segment == "" and index != len(segments) - 1:
             raise BadRequest("path-empty-segment")

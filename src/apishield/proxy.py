@@ -122,6 +122,12 @@ class Gateway:
         forwarded_host = b""
         lines = [b"%b %b HTTP/1.1\r\n" % (request.method.encode(), target)]
         for name, value in headers:
+            if b"_" in name:
+                # WSGI/CGI backends read `X_Forwarded_For` as `X-Forwarded-For`: an
+                # underscore twin of a header the gateway owns is a spoofing attempt.
+                dashed = name.replace(b"_", b"-")
+                if dashed in REQUEST_OWNED or dashed.startswith(IDENTITY_PREFIX):
+                    continue
             if name in dropped or name.startswith(IDENTITY_PREFIX):
                 if name == b"host":
                     client_host = value

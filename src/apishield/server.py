@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("apishield")
 
 MAX_PIPELINED = 16
+HEAD_SLACK = 8 * 1024  # request-line and framing bytes allowed beyond the header limits
+
+
+class _StopParsing(Exception):
+    """Raised from a callback to make llhttp stop: the connection is closing."""
 
 
 class _Message:
@@ -88,6 +93,12 @@ class HttpConnection(asyncio.Protocol):
         self._headers: Headers = []
         self._header_bytes = 0
         self.receiving = False  # between the first byte of a request and its last
+        self.in_head = False  # between the first byte of a request and its blank line
+        self._head_budget = self.max_url + self.max_header_bytes + HEAD_SLACK
+        self._head_seen = 0
+        self._has_body = False
+        self._hosts = 0
+        self.write_timeout = config.timeouts.write
 
     # -- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -113,17 +124,35 @@ class HttpConnection(asyncio.Protocol):
             self.drain_waiter.set_result(None)
 
     async def drain(self) -> None:
+        """Wait until the client reads; a client that stops reading is cut (D3)."""
         if self.write_paused and not self.closed:
             self.drain_waiter = self.loop.create_future()
-            await self.drain_waiter
+            timer = self.loop.call_later(self.write_timeout, self._on_write_timeout)
+            try:
+                await self.drain_waiter
+            finally:
+                timer.cancel()
+
+    def _on_write_timeout(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()  # connection_lost fails the drain waiter
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if self.in_head:
+            # llhttp buffers a header value until its CRLF, so a head that never ends would
+            # grow without bound between callbacks: count the raw bytes of an unfinished head.
+            self._head_seen += len(data)
+            if self._head_seen > self._head_budget:
+                self._fatal(HeadersTooLarge("head-never-ends", close=True))
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
+            if isinstance(cause, _StopParsing):
+                return
             if isinstance(cause, Problem):
                 self._fatal(cause)
             else:
@@ -154,13 +183,10 @@ class HttpConnection(asyncio.Protocol):
 
     def _on_timeout(self) -> None:
         self.timer = None
-        if self.busy or self.queue:
-            return  # a request is being answered; the upstream timeouts govern it
-        if not self.receiving:
-            if self.transport is not None:
-                self.transport.close()  # connected but never sent a byte
-            return
-        self._fatal(RequestTimeout("client-too-slow", close=True))
+        if self.receiving:  # a request head or body is overdue, even behind a slow answer
+            self._fatal(RequestTimeout("client-too-slow", close=True))
+        elif not self.busy and not self.queue and self.transport is not None:
+            self.transport.close()  # connected but never sent a byte
 
     def _on_idle_timeout(self) -> None:
         self.timer = None
@@ -169,6 +195,12 @@ class HttpConnection(asyncio.Protocol):
 
     # -- llhttp callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.closing:
+            raise _StopParsing  # nothing after a refusal that closes is ever parsed
+        self.in_head = True
+        self._head_seen = 0
+        self._has_body = False
+        self._hosts = 0
         self._url = []
         self._url_len = 0
         self._headers = []
@@ -183,6 +215,8 @@ class HttpConnection(asyncio.Protocol):
         self._url.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a chunked body's trailer fields: dropped, never merged into the head
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.max_header_bytes:
             raise HeadersTooLarge("header-bytes-over-limit", close=True)
@@ -193,11 +227,25 @@ class HttpConnection(asyncio.Protocol):
             # llhttp refuses most obfuscations; anything but exactly `chunked` is refused
             # here too, so no transfer coding reaches an upstream that may read it differently.
             raise BadRequest("transfer-encoding-not-chunked", close=True)
+        if name == b"host":
+            self._hosts += 1
+            if self._hosts > 1:  # RFC 9112 3.2: more than one Host is a 400
+                raise BadRequest("host-repeated", close=True)
+        elif name == b"content-length":
+            self._has_body = value != b"0"
+        elif name == b"transfer-encoding":
+            self._has_body = True
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        raw_path, query = split_target(b"".join(self._url))
+        self.in_head = False
         parser = self.parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise BadRequest("http-version-not-supported", close=True)
+        if self._hosts == 0 and version == "1.1":
+            raise BadRequest("host-missing", close=True)  # RFC 9112 3.2
+        raw_path, query = split_target(b"".join(self._url))
         request = Request(
             parser.get_method().decode("ascii"),
             raw_path,
@@ -205,7 +253,7 @@ class HttpConnection(asyncio.Protocol):
             self._headers,
             self.peer_ip,
             self.scheme,
-            parser.get_http_version(),
+            version,
         )
         exchange = Exchange(request)
         message = _Message(exchange, parser.should_keep_alive())
@@ -214,8 +262,11 @@ class HttpConnection(asyncio.Protocol):
         if parser.should_upgrade():
             exchange.problem = Forbidden("upgrade-not-allowed", close=True)
         problem = exchange.problem
-        if problem is not None and problem.close:
-            self._complete(message)  # answer now; the body, if any, is never read
+        if problem is not None and (problem.close or self._has_body):
+            # Answer now and never read the body (also no `100 Continue` for it).
+            if not problem.close:
+                problem.close = True
+            self._complete(message)
             self.closing = True
             self._pause_reading()
             return
