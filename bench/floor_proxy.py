@@ -38,14 +38,18 @@ class Upstream(asyncio.Protocol):
         client, self.client = self.client, None
         data = b"".join(self.buffer)
         self.buffer.clear()
-        self.pool.append(self)
+        if self.parser.should_keep_alive():
+            self.pool.append(self)
+        else:  # e.g. nginx's keepalive_requests reached: pass the body on, drop the socket
+            self.transport.close()  # type: ignore[union-attr]
+            data = data.replace(b"Connection: close\r\n", b"")
         if client is not None:
             client.respond(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self in self.pool:
             self.pool.remove(self)
-        if self.client is not None:
+        if self.client is not None and self.buffer:
             self.client.transport.close()
 
 
@@ -89,7 +93,7 @@ class Client(asyncio.Protocol):
             upstream.client = self
             upstream.transport.write(request)  # type: ignore[union-attr]
         else:
-            asyncio.ensure_future(self.proxy.connect_and_send(self, request))
+            self.proxy.tasks.add(asyncio.ensure_future(self.proxy.connect_and_send(self, request)))
 
     def respond(self, data: bytes) -> None:
         self.transport.write(data)
@@ -102,6 +106,7 @@ class Proxy:
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.pool: deque[Upstream] = deque()
+        self.tasks: set[asyncio.Future[None]] = set()
 
     async def connect_and_send(self, client: Client, request: bytes) -> None:
         loop = asyncio.get_running_loop()
@@ -109,6 +114,7 @@ class Proxy:
         await loop.create_connection(lambda: upstream, "127.0.0.1", self.upstream_port)
         upstream.client = client
         upstream.transport.write(request)  # type: ignore[union-attr]
+        self.tasks = {t for t in self.tasks if not t.done()}
 
 
 async def main(port: int, upstream_port: int) -> None:
