@@ -64,9 +64,20 @@ def _contract_problems_despite(path: str) -> list[str]:
         return []
     if not isinstance(data, dict) or not isinstance(data.get("contract"), str):
         return []
+    source_dir = Path(path).parent.resolve()
+    minimal: Config | None = None
+    # With the config's `operations` when they are valid on their own, so an unknown
+    # operationId there is reported too; else with the contract alone.
+    for candidate in ({"contract": data["contract"], "operations": data.get("operations") or {}},
+                      {"contract": data["contract"]}):
+        try:
+            minimal = config_from_dict(candidate, source_dir=source_dir)
+            break
+        except ConfigError:
+            continue
+    if minimal is None:
+        return []
     try:
-        minimal = config_from_dict({"contract": data["contract"]},
-                                   source_dir=Path(path).parent.resolve())
         load_contract(minimal)
     except ConfigError as exc:
         return exc.problems
@@ -134,7 +145,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     async def main() -> None:
         ready: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(serve(gateway, "127.0.0.1", args.port, ready=ready))
-        host, port = await ready
+        await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():  # serve failed before listening (e.g. the port is taken)
+            ready.cancel()
+            await task  # raises the OSError, reported by main()
+        host, port = ready.result()
         base = f"http://{host}:{port}"
         print(
             f"""

@@ -7,6 +7,7 @@ check` can list them and `serve` can refuse to start with the same messages.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-try:  # libyaml is ~10x faster on large contracts; PyYAML wheels ship it
+try:  # libyaml's parser (the constructor stays Python); PyYAML wheels ship it
     from yaml import CSafeLoader as YamlLoader
 except ImportError:  # pragma: no cover - pure-Python fallback
     from yaml import SafeLoader as YamlLoader  # type: ignore[assignment]
@@ -41,6 +42,8 @@ _DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
 
 def _parse_duration(value: Any) -> Any:
     """Seconds as a number, or a string such as `500ms`, `10s`, `2m`."""
+    if isinstance(value, bool):  # YAML `yes`/`true` is not one second
+        raise ValueError(f"{value!r} is not a duration; write e.g. 10, 10s, 500ms or 2m")
     if isinstance(value, str):
         match = _DURATION.match(value)
         if not match:
@@ -51,6 +54,8 @@ def _parse_duration(value: Any) -> Any:
 
 def _parse_size(value: Any) -> Any:
     """Bytes as an integer, or a string such as `64KiB`, `1MB`."""
+    if isinstance(value, bool):  # YAML `true` is not one byte
+        raise ValueError(f"{value!r} is not a size; write e.g. 1048576, 64KiB or 1MB")
     if isinstance(value, str):
         match = _SIZE.match(value)
         if not match:
@@ -204,6 +209,8 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError([f"{path}: file not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+    collecting = gc.isenabled()
+    gc.disable()  # the constructor makes ~100k objects a MB: cyclic GC passes tripled load time
     try:
         return yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as exc:
@@ -211,6 +218,9 @@ def read_yaml(path: Path) -> Any:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def load_config(path: str | Path) -> Config:

@@ -13,6 +13,7 @@ refused, since fetching at load would let the contract pull code from the networ
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,15 @@ class Contract:
     operations: tuple[Operation, ...]
 
 
+class RefError(ValueError):
+    """A `$ref` that cannot be followed. `dangling`: it points at nothing (or off-machine),
+    which `_check_all_refs` reports once; a cycle is reported where it is followed."""
+
+    def __init__(self, message: str, *, dangling: bool) -> None:
+        super().__init__(message)
+        self.dangling = dangling
+
+
 def escape_pointer(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 
@@ -85,7 +95,8 @@ class RefResolver:
         """Return (target node, file it lives in); raise ValueError with a reason."""
         file_part, _, fragment = ref.partition("#")
         if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", file_part):
-            raise ValueError(f"remote reference {ref!r} is not supported; vendor the file")
+            raise RefError(f"remote reference {ref!r} is not supported; vendor the file",
+                           dangling=True)
         target_file = (base.parent / unquote(file_part)).resolve() if file_part else base
         key = (target_file, fragment)
         if key in self._cache:
@@ -93,10 +104,11 @@ class RefResolver:
         try:
             node = self.document(target_file)
         except ConfigError as exc:
-            raise ValueError(f"{ref!r}: {exc.problems[0]}") from None
+            raise RefError(f"{ref!r}: {exc.problems[0]}", dangling=True) from None
         if fragment:
             if not fragment.startswith("/"):
-                raise ValueError(f"{ref!r}: the fragment must be a JSON pointer (#/...)")
+                raise RefError(f"{ref!r}: the fragment must be a JSON pointer (#/...)",
+                               dangling=True)
             for raw_token in fragment[1:].split("/"):
                 token = unquote(raw_token).replace("~1", "/").replace("~0", "~")
                 if isinstance(node, dict) and token in node:
@@ -104,20 +116,25 @@ class RefResolver:
                 elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
                     node = node[int(token)]
                 else:
-                    raise ValueError(f"{ref!r} points at nothing")
+                    raise RefError(f"{ref!r} points at nothing", dangling=True)
         self._cache[key] = (node, target_file)
         return node, target_file
 
-    def deref(self, node: Any, base: Path) -> tuple[Any, Path]:
-        """Follow a chain of `$ref`s to a concrete node, refusing cycles."""
+    def deref(self, node: Any, base: Path) -> tuple[Any, Path, str | None]:
+        """Follow a chain of `$ref`s to a concrete node, refusing cycles.
+
+        Returns (node, the file it is in, its JSON pointer there if a `$ref` was followed).
+        """
         seen: set[tuple[Path, str]] = set()
+        pointer = None
         while isinstance(node, dict) and isinstance(node.get("$ref"), str):
             ref = node["$ref"]
             if (base, ref) in seen:
-                raise ValueError(f"{ref!r} is part of a reference cycle")
+                raise RefError(f"{ref!r} is part of a reference cycle", dangling=False)
             seen.add((base, ref))
             node, base = self.resolve_ref(ref, base)
-        return node, base
+            pointer = ref.partition("#")[2] or ""
+        return node, base, pointer
 
 
 def load_document(path: Path) -> Any:
@@ -138,7 +155,7 @@ class _Problems:
         self.items: list[str] = []
 
     def add(self, file: Path, pointer: str, message: str) -> None:
-        name = file.name if file.parent == self.root.parent else str(file)
+        name = os.path.relpath(file, self.root.parent)
         self.items.append(f"{name}#{pointer}: {message}")
 
 
@@ -188,7 +205,7 @@ def _check_all_refs(resolver: RefResolver, problems: _Problems) -> None:
                 if isinstance(ref, str):
                     try:
                         _, target_file = resolver.resolve_ref(ref, file)
-                    except ValueError as exc:
+                    except RefError as exc:
                         problems.add(file, pointer + "/$ref", str(exc))
                     else:
                         if target_file not in visited:
@@ -212,6 +229,7 @@ def _collect_operations(
         return []
     top_security = doc.get("security")
     seen_ids: dict[str, str] = {}
+    shapes: dict[str, str] = {}
     operations: list[Operation] = []
     for template, raw_item in paths.items():
         item_pointer = "/paths/" + escape_pointer(str(template))
@@ -219,29 +237,39 @@ def _collect_operations(
             problems.add(root, item_pointer, "a path template must start with '/'")
             continue
         try:
-            item, item_file = resolver.deref(raw_item, root)
-        except ValueError as exc:
-            problems.add(root, item_pointer, str(exc))
+            item, item_file, item_ref_pointer = resolver.deref(raw_item, root)
+        except RefError as exc:
+            if not exc.dangling:
+                problems.add(root, item_pointer, str(exc))
             continue
+        # where the path item is written, for messages (a sibling file, if it was $ref'd)
+        item_location = item_pointer if item_ref_pointer is None else item_ref_pointer
         if not isinstance(item, dict):
             problems.add(root, item_pointer, "a path item must be a mapping")
             continue
         _check_template(template, root, item_pointer, problems)
+        shape = _TEMPLATE_PARAM.sub("{}", template)
+        if shape in shapes:
+            problems.add(root, item_pointer, f"{template!r} and {shapes[shape]!r} are the same "
+                         "path with different parameter names; requests could match either")
+            continue
+        shapes[shape] = template
         for method in HTTP_METHODS:
             raw_op = item.get(method)
             if raw_op is None:
                 continue
             op_pointer = f"{item_pointer}/{method}"
+            location = f"{item_location}/{method}"
             if not isinstance(raw_op, dict):
-                problems.add(item_file, op_pointer, "an operation must be a mapping")
+                problems.add(item_file, location, "an operation must be a mapping")
                 continue
             operation = _compile_operation(
-                method, template, raw_op, op_pointer, item_file, resolver, problems,
-                top_security, config,
+                method, template, raw_op, op_pointer, (item_file, location), resolver,
+                problems, top_security, config,
             )
             if operation.operation_id:
                 if operation.operation_id in seen_ids:
-                    problems.add(
+                    problems.add(  # located where the duplicate path is declared
                         root, op_pointer + "/operationId",
                         f"duplicate operationId {operation.operation_id!r} "
                         f"(also at {seen_ids[operation.operation_id]})",
@@ -265,23 +293,25 @@ def _compile_operation(
     template: str,
     raw: dict[str, Any],
     pointer: str,
-    file: Path,
+    where: tuple[Path, str],
     resolver: RefResolver,
     problems: _Problems,
     top_security: Any,
     config: Config,
 ) -> Operation:
+    file, location = where  # for messages: the file and pointer where it is written
     operation_id = raw.get("operationId")
     if operation_id is not None and not isinstance(operation_id, str):
-        problems.add(file, pointer + "/operationId", "must be a string")
+        problems.add(file, location + "/operationId", "must be a string")
         operation_id = None
     media_types: tuple[str, ...] = ()
     body_required = False
     if "requestBody" in raw:
         try:
-            body, _ = resolver.deref(raw["requestBody"], file)
-        except ValueError as exc:
-            problems.add(file, pointer + "/requestBody", str(exc))
+            body, _, _ = resolver.deref(raw["requestBody"], file)
+        except RefError as exc:
+            if not exc.dangling:
+                problems.add(file, location + "/requestBody", str(exc))
             body = {}
         if isinstance(body, dict):
             content = body.get("content") or {}
@@ -289,9 +319,9 @@ def _compile_operation(
             body_required = bool(body.get("required", False))
     security = raw.get("security", top_security)
     if security is not None and not isinstance(security, list):
-        problems.add(file, pointer + "/security", "must be a list of requirement objects")
+        problems.add(file, location + "/security", "must be a list of requirement objects")
         security = None
-    policy = _operation_policy(raw, operation_id, pointer, file, problems, config)
+    policy = _operation_policy(raw, operation_id, location, file, problems, config)
     return Operation(
         method=method.upper(),
         path=template,

@@ -22,7 +22,6 @@ import logging
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
 
 from apishield import problems
 from apishield.accesslog import AccessLog
@@ -53,6 +52,9 @@ class Pipeline:
         ]
         self.head_steps = [step for step in head_steps if step is not None]
         self._head_calls: list[Callable[[Exchange], None]] = [s.on_head for s in self.head_steps]
+        # Async request-phase steps (authentication, validation) will be listed here; while
+        # there are none, the gateway answers on its callback fast path with no task.
+        self.async_steps: list[object] = []
         self.response_steps = [security_headers.SecurityHeadersStep(config.headers, tls=tls)]
         self._response_calls = [s.on_response for s in self.response_steps]
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
@@ -97,29 +99,26 @@ class Pipeline:
         return self.problem_response(exchange, problem)
 
     def record(self, exchange: Exchange, status: int) -> None:
-        if self.access_log is None:
+        access_log = self.access_log
+        if access_log is None:
             return
         operation = exchange.operation
-        entry: dict[str, Any] = {
-            "id": exchange.id,
-            "method": exchange.request.method,
-            "route": exchange.entry.template if exchange.entry is not None else None,
-            "operation": operation.operation_id if operation is not None else None,
-            "status": status,
-            "duration_ms": round((time.perf_counter() - exchange.started) * 1000, 3),
-            "client_ip": exchange.client_ip,
-            "outcome": _outcome(exchange),
-            "reason": exchange.reason or None,
-        }
-        self.access_log.record(entry)
+        entry = exchange.entry
+        problem = exchange.problem
+        access_log.record((
+            exchange.id,
+            exchange.request.method,
+            entry.template if entry is not None else None,
+            operation.operation_id if operation is not None else None,
+            status,
+            (time.perf_counter() - exchange.started) * 1000,
+            exchange.client_ip,
+            "allowed" if problem is None else "error" if problem.status >= 500 else "refused",
+            exchange.reason or None,
+            time.time(),
+        ))
 
     def close(self) -> None:
         if self.access_log is not None:
             self.access_log.close()
 
-
-def _outcome(exchange: Exchange) -> str:
-    problem = exchange.problem
-    if problem is None:
-        return "allowed"
-    return "error" if problem.status >= 500 else "refused"

@@ -20,10 +20,11 @@ from urllib.parse import urlsplit
 
 from apishield.config import Config
 from apishield.contract import Contract, load_contract
+from apishield.deadlines import Sweeper
 from apishield.exchange import Exchange, Headers
 from apishield.pipeline import Pipeline
 from apishield.server import HttpConnection
-from apishield.upstream import UpstreamPool, UpstreamResponse
+from apishield.upstream import Ready, UpstreamPool, UpstreamResponse
 
 logger = logging.getLogger("apishield")
 
@@ -159,6 +160,23 @@ class Gateway:
         assert self.pool is not None
         payload = self.serialize_request(exchange)
         response = await self.pool.request(payload, exchange.request.method)
+        return self.reply_from(response)
+
+    def forward_nowait(self, exchange: Exchange, on_ready: Ready) -> bool:
+        """Send on a pooled connection in callback mode; False if none is idle."""
+        assert self.pool is not None
+        conn = self.pool.take_idle()
+        if conn is None:
+            return False
+        conn.send_nowait(
+            self.serialize_request(exchange),
+            head_only=exchange.request.method == "HEAD",
+            on_ready=on_ready,
+        )
+        return True
+
+    def reply_from(self, response: UpstreamResponse) -> Reply:
+        """Drop hop-by-hop response headers; give the connection back if the body is in."""
         raw = response.headers
         dropped = RESPONSE_DROPPED
         tokens = _connection_tokens(raw)
@@ -193,6 +211,9 @@ async def serve(
     """Serve until SIGTERM/SIGINT (or `stop`), then drain in-flight requests and close."""
     loop = asyncio.get_running_loop()
     gateway.start_pool()
+    pool = gateway.pool
+    assert pool is not None
+    sweeper = Sweeper(lambda: [*gateway.connections, *pool.busy])
     server = await loop.create_server(
         lambda: HttpConnection(gateway), host, port, backlog=2048, reuse_address=True
     )
@@ -219,5 +240,6 @@ async def serve(
         for connection in list(gateway.connections):
             if connection.transport is not None:
                 connection.transport.abort()
+        sweeper.stop()
         await gateway.close()
         logger.info("stopped")

@@ -107,9 +107,13 @@ class Router:
 
     def match(self, path: str) -> tuple[PathEntry, dict[str, str]] | None:
         if self.base_path:
-            if not path.startswith(self.base_path):
+            base = self.base_path
+            if path == base:
+                path = "/"
+            elif path.startswith(base) and path[len(base)] == "/":
+                path = path[len(base):]  # only at a segment boundary: /apiX is not under /api
+            else:
                 return None
-            path = path[len(self.base_path):] or "/"
         entry = self._static.get(path)
         if entry is not None:
             return entry, {}

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from apishield.deadlines import HasDeadline
 from apishield.exchange import Exchange, Headers, Request
 from apishield.paths import split_target
 from apishield.pipeline import REASONS
@@ -36,6 +37,13 @@ from apishield.problems import (
     Problem,
     RequestTimeout,
     UriTooLong,
+)
+from apishield.upstream import (
+    IDEMPOTENT,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamResponse,
+    problem_for,
 )
 
 if TYPE_CHECKING:
@@ -63,7 +71,7 @@ class _Message:
         self.size = 0
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(HasDeadline, asyncio.Protocol):
     def __init__(self, gateway: Gateway, *, scheme: str = "http") -> None:
         self.gateway = gateway
         self.pipeline = gateway.pipeline
@@ -87,7 +95,7 @@ class HttpConnection(asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None  # held: the loop keeps only weak refs
         self._url: list[bytes] = []
         self._url_len = 0
         self._headers: Headers = []
@@ -106,12 +114,12 @@ class HttpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
         self.gateway.connections.add(self)
-        self._arm(self.header_timeout, self._on_timeout)
+        self.expire_at(self.header_timeout, self._on_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.gateway.connections.discard(self)
-        self._disarm()
+        self.clear_deadline()
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_exception(ConnectionResetError())
 
@@ -171,25 +179,13 @@ class HttpConnection(asyncio.Protocol):
             self.transport.close()
 
     # -- timers -------------------------------------------------------------------------
-    def _arm(self, delay: float, callback: object) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(delay, callback)  # type: ignore[arg-type]
-
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
     def _on_timeout(self) -> None:
-        self.timer = None
         if self.receiving:  # a request head or body is overdue, even behind a slow answer
             self._fatal(RequestTimeout("client-too-slow", close=True))
         elif not self.busy and not self.queue and self.transport is not None:
             self.transport.close()  # connected but never sent a byte
 
     def _on_idle_timeout(self) -> None:
-        self.timer = None
         if not self.busy and not self.queue and self.current is None and self.transport:
             self.transport.close()
 
@@ -206,7 +202,7 @@ class HttpConnection(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         self.receiving = True
-        self._arm(self.header_timeout, self._on_timeout)
+        self.expire_at(self.header_timeout, self._on_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._url_len += len(url)
@@ -270,7 +266,7 @@ class HttpConnection(asyncio.Protocol):
             self.closing = True
             self._pause_reading()
             return
-        self._arm(self.body_timeout, self._on_timeout)
+        self.expire_at(self.body_timeout, self._on_timeout)
         if problem is None and not self.busy and not self.queue:
             expect = request.header(b"expect")
             if expect is not None and expect.lower() == b"100-continue" and self.transport:
@@ -304,7 +300,7 @@ class HttpConnection(asyncio.Protocol):
     def _complete(self, message: _Message) -> None:
         self.current = None
         self.receiving = False
-        self._disarm()
+        self.clear_deadline()
         self.queue.append(message)
         if len(self.queue) > MAX_PIPELINED:
             self._pause_reading()
@@ -330,7 +326,17 @@ class HttpConnection(asyncio.Protocol):
     def _next(self) -> None:
         if self.queue:
             self.busy = True
-            self.loop.create_task(self._answer(self.queue.popleft()))
+            message = self.queue.popleft()
+            exchange = message.exchange
+            if (
+                exchange.problem is None
+                and not self.pipeline.async_steps
+                and self.gateway.forward_nowait(
+                    exchange, lambda conn, error: self._on_upstream(message, conn, error)
+                )
+            ):
+                return  # the fast path: answered from `_on_upstream`, no task
+            self.task = self.loop.create_task(self._answer(message))
             return
         self.busy = False
         if self.closing:
@@ -341,9 +347,42 @@ class HttpConnection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
         if self.current is None:
-            self._arm(self.idle_timeout, self._on_idle_timeout)
+            self.expire_at(self.idle_timeout, self._on_idle_timeout)
 
-    async def _answer(self, message: _Message) -> None:
+    def _on_upstream(
+        self, message: _Message, conn: UpstreamConnection, error: UpstreamError | None
+    ) -> None:
+        """The fast path's second half, called from the upstream protocol's callbacks."""
+        exchange = message.exchange
+        if error is not None:
+            conn._close()
+            conn.pool.forget(conn)
+            if error.retryable and exchange.request.method in IDEMPOTENT:
+                # a pooled connection the upstream had closed: one fresh attempt
+                self.task = self.loop.create_task(self._answer(message))
+                return
+            exchange.problem = problem_for(error)
+        elif conn.complete:
+            reply = self.gateway.reply_from(UpstreamResponse(conn))
+            pipeline = self.pipeline
+            status = reply.status
+            try:
+                headers = pipeline.on_response(exchange, status, reply.headers)
+                keep_alive = self._write_complete(message, reply, headers)
+            except Exception as exc:
+                status, headers, body = pipeline.internal_error(exchange, exc)
+                self._write(self._head(status, headers, False, message) + body)
+                keep_alive = False
+            pipeline.record(exchange, status)
+            if not keep_alive:
+                self.closing = True
+            self._next()
+            return
+        # a large or slow body, or a refusal to render: the async path takes over
+        response = UpstreamResponse(conn) if error is None else None
+        self.task = self.loop.create_task(self._answer(message, response))
+
+    async def _answer(self, message: _Message, response: UpstreamResponse | None = None) -> None:
         exchange = message.exchange
         pipeline = self.pipeline
         status = 500
@@ -353,8 +392,11 @@ class HttpConnection(asyncio.Protocol):
             try:
                 if exchange.problem is not None:
                     raise exchange.problem
-                await pipeline.on_request(exchange)
-                reply = await self.gateway.forward(exchange)
+                if response is None:
+                    await pipeline.on_request(exchange)
+                    reply = await self.gateway.forward(exchange)
+                else:
+                    reply = self.gateway.reply_from(response)
                 status = reply.status
                 headers = pipeline.on_response(exchange, status, reply.headers)
                 head_sent = True
@@ -379,18 +421,25 @@ class HttpConnection(asyncio.Protocol):
             self.closing = True
         self._next()
 
+    def _write_complete(self, message: _Message, reply: Reply, headers: Headers) -> bool:
+        """Write a response whose body is all here, in one write; return keep-alive."""
+        request = message.exchange.request
+        keep_alive = message.keep_alive and not self.closing
+        status = reply.status
+        if request.method == "HEAD":
+            if reply.content_length is not None:
+                headers.append((b"content-length", b"%d" % reply.content_length))
+        elif status >= 200 and status != 204 and status != 304:
+            headers.append((b"content-length", b"%d" % len(reply.body)))
+        self._write(self._head(status, headers, keep_alive, message) + reply.body)
+        return keep_alive
+
     async def _send_reply(self, message: _Message, reply: Reply, headers: Headers) -> bool:
         """Write the upstream's answer; return whether the connection can be kept."""
-        request = message.exchange.request
-        no_body = request.method == "HEAD" or reply.status in (204, 304) or reply.status < 200
-        keep_alive = message.keep_alive and not self.closing
         if reply.stream is None:
-            if not no_body:
-                headers.append((b"content-length", str(len(reply.body)).encode()))
-            elif reply.content_length is not None and request.method == "HEAD":
-                headers.append((b"content-length", str(reply.content_length).encode()))
-            self._write(self._head(reply.status, headers, keep_alive, message) + reply.body)
-            return keep_alive
+            return self._write_complete(message, reply, headers)
+        request = message.exchange.request
+        keep_alive = message.keep_alive and not self.closing
         stream = reply.stream
         chunked = False
         try:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Callable
 
 import httptools
 
+from apishield.deadlines import HasDeadline
 from apishield.exchange import Headers
 from apishield.problems import BadGateway, GatewayTimeout, ServiceUnavailable
 
@@ -29,11 +31,20 @@ HIGH_WATER = 256 * 1024  # pause the upstream socket above this many unread byte
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
+Ready = Callable[["UpstreamConnection", "UpstreamError | None"], None]
+
+
 class UpstreamError(Exception):
     def __init__(self, reason: str, *, retryable: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
+
+
+def problem_for(error: UpstreamError) -> BadGateway | GatewayTimeout:
+    if error.reason == "upstream-timeout":
+        return GatewayTimeout("upstream-read-timeout")
+    return BadGateway(error.reason)
 
 
 class UpstreamResponse:
@@ -56,16 +67,14 @@ class UpstreamResponse:
         try:
             return await self._conn.read_chunk()
         except UpstreamError as exc:
-            if exc.reason == "upstream-timeout":
-                raise GatewayTimeout("upstream-read-timeout") from None
-            raise BadGateway(exc.reason) from None
+            raise problem_for(exc) from None
 
     def release(self) -> None:
         """Give the connection back (or close it) once the body has been consumed."""
         self._conn.finish()
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(HasDeadline, asyncio.Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.loop = pool.loop
@@ -88,6 +97,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.streaming = False
         self.head_only = False
         self.waiter: asyncio.Future[None] | None = None
+        self.on_ready: Ready | None = None  # callback mode (no task, no future)
         self.error: UpstreamError | None = None
         self.paused = False
 
@@ -154,12 +164,24 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- used by the pool and the response ---------------------------------------------
     def _wake(self) -> None:
+        callback = self.on_ready
+        if callback is not None:
+            self.on_ready = None
+            self.deadline = 0.0
+            callback(self, None)
+            return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def _fail(self, error: UpstreamError) -> None:
         self.error = error
+        callback = self.on_ready
+        if callback is not None:
+            self.on_ready = None
+            self.deadline = 0.0
+            callback(self, error)
+            return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
@@ -174,13 +196,24 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(payload)
         self.waiter = self.loop.create_future()
-        timer = self.loop.call_later(self.pool.read_timeout, self._timeout)
+        self.expire_at(self.pool.read_timeout, self._timeout)
         try:
             await self.waiter
         finally:
-            timer.cancel()
+            self.deadline = 0.0
             self.waiter = None
         return UpstreamResponse(self)
+
+    def send_nowait(self, payload: bytes, *, head_only: bool, on_ready: Ready) -> None:
+        """Callback mode: `on_ready(conn, error)` runs when the response is complete or
+        starts streaming, or on failure. Costs no task and no future: the proxy's
+        common case (a small response on a pooled connection) runs entirely in callbacks.
+        """
+        self.head_only = head_only
+        self.on_ready = on_ready
+        assert self.transport is not None
+        self.transport.write(payload)
+        self.expire_at(self.pool.read_timeout, self._timeout)
 
     def _timeout(self) -> None:
         self._fail(UpstreamError("upstream-timeout"))
@@ -200,11 +233,11 @@ class UpstreamConnection(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             self.waiter = self.loop.create_future()
-            timer = self.loop.call_later(self.pool.read_timeout, self._timeout)
+            self.expire_at(self.pool.read_timeout, self._timeout)
             try:
                 await self.waiter
             finally:
-                timer.cancel()
+                self.deadline = 0.0
                 self.waiter = None
 
     def finish(self) -> None:
@@ -240,6 +273,15 @@ class UpstreamPool:
         self.busy: set[UpstreamConnection] = set()
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
 
+    def take_idle(self) -> UpstreamConnection | None:
+        """A pooled live connection, marked busy, or None (then use `request`)."""
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                self.busy.add(conn)
+                return conn
+        return None
+
     async def request(self, payload: bytes, method: str) -> UpstreamResponse:
         """Send a serialized request; map every failure to a Problem (502/503/504)."""
         for attempt in (0, 1):
@@ -249,19 +291,15 @@ class UpstreamPool:
             except UpstreamError as exc:
                 conn._close()
                 self.forget(conn)
-                if exc.reason == "upstream-timeout":
-                    raise GatewayTimeout("upstream-read-timeout") from None
                 if exc.retryable and attempt == 0 and method in IDEMPOTENT:
                     continue
-                raise BadGateway(exc.reason) from None
+                raise problem_for(exc) from None
         raise BadGateway("upstream-closed")  # pragma: no cover - loop always returns/raises
 
     async def _acquire(self) -> UpstreamConnection:
-        while self.idle:
-            conn = self.idle.pop()
-            if not conn.closed:
-                self.busy.add(conn)
-                return conn
+        conn = self.take_idle()
+        if conn is not None:
+            return conn
         if len(self.busy) >= self.max_connections:
             waiter = self.loop.create_future()
             self._slot_waiters.append(waiter)
