@@ -25,6 +25,11 @@ _pool = b""
 _offset = _POOL_BYTES
 
 
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    """The field names a `Connection` header value lists (lower case)."""
+    return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
+
+
 def new_request_id() -> str:
     """128 bits from the OS CSPRNG (checklist C5): unguessable, so safe to show clients.
 
@@ -52,6 +57,7 @@ os.register_at_fork(after_in_child=_discard_pool)
 class Request:
     __slots__ = (
         "body",
+        "connection_tokens",
         "headers",
         "http_version",
         "method",
@@ -81,6 +87,9 @@ class Request:
         self.scheme = scheme
         self.http_version = http_version
         self.body = b""
+        # header names listed in `Connection` (hop-by-hop, RFC 9110 7.6.1), set by the
+        # gateway's parser as it reads them so forwarding needs no second pass
+        self.connection_tokens: frozenset[bytes] = frozenset()
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (names are lower case)."""

@@ -64,14 +64,6 @@ class Reply:
         self.content_length = content_length
 
 
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
-    return frozenset(tokens)
-
-
 class Gateway:
     def __init__(self, config: Config, contract: Contract, *, tls: bool = False) -> None:
         assert config.upstream is not None
@@ -115,9 +107,8 @@ class Gateway:
             target += b"?" + request.query
         headers = request.headers
         dropped = REQUEST_OWNED
-        connection_tokens = _connection_tokens(headers)
-        if connection_tokens:
-            dropped = dropped | connection_tokens
+        if request.connection_tokens:
+            dropped = dropped | request.connection_tokens
         client_host = b""
         forwarded_proto = request.scheme.encode()
         forwarded_host = b""
@@ -179,9 +170,8 @@ class Gateway:
         """Drop hop-by-hop response headers; give the connection back if the body is in."""
         raw = response.headers
         dropped = RESPONSE_DROPPED
-        tokens = _connection_tokens(raw)
-        if tokens:
-            dropped = dropped | tokens
+        if response.connection_tokens:
+            dropped = dropped | response.connection_tokens
         headers = [item for item in raw if item[0] not in dropped]
         if response.complete:
             response.release()

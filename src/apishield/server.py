@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from apishield.deadlines import HasDeadline
-from apishield.exchange import Exchange, Headers, Request
+from apishield.exchange import Exchange, Headers, Request, connection_tokens
 from apishield.paths import split_target
 from apishield.pipeline import REASONS
 from apishield.problems import (
@@ -197,6 +197,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self._head_seen = 0
         self._has_body = False
         self._hosts = 0
+        self._connection_tokens: frozenset[bytes] = frozenset()
         self._url = []
         self._url_len = 0
         self._headers = []
@@ -231,6 +232,8 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self._has_body = value != b"0"
         elif name == b"transfer-encoding":
             self._has_body = True
+        elif name == b"connection":
+            self._connection_tokens |= connection_tokens(value)
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -251,6 +254,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self.scheme,
             version,
         )
+        request.connection_tokens = self._connection_tokens
         exchange = Exchange(request)
         message = _Message(exchange, parser.should_keep_alive())
         self.current = message

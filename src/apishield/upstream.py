@@ -23,7 +23,7 @@ from collections.abc import Callable
 import httptools
 
 from apishield.deadlines import HasDeadline
-from apishield.exchange import Headers
+from apishield.exchange import Headers, connection_tokens
 from apishield.problems import BadGateway, GatewayTimeout, ServiceUnavailable
 
 STREAM_THRESHOLD = 64 * 1024  # buffer up to this much before switching to streaming
@@ -50,12 +50,15 @@ def problem_for(error: UpstreamError) -> BadGateway | GatewayTimeout:
 class UpstreamResponse:
     """Status, headers, the body received so far and, if not complete, a stream of the rest."""
 
-    __slots__ = ("_conn", "body", "complete", "content_length", "headers", "status")
+    __slots__ = (
+        "_conn", "body", "complete", "connection_tokens", "content_length", "headers", "status",
+    )
 
     def __init__(self, conn: UpstreamConnection) -> None:
         self._conn = conn
         self.status = conn.status
         self.headers = conn.headers
+        self.connection_tokens = conn.connection_tokens
         self.body = b"".join(conn.chunks)
         conn.chunks.clear()
         conn.buffered = 0
@@ -87,6 +90,7 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
     def _reset(self) -> None:
         self.status = 0
         self.headers: Headers = []
+        self.connection_tokens: frozenset[bytes] = frozenset()
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.content_length: int | None = None
@@ -123,12 +127,16 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
 
     # -- llhttp callbacks -------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"connection":
+            self.connection_tokens |= connection_tokens(value)
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             self.headers = []  # an interim response (RFC 9110 15.2): wait for the final one
+            self.connection_tokens = frozenset()
             return
         self.status = status
         self.head_done = True
