@@ -20,6 +20,9 @@ import orjson
 Entry = tuple[str, str, str | None, str | None, int, float, str, str, str | None, float]
 
 
+FLUSH_EVERY = 512  # entries; also flushed every 100 ms
+
+
 class AccessLog:
     def __init__(self, path: str) -> None:
         self._owned = path != "-"
@@ -41,7 +44,13 @@ class AccessLog:
 
     def record(self, entry: Entry) -> None:
         """`entry` is FIELDS in order, then the wall-clock time of the request's end."""
-        self._pending.append(entry)
+        pending = self._pending
+        pending.append(entry)
+        if len(pending) >= FLUSH_EVERY and self._flush_scheduled:
+            # Bound the batch: formatting thousands of lines at once is a latency spike.
+            self._flush_scheduled = False
+            self.flush()
+            return
         if not self._flush_scheduled:
             self._flush_scheduled = True
             try:

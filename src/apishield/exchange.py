@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,8 +26,10 @@ _pool = b""
 _offset = _POOL_BYTES
 
 
+@lru_cache(maxsize=256)
 def connection_tokens(value: bytes) -> frozenset[bytes]:
-    """The field names a `Connection` header value lists (lower case)."""
+    """The field names a `Connection` header value lists (lower case); memoized, since
+    nearly every upstream response says `Connection: keep-alive`."""
     return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
 
 

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import signal
 import ssl
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 from apishield.config import Config
@@ -42,6 +43,11 @@ REQUEST_OWNED = HOP_BY_HOP | {
 RESPONSE_DROPPED = HOP_BY_HOP | {b"content-length"}
 IDENTITY_PREFIX = b"x-apishield-"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+@lru_cache(maxsize=256)
+def _response_dropped(tokens: frozenset[bytes]) -> frozenset[bytes]:
+    return RESPONSE_DROPPED | tokens
 
 
 class Reply:
@@ -171,7 +177,7 @@ class Gateway:
         raw = response.headers
         dropped = RESPONSE_DROPPED
         if response.connection_tokens:
-            dropped = dropped | response.connection_tokens
+            dropped = _response_dropped(response.connection_tokens)
         headers = [item for item in raw if item[0] not in dropped]
         if response.complete:
             response.release()

@@ -270,7 +270,8 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self.closing = True
             self._pause_reading()
             return
-        self.expire_at(self.body_timeout, self._on_timeout)
+        if self._has_body:
+            self.expire_at(self.body_timeout, self._on_timeout)
         if problem is None and not self.busy and not self.queue:
             expect = request.header(b"expect")
             if expect is not None and expect.lower() == b"100-continue" and self.transport:
