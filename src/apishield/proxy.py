@@ -118,7 +118,7 @@ class Gateway:
         client_host = b""
         forwarded_proto = request.scheme.encode()
         forwarded_host = b""
-        lines = [b"%b %b HTTP/1.1\r\n" % (request.method.encode(), target)]
+        kept: Headers = []
         for name, value in headers:
             if b"_" in name:
                 # WSGI/CGI backends read `X_Forwarded_For` as `X-Forwarded-For`: an
@@ -135,23 +135,22 @@ class Gateway:
                     elif name == b"x-forwarded-host":
                         forwarded_host = value
                 continue
-            lines.append(b"%b: %b\r\n" % (name, value))
+            kept.append((name, value))
         host = self.upstream_host_header
         if self.preserve_host and client_host:
             host = client_host
-        lines.append(b"host: %b\r\n" % host)
-        lines.append(b"x-forwarded-for: %b\r\n" % exchange.forwarded_for.encode())
-        lines.append(b"x-forwarded-proto: %b\r\n" % forwarded_proto)
+        kept.append((b"host", host))
+        kept.append((b"x-forwarded-for", exchange.forwarded_for.encode()))
+        kept.append((b"x-forwarded-proto", forwarded_proto))
         if forwarded_host or client_host:
-            lines.append(b"x-forwarded-host: %b\r\n" % (forwarded_host or client_host))
-        lines.append(b"x-request-id: %b\r\n" % exchange.id.encode())
+            kept.append((b"x-forwarded-host", forwarded_host or client_host))
+        kept.append((b"x-request-id", exchange.id.encode()))
         body = request.body
         if body or request.method in BODY_METHODS:
-            lines.append(b"content-length: %d\r\n" % len(body))
-        lines.append(b"\r\n")
-        if body:
-            lines.append(body)
-        return b"".join(lines)
+            kept.append((b"content-length", b"%d" % len(body)))
+        return b"%b %b HTTP/1.1\r\n%b\r\n\r\n%b" % (
+            request.method.encode(), target, b"\r\n".join([b": ".join(h) for h in kept]), body
+        )
 
     async def forward(self, exchange: Exchange) -> Reply:
         assert self.pool is not None

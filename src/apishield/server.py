@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("apishield")
 
+STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in REASONS.items()}
 MAX_PIPELINED = 16
 HEAD_SLACK = 8 * 1024  # request-line and framing bytes allowed beyond the header limits
 
@@ -479,15 +480,16 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             stream.release()
 
     def _head(self, status: int, headers: Headers, keep_alive: bool, message: _Message) -> bytes:
-        lines = [b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b"Unknown"))]
-        for name, value in headers:
-            lines.append(b"%b: %b\r\n" % (name, value))
+        status_line = STATUS_LINES.get(status)
+        if status_line is None:
+            status_line = b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b"Unknown"))
         if not keep_alive:
-            lines.append(b"connection: close\r\n")
+            headers.append((b"connection", b"close"))
         elif message.exchange.request.http_version == "1.0":
-            lines.append(b"connection: keep-alive\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
+            headers.append((b"connection", b"keep-alive"))
+        if not headers:
+            return status_line + b"\r\n"
+        return status_line + b"\r\n".join([b": ".join(header) for header in headers]) + b"\r\n\r\n"
 
     def _write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
