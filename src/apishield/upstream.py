@@ -172,18 +172,14 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
 
     # -- used by the pool and the response ---------------------------------------------
     def _wake(self) -> None:
-        callback = self.on_ready
-        if callback is not None:
-            self.on_ready = None
-            self.deadline = 0.0
-            callback(self, None)
-            return
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._signal(None)
 
     def _fail(self, error: UpstreamError) -> None:
         self.error = error
+        self._signal(error)
+
+    def _signal(self, error: UpstreamError | None) -> None:
+        """Tell whoever waits (a callback in fast-path mode, else a future) once."""
         callback = self.on_ready
         if callback is not None:
             self.on_ready = None
@@ -192,7 +188,10 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
             return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
 
     def _close(self) -> None:
         self.closed = True
