@@ -317,7 +317,8 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         """Answer `problem` after the requests already parsed, then close."""
         message = self.current
         if message is None:
-            request = Request("GET", b"/", b"", [], self.peer_ip, self.scheme)
+            # nothing usable was parsed: the access log shows method "-" (as nginx does)
+            request = Request("-", b"/", b"", [], self.peer_ip, self.scheme)
             message = _Message(Exchange(request), False)
         message.exchange.problem = problem
         self._complete(message)
