@@ -160,6 +160,7 @@ class UpstreamHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         """Read the body, record the request, then route by path."""
+        self.server.count_head()
         try:
             body = self._read_body()
         except FramingError as exc:
@@ -261,10 +262,24 @@ class UpstreamServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int]) -> None:
         self.request_count = 0
+        self.heads_seen = 0
         self.last_request: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         super().__init__(address, UpstreamHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A peer that hangs up mid-request is part of the tests, not an error to print."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+    def count_head(self) -> None:
+        """Count a request head, before its body is read (shows a body being streamed)."""
+        with self._lock:
+            self.heads_seen += 1
 
     def record(self, echo: dict[str, Any]) -> None:
         """Count a request that reached the dispatcher and keep its echo."""

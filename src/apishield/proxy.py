@@ -16,6 +16,7 @@ import asyncio
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 from functools import lru_cache
 from urllib.parse import urlsplit
 
@@ -25,7 +26,14 @@ from apishield.deadlines import Sweeper
 from apishield.exchange import Exchange, Headers
 from apishield.pipeline import Pipeline
 from apishield.server import HttpConnection
-from apishield.upstream import Ready, UpstreamPool, UpstreamResponse
+from apishield.upstream import (
+    Ready,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    problem_for,
+)
 
 logger = logging.getLogger("apishield")
 
@@ -106,7 +114,11 @@ class Gateway:
             max_connections=upstream.max_connections,
         )
 
-    def serialize_request(self, exchange: Exchange) -> bytes:
+    def serialize_request(
+        self, exchange: Exchange, framing: tuple[bytes, bytes] | None = None
+    ) -> bytes:
+        """The request for the upstream. With `framing` (a streamed body), only the head,
+        carrying that framing header; else head and the whole body."""
         request = exchange.request
         target = self.upstream_prefix + request.raw_path
         if request.query:
@@ -146,7 +158,9 @@ class Gateway:
             kept.append((b"x-forwarded-host", forwarded_host or client_host))
         kept.append((b"x-request-id", exchange.id.encode()))
         body = request.body
-        if body or request.method in BODY_METHODS:
+        if framing is not None:
+            kept.append(framing)
+        elif body or request.method in BODY_METHODS:
             kept.append((b"content-length", b"%d" % len(body)))
         return b"%b %b HTTP/1.1\r\n%b\r\n\r\n%b" % (
             request.method.encode(), target, b"\r\n".join([b": ".join(h) for h in kept]), body
@@ -156,6 +170,26 @@ class Gateway:
         assert self.pool is not None
         payload = self.serialize_request(exchange)
         response = await self.pool.request(payload, exchange.request.method)
+        return self.reply_from(response)
+
+    async def forward_streaming(
+        self, exchange: Exchange, framing: tuple[bytes, bytes],
+        connected: Callable[[UpstreamConnection], None],
+    ) -> Reply:
+        """Send the head now and let the front end write the body as it arrives
+        (`connected` is called with the connection before the response is awaited).
+        Not retried: the body cannot be replayed."""
+        assert self.pool is not None
+        conn = await self.pool.acquire()
+        head = self.serialize_request(exchange, framing)
+        try:
+            conn.start(head, head_only=False)
+            connected(conn)
+            response = await conn.response()
+        except UpstreamError as exc:
+            conn._close()
+            self.pool.forget(conn)
+            raise problem_for(exc) from None
         return self.reply_from(response)
 
     def forward_nowait(self, exchange: Exchange, on_ready: Ready) -> bool:

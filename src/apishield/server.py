@@ -53,6 +53,8 @@ logger = logging.getLogger("apishield")
 
 STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in REASONS.items()}
 MAX_PIPELINED = 16
+STREAM_MIN = 64 * 1024  # request bodies announced larger than this stream to the upstream
+STREAM_HIGH_WATER = 256 * 1024  # stop reading the client while this much waits for upstream
 HEAD_SLACK = 8 * 1024  # request-line and framing bytes allowed beyond the header limits
 
 
@@ -63,13 +65,18 @@ class _StopParsing(Exception):
 class _Message:
     """A parsed request waiting for its turn, with what the connection needs to answer."""
 
-    __slots__ = ("exchange", "keep_alive", "parts", "size")
+    __slots__ = ("done", "exchange", "keep_alive", "length", "parts", "size", "streaming",
+                 "upstream")
 
     def __init__(self, exchange: Exchange, keep_alive: bool) -> None:
         self.exchange = exchange
         self.keep_alive = keep_alive
         self.parts: list[bytes] = []
         self.size = 0
+        self.streaming = False  # the body goes to the upstream as it arrives
+        self.length = 0  # the announced Content-Length of a streamed body
+        self.done = False  # the whole body has been received
+        self.upstream: UpstreamConnection | None = None
 
 
 class HttpConnection(HasDeadline, asyncio.Protocol):
@@ -106,6 +113,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self._head_budget = self.max_url + self.max_header_bytes + HEAD_SLACK
         self._head_seen = 0
         self._has_body = False
+        self._content_length = 0
         self._hosts = 0
         self.write_timeout = config.timeouts.write
 
@@ -197,6 +205,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.in_head = True
         self._head_seen = 0
         self._has_body = False
+        self._content_length = 0
         self._hosts = 0
         self._connection_tokens: frozenset[bytes] = frozenset()
         self._url = []
@@ -231,6 +240,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 raise BadRequest("host-repeated", close=True)
         elif name == b"content-length":
             self._has_body = value != b"0"
+            self._content_length = int(value) if value.isdigit() else 0
         elif name == b"transfer-encoding":
             self._has_body = True
         elif name == b"connection":
@@ -277,6 +287,10 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             expect = request.header(b"expect")
             if expect is not None and expect.lower() == b"100-continue" and self.transport:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self._content_length > STREAM_MIN and not self.pipeline.async_steps:
+                # A chunked body is read whole (under its limit) and sent with a length,
+                # as nginx does by default: many upstreams cannot read chunked requests.
+                self._start_streaming(message)
 
     def on_body(self, body: bytes) -> None:
         message = self.current
@@ -285,17 +299,30 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         message.size += len(body)
         exchange = message.exchange
         if message.size > exchange.body_limit:
-            exchange.problem = PayloadTooLarge("body-over-limit", close=True)
+            problem = PayloadTooLarge("body-over-limit", close=True)
+            if message.streaming:
+                self._abort_streaming(message, problem)
+                return
+            exchange.problem = problem
             self._complete(message)
             self.closing = True
             self._pause_reading()
             return
         if exchange.problem is None:
             message.parts.append(body)
+            if message.streaming:
+                self._pump(message)
 
     def on_message_complete(self) -> None:
         message = self.current
         if message is None:
+            return
+        if message.streaming:
+            message.done = True
+            self.current = None
+            self.receiving = False
+            self.clear_deadline()
+            self._pump(message)
             return
         parts = message.parts
         if parts:
@@ -316,6 +343,9 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
     def _fatal(self, problem: Problem) -> None:
         """Answer `problem` after the requests already parsed, then close."""
         message = self.current
+        if message is not None and message.streaming:
+            self._abort_streaming(message, problem)
+            return
         if message is None:
             # nothing usable was parsed: the access log shows method "-" (as nginx does)
             request = Request("-", b"/", b"", [], self.peer_ip, self.scheme)
@@ -324,6 +354,63 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self._complete(message)
         self.closing = True
         self._pause_reading()
+
+    # -- streaming a large request body -----------------------------------------------------
+    def _start_streaming(self, message: _Message) -> None:
+        """Answer this request now, sending its body upstream piece by piece as it arrives
+        (only when nothing is ahead of it on the connection, so order is kept)."""
+        message.streaming = True
+        message.length = self._content_length
+        self.busy = True
+        self.task = self.loop.create_task(self._answer(message))
+
+    def _attach(self, message: _Message, conn: UpstreamConnection) -> None:
+        """The upstream connection is ready and its head is written: send what came so far."""
+        if message.exchange.problem is not None:
+            conn._close()  # refused while connecting (over the limit, too slow, malformed)
+            return
+        message.upstream = conn
+        conn.body_pending = True
+        conn.on_write_pressure = self._on_upstream_pressure
+        self._pump(message)
+        self._on_upstream_pressure(False)
+
+    def _pump(self, message: _Message) -> None:
+        conn = message.upstream
+        if conn is None or conn.closed or conn.transport is None:
+            buffered = sum(len(part) for part in message.parts)
+            if buffered > STREAM_HIGH_WATER:
+                self._pause_reading()  # still connecting: bound what waits in memory
+            return
+        if message.parts:
+            data = b"".join(message.parts)
+            message.parts.clear()
+            conn.transport.write(data)
+            conn.refresh_deadline()
+        if message.done:
+            conn.body_pending = False
+            conn.on_write_pressure = None
+            message.upstream = None
+
+    def _on_upstream_pressure(self, paused: bool) -> None:
+        if paused:
+            self._pause_reading()
+        elif self.reading_paused and not self.closing and self.transport and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def _abort_streaming(self, message: _Message, problem: Problem) -> None:
+        """The client broke off (limit, timeout, bad framing): the upstream never gets the
+        rest, and the answering task reports `problem`."""
+        message.exchange.problem = problem
+        self.current = None
+        self.receiving = False
+        self.clear_deadline()
+        self.closing = True
+        self._pause_reading()
+        if message.upstream is not None:
+            message.upstream._close()
+            message.upstream = None
 
     def _pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None and not self.closed:
@@ -399,7 +486,14 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             try:
                 if exchange.problem is not None:
                     raise exchange.problem
-                if response is None:
+                if message.streaming:
+                    framing = (b"content-length", b"%d" % message.length)
+                    reply = await self.gateway.forward_streaming(
+                        exchange, framing, lambda conn: self._attach(message, conn)
+                    )
+                    if not message.done:  # answered before the body ended: cannot resync
+                        keep_alive = False
+                elif response is None:
                     await pipeline.on_request(exchange)
                     reply = await self.gateway.forward(exchange)
                 else:
@@ -408,11 +502,14 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 headers = pipeline.on_response(exchange, status, reply.headers)
                 head_sent = True
                 keep_alive = await self._send_reply(message, reply, headers) and keep_alive
-            except Problem as problem:
+            except Problem as raised:
                 if head_sent:
                     raise
-                status, headers, body = pipeline.problem_response(exchange, problem)
-                keep_alive = keep_alive and not problem.close and not self.closing
+                refusal = raised
+                if message.streaming and exchange.problem is not None:
+                    refusal = exchange.problem  # why the stream was cut, not the 502 it caused
+                status, headers, body = pipeline.problem_response(exchange, refusal)
+                keep_alive = keep_alive and not refusal.close and not self.closing
                 self._write(self._head(status, headers, keep_alive, message) + body)
         except Exception as exc:  # a bug: log it with the id, answer generically if we can
             if head_sent:

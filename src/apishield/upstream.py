@@ -88,6 +88,7 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
+        self.body_pending = False  # a streamed request body is still being written
         self.status = 0
         self.headers: Headers = []
         self.connection_tokens: frozenset[bytes] = frozenset()
@@ -102,12 +103,27 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
         self.head_only = False
         self.waiter: asyncio.Future[None] | None = None
         self.on_ready: Ready | None = None  # callback mode (no task, no future)
+        self.on_write_pressure: Callable[[bool], None] | None = None  # streamed request body
         self.error: UpstreamError | None = None
         self.paused = False
 
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def pause_writing(self) -> None:
+        """The upstream reads a streamed request body slower than the client sends it."""
+        if self.on_write_pressure is not None:
+            self.on_write_pressure(True)
+
+    def resume_writing(self) -> None:
+        if self.on_write_pressure is not None:
+            self.on_write_pressure(False)
+
+    def refresh_deadline(self) -> None:
+        """While a request body streams, the read timeout counts from its last piece."""
+        if self.deadline:
+            self.deadline = self.loop.time() + self.pool.read_timeout
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
@@ -199,16 +215,27 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
             self.transport.close()
 
     async def send(self, payload: bytes, *, head_only: bool) -> UpstreamResponse:
+        self.start(payload, head_only=head_only)
+        return await self.response()
+
+    def start(self, payload: bytes, *, head_only: bool) -> None:
+        """Write a request (or, for a streamed body, its head) and start the read timeout."""
         self.head_only = head_only
         assert self.transport is not None
         self.transport.write(payload)
-        self.waiter = self.loop.create_future()
         self.expire_at(self.pool.read_timeout, self._timeout)
-        try:
-            await self.waiter
-        finally:
-            self.deadline = 0.0
-            self.waiter = None
+
+    async def response(self) -> UpstreamResponse:
+        """Wait until the response is complete or starts streaming."""
+        if self.error is not None:
+            raise self.error
+        if not (self.head_done and (self.complete or self.streaming)):
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        self.deadline = 0.0
         return UpstreamResponse(self)
 
     def send_nowait(self, payload: bytes, *, head_only: bool, on_ready: Ready) -> None:
@@ -249,7 +276,10 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
 
     def finish(self) -> None:
         """Return to the pool if the exchange ended cleanly, else close."""
-        if self.complete and not self.closed and self.error is None and self.keep_alive:
+        if (
+            self.complete and not self.closed and self.error is None and self.keep_alive
+            and not self.body_pending  # the upstream answered before a streamed body ended
+        ):
             self._reset()
             self.reused = True
             self.pool.release(self)
@@ -302,6 +332,10 @@ class UpstreamPool:
                     continue
                 raise problem_for(exc) from None
         raise BadGateway("upstream-closed")  # pragma: no cover - loop always returns/raises
+
+    async def acquire(self) -> UpstreamConnection:
+        """A connection for a request that cannot be retried (a streamed body)."""
+        return await self._acquire()
 
     async def _acquire(self) -> UpstreamConnection:
         conn = self.take_idle()
