@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from apishield.config import Config, OperationPolicy
-from apishield.pipeline import HEAD_ORDER, RESPONSE_ORDER
+from apishield.pipeline import BODY_ORDER, HEAD_ORDER, RESPONSE_ORDER
 from apishield.problems import ALL_PROBLEMS
 
 DOCS = Path(__file__).parent.parent / "docs"
@@ -57,4 +57,5 @@ def test_every_problem_type_is_documented():
 def test_pipeline_order_is_the_documented_one():
     text = (DOCS / "architecture.md").read_text()
     assert " -> ".join(HEAD_ORDER) in text
+    assert " -> ".join(BODY_ORDER) in text
     assert " -> ".join(RESPONSE_ORDER) in text

@@ -8,7 +8,7 @@ from pathlib import Path
 from apishield.config import config_from_dict
 from apishield.contract import load_contract
 from apishield.exchange import Exchange, Request
-from apishield.pipeline import HEAD_ORDER, RESPONSE_ORDER, Pipeline
+from apishield.pipeline import BODY_ORDER, HEAD_ORDER, RESPONSE_ORDER, Pipeline
 from apishield.problems import ALL_PROBLEMS, InternalError
 
 DATA = Path(__file__).parent / "data"
@@ -22,8 +22,9 @@ def _pipeline(**extra):
 
 def test_steps_run_in_the_documented_order():
     pipeline = _pipeline(trusted_proxies=["10.0.0.0/8"])
-    assert pipeline.step_names() == [*HEAD_ORDER, *RESPONSE_ORDER]
-    assert HEAD_ORDER == ("client_ip", "route", "limits")
+    assert pipeline.step_names() == [*HEAD_ORDER, *BODY_ORDER, *RESPONSE_ORDER]
+    assert HEAD_ORDER == ("client_ip", "route", "limits", "validate_parameters")
+    assert BODY_ORDER == ("validate_body",)
 
 
 def test_disabled_steps_cost_nothing():

@@ -134,6 +134,17 @@ class SecurityHeaders(Model):
     remove: tuple[str, ...] = ("server", "x-powered-by")
 
 
+class Validation(Model):
+    """Request validation against the contract (checklist B1, B2, B4)."""
+
+    strict: bool = True  # unknown query parameters and body properties are refused
+    max_string_length: int = Field(default=8192, ge=1)  # for strings without maxLength
+    max_array_items: int = Field(default=1000, ge=1)  # for arrays without maxItems
+    max_json_depth: int = Field(default=32, ge=1)
+    max_json_keys: int = Field(default=10000, ge=1)  # object keys in one body, all levels
+    max_errors: int = Field(default=10, ge=1)  # listed in a refusal
+
+
 class AccessLog(Model):
     enabled: bool = True
     path: str = "-"  # "-" = standard output
@@ -144,6 +155,7 @@ class OperationPolicy(Model):
 
     limits: OperationLimits | None = None
     public: bool | None = None
+    strict: bool | None = None  # overrides validation.strict for this operation
 
 
 class Config(Model):
@@ -156,6 +168,7 @@ class Config(Model):
     headers: SecurityHeaders = SecurityHeaders()
     trusted_proxies: tuple[str, ...] = ()
     access_log: AccessLog = AccessLog()
+    validation: Validation = Validation()
     websockets: bool = False
     operations: dict[str, OperationPolicy] = {}
     # Set by the loader, not by users: the folder relative paths are resolved against.

@@ -37,6 +37,23 @@ _SUPPORTED_VERSION = re.compile(r"^3\.[01]\.\d+")
 
 
 @dataclass(frozen=True)
+class Parameter:
+    """A declared parameter (path-item and operation level merged), located for messages."""
+
+    name: str
+    location: str  # path | query | header | cookie
+    required: bool
+    style: str
+    explode: bool
+    schema: Any  # the raw Schema Object (may hold $refs), or None
+    file: Path  # the file the schema's $refs are relative to
+    pointer: str  # where it is declared
+
+
+_DEFAULT_STYLE = {"path": "simple", "query": "form", "header": "simple", "cookie": "form"}
+
+
+@dataclass(frozen=True)
 class Operation:
     """One declared (method, path) with what the foundation steps need, compiled."""
 
@@ -49,6 +66,9 @@ class Operation:
     security: tuple[dict[str, Any], ...] | None  # effective requirement list (None: unset)
     policy: OperationPolicy
     spec: dict[str, Any] = field(repr=False, compare=False)  # the raw operation object
+    parameters: tuple[Parameter, ...] = ()
+    # (media type, raw schema, file its $refs are relative to, pointer) per declared type
+    bodies: tuple[tuple[str, Any, Path, str], ...] = field(default=(), compare=False)
 
     @property
     def public(self) -> bool:
@@ -63,6 +83,11 @@ class Contract:
     source: Path
     version: str
     operations: tuple[Operation, ...]
+    resolver: RefResolver | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def openapi30(self) -> bool:
+        return self.version.startswith("3.0")
 
 
 class RefError(ValueError):
@@ -185,7 +210,8 @@ def load_contract(config: Config) -> Contract:
     _check_config_operations(config, operations, problems)
     if problems.items:
         raise ConfigError(problems.items)
-    return Contract(source=path, version=version, operations=tuple(operations))
+    return Contract(source=path, version=version, operations=tuple(operations),
+                    resolver=resolver)
 
 
 def _check_all_refs(resolver: RefResolver, problems: _Problems) -> None:
@@ -254,6 +280,8 @@ def _collect_operations(
                          "path with different parameter names; requests could match either")
             continue
         shapes[shape] = template
+        item_parameters = _parameters(item.get("parameters"), item_file, item_location,
+                                      resolver, problems)
         for method in HTTP_METHODS:
             raw_op = item.get(method)
             if raw_op is None:
@@ -265,7 +293,7 @@ def _collect_operations(
                 continue
             operation = _compile_operation(
                 method, template, raw_op, op_pointer, (item_file, location), resolver,
-                problems, top_security, config,
+                problems, top_security, config, item_parameters,
             )
             if operation.operation_id:
                 if operation.operation_id in seen_ids:
@@ -298,8 +326,13 @@ def _compile_operation(
     problems: _Problems,
     top_security: Any,
     config: Config,
+    item_parameters: dict[tuple[str, str], Parameter],
 ) -> Operation:
     file, location = where  # for messages: the file and pointer where it is written
+    # OAS 3: operation-level parameters override path-level ones with the same name + in
+    parameters = {**item_parameters,
+                  **_parameters(raw.get("parameters"), file, location, resolver, problems)}
+    bodies: list[tuple[str, Any, Path, str]] = []
     operation_id = raw.get("operationId")
     if operation_id is not None and not isinstance(operation_id, str):
         problems.add(file, location + "/operationId", "must be a string")
@@ -308,15 +341,21 @@ def _compile_operation(
     body_required = False
     if "requestBody" in raw:
         try:
-            body, _, _ = resolver.deref(raw["requestBody"], file)
+            body, body_file, body_pointer = resolver.deref(raw["requestBody"], file)
         except RefError as exc:
             if not exc.dangling:
                 problems.add(file, location + "/requestBody", str(exc))
-            body = {}
+            body, body_file, body_pointer = {}, file, None
         if isinstance(body, dict):
             content = body.get("content") or {}
             media_types = tuple(str(key).lower().split(";")[0].strip() for key in content)
             body_required = bool(body.get("required", False))
+            where_body = body_pointer if body_pointer is not None else location + "/requestBody"
+            for key, media in content.items():
+                if isinstance(media, dict) and "schema" in media:
+                    name = str(key).lower().split(";")[0].strip()
+                    bodies.append((name, media["schema"], body_file,
+                                   f"{where_body}/content/{escape_pointer(str(key))}/schema"))
     security = raw.get("security", top_security)
     if security is not None and not isinstance(security, list):
         problems.add(file, location + "/security", "must be a list of requirement objects")
@@ -332,7 +371,54 @@ def _compile_operation(
         security=tuple(security) if security is not None else None,
         policy=policy,
         spec=raw,
+        parameters=tuple(parameters.values()),
+        bodies=tuple(bodies),
     )
+
+
+def _parameters(
+    raw: Any, file: Path, location: str, resolver: RefResolver, problems: _Problems
+) -> dict[tuple[str, str], Parameter]:
+    """Parameter Objects (following $refs) keyed by (name, in)."""
+    found: dict[tuple[str, str], Parameter] = {}
+    if raw is None:
+        return found
+    if not isinstance(raw, list):
+        problems.add(file, location + "/parameters", "must be a list")
+        return found
+    for index, entry in enumerate(raw):
+        where = f"{location}/parameters/{index}"
+        try:
+            param, param_file, ref_pointer = resolver.deref(entry, file)
+        except RefError as exc:
+            if not exc.dangling:
+                problems.add(file, where, str(exc))
+            continue
+        if ref_pointer is not None:
+            where = ref_pointer
+        if not isinstance(param, dict) or not isinstance(param.get("name"), str) or \
+                param.get("in") not in _DEFAULT_STYLE:
+            problems.add(param_file, where, "a parameter needs a `name` and `in` "
+                         "(path, query, header or cookie)")
+            continue
+        kind = param["in"]
+        name = param["name"] if kind != "header" else param["name"].lower()
+        style = param.get("style", _DEFAULT_STYLE[kind])
+        schema = param.get("schema")
+        if schema is None and isinstance(param.get("content"), dict):
+            media = next(iter(param["content"].values()), None)
+            schema = media.get("schema") if isinstance(media, dict) else None
+        found[(name, kind)] = Parameter(
+            name=name,
+            location=kind,
+            required=bool(param.get("required", kind == "path")),
+            style=style,
+            explode=bool(param.get("explode", style == "form")),
+            schema=schema,
+            file=param_file,
+            pointer=where,
+        )
+    return found
 
 
 def _operation_policy(

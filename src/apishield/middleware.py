@@ -121,6 +121,10 @@ class ApiShieldMiddleware:
                 status = 499
                 return
             request.body = body
+            pipeline.on_body(exchange)
+            if exchange.problem is not None:
+                await refuse(exchange.problem)
+                return
             await pipeline.on_request(exchange)
 
             replayed = False

@@ -3,8 +3,10 @@
 Order is fixed and documented (no priority numbers; ARCHITECTURE.md):
 
     head phase (request line + headers, before any body is read; synchronous):
-        client_ip -> route -> limits
-    request phase (body read; async steps such as authentication plug in here)
+        client_ip -> route -> limits -> validate_parameters
+    body phase (the whole body is in; synchronous):
+        validate_body
+    request phase (async steps such as authentication plug in here)
     forward (the front end's job: upstream pool or the wrapped ASGI app)
     response phase (on the response head, before any body byte is sent):
         security_headers
@@ -30,11 +32,12 @@ from apishield.contract import Contract
 from apishield.exchange import Exchange, Headers
 from apishield.problems import Problem, render_problem
 from apishield.router import Router
-from apishield.steps import client_ip, limits, route, security_headers
+from apishield.steps import client_ip, limits, route, security_headers, validate
 
 logger = logging.getLogger("apishield")
 
-HEAD_ORDER = ("client_ip", "route", "limits")
+HEAD_ORDER = ("client_ip", "route", "limits", "validate_parameters")
+BODY_ORDER = ("validate_body",)
 RESPONSE_ORDER = ("security_headers",)
 
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
@@ -45,13 +48,18 @@ class Pipeline:
         self.config = config
         self.contract = contract
         self.router = Router(contract.operations, config.base_path)
+        parameters, body = validate.build(contract, config.validation)
         head_steps = [
             client_ip.build(config.trusted_proxies),
             route.RouteStep(self.router),
             limits.LimitsStep(config.limits, contract.operations),
+            parameters,
         ]
         self.head_steps = [step for step in head_steps if step is not None]
         self._head_calls: list[Callable[[Exchange], None]] = [s.on_head for s in self.head_steps]
+        self.body_steps = [body]
+        self._body_calls = [s.on_body for s in self.body_steps]
+        self._body_step = body
         # Async request-phase steps (authentication, validation) will be listed here; while
         # there are none, the gateway answers on its callback fast path with no task.
         self.async_steps: list[object] = []
@@ -60,7 +68,19 @@ class Pipeline:
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
 
     def step_names(self) -> list[str]:
-        return [s.name for s in self.head_steps] + [s.name for s in self.response_steps]
+        return [s.name for s in (*self.head_steps, *self.body_steps, *self.response_steps)]
+
+    def needs_body(self, exchange: Exchange) -> bool:
+        """Whether a step must see this request's whole body (then it is not streamed)."""
+        return self._body_step.needs_body(exchange)
+
+    def on_body(self, exchange: Exchange) -> None:
+        """Run the body steps on a complete body; a refusal is stored, not raised."""
+        try:
+            for call in self._body_calls:
+                call(exchange)
+        except Problem as problem:
+            exchange.problem = problem
 
     def on_head(self, exchange: Exchange) -> None:
         """Run the head steps; a refusal is stored on the exchange, not raised."""

@@ -9,6 +9,8 @@ Exception tree::
 
     Problem                         status 400 unless a subclass says otherwise
     ├── BadRequest                  400  malformed request (parser, smuggling, path tricks)
+    ├── InvalidParameters           400  parameters break the contract (B1, B2); `errors`
+    ├── InvalidBody                 422  a well-formed body breaks its schema (B1, B2); `errors`
     ├── NotFound                    404  path not in the contract (A7)
     ├── MethodNotAllowed            405  method not declared for the path (A7), carries Allow
     ├── PayloadTooLarge             413  body over the limit (B4)
@@ -53,10 +55,28 @@ class Problem(Exception):
         self.reason = reason  # precise, machine-readable; logged, never sent
         self.headers = headers or []
         self.close = close  # close the client connection after answering
+        # [{"pointer": ..., "reason": ...}]: where the request breaks the contract, never
+        # what it contained (the submitted value is not echoed)
+        self.errors: list[dict[str, str]] = []
 
 
 class BadRequest(Problem):
     pass
+
+
+class InvalidParameters(Problem):
+    slug = "invalid-parameters"
+    title = "Bad Request"
+    detail = "The request parameters do not match the API contract; see `errors`."
+    practice = "B1"
+
+
+class InvalidBody(Problem):
+    status = 422
+    slug = "invalid-body"
+    title = "Unprocessable Content"
+    detail = "The request body does not match the API contract; see `errors`."
+    practice = "B1"
 
 
 class NotFound(Problem):
@@ -157,6 +177,8 @@ class GatewayTimeout(Problem):
 
 ALL_PROBLEMS: tuple[type[Problem], ...] = (
     BadRequest,
+    InvalidParameters,
+    InvalidBody,
     NotFound,
     MethodNotAllowed,
     Forbidden,
@@ -174,13 +196,14 @@ ALL_PROBLEMS: tuple[type[Problem], ...] = (
 
 def render_problem(problem: Problem, request_id: str) -> bytes:
     """The body every refusal gets: RFC 9457 members plus `practice` (G5)."""
-    return orjson.dumps(
-        {
-            "type": TYPE_PREFIX + problem.slug,
-            "title": problem.title,
-            "status": problem.status,
-            "detail": problem.detail,
-            "instance": "urn:apishield:request:" + request_id,
-            "practice": problem.practice,
-        }
-    )
+    document: dict[str, object] = {
+        "type": TYPE_PREFIX + problem.slug,
+        "title": problem.title,
+        "status": problem.status,
+        "detail": problem.detail,
+        "instance": "urn:apishield:request:" + request_id,
+        "practice": problem.practice,
+    }
+    if problem.errors:
+        document["errors"] = problem.errors
+    return orjson.dumps(document)

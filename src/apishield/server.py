@@ -287,7 +287,8 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             expect = request.header(b"expect")
             if expect is not None and expect.lower() == b"100-continue" and self.transport:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            if self._content_length > STREAM_MIN and not self.pipeline.async_steps:
+            if (self._content_length > STREAM_MIN and not self.pipeline.async_steps
+                    and not self.pipeline.needs_body(exchange)):
                 # A chunked body is read whole (under its limit) and sent with a length,
                 # as nginx does by default: many upstreams cannot read chunked requests.
                 self._start_streaming(message)
@@ -325,8 +326,11 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self._pump(message)
             return
         parts = message.parts
+        exchange = message.exchange
         if parts:
-            message.exchange.request.body = parts[0] if len(parts) == 1 else b"".join(parts)
+            exchange.request.body = parts[0] if len(parts) == 1 else b"".join(parts)
+        if exchange.problem is None:
+            self.pipeline.on_body(exchange)
         self._complete(message)
 
     # -- answering, in order ----------------------------------------------------------------
