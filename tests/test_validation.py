@@ -1,0 +1,266 @@
+"""Request validation against the contract: parameters (400) and JSON bodies (422/400).
+
+Driven through the real pipeline in-process (the middleware over a tiny ASGI app that
+counts what reaches it) and, for the gateway, through the CLI in front of the test
+upstream. Every refusal is checked for what it must never contain: the submitted value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from apishield import ApiShieldMiddleware
+from apishield.config import ConfigError, config_from_dict, load_config
+from apishield.contract import load_contract
+from apishield.exchange import Exchange, Request
+from apishield.problems import InvalidBody
+from apishield.steps import validate
+
+DATA = Path(__file__).parent / "data" / "validation"
+TRACE = {"X-Trace": "deadbeef"}
+
+
+class App:
+    """The protected app: records every request that got through."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, bytes]] = []
+
+    async def __call__(self, scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.seen.append((scope["path"], body))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+@pytest.fixture
+def app():
+    return App()
+
+
+@pytest.fixture
+async def client(app):
+    wrapped = ApiShieldMiddleware(app, config=str(DATA / "apishield.yaml"))
+    transport = httpx.ASGITransport(app=wrapped)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        yield c
+
+
+def errors_of(response) -> list[dict]:
+    document = response.json()
+    assert response.headers["content-type"] == "application/problem+json"
+    return document["errors"]
+
+
+# -- parameters --------------------------------------------------------------------------
+
+
+async def test_valid_parameters_pass(client, app):
+    response = await client.get(
+        "/items/7?limit=5&flag=true&tags=a&tags=b&ids=1,2,3&filter[min]=2&filter[name]=x",
+        headers={**TRACE, "Cookie": "session=abc"},
+    )
+    assert response.status_code == 200, response.text
+    assert app.seen == [("/items/7", b"")]
+
+
+@pytest.mark.parametrize(("url", "pointer", "reason"), [
+    ("/items/abc", "/path/itemId", "type"),            # PEERS: /items/abc reached the app
+    ("/items/0", "/path/itemId", "minimum"),
+    ("/items/99999999999", "/path/itemId", "maximum"),  # int32
+    ("/items/1?limit=12999", "/query/limit", "maximum"),
+    ("/items/1?limit=1.5", "/query/limit", "type"),
+    ("/items/1?limit=+5", "/query/limit", "type"),       # int() would accept it
+    ("/items/1?limit=1_0", "/query/limit", "type"),      # and this
+    ("/items/1?flag=yes", "/query/flag", "type"),        # pydantic's lax mode says True
+    ("/items/1?tags=z", "/query/tags/0", "enum"),
+    ("/items/1?ids=1,x", "/query/ids", "type"),
+    ("/items/1?filter[min]=low", "/query/filter", "type"),
+    ("/items/1?limit=1&limit=2", "/query/limit", "repeated"),
+])
+async def test_invalid_parameters_are_400_with_pointer(client, app, url, pointer, reason):
+    response = await client.get(url, headers=TRACE)
+    assert response.status_code == 400
+    errors = errors_of(response)
+    assert {"pointer": pointer, "reason": reason} in errors, errors
+    assert app.seen == []
+
+
+async def test_required_header_and_header_pattern(client, app):
+    missing = await client.get("/items/1")
+    assert {"pointer": "/header/x-trace", "reason": "missing"} in errors_of(missing)
+    bad = await client.get("/items/1", headers={"X-Trace": "<script>"})
+    errors = errors_of(bad)
+    assert errors == [{"pointer": "/header/x-trace", "reason": "pattern"}]
+    assert "<script>" not in bad.text  # never echoed
+    assert app.seen == []
+
+
+async def test_cookie_parameter(client, app):
+    response = await client.get("/items/1", headers={**TRACE, "Cookie": "session=much-too-long"})
+    assert errors_of(response) == [{"pointer": "/cookie/session", "reason": "max-length"}]
+
+
+async def test_unknown_query_parameter_is_refused_in_strict_mode(client, app):
+    response = await client.get("/items/1?debug=1", headers=TRACE)
+    assert response.status_code == 400
+    assert errors_of(response) == [{"pointer": "/query", "reason": "unknown-parameter"}]
+    assert "debug" not in response.text
+
+
+async def test_strict_off_per_operation(client, app):
+    response = await client.post("/loose?q=1&extra=2", json={"a": 1, "other": True})
+    assert response.status_code == 200
+    assert app.seen and app.seen[0][0] == "/loose"
+
+
+async def test_errors_are_capped(tmp_path, app):
+    (tmp_path / "c.yaml").write_text((DATA / "contract30.yaml").read_text())
+    config = config_from_dict({"contract": "c.yaml", "access_log": {"enabled": False},
+                               "validation": {"max_errors": 2}}, source_dir=tmp_path)
+    wrapped = ApiShieldMiddleware(app, config=config)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=wrapped),
+                                 base_url="http://t") as c:
+        response = await c.get("/items/abc?limit=x&flag=maybe&tags=z")
+    assert len(errors_of(response)) == 2
+
+
+# -- JSON bodies ----------------------------------------------------------------------------
+
+
+async def test_valid_body_passes(client, app):
+    body = {"name": "pen", "price": 1.5, "note": None, "count": 3, "active": False,
+            "labels": ["x"]}
+    response = await client.post("/items", json=body)
+    assert response.status_code == 200, response.text
+    assert json.loads(app.seen[0][1]) == body
+
+
+@pytest.mark.parametrize(("body", "pointer", "reason"), [
+    ({"name": "pen", "price": 0}, "/body/price", "exclusive-minimum"),   # 3.0 boolean form
+    ({"name": "pen", "count": "12999"}, "/body/count", "type"),          # no lax coercion
+    ({"name": "pen", "active": "yes"}, "/body/active", "type"),
+    ({"name": "pen", "count": 2**40}, "/body/count", "maximum"),         # int32
+    ({"name": "pen", "role": "admin"}, "/body", "unevaluated-properties"),  # mass assignment
+    ({"name": "pen", "id": 5}, "/body/id", "false-schema"),              # readOnly
+    ({"price": 2}, "/body", "required"),
+    ({"name": "x" * 33}, "/body/name", "max-length"),
+    ({"name": "pen", "labels": ["a"] * 6}, "/body/labels", "max-items"),   # default cap 5
+    ({"name": "pen", "note": "y" * 65}, "/body/note", "max-length"),        # default cap 64
+])
+async def test_body_breaking_schema_is_422(client, app, body, pointer, reason):
+    response = await client.post("/items", json=body)
+    assert response.status_code == 422, response.text
+    errors = errors_of(response)
+    assert {"pointer": pointer, "reason": reason} in errors, errors
+    assert app.seen == []
+    for value in body.values():
+        if isinstance(value, str) and len(value) > 3:
+            assert value not in response.text
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"name": "pen", "name": "admin"}',         # duplicate key: parsers disagree
+    b'{"name": "pen"',                            # malformed
+    b'{"name": "p\xff"}',                         # invalid UTF-8
+    b'{"name": "pen", "price": NaN}',             # not JSON
+    b'{"a":' * 7 + b'1' + b'}' * 7,               # deeper than 6
+    b"[" * 5000 + b"]" * 5000,                    # deeper than Python's stack
+    json.dumps({f"k{i}": i for i in range(60)}).encode(),  # more than 50 keys
+])
+async def test_malformed_or_hostile_json_is_400(client, app, raw):
+    response = await client.post("/items", content=raw,
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["type"].endswith("bad-request")
+    assert app.seen == []
+
+
+async def test_charset_other_than_utf8_is_refused(client, app):
+    response = await client.post("/items", content=b'{"name": "pen"}',
+                                 headers={"content-type": "application/json; charset=latin-1"})
+    assert response.status_code == 400
+
+
+async def test_recursive_schema(client, app):
+    tree = {"value": 1, "children": [{"value": 2, "children": [{"value": 3}]}]}
+    assert (await client.post("/trees", json=tree)).status_code == 200
+    bad = {"value": 1, "children": [{"value": 2, "children": [{"value": "x"}]}]}
+    response = await client.post("/trees", json=bad)
+    assert response.status_code == 422
+    assert errors_of(response) == [{"pointer": "/body/children/0/children/0/value",
+                                    "reason": "type"}]
+    sneaky = {"value": 1, "children": [{"value": 2, "admin": True}]}
+    assert (await client.post("/trees", json=sneaky)).status_code == 422
+
+
+# -- compile-time refusals ------------------------------------------------------------------
+
+
+def _contract(tmp_path, schema: dict) -> Path:
+    document = {
+        "openapi": "3.1.0", "info": {"title": "t", "version": "1"}, "security": [],
+        "paths": {"/x": {"post": {
+            "operationId": "x",
+            "requestBody": {"content": {"application/json": {"schema": schema}}},
+            "responses": {"200": {"description": "ok"}},
+        }}},
+    }
+    (tmp_path / "c.json").write_text(json.dumps(document))
+    (tmp_path / "a.yaml").write_text("contract: c.json\n")
+    return tmp_path / "a.yaml"
+
+
+def test_backtracking_pattern_is_refused_at_load(tmp_path):
+    config = load_config(_contract(tmp_path, {"type": "string", "pattern": "(?=a)b"}))
+    with pytest.raises(ConfigError) as info:
+        validate.build(load_contract(config), config.validation)
+    [problem] = info.value.problems
+    assert problem.startswith("c.json#/paths/~1x/post/requestBody/content/application~1json/")
+    assert "linear-time" in problem
+
+
+def test_redos_pattern_runs_in_linear_time(tmp_path):
+    # (a+)+$ backtracks exponentially in Python's re; the linear engine is not bothered.
+    config = load_config(_contract(tmp_path, {
+        "type": "object", "properties": {"s": {"type": "string", "pattern": "^(a+)+$",
+                                                "maxLength": 100000}}}))
+    contract = load_contract(config)
+    _, body = validate.build(contract, config.validation)
+    exchange = Exchange(Request("POST", b"/x", b"", [(b"content-type", b"application/json")],
+                                "127.0.0.1"))
+    exchange.operation = contract.operations[0]
+    exchange.request.body = json.dumps({"s": "a" * 50000 + "!"}).encode()
+    with pytest.raises(InvalidBody) as info:  # bounded by the suite's timeout, not timed
+        body.on_body(exchange)
+    assert info.value.errors == [{"pointer": "/body/s", "reason": "pattern"}]
+
+
+# -- through the gateway --------------------------------------------------------------------
+
+
+def test_gateway_validates_before_forwarding(gateway, upstream):
+    before = upstream.request_count
+    response = httpx.get(f"{gateway.url}/slow?ms=abc")
+    assert response.status_code == 400
+    assert response.json()["errors"] == [{"pointer": "/query/ms", "reason": "type"}]
+    missing = httpx.get(f"{gateway.url}/big")
+    assert missing.json()["errors"] == [{"pointer": "/query/bytes", "reason": "missing"}]
+    unknown = httpx.get(f"{gateway.url}/big?bytes=1&evil=1")
+    assert unknown.status_code == 400
+    assert upstream.request_count == before
+    assert httpx.get(f"{gateway.url}/slow?ms=1").status_code == 200
+    body = httpx.post(f"{gateway.url}/echo", content=b'{"a": 1, "a": 2}',
+                      headers={"content-type": "application/json"})
+    assert body.status_code == 400
+    assert upstream.request_count == before + 1
