@@ -163,6 +163,9 @@ Try:
   curl -i {base}/admin                       # not in the contract: 404 problem+json
   curl -i -X PUT {base}/pets/1               # method not declared: 405 with Allow
   curl -i -X POST {base}/pets -H 'content-type: text/plain' -d hi     # 415
+  curl -i {base}/pets/abc                    # petId is an integer: 400, errors point at it
+  curl -i -X POST {base}/pets -H 'content-type: application/json' \
+       -d '{{"name": "rex", "admin": true}}'                            # undeclared field: 422
   curl -i '{base}/pets/..%2fadmin'           # path trick: 400
   curl -i {base}/pets -H 'content-type: application/json' \\
        --data-binary @/dev/zero -H 'content-length: 10000000'        # 413 before reading it
