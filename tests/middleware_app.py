@@ -49,6 +49,12 @@ def create_app(config: Path | str = CONFIG) -> FastAPI:
         return StreamingResponse(parts(), media_type="text/plain",
                                  headers={"Server": "uvicorn-leak", "X-Powered-By": "FastAPI"})
 
+    @app.get("/leak")
+    async def leak():
+        from fastapi.responses import PlainTextResponse
+
+        return PlainTextResponse("Traceback: password=hunter2 in db.py", status_code=500)
+
     @app.get("/headers")
     async def headers(request: Request) -> dict[str, str]:
         return dict(request.headers)

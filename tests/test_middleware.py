@@ -59,6 +59,16 @@ async def test_app_exception_is_generic_500_without_detail(client, caplog):
     assert logged and logged[0].exc_info is not None  # the traceback is in the log, with the id
 
 
+async def test_app_5xx_body_is_masked(client, caplog):
+    response = await client.get("/leak")
+    assert response.status_code == 500
+    assert response.json()["type"].endswith("upstream-error")
+    assert "hunter2" not in response.text and "Traceback" not in response.text
+    logged = [r.getMessage() for r in caplog.records
+              if response.headers["x-request-id"] in r.getMessage()]
+    assert logged and "Traceback" in logged[0] and "hunter2" not in logged[0]
+
+
 async def test_streaming_response_passes_and_banners_removed(client):
     response = await client.get("/stream")
     assert response.text == "part0;part1;part2;part3;part4;"

@@ -184,11 +184,30 @@ def test_chunked_response_is_rechunked(gateway):
     assert response.status_code == 200 and response.content == b"x" * 700
 
 
-def test_upstream_server_error_passes_status_without_server_headers(gateway):
+def test_upstream_server_error_is_masked_and_logged_redacted(gateway):
     response = httpx.get(f"{gateway.url}/error")
-    # Masking the body is the response-protection issue's job; the status is kept here.
-    assert response.status_code == 500
+    assert response.status_code == 500  # the status is kept ...
+    assert response.headers["content-type"] == "application/problem+json"
+    document = response.json()  # ... the stack trace and the SQL are not
+    assert document["type"].endswith("upstream-error") and document["practice"] == "E3"
+    for leak in ("Traceback", "psycopg2", "SELECT", "/srv/app.py"):
+        assert leak not in response.text
     assert "server" not in response.headers
+    request_id = response.headers["x-request-id"]
+    deadline = __import__("time").monotonic() + 3
+    while request_id not in gateway.stderr() and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.05)
+    logged = [line for line in gateway.stderr().splitlines() if request_id in line]
+    assert logged and "psycopg2" in logged[0]  # the operator still sees what happened
+    assert "password='...'" not in logged[0] and "password=<redacted>" in logged[0]
+
+
+def test_upstream_5xx_json_secret_never_reaches_client_or_log(gateway):
+    response = httpx.get(f"{gateway.url}/status/503")
+    assert response.status_code == 503
+    assert response.json()["type"].endswith("upstream-error")
+    leaked = httpx.get(f"{gateway.url}/server-error-json")
+    assert "hunter2" not in leaked.text
 
 
 def test_status_codes_without_body(gateway):

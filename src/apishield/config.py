@@ -15,7 +15,15 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 try:  # libyaml's parser (the constructor stays Python); PyYAML wheels ship it
     from yaml import CSafeLoader as YamlLoader
@@ -65,6 +73,14 @@ def _parse_size(value: Any) -> Any:
     return value
 
 
+def at(key: str, message: str) -> ValueError:
+    """A model validator's error located at one of the model's keys (`tls.client_ca: ...`)
+    instead of at the model itself; `format_validation_error` moves it there."""
+    return ValueError(f"{_AT}{key}{_AT}{message}")
+
+
+_AT = "\x00"
+
 Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
 Bytes = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
 
@@ -78,12 +94,40 @@ class Listen(Model):
     port: int = Field(default=8080, ge=0, le=65535)
 
 
+class UpstreamTls(Model):
+    """How the gateway talks TLS to an `https://` upstream (checklist C1 on the inside too).
+
+    Verification is on unless `verify: false` is written; `apishield check` warns then."""
+
+    verify: bool = True
+    ca: str | None = None  # PEM bundle; replaces the system store (a private CA is pinned)
+    cert: str | None = None  # client certificate (PEM, may also hold the key)
+    key: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> UpstreamTls:
+        if self.key is not None and self.cert is None:
+            raise at("key", "is set but cert is not: a client key needs its certificate")
+        if self.ca is not None and not self.verify:
+            raise at("ca", "is set with verify: false, so it would never be used")
+        return self
+
+
 class Upstream(Model):
     url: str
     connect_timeout: Seconds = 5.0
     read_timeout: Seconds = 30.0
     max_connections: int = Field(default=256, ge=1)
     host_header: Literal["upstream", "client"] = "upstream"
+    tls: UpstreamTls = UpstreamTls()
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Upstream:
+        if "tls" in self.model_fields_set and urlsplit(self.url).scheme != "https":
+            # Settings that would silently do nothing are an error (a typo must not turn
+            # a control off): the user believes the upstream hop is encrypted.
+            raise at("tls", "is set but upstream.url is not https://, so it would do nothing")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -100,6 +144,44 @@ class Upstream(Model):
         except ValueError as exc:
             raise ValueError(f"{value!r} has an invalid port") from exc
         return value
+
+
+class PlainHttp(Model):
+    """A plain-HTTP listener beside the TLS one: it redirects or refuses, never forwards."""
+
+    port: int = Field(ge=1, le=65535)
+    mode: Literal["redirect", "refuse"] = "redirect"
+    # The port written in the redirect's Location, when a NAT or load balancer publishes
+    # the TLS listener on another port than the one it binds (default: the bound port).
+    redirect_port: int | None = Field(default=None, ge=1, le=65535)
+
+
+class Tls(Model):
+    """TLS termination (checklist C1, C2). Paths are relative to the config file.
+
+    The key's passphrase is read from an environment variable or a file, never written
+    inline (C4): a config file is copied, diffed and pasted into tickets."""
+
+    cert: str  # PEM: the leaf first, then intermediates
+    key: str
+    passphrase_env: str | None = None
+    passphrase_file: str | None = None
+    profile: Literal["intermediate", "modern"] = "intermediate"
+    client_ca: str | None = None
+    client_cert: Literal["none", "optional", "required"] = "none"
+    plain_http: PlainHttp | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Tls:
+        if self.passphrase_env is not None and self.passphrase_file is not None:
+            raise at("passphrase_file", "set passphrase_env or passphrase_file, not both")
+        if self.client_cert != "none" and self.client_ca is None:
+            raise at("client_ca", f"required by client_cert: {self.client_cert} (the CA "
+                     "bundle client certificates are verified against)")
+        if self.client_ca is not None and self.client_cert == "none":
+            raise at("client_cert", "is none, so client_ca would never be used; set "
+                     "client_cert: optional or required")
+        return self
 
 
 class Limits(Model):
@@ -145,6 +227,12 @@ class Validation(Model):
     max_errors: int = Field(default=10, ge=1)  # listed in a refusal
 
 
+class Responses(Model):
+    """What the gateway does to upstream responses (checklist E3)."""
+
+    mask_errors: bool = True  # replace 5xx bodies with a problem; log them redacted
+
+
 class AccessLog(Model):
     enabled: bool = True
     path: str = "-"  # "-" = standard output
@@ -162,6 +250,7 @@ class Config(Model):
     contract: str
     base_path: str = ""
     listen: Listen = Listen()
+    tls: Tls | None = None  # gateway only; ignored by the middleware
     upstream: Upstream | None = None
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
@@ -169,6 +258,7 @@ class Config(Model):
     trusted_proxies: tuple[str, ...] = ()
     access_log: AccessLog = AccessLog()
     validation: Validation = Validation()
+    responses: Responses = Responses()
     websockets: bool = False
     operations: dict[str, OperationPolicy] = {}
     # Set by the loader, not by users: the folder relative paths are resolved against.
@@ -192,9 +282,20 @@ class Config(Model):
             raise ValueError(f"{value!r} must start with '/'")
         return value
 
+    @model_validator(mode="after")
+    def _check_ports(self) -> Config:
+        if self.tls is not None and self.tls.plain_http is not None:
+            if self.listen.port and self.tls.plain_http.port == self.listen.port:
+                raise at("tls.plain_http.port", "must differ from listen.port")
+        return self
+
     @property
     def contract_path(self) -> Path:
         return (Path(self.source_dir) / self.contract).resolve()
+
+    def resolve(self, path: str) -> Path:
+        """A path from the config file, relative to the file's folder."""
+        return (Path(self.source_dir) / path).resolve()
 
 
 def format_validation_error(error: ValidationError, prefix: str = "") -> list[str]:
@@ -209,6 +310,9 @@ def format_validation_error(error: ValidationError, prefix: str = "") -> list[st
         elif item["type"] == "missing":
             message = "required key is missing"
         message = message.removeprefix("Value error, ")
+        if message.startswith(_AT):  # located further by the validator (see `at`)
+            _, key, message = message.split(_AT, 2)
+            loc = f"{loc}.{key}" if loc else key
         where = f"{prefix}{loc}" if loc else prefix.rstrip(".:") or "(top level)"
         lines.append(f"{where}: {message}")
     return lines

@@ -136,8 +136,27 @@ class ApiShieldMiddleware:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
+            masked: list[bytes] | None = None  # an app 5xx body, collected to be replaced
+
             async def app_send(message: Message) -> None:
-                nonlocal status, started
+                nonlocal status, started, masked
+                if masked is not None:
+                    if message["type"] == "http.response.body":
+                        masked.append(message.get("body", b""))
+                        if not message.get("more_body", False):
+                            code, problem_headers, body = pipeline.mask_upstream_error(
+                                exchange, status, b"".join(masked))
+                            await send({"type": "http.response.start", "status": code,
+                                        "headers": problem_headers})
+                            await send({"type": "http.response.body", "body": body})
+                    return
+                if message["type"] == "http.response.start" and (
+                    message["status"] >= 500 and pipeline.mask_errors
+                ):
+                    status = message["status"]
+                    started = True
+                    masked = []
+                    return
                 if message["type"] == "http.response.start":
                     status = message["status"]
                     headers: Headers = [

@@ -31,6 +31,7 @@ from apishield.config import Config
 from apishield.contract import Contract
 from apishield.exchange import Exchange, Headers
 from apishield.problems import Problem, render_problem
+from apishield.redact import MAX_LOGGED, redact
 from apishield.router import Router
 from apishield.steps import client_ip, limits, route, security_headers, validate
 
@@ -66,6 +67,7 @@ class Pipeline:
         self.response_steps = [security_headers.SecurityHeadersStep(config.headers, tls=tls)]
         self._response_calls = [s.on_response for s in self.response_steps]
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
+        self.mask_errors = config.responses.mask_errors
 
     def step_names(self) -> list[str]:
         return [s.name for s in (*self.head_steps, *self.body_steps, *self.response_steps)]
@@ -111,6 +113,18 @@ class Pipeline:
         if exchange.request.method == "HEAD":
             body = b""
         return problem.status, self.on_response(exchange, problem.status, headers), body
+
+    def mask_upstream_error(
+        self, exchange: Exchange, status: int, sample: bytes
+    ) -> tuple[int, Headers, bytes]:
+        """An upstream 5xx: keep the status, log the body redacted, send a problem (E3)."""
+        logger.warning(
+            "upstream answered %d to request %s; body masked: %s", status, exchange.id,
+            redact(sample[:MAX_LOGGED * 2].decode("utf-8", "replace")),
+        )
+        problem = problems.UpstreamFailure("upstream-5xx-masked")
+        problem.status = status  # type: ignore[misc]
+        return self.problem_response(exchange, problem)
 
     def internal_error(self, exchange: Exchange, exc: BaseException) -> tuple[int, Headers, bytes]:
         """A bug or an unexpected failure: traceback to the log with the id, generic 500 out."""

@@ -20,6 +20,7 @@ Exception tree::
     ├── Forbidden                   403  refused on purpose (websockets not allowed, ...)
     ├── RequestTimeout              408  the client did not send its request in time (D3)
     ├── InternalError               500  a bug in apishield: traceback logged, never sent
+    ├── UpstreamFailure             5xx  the upstream failed; its body is masked (E3)
     ├── BadGateway                  502  upstream unreachable or broke the protocol
     ├── ServiceUnavailable          503  shutting down, pool exhausted
     └── GatewayTimeout              504  upstream too slow
@@ -151,6 +152,16 @@ class InternalError(Problem):
     practice = "E2"
 
 
+class UpstreamFailure(Problem):
+    """The upstream answered 5xx: its status is kept, its body (stack traces, SQL) is not."""
+
+    status = 500  # replaced per instance by the upstream's status
+    slug = "upstream-error"
+    title = "Upstream Error"
+    detail = "The service behind the gateway failed. Quote the request id to the API operator."
+    practice = "E3"
+
+
 class BadGateway(Problem):
     status = 502
     slug = "bad-gateway"
@@ -188,6 +199,7 @@ ALL_PROBLEMS: tuple[type[Problem], ...] = (
     UnsupportedMediaType,
     HeadersTooLarge,
     InternalError,
+    UpstreamFailure,
     BadGateway,
     ServiceUnavailable,
     GatewayTimeout,

@@ -465,8 +465,14 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             pipeline = self.pipeline
             status = reply.status
             try:
-                headers = pipeline.on_response(exchange, status, reply.headers)
-                keep_alive = self._write_complete(message, reply, headers)
+                if status >= 500 and pipeline.mask_errors:
+                    status, headers, body = pipeline.mask_upstream_error(exchange, status,
+                                                                         reply.body)
+                    keep_alive = message.keep_alive and not self.closing
+                    self._write(self._head(status, headers, keep_alive, message) + body)
+                else:
+                    headers = pipeline.on_response(exchange, status, reply.headers)
+                    keep_alive = self._write_complete(message, reply, headers)
             except Exception as exc:
                 status, headers, body = pipeline.internal_error(exchange, exc)
                 self._write(self._head(status, headers, False, message) + body)
@@ -503,9 +509,17 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 else:
                     reply = self.gateway.reply_from(response)
                 status = reply.status
-                headers = pipeline.on_response(exchange, status, reply.headers)
-                head_sent = True
-                keep_alive = await self._send_reply(message, reply, headers) and keep_alive
+                if status >= 500 and pipeline.mask_errors:
+                    if reply.stream is not None:
+                        reply.stream.release()  # the rest is never read: the socket closes
+                    status, headers, body = pipeline.mask_upstream_error(exchange, status,
+                                                                         reply.body)
+                    keep_alive = keep_alive and not self.closing
+                    self._write(self._head(status, headers, keep_alive, message) + body)
+                else:
+                    headers = pipeline.on_response(exchange, status, reply.headers)
+                    head_sent = True
+                    keep_alive = await self._send_reply(message, reply, headers) and keep_alive
             except Problem as raised:
                 if head_sent:
                     raise
