@@ -48,7 +48,7 @@ def valid_config(tmp_path: Path) -> Path:
 def test_check_valid_config_prints_ok(valid_config):
     result = run("check", "--config", str(valid_config))
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{valid_config}: OK (18 operations from contract.yaml)\n"
+    assert result.stdout == f"{valid_config}: OK (19 operations from contract.yaml)\n"
     assert result.stderr == ""
 
 
@@ -59,7 +59,7 @@ def test_check_bundled_data_with_short_option_and_relative_path(valid_config):
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("apishield.yaml: OK (18 operations")
+    assert result.stdout.startswith("apishield.yaml: OK (19 operations")
 
 
 BROKEN_CONTRACT = """\

@@ -199,6 +199,13 @@ class UpstreamHandler(BaseHTTPRequestHandler):
             self._chunked(self._int_arg(query, "parts", 5), self._int_arg(query, "size", 10))
         elif path == "/error":
             self._send(500, TRACEBACK_BODY.encode(), "text/plain; charset=utf-8")
+        elif path == "/users":
+            # a careless serializer: every row leaks its password hash and an internal flag
+            count = int(query.get("n", ["3"])[0])
+            rows = [{"id": i, "name": f"user{i}", "password_hash": "$argon2id$secret",
+                     "internal": {"shard": 7}, "profile": {"bio": "hi", "ssn": "123-45-6789"}}
+                    for i in range(count)]
+            self._send(200, rows)
         elif path in ("/cache", "/cache-private"):
             self._send(200, {"cached": True}, headers=[("Cache-Control", "public, max-age=60")])
         elif path.startswith("/status/"):

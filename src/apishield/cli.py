@@ -1,13 +1,16 @@
 """`apishield serve | check | demo`.
 
 Exit codes: 0 success, 2 configuration or contract errors (every problem is printed, one
-per line, with its location), 1 anything else.
+per line, with its location), 1 anything else. Warnings (a configuration that works but is
+risky, such as plain HTTP on a public address) never change the exit code: `check` prints
+them on stderr as `warning: location: message`, `serve` logs them at start.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import sys
 import threading
@@ -99,6 +102,36 @@ def _compile_for_serving(config: Config) -> Gateway:
     return build_gateway(config)
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name could resolve anywhere; "" and 0.0.0.0 mean everywhere
+
+
+def config_warnings(gateway: Gateway) -> list[str]:
+    """Risky but working settings of a compiled gateway, each `location: message`."""
+    config = gateway.config
+    found: list[str] = []
+    if gateway.tls is None and not _is_loopback(config.listen.host):
+        found.append(
+            f"listen.host: {config.listen.host or '(all addresses)'} is reachable from other "
+            "hosts but tls is not configured, so tokens and data cross the network in clear "
+            "text (checklist C1); configure tls, or listen on 127.0.0.1 behind a TLS proxy"
+        )
+    if gateway.tls is not None:
+        found += gateway.tls.warnings()
+    upstream = config.upstream
+    if upstream is not None and gateway.upstream_tls and not upstream.tls.verify:
+        found.append(
+            "upstream.tls.verify: false: the upstream's certificate is not checked, so anyone "
+            "on the path can impersonate it; give its CA with upstream.tls.ca instead"
+        )
+    return found
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     try:
         gateway = _load_and_compile(args.config)
@@ -106,6 +139,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         return _report(exc, args.config)
     operations = gateway.contract.operations
     print(f"{args.config}: OK ({len(operations)} operations from {gateway.config.contract})")
+    for warning in config_warnings(gateway):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -115,6 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _report(exc, args.config)
     _setup_logging()
+    for warning in config_warnings(gateway):
+        logging.getLogger("apishield").warning("%s", warning)
     listen = gateway.config.listen
     _run(serve(gateway, listen.host, listen.port))
     return 0

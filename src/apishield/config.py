@@ -231,6 +231,8 @@ class Responses(Model):
     """What the gateway does to upstream responses (checklist E3)."""
 
     mask_errors: bool = True  # replace 5xx bodies with a problem; log them redacted
+    filter: bool = True  # drop undeclared and writeOnly properties from JSON responses
+    max_filter_bytes: Bytes = 8 * 1024 * 1024  # a larger response to filter is a 502
 
 
 class AccessLog(Model):

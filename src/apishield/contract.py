@@ -69,6 +69,8 @@ class Operation:
     parameters: tuple[Parameter, ...] = ()
     # (media type, raw schema, file its $refs are relative to, pointer) per declared type
     bodies: tuple[tuple[str, Any, Path, str], ...] = field(default=(), compare=False)
+    # (status key as written: "200", "2XX", "default"; media type; raw schema; file)
+    responses: tuple[tuple[str, str, Any, Path], ...] = field(default=(), compare=False)
 
     @property
     def public(self) -> bool:
@@ -373,7 +375,28 @@ def _compile_operation(
         spec=raw,
         parameters=tuple(parameters.values()),
         bodies=tuple(bodies),
+        responses=tuple(_responses(raw.get("responses"), file, resolver)),
     )
+
+
+def _responses(raw: Any, file: Path, resolver: RefResolver) -> list[tuple[str, str, Any, Path]]:
+    """Declared response schemas; unresolvable entries were reported by the ref check."""
+    found: list[tuple[str, str, Any, Path]] = []
+    if not isinstance(raw, dict):
+        return found
+    for status, entry in raw.items():
+        try:
+            response, response_file, _ = resolver.deref(entry, file)
+        except RefError:
+            continue
+        content = response.get("content") if isinstance(response, dict) else None
+        if not isinstance(content, dict):
+            continue
+        for media, body in content.items():
+            if isinstance(body, dict) and "schema" in body:
+                name = str(media).lower().split(";")[0].strip()
+                found.append((str(status).upper(), name, body["schema"], response_file))
+    return found
 
 
 def _parameters(

@@ -60,6 +60,7 @@ os.register_at_fork(after_in_child=_discard_pool)
 class Request:
     __slots__ = (
         "body",
+        "client_identity",
         "connection_tokens",
         "headers",
         "http_version",
@@ -93,6 +94,9 @@ class Request:
         # header names listed in `Connection` (hop-by-hop, RFC 9110 7.6.1), set by the
         # gateway's parser as it reads them so forwarding needs no second pass
         self.connection_tokens: frozenset[bytes] = frozenset()
+        # `X-Apishield-Client-*` headers for the upstream from a verified client certificate
+        # (mutual TLS), set by the gateway's connection; never from anything the client sent
+        self.client_identity: tuple[tuple[bytes, bytes], ...] = ()
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (names are lower case)."""

@@ -30,7 +30,13 @@ from apishield.config import Config, load_config
 from apishield.contract import load_contract
 from apishield.exchange import Exchange, Headers, Request
 from apishield.pipeline import Pipeline
-from apishield.problems import HeadersTooLarge, PayloadTooLarge, Problem, UriTooLong
+from apishield.problems import (
+    BadGateway,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    Problem,
+    UriTooLong,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -136,36 +142,38 @@ class ApiShieldMiddleware:
                     return {"type": "http.request", "body": body, "more_body": False}
                 return await receive()
 
-            masked: list[bytes] | None = None  # an app 5xx body, collected to be replaced
+            # A response the gateway must rewrite (a 5xx to mask, a JSON body to filter) is
+            # held whole: its start message, then its body parts.
+            held_start: Message | None = None
+            held: list[bytes] = []
+            held_size = 0
 
             async def app_send(message: Message) -> None:
-                nonlocal status, started, masked
-                if masked is not None:
-                    if message["type"] == "http.response.body":
-                        masked.append(message.get("body", b""))
-                        if not message.get("more_body", False):
-                            code, problem_headers, body = pipeline.mask_upstream_error(
-                                exchange, status, b"".join(masked))
-                            await send({"type": "http.response.start", "status": code,
-                                        "headers": problem_headers})
-                            await send({"type": "http.response.body", "body": body})
-                    return
-                if message["type"] == "http.response.start" and (
-                    message["status"] >= 500 and pipeline.mask_errors
-                ):
-                    status = message["status"]
-                    started = True
-                    masked = []
-                    return
+                nonlocal status, started, held_start, held_size
                 if message["type"] == "http.response.start":
                     status = message["status"]
+                    started = True
                     headers: Headers = [
                         (name.lower(), value) for name, value in message.get("headers", [])
                     ]
+                    if (status >= 500 and pipeline.mask_errors) or pipeline.filter_shape(
+                        exchange, status, headers
+                    ):
+                        held_start = {**message, "headers": headers}
+                        return
                     headers = pipeline.on_response(exchange, status, headers)
-                    message = {**message, "headers": headers}
-                    started = True
-                await send(message)
+                    await send({**message, "headers": headers})
+                    return
+                if held_start is None or message["type"] != "http.response.body":
+                    await send(message)
+                    return
+                chunk = message.get("body", b"")
+                held_size += len(chunk)
+                if held_size > pipeline.max_filter_bytes:
+                    raise BadGateway("response-too-large-to-filter")
+                held.append(chunk)
+                if not message.get("more_body", False):
+                    status = await self._send_held(exchange, held_start, b"".join(held), send)
 
             await self.app(self._app_scope(scope, exchange), app_receive, app_send)
         except Problem as problem:
@@ -182,6 +190,28 @@ class ApiShieldMiddleware:
             await send({"type": "http.response.body", "body": body})
         finally:
             pipeline.record(exchange, status)
+
+    async def _send_held(self, exchange: Exchange, start: Message, body: bytes,
+                         send: Send) -> int:
+        """Send a held response: a 5xx masked, or a JSON body cut to its declared shape."""
+        pipeline = self.pipeline
+        status = start["status"]
+        if status >= 500 and pipeline.mask_errors:
+            code, headers, body = pipeline.mask_upstream_error(exchange, status, body)
+        else:
+            shape = pipeline.filter_shape(exchange, status, start["headers"])
+            try:
+                body = pipeline.filter_body(exchange, shape, body) if shape else body
+            except Problem as problem:
+                code, headers, body = pipeline.problem_response(exchange, problem)
+            else:
+                code = status
+                headers = [(n, v) for n, v in start["headers"] if n != b"content-length"]
+                headers.append((b"content-length", b"%d" % len(body)))
+                headers = pipeline.on_response(exchange, status, headers)
+        await send({"type": "http.response.start", "status": code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return code
 
     async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
         """The whole body, refused with 413 the moment it passes `limit`."""

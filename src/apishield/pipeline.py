@@ -33,7 +33,14 @@ from apishield.exchange import Exchange, Headers
 from apishield.problems import Problem, render_problem
 from apishield.redact import MAX_LOGGED, redact
 from apishield.router import Router
-from apishield.steps import client_ip, limits, route, security_headers, validate
+from apishield.steps import (
+    client_ip,
+    limits,
+    response_filter,
+    route,
+    security_headers,
+    validate,
+)
 
 logger = logging.getLogger("apishield")
 
@@ -68,6 +75,10 @@ class Pipeline:
         self._response_calls = [s.on_response for s in self.response_steps]
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         self.mask_errors = config.responses.mask_errors
+        self.response_filter = (
+            response_filter.ResponseFilter(contract) if config.responses.filter else None
+        )
+        self.max_filter_bytes = config.responses.max_filter_bytes
 
     def step_names(self) -> list[str]:
         return [s.name for s in (*self.head_steps, *self.body_steps, *self.response_steps)]
@@ -113,6 +124,32 @@ class Pipeline:
         if exchange.request.method == "HEAD":
             body = b""
         return problem.status, self.on_response(exchange, problem.status, headers), body
+
+    def filter_shape(
+        self, exchange: Exchange, status: int, headers: Headers
+    ) -> response_filter.Shape | None:
+        """The declared shape a response must be cut to, or None (pass it as it is)."""
+        if self.response_filter is None or exchange.request.method == "HEAD":
+            return None
+        content_type = None
+        for name, value in headers:
+            if name == b"content-type":
+                content_type = value
+        return self.response_filter.shape_for(exchange, status, content_type)
+
+    def filter_body(self, exchange: Exchange, shape: response_filter.Shape, body: bytes
+                    ) -> bytes:
+        """The body cut to `shape`; a body that cannot be checked is a 502, never sent."""
+        assert self.response_filter is not None
+        filtered = self.response_filter.filter(exchange, shape, body)
+        if filtered is None:
+            raise problems.BadGateway("response-not-json")
+        return filtered
+
+    def filters_operation(self, exchange: Exchange) -> bool:
+        operation = exchange.operation
+        return (self.response_filter is not None and operation is not None
+                and operation.pointer in self.response_filter.shapes)
 
     def mask_upstream_error(
         self, exchange: Exchange, status: int, sample: bytes

@@ -18,6 +18,7 @@ Exception tree::
     ├── UnsupportedMediaType        415  undeclared request media type (B5)
     ├── HeadersTooLarge             431  header bytes or count over the limit (B4)
     ├── Forbidden                   403  refused on purpose (websockets not allowed, ...)
+    │   └── HttpsRequired           403  plain HTTP on a listener that refuses it (C1)
     ├── RequestTimeout              408  the client did not send its request in time (D3)
     ├── InternalError               500  a bug in apishield: traceback logged, never sent
     ├── UpstreamFailure             5xx  the upstream failed; its body is masked (E3)
@@ -102,6 +103,12 @@ class Forbidden(Problem):
     title = "Forbidden"
     detail = "The request is not allowed."
     practice = "A7"
+
+
+class HttpsRequired(Forbidden):
+    slug = "https-required"
+    detail = "This API is served over HTTPS only."
+    practice = "C1"
 
 
 class RequestTimeout(Problem):
@@ -193,6 +200,7 @@ ALL_PROBLEMS: tuple[type[Problem], ...] = (
     NotFound,
     MethodNotAllowed,
     Forbidden,
+    HttpsRequired,
     RequestTimeout,
     PayloadTooLarge,
     UriTooLong,

@@ -6,13 +6,15 @@ Forwarding rules (RFC 9110 7.6, RFC 9112):
 - `X-Forwarded-For/Proto/Host` are set from what the gateway saw; client-sent copies,
   `Forwarded` and `X-Real-Ip` are dropped unless the peer is a trusted proxy;
 - the client's `X-Request-Id` is replaced by the gateway's, and headers in the identity
-  namespace (`X-Apishield-*`) are always stripped: only the gateway may assert identity;
+  namespace (`X-Apishield-*`) are always stripped: only the gateway may assert identity
+  (with mutual TLS, `X-Apishield-Client-Subject/-San` from the verified certificate);
 - the request body was read whole under its limit, so it is sent with a Content-Length.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -20,12 +22,14 @@ from collections.abc import Callable
 from functools import lru_cache
 from urllib.parse import urlsplit
 
-from apishield.config import Config
+from apishield.config import Config, ConfigError
 from apishield.contract import Contract, load_contract
 from apishield.deadlines import Sweeper
 from apishield.exchange import Exchange, Headers
 from apishield.pipeline import Pipeline
+from apishield.plain_http import PlainHttpResponder
 from apishield.server import HttpConnection
+from apishield.tls import ServerTls, server_tls, upstream_context
 from apishield.upstream import (
     Ready,
     UpstreamConnection,
@@ -79,15 +83,28 @@ class Reply:
 
 
 class Gateway:
-    def __init__(self, config: Config, contract: Contract, *, tls: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        contract: Contract,
+        *,
+        tls: ServerTls | None = None,
+        upstream_tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """`tls`: the listener terminates TLS (and the pipeline sends HSTS); `upstream_tls`:
+        the client context for an https upstream (default: the system's, verified)."""
         assert config.upstream is not None
         self.config = config
         self.contract = contract
-        self.pipeline = Pipeline(config, contract, tls=tls)
+        self.tls = tls
+        self.pipeline = Pipeline(config, contract, tls=tls is not None)
         self.connections: set[HttpConnection] = set()
         upstream = urlsplit(config.upstream.url)
         self.upstream_host = upstream.hostname or ""
         self.upstream_tls = upstream.scheme == "https"
+        self.upstream_context = upstream_tls
+        if self.upstream_tls and upstream_tls is None:
+            self.upstream_context = ssl.create_default_context()
         self.upstream_port = upstream.port or (443 if self.upstream_tls else 80)
         self.upstream_prefix = upstream.path.rstrip("/").encode()
         default_port = 443 if self.upstream_tls else 80
@@ -108,7 +125,7 @@ class Gateway:
         self.pool = UpstreamPool(
             self.upstream_host,
             self.upstream_port,
-            tls=ssl.create_default_context() if self.upstream_tls else None,
+            tls=self.upstream_context if self.upstream_tls else None,
             connect_timeout=upstream.connect_timeout,
             read_timeout=upstream.read_timeout,
             max_connections=upstream.max_connections,
@@ -127,6 +144,9 @@ class Gateway:
         dropped = REQUEST_OWNED
         if request.connection_tokens:
             dropped = dropped | request.connection_tokens
+        if self.pipeline.filters_operation(exchange):
+            # its JSON responses are filtered: ask for them unencoded (identity)
+            dropped = dropped | {b"accept-encoding"}
         client_host = b""
         forwarded_proto = request.scheme.encode()
         forwarded_host = b""
@@ -157,6 +177,8 @@ class Gateway:
         if forwarded_host or client_host:
             kept.append((b"x-forwarded-host", forwarded_host or client_host))
         kept.append((b"x-request-id", exchange.id.encode()))
+        if request.client_identity:  # after the filter above dropped any client-sent copy
+            kept.extend(request.client_identity)
         body = request.body
         if framing is not None:
             kept.append(framing)
@@ -223,10 +245,28 @@ class Gateway:
         self.pipeline.close()
 
 
-def build_gateway(config: Config, *, tls: bool = False) -> Gateway:
-    """Load and compile everything (raises ConfigError listing every problem)."""
-    contract = load_contract(config)
-    return Gateway(config, contract, tls=tls)
+def build_gateway(config: Config) -> Gateway:
+    """Load and compile everything: contract, TLS files, upstream TLS (raises ConfigError
+    listing every problem of all three at once)."""
+    problems: list[str] = []
+    contract: Contract | None = None
+    listener_tls: ServerTls | None = None
+    client_tls: ssl.SSLContext | None = None
+    try:
+        contract = load_contract(config)
+    except ConfigError as exc:
+        problems += exc.problems
+    try:
+        listener_tls = server_tls(config)
+    except ConfigError as exc:
+        problems += exc.problems
+    try:
+        client_tls = upstream_context(config)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems or contract is None:
+        raise ConfigError(problems)
+    return Gateway(config, contract, tls=listener_tls, upstream_tls=client_tls)
 
 
 async def serve(
@@ -237,23 +277,64 @@ async def serve(
     ready: asyncio.Future[tuple[str, int]] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop`), then drain in-flight requests and close."""
+    """Serve until SIGTERM/SIGINT (or `stop`), then drain in-flight requests and close.
+
+    With `tls`, the listener speaks HTTPS only; SIGHUP and a change of the certificate
+    files reload the chain in place; `tls.plain_http` adds a listener that redirects or
+    refuses (it never forwards)."""
     loop = asyncio.get_running_loop()
     gateway.start_pool()
     pool = gateway.pool
     assert pool is not None
     sweeper = Sweeper(lambda: [*gateway.connections, *pool.busy])
-    server = await loop.create_server(
-        lambda: HttpConnection(gateway), host, port, backlog=2048, reuse_address=True
-    )
+    tls = gateway.tls
+    if tls is None:
+        server = await loop.create_server(
+            lambda: HttpConnection(gateway), host, port, backlog=2048, reuse_address=True
+        )
+    else:
+        server = await loop.create_server(
+            lambda: HttpConnection(gateway, scheme="https"), host, port, backlog=2048,
+            reuse_address=True, ssl=tls.context,
+            # the handshake is part of the request head's time budget (slowloris, D3)
+            ssl_handshake_timeout=gateway.config.timeouts.header,
+        )
     address = server.sockets[0].getsockname()
+    plain: asyncio.Server | None = None
+    responder: PlainHttpResponder | None = None
+    if tls is not None and tls.settings.plain_http is not None:
+        settings = tls.settings.plain_http
+        responder = PlainHttpResponder(
+            gateway, settings.mode, settings.redirect_port or address[1]
+        )
+        try:
+            plain = await loop.create_server(
+                responder.protocol, host, settings.port, backlog=512, reuse_address=True
+            )
+        except OSError:
+            server.close()
+            raise
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
-    logger.info("listening on http://%s:%d", address[0], address[1])
+    watcher: asyncio.Task[None] | None = None
+    if tls is not None:
+        try:
+            loop.add_signal_handler(signal.SIGHUP, tls.reload, "SIGHUP")
+        except (NotImplementedError, RuntimeError, AttributeError):  # no SIGHUP (Windows)
+            pass
+        watcher = loop.create_task(tls.watch())
+        logger.info("listening on https://%s:%d (%s profile; %s)", address[0], address[1],
+                    tls.settings.profile, tls.info.describe())
+    else:
+        logger.info("listening on http://%s:%d", address[0], address[1])
+    if plain is not None and responder is not None:
+        plain_address = plain.sockets[0].getsockname()
+        logger.info("plain http on http://%s:%d: %s", plain_address[0], plain_address[1],
+                    "redirected to https" if responder.mode == "redirect" else "refused")
     if ready is not None:
         ready.set_result((address[0], address[1]))
     try:
@@ -261,6 +342,13 @@ async def serve(
     finally:
         logger.info("shutting down: no new connections, finishing in-flight requests")
         server.close()
+        if plain is not None and responder is not None:
+            plain.close()
+            responder.close()
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+                loop.remove_signal_handler(signal.SIGHUP)
         for connection in list(gateway.connections):
             connection.shutdown()
         deadline = loop.time() + gateway.config.timeouts.shutdown

@@ -29,6 +29,7 @@ from apishield.exchange import Exchange, Headers, Request, connection_tokens
 from apishield.paths import split_target
 from apishield.pipeline import REASONS
 from apishield.problems import (
+    BadGateway,
     BadRequest,
     Forbidden,
     HeadersTooLarge,
@@ -38,6 +39,7 @@ from apishield.problems import (
     RequestTimeout,
     UriTooLong,
 )
+from apishield.tls import client_identity
 from apishield.upstream import (
     IDEMPOTENT,
     UpstreamConnection,
@@ -91,6 +93,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.body_timeout = config.timeouts.body
         self.idle_timeout = config.timeouts.keepalive
         self.scheme = scheme
+        self.client_identity: tuple[tuple[bytes, bytes], ...] = ()  # mutual TLS
         self.loop = gateway.loop
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -122,6 +125,10 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
+        if self.scheme == "https":
+            # Called once the handshake is done; a certificate is here only when it was
+            # presented and verified against tls.client_ca (else the handshake failed).
+            self.client_identity = client_identity(transport.get_extra_info("peercert"))
         self.gateway.connections.add(self)
         self.expire_at(self.header_timeout, self._on_timeout)
 
@@ -266,6 +273,8 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             version,
         )
         request.connection_tokens = self._connection_tokens
+        if self.client_identity:
+            request.client_identity = self.client_identity
         exchange = Exchange(request)
         message = _Message(exchange, parser.should_keep_alive())
         self.current = message
@@ -471,8 +480,15 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                     keep_alive = message.keep_alive and not self.closing
                     self._write(self._head(status, headers, keep_alive, message) + body)
                 else:
+                    shape = pipeline.filter_shape(exchange, status, reply.headers)
+                    if shape is not None:
+                        reply.body = pipeline.filter_body(exchange, shape, reply.body)
                     headers = pipeline.on_response(exchange, status, reply.headers)
                     keep_alive = self._write_complete(message, reply, headers)
+            except Problem as problem:  # a response that could not be filtered
+                status, headers, body = pipeline.problem_response(exchange, problem)
+                keep_alive = message.keep_alive and not self.closing
+                self._write(self._head(status, headers, keep_alive, message) + body)
             except Exception as exc:
                 status, headers, body = pipeline.internal_error(exchange, exc)
                 self._write(self._head(status, headers, False, message) + body)
@@ -517,6 +533,10 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                     keep_alive = keep_alive and not self.closing
                     self._write(self._head(status, headers, keep_alive, message) + body)
                 else:
+                    shape = pipeline.filter_shape(exchange, status, reply.headers)
+                    if shape is not None:
+                        await self._buffer_reply(reply)
+                        reply.body = pipeline.filter_body(exchange, shape, reply.body)
                     headers = pipeline.on_response(exchange, status, reply.headers)
                     head_sent = True
                     keep_alive = await self._send_reply(message, reply, headers) and keep_alive
@@ -542,6 +562,27 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         if not keep_alive:
             self.closing = True
         self._next()
+
+    async def _buffer_reply(self, reply: Reply) -> None:
+        """Read a streamed upstream body whole (it must be filtered) under the cap."""
+        stream = reply.stream
+        if stream is None:
+            return
+        parts = [reply.body]
+        size = len(reply.body)
+        try:
+            while True:
+                piece = await stream.read()
+                if not piece:
+                    break
+                size += len(piece)
+                if size > self.pipeline.max_filter_bytes:
+                    raise BadGateway("response-too-large-to-filter")
+                parts.append(piece)
+        finally:
+            stream.release()
+        reply.body = b"".join(parts)
+        reply.stream = None
 
     def _write_complete(self, message: _Message, reply: Reply, headers: Headers) -> bool:
         """Write a response whose body is all here, in one write; return keep-alive."""

@@ -362,6 +362,16 @@ class UpstreamPool:
         except TimeoutError:
             self.busy.discard(conn)
             raise GatewayTimeout("upstream-connect-timeout") from None
+        except ssl.SSLCertVerificationError:
+            # the upstream's certificate is not trusted (upstream.tls.ca) or not for its
+            # host: a 502, and the log's reason says why, not "unreachable"
+            self.busy.discard(conn)
+            self._wake_waiter()
+            raise BadGateway("upstream-tls-verify-failed") from None
+        except ssl.SSLError:
+            self.busy.discard(conn)
+            self._wake_waiter()
+            raise BadGateway("upstream-tls-handshake-failed") from None
         except OSError:
             self.busy.discard(conn)
             self._wake_waiter()
