@@ -8,6 +8,11 @@ Targets, all on 127.0.0.1 in front of one fast upstream (nginx returning ~200 B 
   apishield_passthrough  wrk -> apishield (one-operation contract) -> upstream
   apishield_demo         wrk -> apishield (~20-path contract) -> upstream
 
+and, only when asked for (`--only tls`), HTTPS on the client side:
+
+  nginx_tls              wrk (https) -> nginx terminating TLS, proxy_pass -> upstream
+  apishield_tls          wrk (https) -> apishield with `tls:` (pass-through) -> upstream
+
 Every target is driven with `wrk -t1 -c50 --latency`; rounds alternate between targets
 (round 1: A,B,C,D; round 2: A,B,C,D; ...) and the figures reported are medians, ratios
 being medians of per-round ratios. Proxies run on CPU 0, upstream and wrk on CPU 1
@@ -28,6 +33,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -51,7 +57,14 @@ UPSTREAM_BODY = (
 assert "'" not in UPSTREAM_BODY and "$" not in UPSTREAM_BODY  # embedded in nginx.conf
 
 TARGETS = ("nginx_proxy", "python_floor", "apishield_passthrough", "apishield_demo", "direct")
-APISHIELD_TARGETS = ("apishield_passthrough", "apishield_demo")
+# Not in a default run: TLS is compared TLS to TLS (apishield_tls / nginx_tls), see RESULTS.md.
+TLS_TARGETS = ("nginx_tls", "apishield_tls")
+ALL_TARGETS = TARGETS + TLS_TARGETS
+APISHIELD_TARGETS = ("apishield_passthrough", "apishield_demo", "apishield_tls")
+# The Mozilla intermediate TLS 1.2 suites apishield uses (src/apishield/tls.py), for nginx.
+TLS_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+               "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+               "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
 ALIASES = {
     "nginx": ("nginx_proxy", "direct"),
     "proxy": ("nginx_proxy",),
@@ -64,6 +77,9 @@ ALIASES = {
     "apishield_passthrough": ("apishield_passthrough",),
     "demo": ("apishield_demo",),
     "apishield_demo": ("apishield_demo",),
+    "tls": TLS_TARGETS,
+    "nginx_tls": ("nginx_tls",),
+    "apishield_tls": ("apishield_tls",),
 }
 
 
@@ -184,8 +200,13 @@ def wait_port(service: Service, timeout: float) -> None:
     )
 
 
-def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, dict, bytes]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+def http_get(port: int, path: str, timeout: float = 5.0,
+             scheme: str = "http") -> tuple[int, dict, bytes]:
+    if scheme == "https":  # the bench's own throwaway certificate: not verified
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            HOST, port, timeout=timeout, context=ssl._create_unverified_context())
+    else:
+        conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"Accept": "application/json"})
         resp = conn.getresponse()
@@ -336,6 +357,37 @@ def nginx_proxy_conf(d: Path, port: int, upstream_port: int) -> str:
         f"        }}\n"
         f"    }}\n"
         "}\n"
+    )
+
+
+def make_certificate(d: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed P-256 certificate for 127.0.0.1 (openssl CLI, no PyPI)."""
+    d.mkdir(parents=True, exist_ok=True)
+    cert, key = d / "cert.pem", d / "key.pem"
+    out = run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+               "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+               "-days", "2", "-subj", f"/CN={HOST}", "-addext", f"subjectAltName=IP:{HOST}"],
+              timeout=30)
+    if out.returncode != 0:
+        raise BenchError(f"openssl could not make a certificate:\n{out.stderr}")
+    key.chmod(0o600)
+    return cert, key
+
+
+def nginx_tls_conf(d: Path, port: int, upstream_port: int, cert: Path, key: Path) -> str:
+    """nginx_proxy plus TLS termination, configured like apishield's intermediate profile
+    (Mozilla's nginx template: same protocols and suites, no session tickets)."""
+    conf = nginx_proxy_conf(d, port, upstream_port)
+    return conf.replace(
+        f"        listen {HOST}:{port};\n",
+        f"        listen {HOST}:{port} ssl;\n"
+        f"        ssl_certificate {cert};\n"
+        f"        ssl_certificate_key {key};\n"
+        f"        ssl_protocols TLSv1.2 TLSv1.3;\n"
+        f"        ssl_ciphers {TLS_CIPHERS};\n"
+        f"        ssl_prefer_server_ciphers on;\n"
+        f"        ssl_session_tickets off;\n"
+        f"        ssl_session_cache shared:SSL:10m;\n",
     )
 
 
@@ -558,7 +610,7 @@ def demo_contract() -> dict:
 
 
 def write_apishield_config(d: Path, name: str, contract: dict, port: int,
-                           upstream_port: int) -> tuple[Path, Path]:
+                           upstream_port: int, tls: dict | None = None) -> tuple[Path, Path]:
     d.mkdir(parents=True)
     contract_path = d / "openapi.yaml"
     contract_path.write_text("\n".join(to_yaml(contract)) + "\n")
@@ -569,6 +621,8 @@ def write_apishield_config(d: Path, name: str, contract: dict, port: int,
         "upstream": {"url": f"http://{HOST}:{upstream_port}"},
         "access_log": {"path": str(access_log)},
     }
+    if tls is not None:
+        config["tls"] = tls
     config_path = d / f"{name}.yaml"
     config_path.write_text("\n".join(to_yaml(config)) + "\n")
     return config_path, access_log
@@ -653,14 +707,14 @@ class Load:
     connections: int
     prefix: list[str]
 
-    def argv(self, port: int, duration: float) -> list[str]:
+    def argv(self, port: int, duration: float, scheme: str = "http") -> list[str]:
         return [
             *self.prefix, "wrk", f"-t{self.threads}", f"-c{self.connections}", f"-d{duration:g}s",
-            "--latency", "--timeout", "5s", f"http://{HOST}:{port}{PATH}",
+            "--latency", "--timeout", "5s", f"{scheme}://{HOST}:{port}{PATH}",
         ]
 
-    def run(self, port: int, duration: float) -> tuple[dict, str]:
-        argv = self.argv(port, duration)
+    def run(self, port: int, duration: float, scheme: str = "http") -> tuple[dict, str]:
+        argv = self.argv(port, duration, scheme)
         out = run(argv, timeout=duration + 60)
         text = out.stdout + out.stderr
         if out.returncode != 0:
@@ -679,8 +733,9 @@ def verify(services: dict[str, Service]) -> dict:
     checks: dict = {}
     failures = []
     for name, svc in services.items():
+        scheme = svc.extra.get("scheme", "http")
         try:
-            status, headers, body = http_get(svc.port, PATH)
+            status, headers, body = http_get(svc.port, PATH, scheme=scheme)
         except OSError as exc:
             failures.append(f"{name}: GET {PATH} failed: {exc}")
             continue
@@ -693,7 +748,8 @@ def verify(services: dict[str, Service]) -> dict:
         if name in APISHIELD_TARGETS:
             # Informational: is the contract enforced (undeclared path refused)?
             with contextlib.suppress(OSError):
-                entry["undeclared_path_status"] = http_get(svc.port, "/not-in-contract")[0]
+                entry["undeclared_path_status"] = http_get(svc.port, "/not-in-contract",
+                                                           scheme=scheme)[0]
             if name == "apishield_demo":
                 with contextlib.suppress(OSError):
                     entry["templated_path_status"] = http_get(svc.port, "/pets/123")[0]
@@ -782,7 +838,8 @@ def render_table(result: dict) -> str:
             f"{errs:>8}{'  <-- ERRORS' if x['flagged'] else ''}"
         )
     lines.append("")
-    lines.append("'vs nginx' = median of per-round ratios target/nginx_proxy (same round).")
+    lines.append("'vs nginx' = median of per-round ratios target/nginx_proxy (same round);")
+    lines.append("for nginx_tls and apishield_tls: target/nginx_tls (TLS against TLS).")
     lines.append("'proxy cpu' / 'upstr cpu' = CPU used by the proxy / upstream nginx process tree")
     lines.append("during the run (100% = 1 core; wrk shares the upstream's CPU).")
     lines.append("")
@@ -842,15 +899,16 @@ def measure(name: str, svc: Service, load: Load, duration: float, warmup: float,
             upstream: Service) -> dict:
     if not svc.alive():
         raise BenchError(f"{name} died (code {svc.proc.returncode}). stderr:\n{svc.stderr_tail()}")
+    scheme = svc.extra.get("scheme", "http")
     if warmup > 0:
-        load.run(svc.port, warmup)
+        load.run(svc.port, warmup, scheme)
     access_log: Path | None = svc.extra.get("access_log")
     if access_log is not None and access_log.exists():
         os.truncate(access_log, 0)  # keeps the temp dir small; apishield keeps appending
     cpu0 = proc_tree_cpu_seconds(svc.proc.pid)
     up0 = proc_tree_cpu_seconds(upstream.proc.pid)
     t0 = time.monotonic()
-    res, _text = load.run(svc.port, duration)
+    res, _text = load.run(svc.port, duration, scheme)
     wall = time.monotonic() - t0
     cpu1 = proc_tree_cpu_seconds(svc.proc.pid)
     up1 = proc_tree_cpu_seconds(upstream.proc.pid)
@@ -876,12 +934,12 @@ def parse_targets(only: str | None) -> list[str]:
         if part not in ALIASES:
             raise BenchError(f"--only: unknown target {part!r}; use {', '.join(ALIASES)}")
         wanted.update(ALIASES[part])
-    return [t for t in TARGETS if t in wanted]
+    return [t for t in ALL_TARGETS if t in wanted]
 
 
 def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
                   targets: list[str]) -> tuple[Service, dict[str, Service]]:
-    up_port, proxy_port, pt_port, demo_port, floor_port = free_ports(5)
+    up_port, proxy_port, pt_port, demo_port, floor_port, ntls_port, atls_port = free_ports(7)
     upstream = start_nginx(procs, "upstream", tmp / "upstream",
                            nginx_upstream_conf(tmp / "upstream", up_port), up_port,
                            pin.prefix("load"))
@@ -891,6 +949,16 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
             procs, "nginx_proxy", tmp / "nginx_proxy",
             nginx_proxy_conf(tmp / "nginx_proxy", proxy_port, up_port), proxy_port,
             pin.prefix("proxy"))
+    cert = key = None
+    if any(t in TLS_TARGETS for t in targets):
+        cert, key = make_certificate(tmp / "tls")
+    if "nginx_tls" in targets:
+        assert cert is not None and key is not None
+        services["nginx_tls"] = start_nginx(
+            procs, "nginx_tls", tmp / "nginx_tls",
+            nginx_tls_conf(tmp / "nginx_tls", ntls_port, up_port, cert, key), ntls_port,
+            pin.prefix("proxy"))
+        services["nginx_tls"].extra["scheme"] = "https"
     if "python_floor" in targets:
         d = tmp / "python_floor"
         d.mkdir(parents=True, exist_ok=True)
@@ -905,16 +973,21 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
     wanted_api = [t for t in APISHIELD_TARGETS if t in targets]
     if wanted_api:
         base = apishield_argv(args.apishield_cmd)
-        for t, port, contract, cfg in (
-            ("apishield_passthrough", pt_port, passthrough_contract(), "passthrough"),
-            ("apishield_demo", demo_port, demo_contract(), "demo"),
+        tls = {"cert": str(cert), "key": str(key)} if cert is not None else None
+        for t, port, contract, cfg, tls_section in (
+            ("apishield_passthrough", pt_port, passthrough_contract(), "passthrough", None),
+            ("apishield_demo", demo_port, demo_contract(), "demo", None),
+            ("apishield_tls", atls_port, passthrough_contract(), "tls", tls),
         ):
             if t not in wanted_api:
                 continue
             d = tmp / t
-            config_path, access_log = write_apishield_config(d, cfg, contract, port, up_port)
+            config_path, access_log = write_apishield_config(d, cfg, contract, port, up_port,
+                                                             tls_section)
             services[t] = start_apishield(procs, t, d, base, config_path, access_log, port,
                                           pin.prefix("proxy"))
+            if tls_section is not None:
+                services[t].extra["scheme"] = "https"
     if "direct" in targets:
         services["direct"] = upstream
     return upstream, services
@@ -944,6 +1017,10 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
     summary = summarize(rounds, targets)
     ratios_raw = {t: ratio_series(rounds, t, "nginx_proxy") for t in targets}
     ratios = {t: median(v) for t, v in ratios_raw.items() if v}
+    for t in TLS_TARGETS:  # TLS is compared with TLS: nginx_tls is their 1.0
+        series = ratio_series(rounds, t, "nginx_tls")
+        if series:
+            ratios[t] = median(series)
     for entry in rounds:
         entry["ratios_vs_nginx_proxy"] = {
             t: round(entry["results"][t]["rps"] / entry["results"]["nginx_proxy"]["rps"], 4)
@@ -962,8 +1039,9 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
         "ratio_passthrough": ratios.get("apishield_passthrough"),
         "ratio_demo": ratios.get("apishield_demo"),
         "ratio_direct": ratios.get("direct"),
+        "ratio_tls": ratios.get("apishield_tls"),
         "p99_ms": {t: (summary[t]["latency_ms_median"]["p99"] if t in summary else None)
-                   for t in TARGETS},
+                   for t in ALL_TARGETS},
         "errors": {t: {"non2xx": summary[t]["non2xx_total"],
                        "socket_errors": summary[t]["socket_errors_total"]} for t in targets},
         "flagged": [t for t in targets if summary[t]["flagged"]],
@@ -1066,7 +1144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each run")
     ap.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
     ap.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
-    ap.add_argument("--only", help="comma list of targets: nginx (= nginx_proxy,direct), "
+    ap.add_argument("--only", help="comma list of targets: nginx (= nginx_proxy,direct), tls "
+                    "(= nginx_tls,apishield_tls: HTTPS, not in a default run), "
                     "direct, proxy, passthrough, demo, apishield (= proxy,passthrough,demo)")
     ap.add_argument("--apishield-cmd", help="command to run apishield (default: "
                     "<repo>/.venv/bin/apishield, else apishield on PATH)")

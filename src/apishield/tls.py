@@ -23,12 +23,8 @@ theirs (OpenSSL copies the certificate into each connection when it is created).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import calendar
 import logging
 import os
-import re
 import ssl
 import stat
 import tempfile
@@ -38,6 +34,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from apishield.config import Config, ConfigError, Tls
 from apishield.exchange import Headers
@@ -58,17 +57,6 @@ ALPN = ["http/1.1"]
 POLL_INTERVAL = 2.0  # seconds between two looks at the certificate files' metadata
 EXPIRY_WARNING_DAYS = 14
 
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.+?)\s*-----END CERTIFICATE-----",
-                       re.DOTALL)
-_KEY_OIDS = {
-    bytes.fromhex("2a864886f70d010101"): "RSA",
-    bytes.fromhex("2a864886f70d01010a"): "RSA-PSS",
-    bytes.fromhex("2a8648ce3d0201"): "EC",
-    bytes.fromhex("2b6570"): "Ed25519",
-    bytes.fromhex("2b6571"): "Ed448",
-}
-
-
 @dataclass(frozen=True)
 class CertInfo:
     """What the logs and warnings say about a certificate: nothing secret."""
@@ -85,60 +73,33 @@ class CertInfo:
 
 # -- reading certificates ---------------------------------------------------------------
 
-def _der_items(der: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """The (tag, content start, content end) of each DER element in der[start:end]."""
-    i = start
-    while i < end:
-        tag, length = der[i], der[i + 1]
-        i += 2
-        if length & 0x80:
-            count = length & 0x7F
-            length = int.from_bytes(der[i:i + count], "big")
-            i += count
-        if i + length > end:
-            raise ValueError("truncated DER")
-        yield tag, i, i + length
-        i += length
-
-
-def _der_time(der: bytes, item: tuple[int, int, int]) -> float:
-    tag, start, end = item
-    text = der[start:end].decode("ascii").rstrip("Z")
-    if tag == 0x17:  # UTCTime, YYMMDDHHMMSS: years 50-99 are 19xx (RFC 5280 4.1.2.5.1)
-        year = int(text[:2])
-        text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
-    parsed = time.strptime(text[:14], "%Y%m%d%H%M%S")
-    return float(calendar.timegm(parsed))
+_KEY_TYPES = (
+    (rsa.RSAPublicKey, "RSA"),
+    (ec.EllipticCurvePublicKey, "EC"),
+    (ed25519.Ed25519PublicKey, "Ed25519"),
+    (ed448.Ed448PublicKey, "Ed448"),
+)
 
 
 def cert_info(pem: bytes) -> CertInfo:
-    """Serial, validity and key type of the first certificate of a PEM chain.
-
-    A small DER walk (RFC 5280 4.1) instead of a dependency: the runtime needs only these
-    four fields. Raises ValueError when there is no parseable certificate."""
-    match = _PEM_CERT.search(pem)
-    if match is None:
+    """Serial, validity and key type of the first certificate of a PEM chain (read with
+    `cryptography`, which the JWT work needs anyway). Raises ValueError when there is no
+    parseable certificate."""
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
         raise ValueError("holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
     try:
-        der = base64.b64decode(b"".join(match.group(1).split()), validate=True)
-        (_, c_start, c_end), = _der_items(der, 0, len(der))
-        _, t_start, t_end = next(_der_items(der, c_start, c_end))  # tbsCertificate
-        fields = list(_der_items(der, t_start, t_end))
-        if fields[0][0] == 0xA0:  # explicit version
-            fields = fields[1:]
-        serial, _, _, validity, _, spki = fields[:6]
-        not_before, not_after = list(_der_items(der, validity[1], validity[2]))[:2]
-        algorithm = next(_der_items(der, spki[1], spki[2]))
-        _, o_start, o_end = next(_der_items(der, algorithm[1], algorithm[2]))
-        oid = der[o_start:o_end]
-        return CertInfo(
-            serial=der[serial[1]:serial[2]].hex().upper().lstrip("0") or "0",
-            not_before=_der_time(der, not_before),
-            not_after=_der_time(der, not_after),
-            key_type=_KEY_OIDS.get(oid, f"OID {oid.hex()}"),
-        )
-    except (ValueError, IndexError, StopIteration, binascii.Error, UnicodeDecodeError):
+        certificate = x509.load_pem_x509_certificate(pem)
+    except ValueError:
         raise ValueError("holds a damaged or unsupported certificate") from None
+    public_key = certificate.public_key()
+    key_type = next((name for kind, name in _KEY_TYPES if isinstance(public_key, kind)),
+                    type(public_key).__name__)
+    return CertInfo(
+        serial=f"{certificate.serial_number:X}",
+        not_before=certificate.not_valid_before_utc.timestamp(),
+        not_after=certificate.not_valid_after_utc.timestamp(),
+        key_type=key_type,
+    )
 
 
 def _read(path: Path, where: str) -> bytes:
