@@ -216,6 +216,19 @@ def load_contract(config: Config) -> Contract:
                     resolver=resolver)
 
 
+def _deref_reporting(
+    resolver: RefResolver, node: Any, file: Path, where: str, problems: _Problems
+) -> tuple[Any, Path, str | None] | None:
+    """`resolver.deref`, or None after reporting a cycle (a dangling `$ref` was already
+    reported, once, by `_check_all_refs`)."""
+    try:
+        return resolver.deref(node, file)
+    except RefError as exc:
+        if not exc.dangling:
+            problems.add(file, where, str(exc))
+        return None
+
+
 def _check_all_refs(resolver: RefResolver, problems: _Problems) -> None:
     """Every `$ref` in every reachable file must resolve (checked once per target)."""
     pending = [resolver.root_path]
@@ -264,12 +277,10 @@ def _collect_operations(
         if not isinstance(template, str) or not template.startswith("/"):
             problems.add(root, item_pointer, "a path template must start with '/'")
             continue
-        try:
-            item, item_file, item_ref_pointer = resolver.deref(raw_item, root)
-        except RefError as exc:
-            if not exc.dangling:
-                problems.add(root, item_pointer, str(exc))
+        followed = _deref_reporting(resolver, raw_item, root, item_pointer, problems)
+        if followed is None:
             continue
+        item, item_file, item_ref_pointer = followed
         # where the path item is written, for messages (a sibling file, if it was $ref'd)
         item_location = item_pointer if item_ref_pointer is None else item_ref_pointer
         if not isinstance(item, dict):
@@ -342,12 +353,9 @@ def _compile_operation(
     media_types: tuple[str, ...] = ()
     body_required = False
     if "requestBody" in raw:
-        try:
-            body, body_file, body_pointer = resolver.deref(raw["requestBody"], file)
-        except RefError as exc:
-            if not exc.dangling:
-                problems.add(file, location + "/requestBody", str(exc))
-            body, body_file, body_pointer = {}, file, None
+        followed = _deref_reporting(resolver, raw["requestBody"], file,
+                                    location + "/requestBody", problems)
+        body, body_file, body_pointer = followed or ({}, file, None)
         if isinstance(body, dict):
             content = body.get("content") or {}
             media_types = tuple(str(key).lower().split(";")[0].strip() for key in content)
@@ -411,12 +419,10 @@ def _parameters(
         return found
     for index, entry in enumerate(raw):
         where = f"{location}/parameters/{index}"
-        try:
-            param, param_file, ref_pointer = resolver.deref(entry, file)
-        except RefError as exc:
-            if not exc.dangling:
-                problems.add(file, where, str(exc))
+        followed = _deref_reporting(resolver, entry, file, where, problems)
+        if followed is None:
             continue
+        param, param_file, ref_pointer = followed
         if ref_pointer is not None:
             where = ref_pointer
         if not isinstance(param, dict) or not isinstance(param.get("name"), str) or \
