@@ -246,6 +246,7 @@ class OperationPolicy(Model):
     limits: OperationLimits | None = None
     public: bool | None = None
     strict: bool | None = None  # overrides validation.strict for this operation
+    mode: Literal["enforce", "log-only"] | None = None  # overrides the global mode
 
 
 class Config(Model):
@@ -259,6 +260,7 @@ class Config(Model):
     headers: SecurityHeaders = SecurityHeaders()
     trusted_proxies: tuple[str, ...] = ()
     access_log: AccessLog = AccessLog()
+    mode: Literal["enforce", "log-only"] = "enforce"
     validation: Validation = Validation()
     responses: Responses = Responses()
     websockets: bool = False

@@ -120,6 +120,7 @@ class Exchange:
         "problem",
         "reason",
         "request",
+        "shadowed",
         "started",
         "trusted_peer",
     )
@@ -137,3 +138,4 @@ class Exchange:
         self.body_limit = 0  # limits step
         self.problem: Problem | None = None  # whoever refused
         self.reason = ""  # outcome reason for the access log
+        self.shadowed = False  # log-only mode: something would have been refused

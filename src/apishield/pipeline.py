@@ -79,6 +79,7 @@ class Pipeline:
             response_filter.ResponseFilter(contract) if config.responses.filter else None
         )
         self.max_filter_bytes = config.responses.max_filter_bytes
+        self.global_log_only = config.mode == "log-only"
 
     def step_names(self) -> list[str]:
         return [s.name for s in (*self.head_steps, *self.body_steps, *self.response_steps)]
@@ -87,21 +88,45 @@ class Pipeline:
         """Whether a step must see this request's whole body (then it is not streamed)."""
         return self._body_step.needs_body(exchange)
 
+    def log_only(self, exchange: Exchange) -> bool:
+        """Shadow mode for this request: contract refusals are logged, not enforced."""
+        operation = exchange.operation
+        if operation is not None and operation.policy.mode is not None:
+            return operation.policy.mode == "log-only"
+        return self.global_log_only
+
+    def _shadow(self, exchange: Exchange, problem: Problem) -> bool:
+        """In log-only mode, note a contract refusal and let the request go on."""
+        if not (problem.contract_rule and self.log_only(exchange)):
+            return False
+        exchange.shadowed = True
+        exchange.reason = (exchange.reason + "," if exchange.reason else "") + problem.reason
+        return True
+
     def on_body(self, exchange: Exchange) -> None:
         """Run the body steps on a complete body; a refusal is stored, not raised."""
-        try:
-            for call in self._body_calls:
+        for call in self._body_calls:
+            try:
                 call(exchange)
-        except Problem as problem:
-            exchange.problem = problem
+            except Problem as problem:
+                if not self._shadow(exchange, problem):
+                    exchange.problem = problem
+                    return
 
     def on_head(self, exchange: Exchange) -> None:
         """Run the head steps; a refusal is stored on the exchange, not raised."""
-        try:
-            for call in self._head_calls:
+        for call in self._head_calls:
+            try:
                 call(exchange)
-        except Problem as problem:
-            exchange.problem = problem
+            except Problem as problem:
+                if not self._shadow(exchange, problem):
+                    exchange.problem = problem
+                    return
+                if exchange.operation is None:
+                    # no operation matched: what follows is per operation; the global
+                    # body limit still holds
+                    exchange.body_limit = self.config.limits.max_body_bytes
+                    return
 
     async def on_request(self, exchange: Exchange) -> None:
         """Steps that need the body or I/O (validation, authentication) will run here."""
@@ -142,6 +167,11 @@ class Pipeline:
         """The body cut to `shape`; a body that cannot be checked is a 502, never sent."""
         assert self.response_filter is not None
         filtered = self.response_filter.filter(exchange, shape, body)
+        if self.log_only(exchange):
+            if filtered is not body:  # it would have been cut, or refused
+                exchange.shadowed = True
+                exchange.reason = exchange.reason or "response-filtered"
+            return body
         if filtered is None:
             raise problems.BadGateway("response-not-json")
         return filtered
@@ -184,7 +214,7 @@ class Pipeline:
             status,
             (time.perf_counter() - exchange.started) * 1000,
             exchange.client_ip,
-            "allowed" if problem is None else "error" if problem.status >= 500 else "refused",
+            _outcome(exchange, problem),
             exchange.reason or None,
             time.time(),
         ))
@@ -193,3 +223,9 @@ class Pipeline:
         if self.access_log is not None:
             self.access_log.close()
 
+
+
+def _outcome(exchange: Exchange, problem: Problem | None) -> str:
+    if problem is not None:
+        return "error" if problem.status >= 500 else "refused"
+    return "shadowed" if exchange.shadowed else "allowed"

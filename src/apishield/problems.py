@@ -45,6 +45,9 @@ class Problem(Exception):
     title: ClassVar[str] = "Bad Request"
     detail: ClassVar[str] = "The request is not acceptable."
     practice: ClassVar[str] = "B3"
+    # A refusal that only the contract decides (not the protocol, not a size limit): in
+    # `log-only` mode it is logged and the request goes through.
+    contract_rule: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -52,11 +55,14 @@ class Problem(Exception):
         *,
         headers: list[tuple[bytes, bytes]] | None = None,
         close: bool = False,
+        contract_rule: bool | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason  # precise, machine-readable; logged, never sent
         self.headers = headers or []
         self.close = close  # close the client connection after answering
+        if contract_rule is not None:
+            self.contract_rule = contract_rule  # type: ignore[misc]
         # [{"pointer": ..., "reason": ...}]: where the request breaks the contract, never
         # what it contained (the submitted value is not echoed)
         self.errors: list[dict[str, str]] = []
@@ -67,6 +73,7 @@ class BadRequest(Problem):
 
 
 class InvalidParameters(Problem):
+    contract_rule = True
     slug = "invalid-parameters"
     title = "Bad Request"
     detail = "The request parameters do not match the API contract; see `errors`."
@@ -74,6 +81,7 @@ class InvalidParameters(Problem):
 
 
 class InvalidBody(Problem):
+    contract_rule = True
     status = 422
     slug = "invalid-body"
     title = "Unprocessable Content"
@@ -82,6 +90,7 @@ class InvalidBody(Problem):
 
 
 class NotFound(Problem):
+    contract_rule = True
     status = 404
     slug = "route-not-found"
     title = "Not Found"
@@ -90,6 +99,7 @@ class NotFound(Problem):
 
 
 class MethodNotAllowed(Problem):
+    contract_rule = True
     status = 405
     slug = "method-not-allowed"
     title = "Method Not Allowed"
@@ -136,6 +146,7 @@ class UriTooLong(Problem):
 
 
 class UnsupportedMediaType(Problem):
+    contract_rule = True
     status = 415
     slug = "unsupported-media-type"
     title = "Unsupported Media Type"

@@ -49,7 +49,7 @@ class LimitsStep:
         has_body = chunked or bool(length)
         if not has_body:
             if operation.body_required:
-                raise BadRequest("body-required")
+                raise BadRequest("body-required", contract_rule=True)
             return
         exact, prefixes, anything = self.media[operation.pointer]
         if not (exact or prefixes or anything):

@@ -371,9 +371,9 @@ class BodyStep:
         try:
             document = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
         except _TooDeep as exc:
-            raise BadRequest(str(exc)) from None
+            raise BadRequest(str(exc), contract_rule=True) from None
         except (ValueError, RecursionError):  # RecursionError: nesting beyond Python's stack
-            raise BadRequest("body-malformed-json") from None
+            raise BadRequest("body-malformed-json", contract_rule=True) from None
         if _too_deep(document, self.max_depth):
             raise BadRequest("body-too-deep")
         return document
