@@ -21,9 +21,11 @@ def _pipeline(**extra):
 
 
 def test_steps_run_in_the_documented_order():
-    pipeline = _pipeline(trusted_proxies=["10.0.0.0/8"])
+    pipeline = _pipeline(trusted_proxies=["10.0.0.0/8"],
+                         cors={"allow_origins": ["https://app.example"]})
     assert pipeline.step_names() == [*HEAD_ORDER, *BODY_ORDER, *RESPONSE_ORDER]
-    assert HEAD_ORDER == ("client_ip", "route", "limits", "validate_parameters")
+    assert HEAD_ORDER == ("client_ip", "cors", "route", "limits", "validate_parameters")
+    assert RESPONSE_ORDER == ("cors", "security_headers")
     assert BODY_ORDER == ("validate_body",)
 
 

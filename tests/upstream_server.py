@@ -207,7 +207,8 @@ class UpstreamHandler(BaseHTTPRequestHandler):
                     for i in range(count)]
             self._send(200, rows)
         elif path in ("/cache", "/cache-private"):
-            self._send(200, {"cached": True}, headers=[("Cache-Control", "public, max-age=60")])
+            self._send(200, {"cached": True}, headers=[("Cache-Control", "public, max-age=60"),
+                                                       ("Access-Control-Allow-Origin", "*")])
         elif path.startswith("/status/"):
             code = path.removeprefix("/status/")
             if not (code.isdigit() and 200 <= int(code) <= 599):

@@ -216,6 +216,38 @@ class SecurityHeaders(Model):
     remove: tuple[str, ...] = ("server", "x-powered-by")
 
 
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\*$")
+
+
+class Cors(Model):
+    """A strict CORS allow-list (checklist C3); the gateway answers preflights itself."""
+
+    allow_origins: tuple[str, ...]
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    allow_headers: tuple[str, ...] = ("content-type", "authorization")
+    expose_headers: tuple[str, ...] = ("x-request-id",)
+    allow_credentials: bool = False
+    max_age: int = Field(default=600, ge=0, le=86400)
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _check_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            if not _ORIGIN.match(origin):
+                raise ValueError(f"{origin!r} is not an origin; write e.g. "
+                                 "https://app.example.com or https://app.example.com:8443")
+        return value
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> Cors:
+        if self.allow_credentials and "*" in self.allow_origins:
+            # Fetch spec: `*` is never honoured with credentials; a reflected origin would
+            # let every site read authenticated responses.
+            raise ValueError("allow_origins '*' cannot be combined with allow_credentials; "
+                             "list the origins")
+        return self
+
+
 class Validation(Model):
     """Request validation against the contract (checklist B1, B2, B4)."""
 
@@ -261,6 +293,7 @@ class Config(Model):
     trusted_proxies: tuple[str, ...] = ()
     access_log: AccessLog = AccessLog()
     mode: Literal["enforce", "log-only"] = "enforce"
+    cors: Cors | None = None
     validation: Validation = Validation()
     responses: Responses = Responses()
     websockets: bool = False

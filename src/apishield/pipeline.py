@@ -3,13 +3,13 @@
 Order is fixed and documented (no priority numbers; ARCHITECTURE.md):
 
     head phase (request line + headers, before any body is read; synchronous):
-        client_ip -> route -> limits -> validate_parameters
+        client_ip -> cors -> route -> limits -> validate_parameters
     body phase (the whole body is in; synchronous):
         validate_body
     request phase (async steps such as authentication plug in here)
     forward (the front end's job: upstream pool or the wrapped ASGI app)
     response phase (on the response head, before any body byte is sent):
-        security_headers
+        cors -> security_headers
 
 Why the pipeline does not call `forward` itself: the two front ends stream bodies in very
 different ways (raw transports vs ASGI messages), and the response steps need only the
@@ -35,6 +35,7 @@ from apishield.redact import MAX_LOGGED, redact
 from apishield.router import Router
 from apishield.steps import (
     client_ip,
+    cors,
     limits,
     response_filter,
     route,
@@ -44,9 +45,9 @@ from apishield.steps import (
 
 logger = logging.getLogger("apishield")
 
-HEAD_ORDER = ("client_ip", "route", "limits", "validate_parameters")
+HEAD_ORDER = ("client_ip", "cors", "route", "limits", "validate_parameters")
 BODY_ORDER = ("validate_body",)
-RESPONSE_ORDER = ("security_headers",)
+RESPONSE_ORDER = ("cors", "security_headers")
 
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
@@ -57,8 +58,10 @@ class Pipeline:
         self.contract = contract
         self.router = Router(contract.operations, config.base_path)
         parameters, body = validate.build(contract, config.validation)
+        self.cors = cors.build(config.cors, self.router)
         head_steps = [
             client_ip.build(config.trusted_proxies),
+            self.cors,
             route.RouteStep(self.router),
             limits.LimitsStep(config.limits, contract.operations),
             parameters,
@@ -71,7 +74,11 @@ class Pipeline:
         # Async request-phase steps (authentication, validation) will be listed here; while
         # there are none, the gateway answers on its callback fast path with no task.
         self.async_steps: list[object] = []
-        self.response_steps = [security_headers.SecurityHeadersStep(config.headers, tls=tls)]
+        self.response_steps = [
+            step for step in (self.cors,
+                              security_headers.SecurityHeadersStep(config.headers, tls=tls))
+            if step is not None
+        ]
         self._response_calls = [s.on_response for s in self.response_steps]
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         self.mask_errors = config.responses.mask_errors
@@ -140,6 +147,9 @@ class Pipeline:
         """The only way a refusal becomes a response (masked, with the request id)."""
         exchange.problem = problem
         exchange.reason = problem.reason
+        if isinstance(problem, problems.PreflightAccepted):
+            return problem.status, self.on_response(exchange, problem.status,
+                                                    list(problem.headers)), b""
         body = render_problem(problem, exchange.id)
         headers: Headers = [
             (b"content-type", problems.PROBLEM_CONTENT_TYPE),
@@ -226,6 +236,6 @@ class Pipeline:
 
 
 def _outcome(exchange: Exchange, problem: Problem | None) -> str:
-    if problem is not None:
+    if problem is not None and problem.status >= 300:
         return "error" if problem.status >= 500 else "refused"
     return "shadowed" if exchange.shadowed else "allowed"

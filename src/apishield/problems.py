@@ -121,6 +121,23 @@ class HttpsRequired(Forbidden):
     practice = "C1"
 
 
+class CorsRefused(Forbidden):
+    slug = "cors-refused"
+    detail = "This cross-origin request is not allowed."
+    practice = "C3"
+
+
+class PreflightAccepted(Problem):
+    """Not a refusal: a CORS preflight the gateway answers itself (204, no body).
+    Raised like a Problem so the head phase stops there; rendered without a body."""
+
+    status = 204
+    slug = "cors-preflight"
+    title = "No Content"
+    detail = ""
+    practice = "C3"
+
+
 class RequestTimeout(Problem):
     status = 408
     slug = "request-timeout"
@@ -212,6 +229,7 @@ ALL_PROBLEMS: tuple[type[Problem], ...] = (
     MethodNotAllowed,
     Forbidden,
     HttpsRequired,
+    CorsRefused,
     RequestTimeout,
     PayloadTooLarge,
     UriTooLong,
