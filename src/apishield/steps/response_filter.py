@@ -6,101 +6,26 @@ internal ids) leaks whatever the contract does not mention. For a JSON response 
 status has a declared schema, apishield removes every property the schema does not
 declare and every `writeOnly` property, recursively, before the client sees it.
 
-The schema is compiled once into a `Shape` tree (properties, items, whether undeclared
-properties are allowed): `$ref`s become shared nodes, so recursive schemas are a cycle
-in the tree, not an infinite expansion. Compositions are read generously: a property
-declared by any `allOf`/`anyOf`/`oneOf` member is kept. An object schema that declares
-no properties and a schema that allows `additionalProperties` keep everything; a
-response without a declared schema is passed as it is (the contract is silent on it).
+The schema is compiled once into a `Shape` tree (`shapes.py`). Compositions are read
+generously: a property declared by any `allOf`/`anyOf`/`oneOf` member is kept. An object
+schema that declares no properties and a schema that allows `additionalProperties` keep
+everything; a response without a declared schema is passed as it is (the contract is
+silent on it).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-from apishield.contract import Contract, RefError, RefResolver
+from apishield.contract import Contract
 from apishield.exchange import Exchange
+from apishield.shapes import Builder, Shape
 from apishield.steps.validate import is_json
 
 logger = logging.getLogger("apishield")
-_COMPOSITION = ("allOf", "anyOf", "oneOf")
-
-
-@dataclass(eq=False)
-class Shape:
-    properties: dict[str, Shape | None] = field(default_factory=dict)
-    open: bool = True  # undeclared properties are kept
-    items: Shape | None = None
-    write_only: set[str] = field(default_factory=set)
-
-
-class _Builder:
-    def __init__(self, resolver: RefResolver) -> None:
-        self.resolver = resolver
-        self.memo: dict[tuple[Path, str], Shape] = {}
-
-    def build(self, node: Any, file: Path) -> Shape | None:
-        if not isinstance(node, dict):
-            return None
-        ref = node.get("$ref")
-        if isinstance(ref, str):
-            try:
-                target, target_file = self.resolver.resolve_ref(ref, file)
-            except RefError:
-                return None
-            key = (target_file, ref.partition("#")[2])
-            if key in self.memo:
-                return self.memo[key]
-            shape = Shape()
-            self.memo[key] = shape  # before filling it: a recursive $ref finds it
-            self._fill(shape, target, target_file)
-            return shape
-        shape = Shape()
-        self._fill(shape, node, file)
-        return shape
-
-    def _fill(self, shape: Shape, node: Any, file: Path) -> None:
-        if not isinstance(node, dict):
-            return
-        declared = node.get("properties")
-        extra = node.get("additionalProperties")
-        closed = False  # some schema on the way declared properties and allowed no others
-        if isinstance(declared, dict) and declared:
-            closed = not (extra is True or isinstance(extra, dict))
-            for name, sub in declared.items():
-                shape.properties[name] = self.build(sub, file)
-                if isinstance(sub, dict) and self._write_only(sub, file):
-                    shape.write_only.add(name)
-        items = node.get("items")
-        if isinstance(items, dict):
-            shape.items = self.build(items, file)
-        for key in _COMPOSITION:
-            members = node.get(key)
-            if not isinstance(members, list):
-                continue
-            for member in members:
-                part = self.build(member, file)
-                if part is None:
-                    continue
-                for name, child in part.properties.items():
-                    shape.properties.setdefault(name, child)
-                shape.write_only |= part.write_only
-                closed = closed or (bool(part.properties) and not part.open)
-                if shape.items is None:
-                    shape.items = part.items
-        shape.open = not closed
-
-    def _write_only(self, node: dict[str, Any], file: Path) -> bool:
-        try:
-            resolved, _, _ = self.resolver.deref(node, file)
-        except RefError:
-            return False
-        return isinstance(resolved, dict) and resolved.get("writeOnly") is True
 
 
 def prune(value: Any, shape: Shape | None, depth: int = 0) -> Any:
@@ -127,7 +52,7 @@ class ResponseFilter:
 
     def __init__(self, contract: Contract) -> None:
         assert contract.resolver is not None
-        builder = _Builder(contract.resolver)
+        builder = Builder(contract.resolver)
         # operation -> status key -> shape of the JSON body
         self.shapes: dict[str, dict[str, Shape]] = {}
         for op in contract.operations:

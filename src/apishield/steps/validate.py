@@ -28,10 +28,12 @@ from urllib.parse import parse_qsl, unquote
 import jsonschema_rs
 
 from apishield.config import Validation
-from apishield.contract import Contract, Operation, Parameter
+from apishield.contract import Contract, Operation, Parameter, escape_pointer
 from apishield.exchange import Exchange
-from apishield.problems import BadRequest, InvalidBody, InvalidParameters
+from apishield.injection import Detector
+from apishield.problems import BadRequest, InjectionSuspected, InvalidBody, InvalidParameters
 from apishield.schema import Caps, SchemaCompiler, SchemaError, error_pointer, error_reason
+from apishield.shapes import Builder, Shape
 
 _INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)\Z")
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
@@ -47,6 +49,7 @@ class _ParamPlan:
     is_array: bool
     is_object: bool
     property_kinds: dict[str, str] = field(default_factory=dict)  # deepObject properties
+    free: bool = False  # a free-text string (or array of them): scanned for payloads (B6)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class _OperationPlan:
     cookie: list[_ParamPlan]
     strict: bool
     known_query: frozenset[str]
+    scan: bool = False  # payload detection on (B6)
 
 
 def _scalar_kind(schema: Any) -> str | None:
@@ -91,10 +95,16 @@ class ParametersStep:
     def __init__(self, contract: Contract, compilers: dict[bool, SchemaCompiler],
                  config: Validation, problems: list[str]) -> None:
         self.max_errors = config.max_errors
+        self.detector = Detector(config.injection)
         self.plans: dict[str, _OperationPlan] = {}
         for op in contract.operations:
             strict = config.strict if op.policy.strict is None else op.policy.strict
-            self.plans[op.pointer] = self._plan(op, compilers[strict], strict, problems)
+            plan = self._plan(op, compilers[strict], strict, problems)
+            plan.scan = self.detector.enabled and op.policy.injection is not False
+            if not plan.scan:
+                for item in (*plan.path, *plan.query, *plan.header, *plan.cookie):
+                    item.free = False
+            self.plans[op.pointer] = plan
 
     def _plan(self, op: Operation, compiler: SchemaCompiler, strict: bool,
               problems: list[str]) -> _OperationPlan:
@@ -123,6 +133,8 @@ class ParametersStep:
                     name: _scalar_kind(_resolve_local(sub, compiler, param)) or "string"
                     for name, sub in (properties or {}).items()
                 },
+                free=_free_text(resolved if kind != "array"
+                                else _resolve_local(items, compiler, param)),
             ))
         return _OperationPlan(
             path=groups["path"], query=groups["query"], header=groups["header"],
@@ -160,6 +172,13 @@ class ParametersStep:
                         errors.append(_missing("/cookie/", item))
                     continue
                 self._check(item, _split(cookies[item.param.name], item), "/cookie/", errors)
+        injections = [e for e in errors if e["reason"] in _PAYLOADS]
+        if injections and len(injections) == len(errors):
+            problem: InvalidParameters | InjectionSuspected = InjectionSuspected(
+                "injection-in-parameters")
+            problem.errors = injections[: self.max_errors]
+            raise problem
+        errors = [e for e in errors if e["reason"] not in _PAYLOADS]
         if errors:
             problem = InvalidParameters("parameters-invalid")
             problem.errors = errors[: self.max_errors]
@@ -230,6 +249,13 @@ class ParametersStep:
 
     def _validate(self, item: _ParamPlan, value: Any, prefix: str,
                   errors: list[dict[str, str]]) -> None:
+        if item.free:
+            for text in (value if isinstance(value, list) else [value]):
+                if isinstance(text, str):
+                    kind = self.detector.check(text)
+                    if kind is not None:
+                        errors.append({"pointer": prefix + item.param.name, "reason": kind})
+                        break
         if item.validator is None:
             return
         for error in item.validator.iter_errors(value):
@@ -237,6 +263,20 @@ class ParametersStep:
                            "reason": error_reason(error)})
             if len(errors) >= self.max_errors:
                 return
+
+
+_PAYLOADS = frozenset({"sql-injection", "xss", "shell-injection"})
+
+
+def _free_text(schema: Any) -> bool:
+    """A string nothing narrows (no enum, const, pattern or format)."""
+    if schema is None:
+        return True
+    if not isinstance(schema, dict):
+        return False
+    kind = _scalar_kind(schema)
+    return kind in (None, "string") and not any(
+        key in schema for key in ("enum", "const", "pattern", "format"))
 
 
 def _resolve_local(node: Any, compiler: SchemaCompiler, param: Parameter) -> Any:
@@ -295,9 +335,14 @@ class BodyStep:
         self.max_depth = config.max_json_depth
         self.max_keys = config.max_json_keys
         self.validators: dict[str, dict[str, jsonschema_rs.Validator]] = {}
+        self.detector = Detector(config.injection)
+        self.shapes: dict[str, dict[str, Shape | None]] = {}  # free strings to scan (B6)
+        assert contract.resolver is not None
+        builder = Builder(contract.resolver)
         for op in contract.operations:
             compiler = compilers[config.strict if op.policy.strict is None
                                  else op.policy.strict]
+            scan = self.detector.enabled and op.policy.injection is not False
             per_media: dict[str, jsonschema_rs.Validator] = {}
             for media, schema, file, pointer in op.bodies:
                 if not is_json(media):
@@ -306,6 +351,8 @@ class BodyStep:
                     per_media[media], _ = compiler.compile(schema, file)
                 except SchemaError as exc:
                     problems.append(f"{file.name}#{pointer}: {exc}")
+                if scan:
+                    self.shapes.setdefault(op.pointer, {})[media] = builder.build(schema, file)
             if per_media:
                 self.validators[op.pointer] = per_media
 
@@ -331,7 +378,8 @@ class BodyStep:
         if validator is None:
             if not is_json(media) or not validators:
                 return
-            validator = next(iter(validators.values()))  # e.g. application/*+json
+            media = next(iter(validators))  # e.g. application/*+json
+            validator = validators[media]
         document = self.parse(request.body, content_type)
         errors: list[dict[str, str]] = []
         for error in validator.iter_errors(document):
@@ -343,6 +391,33 @@ class BodyStep:
             problem = InvalidBody("body-schema")
             problem.errors = errors
             raise problem
+        shapes = self.shapes.get(operation.pointer)
+        if shapes is not None and media in shapes:
+            found = self._scan(document, shapes[media], "/body", [])
+            if found:
+                suspected = InjectionSuspected("injection-in-body")
+                suspected.errors = found
+                raise suspected
+
+    def _scan(self, value: Any, shape: Shape | None, pointer: str,
+              found: list[dict[str, str]], depth: int = 0) -> list[dict[str, str]]:
+        """Free-text strings of a validated document that carry a payload."""
+        if len(found) >= self.max_errors or depth > self.max_depth:
+            return found
+        if isinstance(value, str):
+            if shape is None or shape.free_string:
+                kind = self.detector.check(value)
+                if kind is not None:
+                    found.append({"pointer": pointer, "reason": kind})
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                child = shape.properties.get(key) if shape is not None else None
+                self._scan(item, child, f"{pointer}/{escape_pointer(key)}", found, depth + 1)
+        elif isinstance(value, list):
+            items = shape.items if shape is not None else None
+            for index, item in enumerate(value):
+                self._scan(item, items, f"{pointer}/{index}", found, depth + 1)
+        return found
 
     def parse(self, body: bytes, content_type: bytes) -> Any:
         charset = re.search(rb"charset=\"?([A-Za-z0-9_-]+)", content_type)
