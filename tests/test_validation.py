@@ -186,6 +186,27 @@ async def test_malformed_or_hostile_json_is_400(client, app, raw):
     assert app.seen == []
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"name": "pen", "labels": ["a"], "labels" : ["b"]}',
+    b'{"name": "a\\":\\"", "name": "b"}',              # escaped quotes and colons in a value
+    b'[{"value": 1, "value": 2}]',
+])
+async def test_duplicate_keys_found_anywhere(client, app, raw):
+    response = await client.post("/trees" if raw.startswith(b"[") else "/items", content=raw,
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+
+
+@pytest.mark.parametrize("document", [
+    {"name": 'colon: "quoted" \\ back\\slash', "labels": ["k:v", "\u2603:"]},
+    {"name": "x", "note": None, "labels": []},
+])
+async def test_tricky_but_unique_keys_pass(client, app, document):
+    response = await client.post("/items", content=json.dumps(document).encode(),
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+
+
 async def test_charset_other_than_utf8_is_refused(client, app):
     response = await client.post("/items", content=b'{"name": "pen"}',
                                  headers={"content-type": "application/json; charset=latin-1"})

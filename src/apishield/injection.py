@@ -31,6 +31,30 @@ _SHELL = re.compile(
 )
 
 
+# Every SQL injection libinjection can fingerprint needs a quote, an operator, a comment
+# or two tokens with an SQL keyword; every XSS needs markup, an entity, a script URL or
+# handler. A string with none of those skips the tokenizers: each binding call costs
+# ~2.5 us (it also builds a Python dict of tokens), a character-class search ~0.1 us.
+_SQL_CHARS = re.compile(r"['\"`;#=()|&*/\\%+-]")
+_SQL_WORDS = frozenset(
+    "and or xor not union select insert update delete drop exec execute sleep benchmark "
+    "waitfor having limit order group like between null case when then if into from where "
+    "table declare cast convert char".split()
+)
+_WORD = re.compile(r"[a-z_]+")
+_XSS_CHARS = re.compile(r"[<>&=:(\\]")
+_SHELL_CHARS = re.compile(r"[;&|\n`$]")
+_SPACE = re.compile(r"\s")
+
+
+def _maybe_sql(value: str) -> bool:
+    if _SQL_CHARS.search(value):
+        return True
+    # (a set lookup per word: a regex alternation of 35 keywords costs 4x more)
+    return _SPACE.search(value) is not None and not _SQL_WORDS.isdisjoint(
+        _WORD.findall(value.lower()))
+
+
 class Detector:
     def __init__(self, config: Injection) -> None:
         self.sql = config.sql
@@ -40,10 +64,10 @@ class Detector:
 
     def check(self, value: str) -> str | None:
         """The kind of payload found in `value`, or None."""
-        if self.sql and libinjection.is_sql_injection(value)["is_sqli"]:
+        if self.sql and _maybe_sql(value) and libinjection.is_sql_injection(value)["is_sqli"]:
             return "sql-injection"
-        if self.xss and libinjection.is_xss(value)["is_xss"]:
+        if self.xss and _XSS_CHARS.search(value) and libinjection.is_xss(value)["is_xss"]:
             return "xss"
-        if self.shell and _SHELL.search(value):
+        if self.shell and _SHELL_CHARS.search(value) and _SHELL.search(value):
             return "shell-injection"
         return None
