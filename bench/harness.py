@@ -13,6 +13,18 @@ and, only when asked for (`--only tls`), HTTPS on the client side:
   nginx_tls              wrk (https) -> nginx terminating TLS, proxy_pass -> upstream
   apishield_tls          wrk (https) -> apishield with `tls:` (pass-through) -> upstream
 
+and, only when asked for (`--only validation`), the cost of request-body validation and
+response filtering, each next to the pass-through it is compared with:
+
+  post_passthrough       POST /item, ~1 KB body as application/octet-stream (not validated)
+  post_validate_1k       POST /item, the same ~1 KB as application/json, validated
+  post_validate_1k_noscan   the same, with `x-apishield: {injection: false}` (schema only)
+  post_passthrough_100k  POST /item, ~100 KB body as application/octet-stream
+  post_validate_100k     POST /item, the same ~100 KB as application/json, validated
+  post_validate_100k_noscan the same, with `x-apishield: {injection: false}` (schema only)
+  get_passthrough        GET /item, no response schema (= apishield_passthrough)
+  get_filter             GET /item, 200 declares a 2-property JSON schema: every response filtered
+
 Every target is driven with `wrk -t1 -c50 --latency`; rounds alternate between targets
 (round 1: A,B,C,D; round 2: A,B,C,D; ...) and the figures reported are medians, ratios
 being medians of per-round ratios. Proxies run on CPU 0, upstream and wrk on CPU 1
@@ -59,8 +71,22 @@ assert "'" not in UPSTREAM_BODY and "$" not in UPSTREAM_BODY  # embedded in ngin
 TARGETS = ("nginx_proxy", "python_floor", "apishield_passthrough", "apishield_demo", "direct")
 # Not in a default run: TLS is compared TLS to TLS (apishield_tls / nginx_tls), see RESULTS.md.
 TLS_TARGETS = ("nginx_tls", "apishield_tls")
-ALL_TARGETS = TARGETS + TLS_TARGETS
-APISHIELD_TARGETS = ("apishield_passthrough", "apishield_demo", "apishield_tls")
+# Not in a default run either: validation and filtering against their own pass-through.
+VALIDATION_TARGETS = ("post_passthrough", "post_validate_1k", "post_validate_1k_noscan",
+                      "post_passthrough_100k", "post_validate_100k", "post_validate_100k_noscan",
+                      "get_passthrough", "get_filter")
+# target -> the pass-through it is compared with (per-round ratio, added us per request)
+VALIDATION_BASELINE = {
+    "post_validate_1k": "post_passthrough",
+    "post_validate_1k_noscan": "post_passthrough",
+    "post_passthrough_100k": "post_passthrough",  # what moving 100 KB costs, unvalidated
+    "post_validate_100k": "post_passthrough_100k",
+    "post_validate_100k_noscan": "post_passthrough_100k",
+    "get_filter": "get_passthrough",
+}
+ALL_TARGETS = TARGETS + TLS_TARGETS + VALIDATION_TARGETS
+APISHIELD_TARGETS = ("apishield_passthrough", "apishield_demo", "apishield_tls",
+                     *VALIDATION_TARGETS)
 # The Mozilla intermediate TLS 1.2 suites apishield uses (src/apishield/tls.py), for nginx.
 TLS_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
                "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
@@ -80,6 +106,8 @@ ALIASES = {
     "tls": TLS_TARGETS,
     "nginx_tls": ("nginx_tls",),
     "apishield_tls": ("apishield_tls",),
+    "validation": VALIDATION_TARGETS,
+    **{t: (t,) for t in VALIDATION_TARGETS},
 }
 
 
@@ -200,15 +228,19 @@ def wait_port(service: Service, timeout: float) -> None:
     )
 
 
-def http_get(port: int, path: str, timeout: float = 5.0,
-             scheme: str = "http") -> tuple[int, dict, bytes]:
+def http_get(port: int, path: str, timeout: float = 5.0, scheme: str = "http",
+             method: str = "GET", body: bytes | None = None,
+             content_type: str | None = None) -> tuple[int, dict, bytes]:
     if scheme == "https":  # the bench's own throwaway certificate: not verified
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
             HOST, port, timeout=timeout, context=ssl._create_unverified_context())
     else:
         conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    headers = {"Accept": "application/json"}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
     try:
-        conn.request("GET", path, headers={"Accept": "application/json"})
+        conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         body = resp.read()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
@@ -609,6 +641,157 @@ def demo_contract() -> dict:
     }
 
 
+# -- validation targets (issue 4) ------------------------------------------------------------
+
+# A 20-property object like PERF-BASELINE.md's POST case (969 B): strings with maxLength, a
+# pattern, integers and numbers with ranges, enums, a boolean, a nested object and bounded
+# arrays, `additionalProperties: false` at every level. The ~1 KB and ~100 KB bodies have
+# the same shape; the large one has ~500 entries in `lines`.
+LINE_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["sku", "qty"],
+    "properties": {
+        "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+        "qty": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "price": {"type": "number", "minimum": 0, "maximum": 100000},
+        "label": {"type": "string", "maxLength": 64},
+        "warehouse": {"type": "string", "enum": ["AMS", "FRA", "PAR", "MAD"]},
+        "note": {"type": "string", "maxLength": 200},
+    },
+}
+ITEM_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "required": ["sku", "name", "price", "currency", "quantity"],
+    "properties": {
+        "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+        "name": {"type": "string", "minLength": 1, "maxLength": 100},
+        "description": {"type": "string", "maxLength": 500},
+        "price": {"type": "number", "minimum": 0, "maximum": 100000},
+        "currency": {"type": "string", "enum": ["EUR", "USD", "GBP", "CHF"]},
+        "quantity": {"type": "integer", "minimum": 0, "maximum": 10000},
+        "weight_g": {"type": "integer", "minimum": 0, "maximum": 1000000},
+        "in_stock": {"type": "boolean"},
+        "category": {"type": "string", "enum": ["hardware", "garden", "kitchen", "toys"]},
+        "brand": {"type": "string", "maxLength": 64},
+        "color": {"type": "string", "maxLength": 32},
+        "material": {"type": "string", "maxLength": 32},
+        "warranty_months": {"type": "integer", "minimum": 0, "maximum": 120},
+        "rating": {"type": "number", "minimum": 0, "maximum": 5},
+        "supplier_id": {"type": "integer", "minimum": 1, "maximum": 2147483647},
+        "barcode": {"type": "string", "maxLength": 20},
+        "dimensions": {
+            "type": "object", "additionalProperties": False, "required": ["w", "h", "d"],
+            "properties": {
+                "w": {"type": "integer", "minimum": 0, "maximum": 10000},
+                "h": {"type": "integer", "minimum": 0, "maximum": 10000},
+                "d": {"type": "integer", "minimum": 0, "maximum": 10000},
+                "unit": {"type": "string", "enum": ["mm", "cm", "in"]},
+            },
+        },
+        "tags": {"type": "array", "maxItems": 10, "items": {"type": "string", "maxLength": 32}},
+        "notes": {"type": "string", "maxLength": 1000},
+        "lines": {"type": "array", "maxItems": 1000, "items": LINE_SCHEMA},
+    },
+}
+# The upstream body has 9 properties; get_filter declares 2 of them, so 7 are dropped.
+FILTER_SCHEMA = {
+    "type": "object",
+    "properties": {"id": {"type": "integer"}, "name": {"type": "string"}},
+}
+FILTERED_BODY = {"id": 42, "name": "widget"}
+
+
+def _line(i: int) -> dict:
+    return {"sku": f"WID-{i % 10000:04d}", "qty": 1 + i % 20, "price": round(4.5 + i % 50, 2),
+            "label": f"widget {i}, blue, small size", "warehouse": ("AMS", "FRA", "PAR")[i % 3],
+            "note": "pack with the other small blue widgets, keep dry, deliver to the "
+                    "loading bay at the back of the building"}
+
+
+def item_body(lines: int) -> bytes:
+    doc = {
+        "sku": "WID-0042", "name": "Small blue widget",
+        "description": "A small blue widget used for benchmarks, made of recycled aluminium "
+                       "and shipped in a cardboard box with a printed manual.",
+        "price": 19.99, "currency": "EUR", "quantity": 120, "weight_g": 350, "in_stock": True,
+        "category": "hardware", "brand": "Acme Widgets", "color": "blue",
+        "material": "aluminium", "warranty_months": 24, "rating": 4.6,
+        "supplier_id": 100042, "barcode": "4006381333931",
+        "dimensions": {"w": 10, "h": 4, "d": 2, "unit": "cm"},
+        "tags": ["hardware", "small", "blue", "recycled"],
+        "notes": "Restocked every Monday. Fragile corners, stack at most five boxes high.",
+        "lines": [_line(i) for i in range(lines)],
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+BODY_1K = item_body(2)  # ~1 KB
+BODY_100K = item_body(500)  # ~100 KB
+# Valid JSON, well-formed, but breaks the schema (range, enum, undeclared property): 422.
+BODY_INVALID = json.dumps({**json.loads(BODY_1K), "quantity": -1, "currency": "XXX",
+                           "is_admin": True}).encode()
+
+# target -> (method, body, content type) of every request wrk sends
+VALIDATION_REQUESTS: dict[str, tuple[str, bytes | None, str | None]] = {
+    "post_passthrough": ("POST", BODY_1K, "application/octet-stream"),
+    "post_validate_1k": ("POST", BODY_1K, "application/json"),
+    "post_validate_1k_noscan": ("POST", BODY_1K, "application/json"),
+    "post_passthrough_100k": ("POST", BODY_100K, "application/octet-stream"),
+    "post_validate_100k": ("POST", BODY_100K, "application/json"),
+    "post_validate_100k_noscan": ("POST", BODY_100K, "application/json"),
+    "get_passthrough": ("GET", None, None),
+    "get_filter": ("GET", None, None),
+}
+
+
+def validation_contract(target: str) -> dict:
+    """GET /item (as in the pass-through contract, with a filtering response schema for
+    get_filter) and, for the POST targets, POST /item with its body declared either as
+    application/octet-stream (not validated) or application/json (validated; the `_noscan`
+    targets turn the injection scan of free-text strings off for the operation, leaving
+    parsing and the schema)."""
+    get_op = get_item_operation()
+    if target == "get_filter":
+        get_op["responses"] = {"200": {"description": "ok", "content": {
+            "application/json": {"schema": FILTER_SCHEMA}}}}
+    item: dict = {"get": get_op}
+    if target.startswith("post_"):
+        media = VALIDATION_REQUESTS[target][2]
+        schema = ({"$ref": "#/components/schemas/Item"} if media == "application/json"
+                  else {"type": "string", "format": "binary"})
+        item["post"] = {
+            "operationId": "postItem",
+            "requestBody": {"required": True, "content": {media: {"schema": schema}}},
+            "responses": {"200": {"description": "ok"}},
+        }
+        if target.endswith("_noscan"):
+            item["post"]["x-apishield"] = {"injection": False}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": f"bench {target}", "version": "1"},
+        "security": [],
+        "paths": {"/item": item},
+        "components": {"schemas": {"Item": ITEM_SCHEMA}},
+    }
+
+
+def wrk_script(d: Path, target: str) -> Path | None:
+    """A wrk Lua script sending the target's method, body and Content-Type (None for GET)."""
+    method, body, content_type = VALIDATION_REQUESTS[target]
+    if body is None:
+        return None
+    body_path = d / "request-body"
+    body_path.write_bytes(body)
+    script = d / "request.lua"
+    script.write_text(
+        f"local f = assert(io.open({json.dumps(str(body_path))}, \"rb\"))\n"
+        f"wrk.method = \"{method}\"\n"
+        "wrk.body = f:read(\"*a\")\n"
+        "f:close()\n"
+        f"wrk.headers[\"Content-Type\"] = \"{content_type}\"\n"
+    )
+    return script
+
+
 def write_apishield_config(d: Path, name: str, contract: dict, port: int,
                            upstream_port: int, tls: dict | None = None) -> tuple[Path, Path]:
     d.mkdir(parents=True)
@@ -707,14 +890,17 @@ class Load:
     connections: int
     prefix: list[str]
 
-    def argv(self, port: int, duration: float, scheme: str = "http") -> list[str]:
+    def argv(self, port: int, duration: float, scheme: str = "http",
+             script: Path | None = None) -> list[str]:
         return [
             *self.prefix, "wrk", f"-t{self.threads}", f"-c{self.connections}", f"-d{duration:g}s",
-            "--latency", "--timeout", "5s", f"{scheme}://{HOST}:{port}{PATH}",
+            "--latency", "--timeout", "5s", *(["-s", str(script)] if script else []),
+            f"{scheme}://{HOST}:{port}{PATH}",
         ]
 
-    def run(self, port: int, duration: float, scheme: str = "http") -> tuple[dict, str]:
-        argv = self.argv(port, duration, scheme)
+    def run(self, port: int, duration: float, scheme: str = "http",
+            script: Path | None = None) -> tuple[dict, str]:
+        argv = self.argv(port, duration, scheme, script)
         out = run(argv, timeout=duration + 60)
         text = out.stdout + out.stderr
         if out.returncode != 0:
@@ -728,11 +914,73 @@ class Load:
 # --------------------------------------------------------------------------- benchmark
 
 
-def verify(services: dict[str, Service]) -> dict:
-    """Every target must answer GET /item with 200 and the upstream's body."""
+def verify_validation(name: str, svc: Service, failures: list[str]) -> dict:
+    """A validation target must answer its own request as intended: POST pass-through and
+    validated bodies 200 with the upstream's body; an invalid body 422 where it is validated
+    (and 200 where it is not); GET pass-through the upstream's body; get_filter only the
+    declared properties."""
+    method, body, content_type = VALIDATION_REQUESTS[name]
+    entry: dict = {"request": f"{method} {PATH}", "body_bytes_sent": len(body or b""),
+                   "content_type": content_type}
+    try:
+        status, _headers, got = http_get(svc.port, PATH, method=method, body=body,
+                                         content_type=content_type)
+    except OSError as exc:
+        failures.append(f"{name}: {method} {PATH} failed: {exc}")
+        return entry
+    entry.update(status=status, body_bytes=len(got))
+    if status != 200:
+        failures.append(f"{name}: {method} {PATH} answered {status}: {got[:300]!r}")
+        return entry
+    if name == "get_filter":
+        try:
+            doc = json.loads(got)
+        except ValueError:
+            doc = None
+        entry["filtered_body"] = got.decode(errors="replace")
+        if doc != FILTERED_BODY or "sku" in doc:
+            failures.append(f"{name}: expected the filtered body {FILTERED_BODY}, got "
+                            f"{got[:300]!r}")
+    elif got != UPSTREAM_BODY.encode():
+        failures.append(f"{name}: {method} {PATH} body differs from the upstream's: "
+                        f"{got[:300]!r}")
+    if method == "POST":
+        try:
+            bad_status, _, bad = http_get(svc.port, PATH, method="POST", body=BODY_INVALID,
+                                          content_type=content_type)
+        except OSError as exc:
+            failures.append(f"{name}: POST of an invalid body failed: {exc}")
+            return entry
+        entry["invalid_body_status"] = bad_status
+        validated = content_type == "application/json"
+        want = 422 if validated else 200
+        if bad_status != want:
+            failures.append(f"{name}: an invalid body answered {bad_status}, expected {want} "
+                            f"({'validated' if validated else 'not validated'}): {bad[:300]!r}")
+        elif validated:
+            with contextlib.suppress(ValueError, AttributeError):
+                entry["invalid_body_reasons"] = sorted(
+                    {e["reason"] for e in json.loads(bad).get("errors", [])})
+    return entry
+
+
+def verify(services: dict[str, Service], upstream: Service | None = None) -> dict:
+    """Every target must answer GET /item with 200 and the upstream's body (validation
+    targets: their own request, see verify_validation)."""
     checks: dict = {}
     failures = []
+    if upstream is not None and any(
+            VALIDATION_REQUESTS.get(t, ("GET",))[0] == "POST" for t in services):
+        # nginx's `return 200` location must accept (and discard) a POST body
+        status, _, got = http_get(upstream.port, PATH, method="POST", body=BODY_100K,
+                                  content_type="application/json")
+        checks["upstream_post"] = {"status": status, "body_bytes": len(got)}
+        if status != 200 or got != UPSTREAM_BODY.encode():
+            failures.append(f"upstream: POST {PATH} answered {status}: {got[:300]!r}")
     for name, svc in services.items():
+        if name in VALIDATION_REQUESTS:
+            checks[name] = verify_validation(name, svc, failures)
+            continue
         scheme = svc.extra.get("scheme", "http")
         try:
             status, headers, body = http_get(svc.port, PATH, scheme=scheme)
@@ -809,13 +1057,15 @@ def render_table(result: dict) -> str:
     lines.append(
         f"wrk -t{result['load']['threads']} -c{result['load']['connections']} "
         f"-d{result['load']['duration_s']:g}s x {result['load']['rounds']} alternating rounds "
-        f"(+{result['load']['warmup_s']:g}s warm-up each), GET {PATH}, 127.0.0.1"
+        f"(+{result['load']['warmup_s']:g}s warm-up each), "
+        f"{'GET/POST' if result['load'].get('requests') else 'GET'} {PATH}, 127.0.0.1"
     )
     pin = "pinned" if m["pinned"] else "UNPINNED"
     lines.append(f"machine: {m['nproc']} CPUs, {pin}: {m['pinning']}")
     lines.append(f"python {m['python']}, {m['nginx']}, {m['wrk']}")
     lines.append("")
-    hdr = (f"{'target':<23}{'rps median':>11}{'min':>9}{'max':>9}{'vs nginx':>10}"
+    w = max(23, *(len(t) + 2 for t in result["targets"]))  # 23 for the default targets
+    hdr = (f"{'target':<{w}}{'rps median':>11}{'min':>9}{'max':>9}{'vs nginx':>10}"
            f"{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}{'proxy cpu':>10}{'upstr cpu':>10}"
            f"{'errors':>8}")
     lines.append(hdr)
@@ -829,7 +1079,7 @@ def render_table(result: dict) -> str:
         ucpu = x["upstream_cpu_pct_median"]
         errs = x["non2xx_total"] + x["socket_errors_total"]
         lines.append(
-            f"{t:<23}{fmt_num(x['rps_median']):>11}{fmt_num(x['rps_min']):>9}"
+            f"{t:<{w}}{fmt_num(x['rps_median']):>11}{fmt_num(x['rps_min']):>9}"
             f"{fmt_num(x['rps_max']):>9}{fmt_num(ratio, '.3f'):>10}"
             f"{fmt_num(lat['p50'], '.2f'):>8}{fmt_num(lat['p90'], '.2f'):>8}"
             f"{fmt_num(lat['p99'], '.2f'):>8}"
@@ -844,11 +1094,31 @@ def render_table(result: dict) -> str:
     lines.append("during the run (100% = 1 core; wrk shares the upstream's CPU).")
     lines.append("")
     lines.append("per round (rps):")
-    lines.append("  round  " + "".join(f"{t:>23}" for t in result["targets"]))
+    lines.append("  round  " + "".join(f"{t:>{w}}" for t in result["targets"]))
     for r in result["rounds"]:
-        row = "".join(f"{fmt_num(r['results'][t]['rps']) if t in r['results'] else '-':>23}"
+        row = "".join(f"{fmt_num(r['results'][t]['rps']) if t in r['results'] else '-':>{w}}"
                       for t in result["targets"])
         lines.append(f"  {r['round']:>5}  {row}")
+    validation = result.get("validation") or {}
+    if validation:
+        requests = result["load"].get("requests", {})
+        lines.append("")
+        lines.append("validation cost (median of per-round figures against the pass-through "
+                     "measured in the same round):")
+        vh = (f"  {'target':<{w}}{'request':>28}{'vs':>23}{'ratio':>8}{'+us/req':>9}"
+              f"{'+cpu us/req':>12}")
+        lines.append(vh)
+        for t, v in validation.items():
+            req = requests.get(t, {})
+            what = f"{req.get('method', '?')} {req.get('body_bytes', 0):,} B"
+            if req.get("content_type"):
+                what += " " + req["content_type"].removeprefix("application/")
+            lines.append(
+                f"  {t:<{w}}{what:>28}{v['baseline']:>23}{fmt_num(v['ratio'], '.3f'):>8}"
+                f"{fmt_num(v['added_us_per_request'], '.1f'):>9}"
+                f"{fmt_num(v['added_cpu_us_per_request'], '.1f'):>12}")
+        lines.append("  +us/req = 1e6/rps - 1e6/rps_base; +cpu us/req = proxy CPU per request "
+                     "minus the base's.")
     flagged = [t for t in result["targets"] if s[t]["flagged"]]
     if flagged:
         lines.append("")
@@ -881,6 +1151,10 @@ def machine_info(pin: Pinning) -> dict:
     with contextlib.suppress(BenchError, FileNotFoundError):
         out = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], timeout=10)
         git = out.stdout.strip() if out.returncode == 0 else "no commit"
+    dirty: list[str] = []  # uncommitted source changes are part of what was measured
+    with contextlib.suppress(BenchError, FileNotFoundError):
+        out = run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], timeout=10)
+        dirty = [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else []
     return {
         "nproc": affinity,
         "cpu_model": cpu_model,
@@ -892,6 +1166,7 @@ def machine_info(pin: Pinning) -> dict:
         "pinning": pin.note,
         "loadavg_at_start": os.getloadavg(),
         "git": git,
+        "git_dirty_src": dirty,
     }
 
 
@@ -900,20 +1175,23 @@ def measure(name: str, svc: Service, load: Load, duration: float, warmup: float,
     if not svc.alive():
         raise BenchError(f"{name} died (code {svc.proc.returncode}). stderr:\n{svc.stderr_tail()}")
     scheme = svc.extra.get("scheme", "http")
+    script = svc.extra.get("wrk_script")
     if warmup > 0:
-        load.run(svc.port, warmup, scheme)
+        load.run(svc.port, warmup, scheme, script)
     access_log: Path | None = svc.extra.get("access_log")
     if access_log is not None and access_log.exists():
         os.truncate(access_log, 0)  # keeps the temp dir small; apishield keeps appending
     cpu0 = proc_tree_cpu_seconds(svc.proc.pid)
     up0 = proc_tree_cpu_seconds(upstream.proc.pid)
     t0 = time.monotonic()
-    res, _text = load.run(svc.port, duration, scheme)
+    res, _text = load.run(svc.port, duration, scheme, script)
     wall = time.monotonic() - t0
     cpu1 = proc_tree_cpu_seconds(svc.proc.pid)
     up1 = proc_tree_cpu_seconds(upstream.proc.pid)
     if svc is not upstream:
         res["proxy_cpu_pct"] = round(100 * (cpu1 - cpu0) / wall, 1)
+        if res.get("requests"):
+            res["proxy_cpu_us_per_request"] = round(1e6 * (cpu1 - cpu0) / res["requests"], 2)
     res["upstream_cpu_pct"] = round(100 * (up1 - up0) / wall, 1)
     if access_log is not None:
         size = access_log.stat().st_size if access_log.exists() else 0
@@ -940,6 +1218,7 @@ def parse_targets(only: str | None) -> list[str]:
 def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
                   targets: list[str]) -> tuple[Service, dict[str, Service]]:
     up_port, proxy_port, pt_port, demo_port, floor_port, ntls_port, atls_port = free_ports(7)
+    val_ports = dict(zip(VALIDATION_TARGETS, free_ports(len(VALIDATION_TARGETS)), strict=True))
     upstream = start_nginx(procs, "upstream", tmp / "upstream",
                            nginx_upstream_conf(tmp / "upstream", up_port), up_port,
                            pin.prefix("load"))
@@ -974,11 +1253,13 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
     if wanted_api:
         base = apishield_argv(args.apishield_cmd)
         tls = {"cert": str(cert), "key": str(key)} if cert is not None else None
-        for t, port, contract, cfg, tls_section in (
+        plans = [
             ("apishield_passthrough", pt_port, passthrough_contract(), "passthrough", None),
             ("apishield_demo", demo_port, demo_contract(), "demo", None),
             ("apishield_tls", atls_port, passthrough_contract(), "tls", tls),
-        ):
+        ]
+        plans += [(t, val_ports[t], validation_contract(t), t, None) for t in VALIDATION_TARGETS]
+        for t, port, contract, cfg, tls_section in plans:
             if t not in wanted_api:
                 continue
             d = tmp / t
@@ -988,9 +1269,39 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
                                           pin.prefix("proxy"))
             if tls_section is not None:
                 services[t].extra["scheme"] = "https"
+            if t in VALIDATION_REQUESTS:
+                services[t].extra["wrk_script"] = wrk_script(d, t)
     if "direct" in targets:
         services["direct"] = upstream
     return upstream, services
+
+
+def validation_costs(rounds: list[dict], targets: list[str]) -> dict:
+    """Each validation target against its pass-through, within each round: the median of
+    per-round rps ratios, of the implied wall time added per request (1/rps - 1/rps_base,
+    in us: 50 connections share one proxy CPU, so this is the proxy's time per request),
+    and of the added proxy CPU per request."""
+    out: dict = {}
+    for t, base in VALIDATION_BASELINE.items():
+        if t not in targets or base not in targets:
+            continue
+        ratio, added, cpu_added = [], [], []
+        for r in rounds:
+            a, b = r["results"].get(t), r["results"].get(base)
+            if not a or not b or a["rps"] <= 0 or b["rps"] <= 0:
+                continue
+            ratio.append(a["rps"] / b["rps"])
+            added.append(1e6 / a["rps"] - 1e6 / b["rps"])
+            if "proxy_cpu_us_per_request" in a and "proxy_cpu_us_per_request" in b:
+                cpu_added.append(a["proxy_cpu_us_per_request"] - b["proxy_cpu_us_per_request"])
+        out[t] = {
+            "baseline": base,
+            "ratio": median(ratio),
+            "added_us_per_request": median(added, 1),
+            "added_cpu_us_per_request": median(cpu_added, 1),
+            "ratios_per_round": [round(x, 4) for x in ratio],
+        }
+    return out
 
 
 def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
@@ -999,7 +1310,7 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
     log("starting targets ...")
     upstream, services = start_targets(args, procs, tmp, pin, targets)
     log("verifying GET /item on every target ...")
-    checks = verify(services)
+    checks = verify(services, upstream)
     machine = machine_info(pin)
     log(f"pinning: {pin.note}")
     rounds = []
@@ -1028,6 +1339,8 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
             if "nginx_proxy" in entry["results"] and entry["results"]["nginx_proxy"]["rps"] > 0
         }
 
+    validation = validation_costs(rounds, targets)
+
     def rps(t):
         return summary[t]["rps_median"] if t in summary else None
 
@@ -1049,11 +1362,16 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
         "partial": targets != list(TARGETS),
         "summary": summary,
         "ratios": ratios,
+        "validation": validation,
         "rounds": rounds,
         "checks": checks,
         "load": {"tool": "wrk", "threads": args.threads, "connections": args.connections,
                  "duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup,
-                 "path": PATH, "upstream_body_bytes": len(UPSTREAM_BODY)},
+                 "path": PATH, "upstream_body_bytes": len(UPSTREAM_BODY),
+                 "requests": {t: {"method": VALIDATION_REQUESTS[t][0],
+                                  "body_bytes": len(VALIDATION_REQUESTS[t][1] or b""),
+                                  "content_type": VALIDATION_REQUESTS[t][2]}
+                              for t in targets if t in VALIDATION_REQUESTS}},
         "machine": machine,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -1077,22 +1395,48 @@ def find_py_spy() -> str | None:
     return shutil.which("py-spy")
 
 
+def collapsed_summary(path: Path, top: int = 25) -> list[str]:
+    """Inclusive share of samples per function in py-spy's collapsed stacks (`raw`)."""
+    total = 0
+    inclusive: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            # "func (module/file.py:line)" -> "func (module/file.py)": one entry per function
+            frames = {re.sub(r":\d+\)$", ")", f) for f in stack.split(";")
+                      if f and not f.startswith("process ")}
+            for f in frames:
+                inclusive[f] = inclusive.get(f, 0) + n
+    if not total:
+        return []
+    ranked = sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]
+    return [f"  {100 * n / total:5.1f}%  {f}" for f, n in ranked]
+
+
 def profile(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
-    """Run apishield pass-through under `py-spy record` for one wrk run per output format."""
+    """Run one apishield target (default: pass-through) under `py-spy record` for one wrk
+    run per output format."""
     py_spy = find_py_spy()
     if py_spy is None:
         print("py-spy is not installed; install it with: .venv/bin/pip install py-spy")
         return 2
+    target = args.profile_target
     load = Load(args.threads, args.connections, pin.prefix("load"))
-    _upstream, services = start_targets(args, procs, tmp, pin, ["apishield_passthrough"])
-    verify(services)
-    svc = services["apishield_passthrough"]
+    upstream, services = start_targets(args, procs, tmp, pin, [target])
+    verify(services, upstream)
+    svc = services[target]
+    script = svc.extra.get("wrk_script")
     RESULTS_DIR.mkdir(exist_ok=True)
-    outputs = [("flamegraph", RESULTS_DIR / "profile-passthrough.svg"),
-               ("raw", RESULTS_DIR / "profile-passthrough.raw")]
+    stem = "profile-passthrough" if target == "apishield_passthrough" else f"profile-{target}"
+    outputs = [("flamegraph", RESULTS_DIR / f"{stem}.svg"),
+               ("raw", RESULTS_DIR / f"{stem}.raw")]
     if args.warmup > 0:
-        load.run(svc.port, args.warmup)
-    lines = [f"profile of apishield_passthrough (pid {svc.proc.pid}) with {py_spy}, "
+        load.run(svc.port, args.warmup, script=script)
+    lines = [f"profile of {target} (pid {svc.proc.pid}) with {py_spy}, "
              f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s; {pin.note}"]
     for fmt, path in outputs:
         with contextlib.suppress(FileNotFoundError):
@@ -1111,7 +1455,7 @@ def profile(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
                   "Hint: attaching needs ptrace rights (CAP_SYS_PTRACE or "
                   "kernel.yama.ptrace_scope=0); inside containers run with --cap-add SYS_PTRACE.")
             return 2
-        res, _ = load.run(svc.port, args.duration)
+        res, _ = load.run(svc.port, args.duration, script=script)
         with contextlib.suppress(ProcessLookupError):
             os.kill(spy.pid, signal.SIGINT)  # py-spy writes its output on Ctrl-C
         try:
@@ -1127,6 +1471,10 @@ def profile(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
                          f"\n{log_text[-2000:]}")
     lines.append("(throughput under profiling is lower than in a normal run; compare stacks, "
                  "not rps)")
+    summary = collapsed_summary(outputs[1][1])
+    if summary:
+        lines.append("inclusive share of samples (top functions, from the raw stacks):")
+        lines.extend(summary)
     print("\n".join(lines))
     return 0 if all(p.exists() for _, p in outputs) else 2
 
@@ -1145,7 +1493,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
     ap.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
     ap.add_argument("--only", help="comma list of targets: nginx (= nginx_proxy,direct), tls "
-                    "(= nginx_tls,apishield_tls: HTTPS, not in a default run), "
+                    "(= nginx_tls,apishield_tls: HTTPS, not in a default run), validation "
+                    f"(= {','.join(VALIDATION_TARGETS)}: not in a default run), "
                     "direct, proxy, passthrough, demo, apishield (= proxy,passthrough,demo)")
     ap.add_argument("--apishield-cmd", help="command to run apishield (default: "
                     "<repo>/.venv/bin/apishield, else apishield on PATH)")
@@ -1155,7 +1504,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="results name: bench/results/<NAME>.json and .txt (default latest)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     ap.add_argument("--profile", action="store_true",
-                    help="instead of the benchmark: profile apishield pass-through with py-spy")
+                    help="instead of the benchmark: profile an apishield target with py-spy")
+    ap.add_argument("--profile-target", default="apishield_passthrough",
+                    choices=APISHIELD_TARGETS,
+                    help="the target --profile runs (default apishield_passthrough)")
     ap.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--max-seconds", type=float,
                     help="abort the whole run after this long (default: computed from the plan)")
@@ -1173,8 +1525,12 @@ def main(argv: list[str] | None = None) -> int:
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
+    try:
+        planned = len(parse_targets(args.only))
+    except BenchError as exc:
+        ap.error(str(exc))
     limit = args.max_seconds or (
-        120 + args.rounds * len(TARGETS) * (args.duration + args.warmup + 15)
+        120 + args.rounds * max(planned, len(TARGETS)) * (args.duration + args.warmup + 15)
         + (2 * (args.duration + 60) if args.profile else 0))
     args.max_seconds = limit
     signal.signal(signal.SIGALRM, on_alarm)
