@@ -110,19 +110,16 @@ class Pipeline:
         exchange.reason = (exchange.reason + "," if exchange.reason else "") + problem.reason
         return True
 
-    def on_body(self, exchange: Exchange) -> None:
-        """Run the body steps on a complete body; a refusal is stored, not raised."""
-        for call in self._body_calls:
-            try:
-                call(exchange)
-            except Problem as problem:
-                if not self._shadow(exchange, problem):
-                    exchange.problem = problem
-                    return
-
     def on_head(self, exchange: Exchange) -> None:
         """Run the head steps; a refusal is stored on the exchange, not raised."""
-        for call in self._head_calls:
+        self._run(self._head_calls, exchange)
+
+    def on_body(self, exchange: Exchange) -> None:
+        """Run the body steps on a complete body; a refusal is stored, not raised."""
+        self._run(self._body_calls, exchange)
+
+    def _run(self, calls: list[Callable[[Exchange], None]], exchange: Exchange) -> None:
+        for call in calls:
             try:
                 call(exchange)
             except Problem as problem:
@@ -130,13 +127,13 @@ class Pipeline:
                     exchange.problem = problem
                     return
                 if exchange.operation is None:
-                    # no operation matched: what follows is per operation; the global
-                    # body limit still holds
+                    # shadowed, but no operation matched: what follows is per operation;
+                    # the global body limit still holds
                     exchange.body_limit = self.config.limits.max_body_bytes
                     return
 
     async def on_request(self, exchange: Exchange) -> None:
-        """Steps that need the body or I/O (validation, authentication) will run here."""
+        """Steps that need I/O (authentication, a shared rate-limit store) will run here."""
 
     def on_response(self, exchange: Exchange, status: int, headers: Headers) -> Headers:
         for call in self._response_calls:
