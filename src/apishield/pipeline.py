@@ -163,6 +163,9 @@ class Pipeline:
         """The declared shape a response must be cut to, or None (pass it as it is)."""
         if self.response_filter is None or exchange.request.method == "HEAD":
             return None
+        operation = exchange.operation
+        if operation is None or operation.pointer not in self.response_filter.shapes:
+            return None  # nothing declared for this operation: no header scan
         content_type = None
         for name, value in headers:
             if name == b"content-type":

@@ -172,6 +172,8 @@ class ParametersStep:
                         errors.append(_missing("/cookie/", item))
                     continue
                 self._check(item, _split(cookies[item.param.name], item), "/cookie/", errors)
+        if not errors:
+            return
         injections = [e for e in errors if e["reason"] in _PAYLOADS]
         if injections and len(injections) == len(errors):
             problem: InvalidParameters | InjectionSuspected = InjectionSuspected(
