@@ -225,6 +225,46 @@ async def test_recursive_schema(client, app):
     assert (await client.post("/trees", json=sneaky)).status_code == 422
 
 
+# -- form bodies -----------------------------------------------------------------------------
+
+
+def _form(client, body: bytes):
+    return client.post("/forms", content=body,
+                       headers={"content-type": "application/x-www-form-urlencoded"})
+
+
+async def test_valid_form_passes_untouched(client, app):
+    body = b"name=Ann+Lee&age=30&agree=true&tags=a&tags=b"
+    response = await _form(client, body)
+    assert response.status_code == 200, response.text
+    assert app.seen == [("/forms", body)]  # the app gets the bytes the client sent
+
+
+@pytest.mark.parametrize(("body", "pointer", "reason"), [
+    (b"name=x&age=abc", "/body/age", "type"),
+    (b"name=x&age=-1", "/body/age", "minimum"),
+    (b"name=x&agree=yes", "/body/agree", "type"),
+    (b"name=x&name=y", "/body/name", "repeated"),
+    (b"age=3", "/body", "required"),
+    (b"name=x&role=admin", "/body", "unevaluated-properties"),
+    (b"name=x&tags=toolongvalue", "/body/tags/0", "max-length"),
+])
+async def test_invalid_form_is_422(client, app, body, pointer, reason):
+    response = await _form(client, body)
+    assert response.status_code == 422, response.text
+    assert {"pointer": pointer, "reason": reason} in response.json()["errors"]
+    assert app.seen == []
+
+
+async def test_form_payload_and_bad_encoding(client, app):
+    payload = await _form(client, b"name=%3Csvg%20onload%3Dx%3E")
+    assert payload.status_code == 400
+    assert payload.json()["errors"] == [{"pointer": "/body/name", "reason": "xss"}]
+    bad = await _form(client, b"name=%ff%fe")
+    assert bad.status_code == 400 and bad.json()["type"].endswith("bad-request")
+    assert app.seen == []
+
+
 # -- injection payloads (B6) ---------------------------------------------------------------
 
 

@@ -270,6 +270,36 @@ class ParametersStep:
 _PAYLOADS = frozenset({"sql-injection", "xss", "shell-injection"})
 
 
+FORM = "application/x-www-form-urlencoded"
+
+
+def _form_fields(schema: Any, file: Any, compiler: SchemaCompiler
+                 ) -> dict[str, tuple[str | None, bool]]:
+    """For each declared property of a form body: its scalar type and whether it is an
+    array (then its values are the items' type)."""
+    try:
+        resolved, resolved_file, _ = compiler.resolver.deref(schema, file)
+    except ValueError:
+        return {}
+    fields: dict[str, tuple[str | None, bool]] = {}
+    properties = resolved.get("properties") if isinstance(resolved, dict) else None
+    for name, sub in (properties or {}).items():
+        try:
+            prop, prop_file, _ = compiler.resolver.deref(sub, resolved_file)
+        except ValueError:
+            continue
+        kind = _scalar_kind(prop)
+        if kind == "array":
+            try:
+                items, _, _ = compiler.resolver.deref(prop.get("items"), prop_file)
+            except ValueError:
+                items = None
+            fields[name] = (_scalar_kind(items), True)
+        else:
+            fields[name] = (kind, False)
+    return fields
+
+
 def _free_text(schema: Any) -> bool:
     """A string nothing narrows (no enum, const, pattern or format)."""
     if schema is None:
@@ -339,6 +369,8 @@ class BodyStep:
         self.validators: dict[str, dict[str, jsonschema_rs.Validator]] = {}
         self.detector = Detector(config.injection)
         self.shapes: dict[str, dict[str, Shape | None]] = {}  # free strings to scan (B6)
+        # form bodies: property -> (scalar type, is an array) for typing the values
+        self.form_fields: dict[str, dict[str, tuple[str | None, bool]]] = {}
         assert contract.resolver is not None
         builder = Builder(contract.resolver)
         for op in contract.operations:
@@ -347,12 +379,14 @@ class BodyStep:
             scan = self.detector.enabled and op.policy.injection is not False
             per_media: dict[str, jsonschema_rs.Validator] = {}
             for media, schema, file, pointer in op.bodies:
-                if not is_json(media):
-                    continue  # form and multipart bodies: validated in a later step
+                if not (is_json(media) or media == FORM):
+                    continue  # multipart bodies: validated in a later step
                 try:
                     per_media[media], _ = compiler.compile(schema, file)
                 except SchemaError as exc:
                     problems.append(f"{file.name}#{pointer}: {exc}")
+                if media == FORM:
+                    self.form_fields[op.pointer] = _form_fields(schema, file, compiler)
                 if scan:
                     self.shapes.setdefault(op.pointer, {})[media] = builder.build(schema, file)
             if per_media:
@@ -364,7 +398,8 @@ class BodyStep:
         if operation is None or operation.pointer not in self.validators:
             return False
         content_type = exchange.request.header(b"content-type") or b""
-        return is_json(content_type.decode("latin-1").split(";", 1)[0].strip().lower())
+        media = content_type.decode("latin-1").split(";", 1)[0].strip().lower()
+        return is_json(media) or media == FORM
 
     def on_body(self, exchange: Exchange) -> None:
         operation = exchange.operation
@@ -378,11 +413,15 @@ class BodyStep:
         media = content_type.decode("latin-1").split(";", 1)[0].strip().lower()
         validator = validators.get(media)
         if validator is None:
-            if not is_json(media) or not validators:
+            json_media = [m for m in validators if is_json(m)]
+            if not is_json(media) or not json_media:
                 return
-            media = next(iter(validators))  # e.g. application/*+json
+            media = json_media[0]  # e.g. application/*+json
             validator = validators[media]
-        document = self.parse(request.body, content_type)
+        if media == FORM:
+            document = self.parse_form(request.body, self.form_fields[operation.pointer])
+        else:
+            document = self.parse(request.body, content_type)
         errors: list[dict[str, str]] = []
         for error in validator.iter_errors(document):
             errors.append({"pointer": error_pointer("/body", error),
@@ -429,6 +468,37 @@ class BodyStep:
                     self._scan(item, items, path, found)
                     path.pop()
         return found
+
+    def parse_form(self, body: bytes, fields: dict[str, tuple[str | None, bool]]) -> Any:
+        """`application/x-www-form-urlencoded` -> an object typed by the schema: a field
+        declared as an array collects its repeated values, any other may appear once;
+        values are typed as strictly as parameters (`"yes"` is not a boolean)."""
+        try:
+            pairs = parse_qsl(body.decode("ascii"), keep_blank_values=True,
+                              encoding="utf-8", errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise BadRequest("body-form-not-decodable", contract_rule=True) from None
+        if len(pairs) > self.max_keys:
+            raise BadRequest("body-too-many-keys", contract_rule=True)
+        document: dict[str, Any] = {}
+        errors: list[dict[str, str]] = []
+        for name, raw in pairs:
+            kind, is_array = fields.get(name, ("string", False))
+            value = _coerce(raw, kind)
+            if value is _INVALID:
+                errors.append({"pointer": "/body/" + escape_pointer(name), "reason": "type"})
+            elif is_array:
+                document.setdefault(name, []).append(value)
+            elif name in document:
+                errors.append({"pointer": "/body/" + escape_pointer(name),
+                               "reason": "repeated"})
+            else:
+                document[name] = value
+        if errors:
+            problem = InvalidBody("body-form-invalid")
+            problem.errors = errors[: self.max_errors]
+            raise problem
+        return document
 
     def parse(self, body: bytes, content_type: bytes) -> Any:
         """Parse once, refusing duplicate keys (in the object hook), excess key counts,
