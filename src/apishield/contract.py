@@ -30,6 +30,7 @@ from apishield.config import (
     format_validation_error,
     read_yaml,
 )
+from apishield.exchange import media_type
 
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 _TEMPLATE_PARAM = re.compile(r"\{([^{}/]+)\}")
@@ -358,12 +359,12 @@ def _compile_operation(
         body, body_file, body_pointer = followed or ({}, file, None)
         if isinstance(body, dict):
             content = body.get("content") or {}
-            media_types = tuple(str(key).lower().split(";")[0].strip() for key in content)
+            media_types = tuple(media_type(str(key)) for key in content)
             body_required = bool(body.get("required", False))
             where_body = body_pointer if body_pointer is not None else location + "/requestBody"
             for key, media in content.items():
                 if isinstance(media, dict) and "schema" in media:
-                    name = str(key).lower().split(";")[0].strip()
+                    name = media_type(str(key))
                     bodies.append((name, media["schema"], body_file,
                                    f"{where_body}/content/{escape_pointer(str(key))}/schema"))
     security = raw.get("security", top_security)
@@ -402,7 +403,7 @@ def _responses(raw: Any, file: Path, resolver: RefResolver) -> list[tuple[str, s
             continue
         for media, body in content.items():
             if isinstance(body, dict) and "schema" in body:
-                name = str(media).lower().split(";")[0].strip()
+                name = media_type(str(media))
                 found.append((str(status).upper(), name, body["schema"], response_file))
     return found
 

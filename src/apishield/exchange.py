@@ -26,6 +26,13 @@ _pool = b""
 _offset = _POOL_BYTES
 
 
+def media_type(value: bytes | str) -> str:
+    """`type/subtype` of a Content-Type value or a contract `content` key: lower case,
+    parameters (`; charset=...`) removed (RFC 9110 8.3.1)."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    return text.split(";", 1)[0].strip().lower()
+
+
 @lru_cache(maxsize=256)
 def connection_tokens(value: bytes) -> frozenset[bytes]:
     """The field names a `Connection` header value lists (lower case); memoized, since

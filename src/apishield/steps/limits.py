@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from apishield.config import Limits
 from apishield.contract import Operation
-from apishield.exchange import Exchange
+from apishield.exchange import Exchange, media_type
 from apishield.problems import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 
@@ -58,7 +58,7 @@ class LimitsStep:
             return
         if content_type is None:
             raise UnsupportedMediaType("content-type-missing")
-        media = content_type.decode("latin-1").split(";", 1)[0].strip().lower()
+        media = media_type(content_type)
         if media in exact:
             return
         if any(media.startswith(prefix) for prefix in prefixes):

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from apishield.contract import Contract
-from apishield.exchange import Exchange
+from apishield.exchange import Exchange, media_type
 from apishield.shapes import Builder, Shape
 from apishield.steps.validate import is_json
 
@@ -74,7 +74,7 @@ class ResponseFilter:
         per_status = self.shapes.get(operation.pointer)
         if per_status is None:
             return None
-        media = content_type.decode("latin-1").split(";", 1)[0].strip().lower()
+        media = media_type(content_type)
         if not is_json(media):
             return None
         code = str(status)

@@ -29,7 +29,7 @@ import jsonschema_rs
 
 from apishield.config import Validation
 from apishield.contract import Contract, Operation, Parameter, escape_pointer
-from apishield.exchange import Exchange
+from apishield.exchange import Exchange, media_type
 from apishield.injection import Detector
 from apishield.problems import BadRequest, InjectionSuspected, InvalidBody, InvalidParameters
 from apishield.schema import Caps, SchemaCompiler, SchemaError, error_pointer, error_reason
@@ -398,7 +398,7 @@ class BodyStep:
         if operation is None or operation.pointer not in self.validators:
             return False
         content_type = exchange.request.header(b"content-type") or b""
-        media = content_type.decode("latin-1").split(";", 1)[0].strip().lower()
+        media = media_type(content_type)
         return is_json(media) or media == FORM
 
     def on_body(self, exchange: Exchange) -> None:
@@ -410,7 +410,7 @@ class BodyStep:
         if validators is None or not request.body:
             return
         content_type = request.header(b"content-type") or b""
-        media = content_type.decode("latin-1").split(";", 1)[0].strip().lower()
+        media = media_type(content_type)
         validator = validators.get(media)
         if validator is None:
             json_media = [m for m in validators if is_json(m)]
