@@ -92,7 +92,7 @@ CONTRACT_PROBLEMS = [
 CONFIG_PROBLEMS = [
     'limits: unknown key "max_body"',
     "upstream.url: 'ftp://example.com' must start with http:// or https://",
-    "timeouts.header: 'soon' is not a duration; write e.g. 10, 10s, 500ms or 2m",
+    "timeouts.header: 'soon' is not a duration; write e.g. 10, 10s, 500ms, 2m or 90d",
 ]
 
 

@@ -179,10 +179,10 @@ def test_durations_parse(value, seconds):
     assert from_dict({"timeouts": {"header": value}}).timeouts.header == seconds
 
 
-@pytest.mark.parametrize("value", ["10 sec", "5 minutes", "ms", "-1s", "1d", "1,5s", ""])
+@pytest.mark.parametrize("value", ["10 sec", "5 minutes", "ms", "-1s", "1w", "1,5s", ""])
 def test_bad_duration_says_what_to_write(value):
     assert dict_problems({"timeouts": {"body": value}}) == [
-        f"timeouts.body: {value!r} is not a duration; write e.g. 10, 10s, 500ms or 2m"
+        f"timeouts.body: {value!r} is not a duration; write e.g. 10, 10s, 500ms, 2m or 90d"
     ]
 
 
@@ -353,7 +353,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
             'upstream: unknown key "foo"',
             'limits: unknown key "max_body"',
             "limits.max_body_bytes: 'lots' is not a size; write e.g. 1048576, 64KiB or 1MB",
-            "timeouts.header: '5 minutes' is not a duration; write e.g. 10, 10s, 500ms or 2m",
+            "timeouts.header: '5 minutes' is not a duration; write e.g. 10, 10s, 500ms, 2m or 90d",
             "timeouts.body: Input should be greater than 0",
             "trusted_proxies: 'garbage' is not an IP address or CIDR network",
             "websockets: Input should be a valid boolean, unable to interpret input",

@@ -31,7 +31,9 @@ def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
             keys |= _keys(OperationPolicy, "operations.<operationId>.")
             continue
         nested = _model_of(field.annotation)
-        if nested is not None:
+        if nested is not None and typing.get_origin(field.annotation) is dict:
+            keys |= _keys(nested, f"{prefix}{name}.<name>.")  # e.g. auth.issuers.<name>.
+        elif nested is not None:
             keys |= _keys(nested, f"{prefix}{name}.")
         else:
             keys.add(prefix + name)

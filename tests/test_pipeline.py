@@ -22,15 +22,20 @@ def _pipeline(**extra):
 
 def test_steps_run_in_the_documented_order():
     pipeline = _pipeline(trusted_proxies=["10.0.0.0/8"],
-                         cors={"allow_origins": ["https://app.example"]})
+                         cors={"allow_origins": ["https://app.example"]},
+                         operations={"cachePrivate": {"require": {"roles": ["admin"]}},
+                                     "echoPost": {"owner": {"param": "body.owner"}}})
     assert pipeline.step_names() == [*HEAD_ORDER, *BODY_ORDER, *RESPONSE_ORDER]
-    assert HEAD_ORDER == ("client_ip", "cors", "route", "limits", "validate_parameters")
+    assert HEAD_ORDER == ("client_ip", "cors", "route", "limits", "authenticate", "authorize",
+                          "validate_parameters")
     assert RESPONSE_ORDER == ("cors", "security_headers")
-    assert BODY_ORDER == ("validate_body",)
+    assert BODY_ORDER == ("validate_body", "authorize")
 
 
 def test_disabled_steps_cost_nothing():
-    assert "client_ip" not in _pipeline().step_names()  # no trusted proxies: no step at all
+    names = _pipeline().step_names()
+    assert "client_ip" not in names  # no trusted proxies: no step at all
+    assert "authorize" not in names  # no roles or ownership rules: no step either
 
 
 def test_every_problem_renders_masked_with_request_id():

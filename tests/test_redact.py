@@ -22,3 +22,12 @@ def test_one_line_and_truncated():
 
 def test_harmless_text_is_untouched():
     assert redact("SELECT 1 FROM users") == "SELECT 1 FROM users"
+
+
+def test_api_keys_are_masked_wherever_they_appear():
+    from apishield.auth.apikeys import generate_key
+
+    _, key = generate_key()
+    out = redact(f"lookup failed for {key} (truncated: {key[:-1]})")
+    assert key not in out and key[:-1] not in out
+    assert out.count("<redacted-api-key>") == 2

@@ -54,7 +54,7 @@ def test_filter_too_large_is_502(make_gateway):
 
 
 def test_filter_off(make_gateway):
-    gw = make_gateway({"responses": {"filter": False}})
+    gw = make_gateway({"responses": {"mode": "off"}})
     assert "password_hash" in httpx.get(f"{gw.url}/users?n=1").text
 
 

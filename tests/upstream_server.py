@@ -28,6 +28,15 @@ TRACEBACK_BODY = (
 )
 
 
+# Bodies `/respond/<any>/<status>/<kind>` answers with, for the response-mode tests.
+CANNED: dict[str, Any] = {
+    "conforming": {"id": 1, "name": "ann"},
+    "extra": {"id": 1, "name": "ann", "is_admin": True},
+    "write-only": {"id": 1, "name": "ann", "password": "hunter2"},
+    "wrong-type": {"id": "one", "name": "ann"},
+}
+
+
 class FramingError(Exception):
     """The request body could not be delimited; answer 400 and close."""
 
@@ -229,6 +238,13 @@ class UpstreamHandler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        elif path.startswith("/respond/"):
+            # /respond/<mode>/<status>/<kind>: the chosen status with a canned body
+            code, kind = path.rsplit("/", 2)[-2:]
+            if not (code.isdigit() and 200 <= int(code) <= 599) or kind not in CANNED:
+                self._send(404, {"error": "not found"})
+            else:
+                self._send(int(code), CANNED[kind])
         elif path == "/server-error-json":
             self._send(500, {"detail": "db password is hunter2"})
         else:

@@ -13,11 +13,15 @@ import asyncio
 import sys
 import time
 from functools import lru_cache
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import orjson
 
-Entry = tuple[str, str, str | None, str | None, int, float, str, str, str | None, float]
+if TYPE_CHECKING:
+    from apishield.auth.principal import Principal
+
+Entry = tuple[str, str, str | None, str | None, int, float, str, str, str | None, float,
+              "Principal | None"]
 
 
 FLUSH_EVERY = 512  # entries; also flushed every 100 ms
@@ -66,13 +70,18 @@ class AccessLog:
         text = self._text  # memoized: routes, operations, methods, reasons repeat
         dumps = orjson.dumps  # ids and addresses do not: they would only churn the cache
         lines = []
-        for rid, method, route, operation, status, duration, ip, outcome, reason, ts in entries:
+        for (rid, method, route, operation, status, duration, ip, outcome, reason, ts,
+             principal) in entries:
             # Every string goes through orjson, so the line is valid, escaped JSON.
+            who = b""
+            if principal is not None:  # who it was: the verified subject, the key id
+                who = b',"subject":%b,"key_id":%b' % (dumps(principal.subject),
+                                                      dumps(principal.key_id))
             lines.append(
                 b'{"id":%b,"method":%b,"route":%b,"operation":%b,"status":%d,'
-                b'"duration_ms":%.3f,"client_ip":%b,"outcome":%b,"reason":%b,"ts":"%b"}\n'
+                b'"duration_ms":%.3f,"client_ip":%b,"outcome":%b,"reason":%b%b,"ts":"%b"}\n'
                 % (dumps(rid), text(method), text(route), text(operation), status, duration,
-                   dumps(ip), text(outcome), text(reason), self._timestamp(ts).encode())
+                   dumps(ip), text(outcome), text(reason), who, self._timestamp(ts).encode())
             )
         try:
             self._stream.write(b"".join(lines))

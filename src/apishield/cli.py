@@ -16,9 +16,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from apishield.auth.service import NOT_PUBLIC
 from apishield.config import Config, ConfigError, config_from_dict, load_config, read_yaml
 from apishield.contract import load_contract
+from apishield.pipeline import Pipeline
 from apishield.proxy import Gateway, build_gateway, serve
 
 EXIT_CONFIG = 2
@@ -129,6 +132,29 @@ def config_warnings(gateway: Gateway) -> list[str]:
             "upstream.tls.verify: false: the upstream's certificate is not checked, so anyone "
             "on the path can impersonate it; give its CA with upstream.tls.ca instead"
         )
+    found += security_warnings(gateway.pipeline)
+    return found
+
+
+def security_warnings(pipeline: Pipeline) -> list[str]:
+    """Operations apishield will refuse to everyone (A7), and insecure key sources."""
+    contract = pipeline.contract
+    name = contract.source.name
+    found = [
+        f"{name}#{operation.pointer}: declares no security and is not marked public, "
+        "so apishield refuses it to everyone (403 not-public); give it a `security` "
+        "requirement, or make it public with `security: []` or `x-apishield: {public: true}`"
+        for operation in contract.operations
+        if pipeline.auth.plans.get(operation.pointer) == NOT_PUBLIC
+    ]
+    for issuer_name, issuer in pipeline.config.auth.issuers.items():
+        for key, url in (("jwks_url", issuer.jwks_url), ("introspection.url",
+                         issuer.introspection.url if issuer.introspection else None)):
+            if url is not None and url.startswith("http://") and not _is_loopback(
+                    urlsplit(url).hostname or ""):
+                found.append(
+                    f"auth.issuers.{issuer_name}.{key}: {url} is plain HTTP to another host: "
+                    "anyone on the path can swap the keys or answers; use https://")
     return found
 
 
@@ -153,7 +179,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for warning in config_warnings(gateway):
         logging.getLogger("apishield").warning("%s", warning)
     listen = gateway.config.listen
-    _run(serve(gateway, listen.host, listen.port))
+    try:
+        _run(serve(gateway, listen.host, listen.port))
+    except ConfigError as exc:  # found at start: the key store or its pepper
+        return _report(exc, args.config)
     return 0
 
 
@@ -244,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument("--upstream-port", type=int, default=0, help="demo API port (0: any)")
     demo_cmd.add_argument("--access-log", default="-", help="access log file ('-': stdout)")
     demo_cmd.set_defaults(func=cmd_demo)
+
+    from apishield import keys_cli  # `keys create | list | revoke | rotate`
+
+    keys_cli.register(commands)
     return parser
 
 

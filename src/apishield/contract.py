@@ -87,6 +87,8 @@ class Contract:
     version: str
     operations: tuple[Operation, ...]
     resolver: RefResolver | None = field(default=None, repr=False, compare=False)
+    # components.securitySchemes, $refs followed: name -> Security Scheme Object
+    security_schemes: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 
     @property
     def openapi30(self) -> bool:
@@ -211,10 +213,77 @@ def load_contract(config: Config) -> Contract:
     _check_all_refs(resolver, problems)
     operations = _collect_operations(doc, resolver, problems, config)
     _check_config_operations(config, operations, problems)
+    schemes = _security_schemes(doc, resolver, problems)
+    _check_security(path, operations, schemes, problems)
     if problems.items:
         raise ConfigError(problems.items)
     return Contract(source=path, version=version, operations=tuple(operations),
-                    resolver=resolver)
+                    resolver=resolver, security_schemes=schemes)
+
+
+_SCHEME_TYPES = ("apiKey", "http", "oauth2", "openIdConnect", "mutualTLS")
+
+
+def _security_schemes(
+    doc: dict[str, Any], resolver: RefResolver, problems: _Problems
+) -> dict[str, dict[str, Any]]:
+    """`components.securitySchemes` with $refs followed and each scheme's shape checked;
+    what apishield can enforce is decided later, by the auth compiler."""
+    root = resolver.root_path
+    components = doc.get("components")
+    raw = components.get("securitySchemes") if isinstance(components, dict) else None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.add(root, "/components/securitySchemes", "must be a mapping")
+        return {}
+    schemes: dict[str, dict[str, Any]] = {}
+    for name, entry in raw.items():
+        where = "/components/securitySchemes/" + escape_pointer(str(name))
+        followed = _deref_reporting(resolver, entry, root, where, problems)
+        if followed is None:
+            continue
+        scheme = followed[0]
+        if not isinstance(scheme, dict) or scheme.get("type") not in _SCHEME_TYPES:
+            problems.add(root, where, "a security scheme needs a `type`: one of "
+                         + ", ".join(_SCHEME_TYPES))
+            continue
+        kind = scheme["type"]
+        if kind == "apiKey" and (not isinstance(scheme.get("name"), str)
+                                 or scheme.get("in") not in ("header", "query", "cookie")):
+            problems.add(root, where, "an apiKey scheme needs `name` and `in` "
+                         "(header, query or cookie)")
+            continue
+        if kind == "http" and not isinstance(scheme.get("scheme"), str):
+            problems.add(root, where, "an http scheme needs `scheme` (e.g. bearer)")
+            continue
+        schemes[str(name)] = scheme
+    return schemes
+
+
+def _check_security(
+    root: Path, operations: list[Operation], schemes: dict[str, dict[str, Any]],
+    problems: _Problems,
+) -> None:
+    """Every requirement names a declared scheme (a typo must not make an operation
+    unreachable or, worse, silently public); each is a mapping of name -> scope list."""
+    for operation in operations:
+        if not operation.security:
+            continue
+        for index, requirement in enumerate(operation.security):
+            where = f"{operation.pointer}/security/{index}"
+            if not isinstance(requirement, dict):
+                problems.add(root, where, "a security requirement must be a mapping of "
+                             "scheme name -> list of scopes")
+                continue
+            for name, scopes in requirement.items():
+                if name not in schemes:
+                    problems.add(root, f"{where}/{escape_pointer(str(name))}",
+                                 f"no security scheme named {name!r} in "
+                                 "components.securitySchemes")
+                elif not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+                    problems.add(root, f"{where}/{escape_pointer(str(name))}",
+                                 "must be a list of scope names")
 
 
 def _deref_reporting(

@@ -13,6 +13,10 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from typing import Any
+
+    from apishield.auth.principal import Principal
     from apishield.contract import Operation
     from apishield.problems import Problem
     from apishield.router import PathEntry
@@ -124,11 +128,14 @@ class Exchange:
         "id",
         "operation",
         "path_params",
+        "principal",
         "problem",
         "reason",
         "request",
+        "resumes",
         "shadowed",
         "started",
+        "suspended",
         "trusted_peer",
     )
 
@@ -146,3 +153,23 @@ class Exchange:
         self.problem: Problem | None = None  # whoever refused
         self.reason = ""  # outcome reason for the access log
         self.shadowed = False  # log-only mode: something would have been refused
+        self.principal: Principal | None = None  # authenticate step: the verified caller
+        # pipeline: a step waiting for I/O (a JWKS refetch, token introspection) and where
+        # to resume; `resumes` counts how often it did, so a step never waits twice
+        self.suspended: tuple[Callable[[], Awaitable[None]], list[Any], int] | None = None
+        self.resumes = 0
+
+
+class Suspend(Exception):
+    """Raised by a synchronous step that needs I/O first (a JWKS refetch for an unknown
+    `kid`, an introspection call). The pipeline stores `wait` and the step's place on the
+    exchange; the front end then takes its async path, awaits `wait()` and the pipeline
+    runs the step again (whose answer is now cached) and the steps after it.
+
+    Steps stay synchronous on the hot path this way: a cache hit costs no task, no future.
+    `wait` must not raise: it records a failure where the step will find it on its rerun.
+    """
+
+    def __init__(self, wait: Callable[[], Awaitable[None]]) -> None:
+        super().__init__("suspended for I/O")
+        self.wait = wait

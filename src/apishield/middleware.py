@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from apishield.auth.identity import identity_headers
 from apishield.config import Config, load_config
 from apishield.contract import load_contract
 from apishield.exchange import Exchange, Headers, Request
@@ -37,6 +38,7 @@ from apishield.problems import (
     Problem,
     UriTooLong,
 )
+from apishield.steps.response_filter import Plan
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -60,6 +62,7 @@ class ApiShieldMiddleware:
         self.config = config if isinstance(config, Config) else load_config(config)
         self.contract = load_contract(self.config)
         self.pipeline = Pipeline(self.config, self.contract)
+        self._started = False
         limits = self.config.limits
         self._max_url = limits.max_url_length
         self._max_header_bytes = limits.max_header_bytes
@@ -67,6 +70,10 @@ class ApiShieldMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if not self._started:
+            # no lifespan event is guaranteed to reach a middleware: start on first use
+            self._started = True
+            await self.pipeline.start()
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "websocket" and not self.config.websockets:
@@ -131,7 +138,11 @@ class ApiShieldMiddleware:
             if exchange.problem is not None:
                 await refuse(exchange.problem)
                 return
-            await pipeline.on_request(exchange)
+            if exchange.suspended is not None:
+                await pipeline.on_request(exchange)
+                if exchange.problem is not None:
+                    await refuse(exchange.problem)
+                    return
 
             replayed = False
 
@@ -145,20 +156,22 @@ class ApiShieldMiddleware:
             # A response the gateway must rewrite (a 5xx to mask, a JSON body to filter) is
             # held whole: its start message, then its body parts.
             held_start: Message | None = None
+            held_plan: Plan | None = None  # what the pipeline does to a held body
             held: list[bytes] = []
             held_size = 0
 
             async def app_send(message: Message) -> None:
-                nonlocal status, started, held_start, held_size
+                nonlocal status, started, held_start, held_plan, held_size
                 if message["type"] == "http.response.start":
                     status = message["status"]
                     started = True
                     headers: Headers = [
                         (name.lower(), value) for name, value in message.get("headers", [])
                     ]
-                    if (status >= 500 and pipeline.mask_errors) or pipeline.filter_shape(
-                        exchange, status, headers
-                    ):
+                    masked = status >= 500 and pipeline.mask_errors
+                    held_plan = None if masked else pipeline.filter_shape(exchange, status,
+                                                                          headers)
+                    if masked or held_plan is not None:
                         held_start = {**message, "headers": headers}
                         return
                     headers = pipeline.on_response(exchange, status, headers)
@@ -173,7 +186,8 @@ class ApiShieldMiddleware:
                     raise BadGateway("response-too-large-to-filter")
                 held.append(chunk)
                 if not message.get("more_body", False):
-                    status = await self._send_held(exchange, held_start, b"".join(held), send)
+                    status = await self._send_held(exchange, held_start, held_plan,
+                                                   b"".join(held), send)
 
             await self.app(self._app_scope(scope, exchange), app_receive, app_send)
         except Problem as problem:
@@ -191,17 +205,17 @@ class ApiShieldMiddleware:
         finally:
             pipeline.record(exchange, status)
 
-    async def _send_held(self, exchange: Exchange, start: Message, body: bytes,
-                         send: Send) -> int:
-        """Send a held response: a 5xx masked, or a JSON body cut to its declared shape."""
+    async def _send_held(self, exchange: Exchange, start: Message, plan: Plan | None,
+                         body: bytes, send: Send) -> int:
+        """Send a held response: a 5xx masked, or a body as `plan` says (cut to its
+        declared shape, checked against its schema, or refused)."""
         pipeline = self.pipeline
         status = start["status"]
         if status >= 500 and pipeline.mask_errors:
             code, headers, body = pipeline.mask_upstream_error(exchange, status, body)
         else:
-            shape = pipeline.filter_shape(exchange, status, start["headers"])
             try:
-                body = pipeline.filter_body(exchange, shape, body) if shape else body
+                body = pipeline.filter_body(exchange, plan, body) if plan else body
             except Problem as problem:
                 code, headers, body = pipeline.problem_response(exchange, problem)
             else:
@@ -237,4 +251,8 @@ class ApiShieldMiddleware:
             if not _spoofs_gateway_header(name.lower())
         ]
         headers.append((b"x-request-id", exchange.id.encode()))
+        if exchange.request.client_identity:
+            headers.extend(exchange.request.client_identity)
+        if exchange.principal is not None:
+            headers.extend(identity_headers(exchange.principal))
         return {**scope, "headers": headers}

@@ -3,10 +3,11 @@
 Order is fixed and documented (no priority numbers; ARCHITECTURE.md):
 
     head phase (request line + headers, before any body is read; synchronous):
-        client_ip -> cors -> route -> limits -> validate_parameters
+        client_ip -> cors -> route -> limits -> authenticate -> authorize ->
+        validate_parameters
     body phase (the whole body is in; synchronous):
-        validate_body
-    request phase (async steps such as authentication plug in here)
+        validate_body -> authorize
+    request phase (only when a step suspended for I/O: its rerun, then the rest)
     forward (the front end's job: upstream pool or the wrapped ASGI app)
     response phase (on the response head, before any body byte is sent):
         cors -> security_headers
@@ -14,8 +15,14 @@ Order is fixed and documented (no priority numbers; ARCHITECTURE.md):
 Why the pipeline does not call `forward` itself: the two front ends stream bodies in very
 different ways (raw transports vs ASGI messages), and the response steps need only the
 head. So the pipeline exposes its phases and each front end drives them around its own
-forwarding; a test asserts the order. A step that must see a whole body will declare it,
-and the front ends will buffer only then.
+forwarding; a test asserts the order. A step that must see a whole body declares it
+(`needs_body`), and the front ends buffer only then.
+
+Steps are synchronous: per request they do lookups and run precompiled checks. A step that
+needs I/O first (authentication on a JWKS cache miss or an introspection call) raises
+`Suspend`; `_run` keeps its place on the exchange, the front end takes its async path and
+calls `on_request`, which awaits the I/O and resumes there (the body phase, deferred, runs
+after). Nothing on the fast path pays for the possibility.
 """
 
 from __future__ import annotations
@@ -27,13 +34,16 @@ from http import HTTPStatus
 
 from apishield import problems
 from apishield.accesslog import AccessLog
+from apishield.auth.service import AuthService
 from apishield.config import Config
 from apishield.contract import Contract
-from apishield.exchange import Exchange, Headers
+from apishield.exchange import Exchange, Headers, Suspend
 from apishield.problems import Problem, render_problem
 from apishield.redact import MAX_LOGGED, redact
 from apishield.router import Router
 from apishield.steps import (
+    authenticate,
+    authorize,
     client_ip,
     cors,
     limits,
@@ -45,8 +55,9 @@ from apishield.steps import (
 
 logger = logging.getLogger("apishield")
 
-HEAD_ORDER = ("client_ip", "cors", "route", "limits", "validate_parameters")
-BODY_ORDER = ("validate_body",)
+HEAD_ORDER = ("client_ip", "cors", "route", "limits", "authenticate", "authorize",
+              "validate_parameters")
+BODY_ORDER = ("validate_body", "authorize")
 RESPONSE_ORDER = ("cors", "security_headers")
 
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
@@ -59,21 +70,22 @@ class Pipeline:
         self.router = Router(contract.operations, config.base_path)
         parameters, body = validate.build(contract, config.validation)
         self.cors = cors.build(config.cors, self.router)
+        self.auth = AuthService(config, contract)
+        self.authorize = authorize.AuthorizeStep(config, contract)
         head_steps = [
             client_ip.build(config.trusted_proxies),
             self.cors,
             route.RouteStep(self.router),
             limits.LimitsStep(config.limits, contract.operations),
+            authenticate.AuthenticateStep(self.auth),
+            self.authorize if self.authorize.rules else None,
             parameters,
         ]
         self.head_steps = [step for step in head_steps if step is not None]
         self._head_calls: list[Callable[[Exchange], None]] = [s.on_head for s in self.head_steps]
-        self.body_steps = [body]
+        self.body_steps = [body, *([self.authorize] if self.authorize.body_rules else [])]
         self._body_calls = [s.on_body for s in self.body_steps]
         self._body_step = body
-        # Async request-phase steps (authentication, validation) will be listed here; while
-        # there are none, the gateway answers on its callback fast path with no task.
-        self.async_steps: list[object] = []
         self.response_steps = [
             step for step in (self.cors,
                               security_headers.SecurityHeadersStep(config.headers, tls=tls))
@@ -82,9 +94,7 @@ class Pipeline:
         self._response_calls = [s.on_response for s in self.response_steps]
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         self.mask_errors = config.responses.mask_errors
-        self.response_filter = (
-            response_filter.ResponseFilter(contract) if config.responses.filter else None
-        )
+        self.response_filter = response_filter.ResponseFilter(contract, config.responses)
         self.max_filter_bytes = config.responses.max_filter_bytes
         self.global_log_only = config.mode == "log-only"
 
@@ -93,7 +103,7 @@ class Pipeline:
 
     def needs_body(self, exchange: Exchange) -> bool:
         """Whether a step must see this request's whole body (then it is not streamed)."""
-        return self._body_step.needs_body(exchange)
+        return self._body_step.needs_body(exchange) or self.authorize.needs_body(exchange)
 
     def log_only(self, exchange: Exchange) -> bool:
         """Shadow mode for this request: contract refusals are logged, not enforced."""
@@ -115,13 +125,19 @@ class Pipeline:
         self._run(self._head_calls, exchange)
 
     def on_body(self, exchange: Exchange) -> None:
-        """Run the body steps on a complete body; a refusal is stored, not raised."""
-        self._run(self._body_calls, exchange)
+        """Run the body steps on a complete body; a refusal is stored, not raised.
+        Deferred to `on_request` while a head step is suspended (the order holds)."""
+        if exchange.suspended is None:
+            self._run(self._body_calls, exchange)
 
-    def _run(self, calls: list[Callable[[Exchange], None]], exchange: Exchange) -> None:
-        for call in calls:
+    def _run(self, calls: list[Callable[[Exchange], None]], exchange: Exchange,
+             start: int = 0) -> None:
+        for call in calls if start == 0 else calls[start:]:
             try:
                 call(exchange)
+            except Suspend as suspend:
+                exchange.suspended = (suspend.wait, calls, calls.index(call))
+                return
             except Problem as problem:
                 if not self._shadow(exchange, problem):
                     exchange.problem = problem
@@ -133,7 +149,25 @@ class Pipeline:
                     return
 
     async def on_request(self, exchange: Exchange) -> None:
-        """Steps that need I/O (authentication, a shared rate-limit store) will run here."""
+        """Finish a request whose steps suspended for I/O: await it, rerun the step, run
+        what follows it, then the deferred body phase. A no-op for everything else."""
+        while exchange.suspended is not None:
+            wait, calls, index = exchange.suspended
+            exchange.suspended = None
+            exchange.resumes += 1
+            await wait()
+            self._run(calls, exchange, index)
+            if (exchange.problem is None and exchange.suspended is None
+                    and calls is self._head_calls):
+                self._run(self._body_calls, exchange)
+
+    async def start(self) -> None:
+        """Background work that needs the event loop (JWKS fetch and refresh, key-store
+        revocation poll); called once the loop runs."""
+        await self.auth.start()
+
+    async def stop(self) -> None:
+        await self.auth.close()
 
     def on_response(self, exchange: Exchange, status: int, headers: Headers) -> Headers:
         for call in self._response_calls:
@@ -159,37 +193,36 @@ class Pipeline:
 
     def filter_shape(
         self, exchange: Exchange, status: int, headers: Headers
-    ) -> response_filter.Shape | None:
-        """The declared shape a response must be cut to, or None (pass it as it is)."""
-        if self.response_filter is None or exchange.request.method == "HEAD":
-            return None
-        operation = exchange.operation
-        if operation is None or operation.pointer not in self.response_filter.shapes:
-            return None  # nothing declared for this operation: no header scan
-        content_type = None
-        for name, value in headers:
-            if name == b"content-type":
-                content_type = value
-        return self.response_filter.shape_for(exchange, status, content_type)
+    ) -> response_filter.Plan | None:
+        """What must happen to this response's body before it is sent (cut to its shape,
+        checked against its schema, or refused), or None: pass it as it is. The front
+        ends hold the body whole only for a plan. An undeclared status is logged here."""
+        return self.response_filter.plan_for(exchange, status, headers)
 
-    def filter_body(self, exchange: Exchange, shape: response_filter.Shape, body: bytes
+    def filter_body(self, exchange: Exchange, plan: response_filter.Plan, body: bytes
                     ) -> bytes:
-        """The body cut to `shape`; a body that cannot be checked is a 502, never sent."""
-        assert self.response_filter is not None
-        filtered = self.response_filter.filter(exchange, shape, body)
-        if self.log_only(exchange):
-            if filtered is not body:  # it would have been cut, or refused
-                exchange.shadowed = True
-                exchange.reason = exchange.reason or "response-filtered"
+        """The body as `plan` says; one that must not be sent (cannot be checked, breaks
+        its schema, undeclared status in validate mode) is a 502. In log-only mode the
+        body always passes untouched and the access log says what would have happened."""
+        try:
+            result = self.response_filter.apply(exchange, plan, body)
+        except problems.BadGateway as problem:
+            if not self.log_only(exchange):
+                raise
+            exchange.shadowed = True
+            exchange.reason = exchange.reason or problem.reason
             return body
-        if filtered is None:
-            raise problems.BadGateway("response-not-json")
-        return filtered
+        if result is not body and self.log_only(exchange):  # it would have been cut
+            exchange.shadowed = True
+            exchange.reason = exchange.reason or "response-filtered"
+            return body
+        return result
 
     def filters_operation(self, exchange: Exchange) -> bool:
+        """Whether this operation's JSON responses are read (filtered or validated): the
+        gateway then asks the upstream for them unencoded."""
         operation = exchange.operation
-        return (self.response_filter is not None and operation is not None
-                and operation.pointer in self.response_filter.shapes)
+        return operation is not None and operation.pointer in self.response_filter.reads_bodies
 
     def mask_upstream_error(
         self, exchange: Exchange, status: int, sample: bytes
@@ -227,6 +260,7 @@ class Pipeline:
             _outcome(exchange, problem),
             exchange.reason or None,
             time.time(),
+            exchange.principal,
         ))
 
     def close(self) -> None:

@@ -18,7 +18,10 @@ Exception tree::
     ├── UriTooLong                  414  URL over the limit (B4)
     ├── UnsupportedMediaType        415  undeclared request media type (B5)
     ├── HeadersTooLarge             431  header bytes or count over the limit (B4)
+    ├── Unauthorized                401  no valid credential (A1-A4); carries WWW-Authenticate
     ├── Forbidden                   403  refused on purpose (websockets not allowed, ...)
+    │   ├── AccessDenied            403  authenticated, but not allowed (A5, A6)
+    │   ├── NotPublic               403  the operation declares no security and is not public (A7)
     │   └── HttpsRequired           403  plain HTTP on a listener that refuses it (C1)
     ├── RequestTimeout              408  the client did not send its request in time (D3)
     ├── InternalError               500  a bug in apishield: traceback logged, never sent
@@ -120,6 +123,37 @@ class Forbidden(Problem):
     slug = "forbidden"
     title = "Forbidden"
     detail = "The request is not allowed."
+    practice = "A7"
+
+
+class Unauthorized(Problem):
+    """Missing or invalid credentials. One public detail for every reason (expired, bad
+    signature, revoked key, ...): the precise reason goes to the security event only, so
+    the answer is no oracle (RFC 6750 3.1 lets the error code be omitted)."""
+
+    contract_rule = True
+    status = 401
+    slug = "unauthorized"
+    title = "Unauthorized"
+    detail = "Valid credentials are required."
+    practice = "A1"
+
+
+class AccessDenied(Forbidden):
+    contract_rule = True
+    status = 403
+    slug = "access-denied"
+    title = "Forbidden"
+    detail = "The credentials are valid but do not allow this request."
+    practice = "A5"
+
+
+class NotPublic(Forbidden):
+    contract_rule = True
+    status = 403
+    slug = "not-public"
+    title = "Forbidden"
+    detail = "This operation is not open: the API contract declares no security for it."
     practice = "A7"
 
 
@@ -236,7 +270,10 @@ ALL_PROBLEMS: tuple[type[Problem], ...] = (
     InjectionSuspected,
     NotFound,
     MethodNotAllowed,
+    Unauthorized,
     Forbidden,
+    AccessDenied,
+    NotPublic,
     HttpsRequired,
     CorsRefused,
     RequestTimeout,

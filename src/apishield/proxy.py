@@ -22,6 +22,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from urllib.parse import urlsplit
 
+from apishield.auth.identity import identity_headers
 from apishield.config import Config, ConfigError
 from apishield.contract import Contract, load_contract
 from apishield.deadlines import Sweeper
@@ -179,6 +180,8 @@ class Gateway:
         kept.append((b"x-request-id", exchange.id.encode()))
         if request.client_identity:  # after the filter above dropped any client-sent copy
             kept.extend(request.client_identity)
+        if exchange.principal is not None:
+            kept.extend(identity_headers(exchange.principal))
         body = request.body
         if framing is not None:
             kept.append(framing)
@@ -242,6 +245,7 @@ class Gateway:
     async def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
+        await self.pipeline.stop()
         self.pipeline.close()
 
 
@@ -284,6 +288,7 @@ async def serve(
     refuses (it never forwards)."""
     loop = asyncio.get_running_loop()
     gateway.start_pool()
+    await gateway.pipeline.start()
     pool = gateway.pool
     assert pool is not None
     sweeper = Sweeper(lambda: [*gateway.connections, *pool.busy])

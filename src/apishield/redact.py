@@ -17,6 +17,8 @@ _SECRET_ASSIGNMENT = re.compile(
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
 _URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/:@]+:[^\s/@]+@")
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+# an apishield API key (`ask_<id>_<secret>`, see auth/apikeys.py) anywhere in the text
+_API_KEY = re.compile(r"\bask_[a-z2-7]{4,32}_[A-Za-z0-9_-]{16,}")
 MAX_LOGGED = 512
 
 
@@ -34,6 +36,7 @@ def redact(text: str, limit: int = MAX_LOGGED) -> str:
     text = _URL_CREDENTIALS.sub(r"\1<redacted>@", text)
     text = _BEARER.sub(r"\1 <redacted>", text)
     text = _JWT.sub("<redacted-jwt>", text)
+    text = _API_KEY.sub("<redacted-api-key>", text)
     text = _SECRET_ASSIGNMENT.sub(r"\1\2<redacted>", text)
     if len(text) > limit:
         text = text[:limit] + "...(truncated)"

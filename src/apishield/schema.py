@@ -16,6 +16,7 @@ The conversion is also where the contract's silence becomes "no" (checklist B2, 
 - in requests, `readOnly` properties are refused (their schema becomes `false`);
 - strings without `maxLength` and arrays without `maxItems` get the configured caps;
 - `format: int32/int64` become numeric bounds (jsonschema-rs does not check them);
+- `format: email` is jsonschema-rs's check with the domain's case folded (`_is_email`);
 - patterns compile with the linear-time regex engine (no catastrophic backtracking);
   a pattern that needs backtracking (lookaround, backreferences) is refused at load.
 """
@@ -41,6 +42,9 @@ _SCHEMA_ONE = ("additionalProperties", "unevaluatedProperties", "items", "contai
                "if", "then", "else", "propertyNames", "unevaluatedItems", "contentSchema")
 _COMPOSITION = frozenset({"allOf", "anyOf", "oneOf"})
 _DEF_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+_DEFS = "#/$defs/"
+_BUILTIN_EMAIL = jsonschema_rs.Draft202012Validator({"format": "email"}, validate_formats=True)
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class SchemaCompiler:
                 validator = jsonschema_rs.Draft202012Validator(
                     document,
                     validate_formats=True,
+                    formats={"email": _is_email},
                     pattern_options=jsonschema_rs.RegexOptions(),
                 )
             except jsonschema_rs.ValidationError as exc:
@@ -114,7 +119,11 @@ class SchemaCompiler:
         pointer = ref.partition("#")[2]
         name = _DEF_NAME.sub("_", f"{target_file.stem}{pointer}") + ("~m" if member else "")
         if name not in defs:
-            defs[name] = True  # placeholder: a recursive reference resolves to the same def
+            # placeholder: a recursive reference resolves to the same def; it carries the
+            # target's own readOnly/writeOnly so a property that refers back is refused
+            defs[name] = {flag: True for flag in ("readOnly", "writeOnly")
+                          if isinstance(target, dict) and "$ref" not in target
+                          and target.get(flag) is True} or True
             defs[name] = self._convert(target, target_file, defs, member=member)
         reference = {"$ref": f"#/$defs/{escape_pointer(name)}"}
         siblings = {k: v for k, v in node.items() if k != "$ref"}
@@ -142,9 +151,9 @@ class SchemaCompiler:
                 out["prefixItems"] = [self._convert(sub, file, defs) for sub in value]
             else:
                 out[key] = value
+        self._refuse_read_only(out, defs)  # before 3.0's `nullable` may wrap `out` in anyOf
         if self.openapi30:
             _translate_30(node, out)
-        self._refuse_read_only(out, defs)
         self._apply_caps(out)
         if self.strict and not member and _declares_shape(out) and not (
             "additionalProperties" in out or "unevaluatedProperties" in out
@@ -157,7 +166,8 @@ class SchemaCompiler:
         properties = out.get("properties")
         if not isinstance(properties, dict):
             return
-        read_only = [name for name, sub in properties.items() if _is_read_only(sub, defs)]
+        read_only = [name for name, sub in properties.items()
+                     if _is_read_only(sub, defs, nullable_30=self.openapi30)]
         for name in read_only:
             properties[name] = False
         if read_only and isinstance(out.get("required"), list):
@@ -180,14 +190,39 @@ class SchemaCompiler:
                 out["maximum"] = high
 
 
-def _is_read_only(converted: Any, defs: dict[str, Any]) -> bool:
+def _is_read_only(converted: Any, defs: dict[str, Any], *, nullable_30: bool,
+                  seen: set[str] | None = None) -> bool:
+    """Whether a converted property schema says `readOnly: true`: itself, through its
+    `$ref` (the `$defs` entry, each reference followed once), through an `allOf` member (a
+    3.1 `$ref` with sibling keywords became one), or, in 3.0, inside the `anyOf` that
+    `nullable` puts around a schema without `type` (`_translate_30`)."""
     if not isinstance(converted, dict):
         return False
+    if converted.get("readOnly") is True:
+        return True
+    seen = set() if seen is None else seen
     ref = converted.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/$defs/"):
-        target = defs.get(ref[len("#/$defs/"):].replace("~1", "/").replace("~0", "~"))
-        return isinstance(target, dict) and target.get("readOnly") is True
-    return converted.get("readOnly") is True
+    if isinstance(ref, str) and ref.startswith(_DEFS) and ref not in seen:
+        seen.add(ref)
+        target = defs.get(ref[len(_DEFS):].replace("~1", "/").replace("~0", "~"))
+        if _is_read_only(target, defs, nullable_30=nullable_30, seen=seen):
+            return True
+    members = converted.get("allOf")
+    if isinstance(members, list) and any(
+            _is_read_only(m, defs, nullable_30=nullable_30, seen=seen) for m in members):
+        return True
+    wrapped = converted.get("anyOf")
+    return (nullable_30 and isinstance(wrapped, list) and len(wrapped) == 2
+            and wrapped[1] == {"type": "null"}
+            and _is_read_only(wrapped[0], defs, nullable_30=True, seen=seen))
+
+
+def _is_email(value: str) -> bool:
+    """jsonschema-rs's `email` format, with the domain's ASCII letters in lower case first:
+    domain names are case-insensitive (RFC 4343), the IDNA prefix too, but jsonschema-rs
+    knows only `xn--` (it refused `a@b.XN--P1AI` and accepted `a@b.xn--p1ai`)."""
+    local, at, domain = value.rpartition("@")
+    return _BUILTIN_EMAIL.is_valid(local + at + domain.translate(_ASCII_LOWER))
 
 
 def _declares_shape(schema: dict[str, Any]) -> bool:

@@ -296,7 +296,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             expect = request.header(b"expect")
             if expect is not None and expect.lower() == b"100-continue" and self.transport:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            if (self._content_length > STREAM_MIN and not self.pipeline.async_steps
+            if (self._content_length > STREAM_MIN and exchange.suspended is None
                     and not self.pipeline.needs_body(exchange)):
                 # A chunked body is read whole (under its limit) and sent with a length,
                 # as nginx does by default: many upstreams cannot read chunked requests.
@@ -437,7 +437,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             exchange = message.exchange
             if (
                 exchange.problem is None
-                and not self.pipeline.async_steps
+                and exchange.suspended is None
                 and self.gateway.forward_nowait(
                     exchange, lambda conn, error: self._on_upstream(message, conn, error)
                 )
@@ -520,7 +520,10 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                     if not message.done:  # answered before the body ended: cannot resync
                         keep_alive = False
                 elif response is None:
-                    await pipeline.on_request(exchange)
+                    if exchange.suspended is not None:
+                        await pipeline.on_request(exchange)
+                        if exchange.problem is not None:
+                            raise exchange.problem
                     reply = await self.gateway.forward(exchange)
                 else:
                     reply = self.gateway.reply_from(response)

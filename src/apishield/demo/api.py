@@ -13,6 +13,7 @@ import json
 import re
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -36,6 +37,21 @@ FAKE_TRACEBACK = (
 
 class BadRequest(Exception):
     """The request could not be read (bad framing or JSON): answer 400."""
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """One request exactly as the demo read it, kept only when recording is on.
+
+    Tests put the gateway in front of the demo and check every recorded request against
+    the contract: what breaks it must never get this far.
+    """
+
+    method: str
+    path: str  # raw, still percent-encoded, as it came on the request line
+    query: str  # raw, after the first `?` ("" when there is none)
+    headers: tuple[tuple[str, str], ...]  # in order, repeats kept
+    body: bytes | None  # None: the framing was broken and the body could not be read
 
 
 class Store:
@@ -132,9 +148,11 @@ class DemoHandler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
         except (BadRequest, ValueError) as exc:
+            self.server.record(self, None)
             self.close_connection = True  # framing is lost; do not read another request
             self._send(400, {"error": str(exc)})
             return
+        self.server.record(self, body)
         parts = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         method = "GET" if self.command == "HEAD" else self.command
@@ -294,18 +312,44 @@ def _read_chunked(rfile: Any) -> bytes:
 
 
 class DemoServer(ThreadingHTTPServer):
-    """Threaded server that owns the demo's data."""
+    """Threaded server that owns the demo's data.
+
+    With `record=True` it also keeps every request it receives (`received()`), so a test
+    can check that nothing breaking the contract got through the gateway. Off by default
+    (`apishield demo` never records): the list only grows.
+    """
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, address: tuple[str, int], *, record: bool = False) -> None:
         self.store = Store()
+        self.recording = record
+        self._received: list[ReceivedRequest] = []
+        self._received_lock = threading.Lock()
         super().__init__(address, DemoHandler)
 
+    def record(self, handler: BaseHTTPRequestHandler, body: bytes | None) -> None:
+        """Keep one request (when recording); called before it is answered."""
+        if not self.recording:
+            return
+        path, _, query = handler.path.partition("?")
+        request = ReceivedRequest(handler.command, path, query,
+                                  tuple(handler.headers.items()), body)
+        with self._received_lock:
+            self._received.append(request)
 
-def make_server(host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """Bind (port 0 = ephemeral, read `server.server_address`); caller runs serve_forever."""
-    return DemoServer((host, port))
+    def received(self) -> list[ReceivedRequest]:
+        """A copy of what was recorded so far, oldest first."""
+        with self._received_lock:
+            return list(self._received)
+
+
+def make_server(host: str = "127.0.0.1", port: int = 0, *, record: bool = False) -> DemoServer:
+    """Bind (port 0 = ephemeral, read `server.server_address`); caller runs serve_forever.
+
+    `record=True` keeps every request received (see `DemoServer`); tests only.
+    """
+    return DemoServer((host, port), record=record)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

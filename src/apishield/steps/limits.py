@@ -43,6 +43,10 @@ class LimitsStep:
             elif name == b"transfer-encoding":
                 chunked = True
             elif name == b"content-type":
+                if content_type is not None:
+                    # a singleton field (RFC 9110 8.3): two values let two parsers disagree
+                    # on what the body is (one validates JSON, the other reads text)
+                    raise BadRequest("content-type-repeated")
                 content_type = value
         if length is not None and length > limit:
             raise PayloadTooLarge("body-over-limit", close=True)

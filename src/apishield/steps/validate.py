@@ -11,7 +11,10 @@ Two steps, both synchronous and compiled at load:
   `+json`) is decoded as strict UTF-8 and parsed once with duplicate keys refused (two
   parsers that disagree on `{"role":"user","role":"admin"}` are a privilege escalation),
   nesting depth and key count capped, `NaN`/`Infinity` refused: any of that is a 400; a
-  well-formed body that breaks the schema is a 422 listing where.
+  well-formed body that breaks the schema is a 422 listing where. Form bodies
+  (`application/x-www-form-urlencoded`, `multipart/form-data`) are decoded strictly,
+  their text values typed by the schema the way parameters are, and the resulting object
+  is validated the same way; multipart framing is read by `multipart_body.py`.
 
 Errors carry a JSON pointer and a reason, never the submitted value; at most
 `validation.max_errors` of them.
@@ -27,11 +30,20 @@ from urllib.parse import parse_qsl, unquote
 
 import jsonschema_rs
 
+from apishield import multipart_body
 from apishield.config import Validation
 from apishield.contract import Contract, Operation, Parameter, escape_pointer
 from apishield.exchange import Exchange, media_type
 from apishield.injection import Detector
-from apishield.problems import BadRequest, InjectionSuspected, InvalidBody, InvalidParameters
+from apishield.multipart_body import MULTIPART, MultipartError
+from apishield.problems import (
+    BadRequest,
+    InjectionSuspected,
+    InvalidBody,
+    InvalidParameters,
+    PayloadTooLarge,
+    Problem,
+)
 from apishield.schema import Caps, SchemaCompiler, SchemaError, error_pointer, error_reason
 from apishield.shapes import Builder, Shape
 
@@ -94,6 +106,7 @@ class ParametersStep:
 
     def __init__(self, contract: Contract, compilers: dict[bool, SchemaCompiler],
                  config: Validation, problems: list[str]) -> None:
+        self.contract = contract
         self.max_errors = config.max_errors
         self.detector = Detector(config.injection)
         self.plans: dict[str, _OperationPlan] = {}
@@ -139,7 +152,8 @@ class ParametersStep:
         return _OperationPlan(
             path=groups["path"], query=groups["query"], header=groups["header"],
             cookie=groups["cookie"], strict=strict,
-            known_query=frozenset(p.param.name for p in groups["query"]),
+            known_query=frozenset(p.param.name for p in groups["query"])
+            | _api_key_query_names(self.contract, op),
         )
 
     def on_head(self, exchange: Exchange) -> None:
@@ -273,15 +287,38 @@ _PAYLOADS = frozenset({"sql-injection", "xss", "shell-injection"})
 FORM = "application/x-www-form-urlencoded"
 
 
-def _form_fields(schema: Any, file: Any, compiler: SchemaCompiler
-                 ) -> dict[str, tuple[str | None, bool]]:
-    """For each declared property of a form body: its scalar type and whether it is an
-    array (then its values are the items' type)."""
+@dataclass(frozen=True, slots=True)
+class _FormField:
+    """A declared property of a form body, as far as typing its values needs."""
+
+    kind: str | None  # scalar type of its value (of each item, for an array)
+    is_array: bool  # repeated fields collect into it; any other field may appear once
+    binary: bool = False  # a file (`format: binary` or `contentMediaType`): multipart only
+
+
+_UNDECLARED = _FormField("string", False)
+
+
+@dataclass(slots=True)
+class _MultipartPlan:
+    fields: dict[str, _FormField]
+    # property -> the media ranges its parts may have (the contract's `encoding`)
+    encodings: dict[str, tuple[str, ...]]
+
+
+def _is_binary(schema: Any) -> bool:
+    return isinstance(schema, dict) and (schema.get("format") == "binary"
+                                         or "contentMediaType" in schema)
+
+
+def _form_fields(schema: Any, file: Any, compiler: SchemaCompiler) -> dict[str, _FormField]:
+    """For each declared property of a form body: its scalar type, whether it is an array
+    (then its values are the items' type) and whether it holds files."""
     try:
         resolved, resolved_file, _ = compiler.resolver.deref(schema, file)
     except ValueError:
         return {}
-    fields: dict[str, tuple[str | None, bool]] = {}
+    fields: dict[str, _FormField] = {}
     properties = resolved.get("properties") if isinstance(resolved, dict) else None
     for name, sub in (properties or {}).items():
         try:
@@ -294,10 +331,41 @@ def _form_fields(schema: Any, file: Any, compiler: SchemaCompiler
                 items, _, _ = compiler.resolver.deref(prop.get("items"), prop_file)
             except ValueError:
                 items = None
-            fields[name] = (_scalar_kind(items), True)
+            fields[name] = _FormField(_scalar_kind(items), True, _is_binary(items))
         else:
-            fields[name] = (kind, False)
+            fields[name] = _FormField(kind, False, _is_binary(prop))
     return fields
+
+
+def _multipart_plan(schema: Any, file: Any, pointer: str, compiler: SchemaCompiler
+                    ) -> _MultipartPlan:
+    """The fields of a multipart body and the `encoding` object beside its schema (the
+    media type object is found from the schema's pointer)."""
+    encodings: dict[str, tuple[str, ...]] = {}
+    try:
+        media_object, _ = compiler.resolver.resolve_ref(
+            "#" + pointer.removesuffix("/schema"), file)
+    except ValueError:
+        media_object = None
+    encoding = media_object.get("encoding") if isinstance(media_object, dict) else None
+    for name, entry in (encoding or {}).items():
+        content_type = entry.get("contentType") if isinstance(entry, dict) else None
+        if isinstance(content_type, str):
+            encodings[str(name)] = tuple(media_type(part) for part in content_type.split(",")
+                                         if part.strip())
+    return _MultipartPlan(_form_fields(schema, file, compiler), encodings)
+
+
+def _media_matches(media: str, ranges: tuple[str, ...]) -> bool:
+    """`image/png` against `image/png, image/*, */*` (an `encoding.contentType`)."""
+    return any(r in ("*/*", media) or (r.endswith("/*") and media.startswith(r[:-1]))
+               for r in ranges)
+
+
+def _field_pointer(name: str, fields: dict[str, _FormField]) -> str:
+    """`/body/<name>` for a declared field; just `/body` for another (the client's own
+    name is never echoed)."""
+    return "/body/" + escape_pointer(name) if name in fields else "/body"
 
 
 def _free_text(schema: Any) -> bool:
@@ -366,11 +434,14 @@ class BodyStep:
         self.max_errors = config.max_errors
         self.max_depth = config.max_json_depth
         self.max_keys = config.max_json_keys
+        self.max_parts = config.max_parts
+        self.max_file_bytes = config.max_file_bytes
         self.validators: dict[str, dict[str, jsonschema_rs.Validator]] = {}
         self.detector = Detector(config.injection)
         self.shapes: dict[str, dict[str, Shape | None]] = {}  # free strings to scan (B6)
-        # form bodies: property -> (scalar type, is an array) for typing the values
-        self.form_fields: dict[str, dict[str, tuple[str | None, bool]]] = {}
+        # form bodies: property -> how to type its values
+        self.form_fields: dict[str, dict[str, _FormField]] = {}
+        self.multipart: dict[str, _MultipartPlan] = {}
         assert contract.resolver is not None
         builder = Builder(contract.resolver)
         for op in contract.operations:
@@ -379,14 +450,17 @@ class BodyStep:
             scan = self.detector.enabled and op.policy.injection is not False
             per_media: dict[str, jsonschema_rs.Validator] = {}
             for media, schema, file, pointer in op.bodies:
-                if not (is_json(media) or media == FORM):
-                    continue  # multipart bodies: validated in a later step
+                if not (is_json(media) or media == FORM or media == MULTIPART):
+                    continue
                 try:
                     per_media[media], _ = compiler.compile(schema, file)
                 except SchemaError as exc:
                     problems.append(f"{file.name}#{pointer}: {exc}")
                 if media == FORM:
                     self.form_fields[op.pointer] = _form_fields(schema, file, compiler)
+                elif media == MULTIPART:
+                    self.multipart[op.pointer] = _multipart_plan(schema, file, pointer,
+                                                                 compiler)
                 if scan:
                     self.shapes.setdefault(op.pointer, {})[media] = builder.build(schema, file)
             if per_media:
@@ -399,7 +473,7 @@ class BodyStep:
             return False
         content_type = exchange.request.header(b"content-type") or b""
         media = media_type(content_type)
-        return is_json(media) or media == FORM
+        return is_json(media) or media == FORM or media == MULTIPART
 
     def on_body(self, exchange: Exchange) -> None:
         operation = exchange.operation
@@ -407,6 +481,9 @@ class BodyStep:
             return
         validators = self.validators.get(operation.pointer)
         request = exchange.request
+        if not request.body and operation.body_required:
+            # an empty chunked body passes the head check (its length is unknown there)
+            raise BadRequest("body-required", contract_rule=True)
         if validators is None or not request.body:
             return
         content_type = request.header(b"content-type") or b""
@@ -420,6 +497,9 @@ class BodyStep:
             validator = validators[media]
         if media == FORM:
             document = self.parse_form(request.body, self.form_fields[operation.pointer])
+        elif media == MULTIPART:
+            document = self.parse_multipart(request.body, content_type,
+                                            self.multipart[operation.pointer])
         else:
             document = self.parse(request.body, content_type)
         errors: list[dict[str, str]] = []
@@ -469,10 +549,8 @@ class BodyStep:
                     path.pop()
         return found
 
-    def parse_form(self, body: bytes, fields: dict[str, tuple[str | None, bool]]) -> Any:
-        """`application/x-www-form-urlencoded` -> an object typed by the schema: a field
-        declared as an array collects its repeated values, any other may appear once;
-        values are typed as strictly as parameters (`"yes"` is not a boolean)."""
+    def parse_form(self, body: bytes, fields: dict[str, _FormField]) -> Any:
+        """`application/x-www-form-urlencoded` -> an object typed by the schema."""
         try:
             pairs = parse_qsl(body.decode("ascii"), keep_blank_values=True,
                               encoding="utf-8", errors="strict")
@@ -480,25 +558,86 @@ class BodyStep:
             raise BadRequest("body-form-not-decodable", contract_rule=True) from None
         if len(pairs) > self.max_keys:
             raise BadRequest("body-too-many-keys", contract_rule=True)
+        return self.typed_form(pairs, fields, "body-form-invalid")
+
+    def typed_form(self, pairs: list[tuple[str, Any]], fields: dict[str, _FormField],
+                   reason: str) -> dict[str, Any]:
+        """Form fields -> an object typed by the schema, for both form media types: a
+        field declared as an array collects its repeated values, any other may appear
+        once; string values are typed as strictly as parameters (`"yes"` is not a
+        boolean); a value that is not a string was typed by its part (JSON) and is kept."""
         document: dict[str, Any] = {}
         errors: list[dict[str, str]] = []
         for name, raw in pairs:
-            kind, is_array = fields.get(name, ("string", False))
-            value = _coerce(raw, kind)
+            field = fields.get(name, _UNDECLARED)
+            value = _coerce(raw, field.kind) if isinstance(raw, str) else raw
             if value is _INVALID:
-                errors.append({"pointer": "/body/" + escape_pointer(name), "reason": "type"})
-            elif is_array:
+                errors.append({"pointer": _field_pointer(name, fields), "reason": "type"})
+            elif field.is_array:
                 document.setdefault(name, []).append(value)
             elif name in document:
-                errors.append({"pointer": "/body/" + escape_pointer(name),
-                               "reason": "repeated"})
+                errors.append({"pointer": _field_pointer(name, fields), "reason": "repeated"})
             else:
                 document[name] = value
         if errors:
-            problem = InvalidBody("body-form-invalid")
+            problem = InvalidBody(reason)
             problem.errors = errors[: self.max_errors]
             raise problem
         return document
+
+    def parse_multipart(self, body: bytes, content_type: bytes, plan: _MultipartPlan
+                        ) -> dict[str, Any]:
+        """`multipart/form-data` -> an object typed by the schema, like a urlencoded form.
+
+        A part is a file when its property is declared binary (`format: binary`,
+        `contentMediaType`), or when it carries a filename for a string property: its
+        bytes are not decoded, only bounded (`max_file_bytes`), and it stands in the
+        validated object as an empty string (present, a string; JSON Schema lengths count
+        characters, not bytes). Any other part is text: strict UTF-8, typed by the
+        schema, parsed as JSON when its property is an object. A part's media type must
+        be one the contract's `encoding` lists for its property, when it lists any."""
+        fields = plan.fields
+        try:
+            parts = multipart_body.parse(
+                body, multipart_body.boundary_of(content_type),
+                max_parts=self.max_parts, max_part_bytes=self.max_file_bytes)
+        except MultipartError as exc:
+            raise _multipart_problem(exc, fields) from None
+        pairs: list[tuple[str, Any]] = []
+        mismatched: list[dict[str, str]] = []
+        for part in parts:
+            field = fields.get(part.name, _UNDECLARED)
+            allowed = plan.encodings.get(part.name)
+            if allowed is not None and not _media_matches(part.media or "text/plain", allowed):
+                mismatched.append({"pointer": _field_pointer(part.name, fields),
+                                   "reason": "content-type"})
+                continue
+            if field.binary or (part.filename is not None and field.kind in (None, "string")):
+                pairs.append((part.name, ""))
+                continue
+            pairs.append((part.name, self._text_part(part, field, fields)))
+        if mismatched:
+            problem = InvalidBody("body-multipart-content-type")
+            problem.errors = mismatched[: self.max_errors]
+            raise problem
+        return self.typed_form(pairs, fields, "body-multipart-invalid")
+
+    def _text_part(self, part: multipart_body.Part, field: _FormField,
+                   fields: dict[str, _FormField]) -> Any:
+        """A text part's value: a string (typed later, like a urlencoded value), or what
+        its JSON holds when its property is an object."""
+        pointer = _field_pointer(part.name, fields)
+        if part.charset not in (None, b"utf-8", b"utf8", b"us-ascii"):
+            raise _bad_part("body-multipart-charset", pointer, "charset")
+        if field.kind == "object":
+            try:
+                return self.parse(part.data, b"application/json")
+            except BadRequest as exc:
+                raise _bad_part(exc.reason, pointer, "json") from None
+        try:
+            return part.data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad_part("body-multipart-not-utf8", pointer, "utf-8") from None
 
     def parse(self, body: bytes, content_type: bytes) -> Any:
         """Parse once, refusing duplicate keys (in the object hook), excess key counts,
@@ -538,7 +677,59 @@ class BodyStep:
             raise BadRequest("body-malformed-json", contract_rule=True) from None
         if _too_deep(document, self.max_depth):
             raise BadRequest("body-too-deep")
+        if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(document):
+            # `"\ud800"` parses here but is no Unicode text (RFC 8259 8.2, RFC 7493 2.1):
+            # stored upstream, it comes back in responses that orjson (and many other
+            # parsers) refuse; every later read of that record would be a 502
+            raise BadRequest("body-lone-surrogate", contract_rule=True)
         return document
+
+
+def _bad_part(reason: str, pointer: str, why: str) -> BadRequest:
+    problem = BadRequest(reason, contract_rule=True)
+    problem.errors = [{"pointer": pointer, "reason": why}]
+    return problem
+
+
+def _multipart_problem(exc: MultipartError, fields: dict[str, _FormField]) -> Problem:
+    """A multipart body that cannot be read: 413 for a part over `max_file_bytes` (a size
+    limit, enforced in every mode like the body limit), else 400 (a contract rule, like
+    malformed JSON)."""
+    if exc.reason in ("content-type-invalid", "boundary-missing", "boundary-invalid"):
+        pointer = "/header/content-type"
+    elif exc.reason == "too-many-parts":
+        pointer = "/body"
+    else:
+        pointer = _field_pointer(exc.name, fields) if exc.name is not None else "/body"
+    if exc.too_large:
+        too_large = PayloadTooLarge("body-multipart-part-too-large")
+        too_large.errors = [{"pointer": pointer, "reason": "max-file-bytes"}]
+        return too_large
+    reason = "max-parts" if exc.reason == "too-many-parts" else exc.reason
+    return _bad_part("body-multipart-" + exc.reason, pointer, reason)
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(document: Any) -> bool:
+    """Whether a string (or key) of a parsed document holds an unpaired surrogate (a pair
+    of escapes decodes to one character and is fine). Only called when the text has a
+    surrogate escape at all: strict UTF-8 decoding lets no raw surrogate through."""
+    stack = [document]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def _too_deep(document: Any, limit: int) -> bool:
@@ -553,6 +744,18 @@ def _too_deep(document: Any, limit: int) -> bool:
         children = node.values() if isinstance(node, dict) else node
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
+
+
+def _api_key_query_names(contract: Contract, op: Operation) -> frozenset[str]:
+    """Query parameters an `apiKey` scheme of the operation reads: declared by the
+    contract's security, so strict mode must not call them unknown."""
+    names = set()
+    for requirement in op.security or ():
+        for scheme_name in requirement if isinstance(requirement, dict) else ():
+            scheme = contract.security_schemes.get(scheme_name, {})
+            if scheme.get("type") == "apiKey" and scheme.get("in") == "query":
+                names.add(str(scheme.get("name")))
+    return frozenset(names)
 
 
 def build(contract: Contract, config: Validation) -> tuple[ParametersStep, BodyStep]:

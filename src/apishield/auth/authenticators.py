@@ -1,0 +1,268 @@
+"""One authenticator per `securityScheme` of the contract (ARCHITECTURE.md).
+
+An authenticator finds its credential in a request (`credential`: None when absent; the
+scheme says where) and turns it into a `Principal` (`authenticate`: raises `AuthFailure`
+for a bad credential, or `Suspend` when it needs I/O first). Both are synchronous: on the
+hot path a credential is a cache hit, and the rare I/O goes through the pipeline's
+suspension instead of making every request pay for a task.
+
+What each scheme type means here:
+- `http` + `bearer`, `oauth2`, `openIdConnect`: an `Authorization: Bearer` token (RFC 6750
+  2.1), a JWT verified locally against a configured issuer (A1, A3) or an opaque token
+  introspected (RFC 7662, A2);
+- `apiKey`: an apishield API key (A4) in the header, query parameter or cookie the scheme
+  names, verified against the key store;
+- `mutualTLS` (OpenAPI 3.1): a client certificate verified during the TLS handshake.
+Other `http` schemes (basic, digest) are refused when the contract uses them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+import time
+from collections.abc import Callable
+from http.cookies import CookieError, SimpleCookie
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote
+
+import orjson
+
+from apishield.auth import events
+from apishield.auth.principal import AuthFailure, Principal
+from apishield.exchange import Exchange, Request, Suspend
+from apishield.problems import ServiceUnavailable
+from apishield.state.keys import KeyStoreError
+
+if TYPE_CHECKING:
+    from apishield.auth.apikey_verifier import ApiKeyVerifier
+    from apishield.auth.introspection import Introspector
+    from apishield.auth.jws import TokenVerifier
+    from apishield.auth.token_cache import TokenCache
+
+logger = logging.getLogger("apishield")
+
+# RFC 6750 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
+MAX_CREDENTIAL = 8192  # longer is refused before any parsing
+
+
+class Authenticator(Protocol):
+    name: str  # the securityScheme's name
+    kind: str  # bearer | apiKey | mutualTLS
+    challenge: str  # its WWW-Authenticate challenge ("" when the scheme has none)
+
+    def credential(self, request: Request) -> str | None: ...
+
+    def authenticate(self, credential: str, exchange: Exchange) -> Principal: ...
+
+
+def _only(request: Request, name: bytes) -> bytes | None:
+    """The one value of a header; two of them are ambiguous (which would the upstream
+    read?), so they are a failure rather than a pick."""
+    found = None
+    for key, value in request.headers:
+        if key == name:
+            if found is not None:
+                raise AuthFailure("credential-ambiguous")
+            found = value
+    return found
+
+
+class BearerAuthenticator:
+    """Bearer tokens for one scheme, served by one or more configured issuers."""
+
+    kind = "bearer"
+
+    def __init__(
+        self,
+        name: str,
+        realm: str,
+        # `iss` value -> (configured issuer name, its JWT verifier, its async
+        # refresh_for_unknown(kid) or None for static keys)
+        verifiers: dict[str, tuple[str, TokenVerifier, Callable[[str], Any] | None]],
+        introspectors: list[Introspector],  # opaque tokens
+        cache: TokenCache,
+    ) -> None:
+        self.name = name
+        self.challenge = f'Bearer realm="{realm}"'
+        self.verifiers = verifiers
+        self.only_verifier = next(iter(verifiers.values())) if len(verifiers) == 1 else None
+        self.introspector = introspectors[0] if introspectors else None
+        self.cache = cache
+
+    def credential(self, request: Request) -> str | None:
+        value = _only(request, b"authorization")
+        if value is None:
+            return None
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return None  # another scheme's credential (Basic, ...): not ours
+        token = token.strip(b" ")
+        if len(token) > MAX_CREDENTIAL or not _B64TOKEN.fullmatch(token):
+            raise AuthFailure("bearer-malformed")
+        return token.decode("ascii")
+
+    def authenticate(self, credential: str, exchange: Exchange) -> Principal:
+        cache = self.cache
+        now = time.time()
+        principal = cache.get(credential, now)
+        if principal is not None:
+            return principal
+        reason = cache.failure(credential, now)
+        if reason is not None:
+            raise AuthFailure(reason)
+        if credential.count(".") == 2 and self.verifiers:
+            principal = self._verify_jwt(credential, exchange, now)
+        elif self.introspector is not None:
+            principal = self._introspect(credential, exchange, now)
+        else:
+            raise self._fail(credential, AuthFailure("jwt-malformed"), now)
+        events.authn_success(exchange, principal)
+        return principal
+
+    def _fail(self, token: str, failure: AuthFailure, now: float) -> AuthFailure:
+        self.cache.put_failure(token, failure.reason, now)
+        return failure
+
+    def _verify_jwt(self, token: str, exchange: Exchange, now: float) -> Principal:
+        header, payload = _peek(token)
+        issuer = payload.get("iss") if isinstance(payload, dict) else None
+        entry = self.only_verifier or self.verifiers.get(issuer)  # type: ignore[arg-type]
+        if entry is None:
+            raise self._fail(token, AuthFailure("jwt-wrong-issuer"), now)
+        issuer_name, verifier, refresh = entry
+        try:
+            principal = verifier.verify(token, now)
+        except AuthFailure as failure:
+            if failure.reason == "jwt-unknown-kid" and exchange.resumes == 0:
+                # maybe the issuer rotated its keys: refetch (bounded by a cooldown), retry
+                if refresh is not None:
+                    kid = str(header.get("kid", ""))
+
+                    async def wait() -> None:
+                        try:
+                            await refresh(kid)
+                        except Exception:  # noqa: S110 - the rerun reports jwt-unknown-kid
+                            pass
+
+                    raise Suspend(wait) from None
+            raise self._fail(token, failure, now) from None
+        kid = header.get("kid")
+        self.cache.put(token, principal, issuer_name, kid if isinstance(kid, str) else None)
+        return principal
+
+    def _introspect(self, token: str, exchange: Exchange, now: float) -> Principal:
+        introspector = self.introspector
+        assert introspector is not None
+        principal = introspector.cached(token, now)
+        if principal is not None:
+            return principal
+        if exchange.resumes == 0:
+            cache = self.cache
+
+            async def wait() -> None:
+                try:
+                    await introspector.introspect(token, time.time())
+                except AuthFailure as failure:
+                    cache.put_failure(token, failure.reason, time.time())
+                except Exception:
+                    cache.put_failure(token, "introspection-unavailable", time.time())
+
+            raise Suspend(wait)
+        raise AuthFailure("introspection-unavailable")
+
+
+def _peek(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Header and payload of a JWT, unverified: only to pick the issuer and the `kid`.
+    Nothing read here is trusted; the verifier parses strictly and checks the signature."""
+    try:
+        parts = token.split(".")
+        header = orjson.loads(base64.urlsafe_b64decode(parts[0] + "=" * (-len(parts[0]) % 4)))
+        payload = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error, orjson.JSONDecodeError):
+        return {}, {}
+    return (header if isinstance(header, dict) else {}), (
+        payload if isinstance(payload, dict) else {})
+
+
+class ApiKeyAuthenticator:
+    """An apishield API key where the `apiKey` scheme says: header, query or cookie."""
+
+    kind = "apiKey"
+
+    def __init__(self, name: str, realm: str, location: str, param: str,
+                 verifier: Callable[[], ApiKeyVerifier]) -> None:
+        self.name = name
+        self.challenge = f'ApiKey realm="{realm}"'
+        self.location = location
+        self.param = param
+        self.header = param.lower().encode("latin-1")
+        self.verifier = verifier  # opens the key store on first use
+        self.reader = {"header": self._from_header, "query": self._from_query,
+                       "cookie": self._from_cookie}[location]
+
+    def credential(self, request: Request) -> str | None:
+        value = self.reader(request)
+        if value is not None and len(value) > MAX_CREDENTIAL:
+            raise AuthFailure("api-key-malformed")
+        return value
+
+    def _from_header(self, request: Request) -> str | None:
+        value = _only(request, self.header)
+        return value.decode("latin-1").strip() if value is not None else None
+
+    def _from_query(self, request: Request) -> str | None:
+        found = None
+        for pair in request.query.split(b"&"):
+            name, _, value = pair.partition(b"=")
+            if unquote(name.decode("latin-1")) == self.param:
+                if found is not None:
+                    raise AuthFailure("credential-ambiguous")
+                found = unquote(value.decode("latin-1"))
+        return found
+
+    def _from_cookie(self, request: Request) -> str | None:
+        found = None
+        for key, value in request.headers:
+            if key != b"cookie":
+                continue
+            try:
+                jar = SimpleCookie(value.decode("latin-1"))
+            except CookieError:
+                raise AuthFailure("credential-ambiguous") from None
+            if self.param in jar:
+                if found is not None:
+                    raise AuthFailure("credential-ambiguous")
+                found = jar[self.param].value
+        return found
+
+    def authenticate(self, credential: str, exchange: Exchange) -> Principal:
+        try:
+            return self.verifier().verify(credential, time.time())
+        except KeyStoreError:
+            # the store cannot answer: fail closed, but say it is us, not the caller
+            logger.exception("API key store unavailable (request %s)", exchange.id)
+            raise ServiceUnavailable("key-store-unavailable") from None
+
+
+class MutualTlsAuthenticator:
+    """A client certificate the TLS handshake verified against `tls.client_ca`: the
+    certificate is the credential, its subject CN the principal (OpenAPI 3.1 mutualTLS)."""
+
+    kind = "mutualTLS"
+    challenge = ""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def credential(self, request: Request) -> str | None:
+        for key, value in request.client_identity:
+            if key == b"x-apishield-client-subject":
+                return unquote(value.decode("ascii"))
+        return "" if request.client_identity else None
+
+    def authenticate(self, credential: str, exchange: Exchange) -> Principal:
+        return Principal(scheme=self.name, subject=credential)

@@ -1,0 +1,267 @@
+"""Compile the contract's security schemes and the `auth` config into authenticators and
+per-operation plans, once; run their background work (JWKS refresh, key revocation poll).
+
+Everything a request needs is looked up here by operation: `plans[operation.pointer]` is
+either PUBLIC, NOT_PUBLIC (A7: no security declared and not marked public -> refused) or
+the operation's `security` list compiled as OR of AND-sets of (authenticator, scopes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from apishield.auth.authenticators import (
+    ApiKeyAuthenticator,
+    Authenticator,
+    BearerAuthenticator,
+    MutualTlsAuthenticator,
+)
+from apishield.config import Config, ConfigError, Issuer
+
+if TYPE_CHECKING:
+    from apishield.auth.apikey_verifier import ApiKeyVerifier
+    from apishield.contract import Contract, Operation
+
+logger = logging.getLogger("apishield")
+
+_BEARER_TYPES = ("oauth2", "openIdConnect")
+POLL_EVERY = 1.0  # seconds between key-store change checks (revocation from the CLI)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """An operation's compiled `security`: any alternative that fully passes admits the
+    request; `anonymous` when the list holds an empty requirement `{}` (optional auth)."""
+
+    alternatives: tuple[tuple[tuple[Authenticator, frozenset[str]], ...], ...]
+    anonymous: bool
+    challenges: tuple[str, ...]  # WWW-Authenticate challenges of every scheme it accepts
+
+
+PUBLIC = "public"
+NOT_PUBLIC = "not-public"
+
+
+def _is_bearer(scheme: dict[str, Any]) -> bool:
+    kind = scheme.get("type")
+    if kind in _BEARER_TYPES:
+        return True
+    return kind == "http" and str(scheme.get("scheme", "")).lower() == "bearer"
+
+
+def used_schemes(contract: Contract) -> dict[str, list[str]]:
+    """Scheme name -> the operations (pointers) whose requirements name it."""
+    used: dict[str, list[str]] = {}
+    for operation in contract.operations:
+        if operation.public or not operation.security:
+            continue
+        for requirement in operation.security:
+            for name in requirement:
+                used.setdefault(name, []).append(operation.pointer)
+    return used
+
+
+class AuthService:
+    def __init__(self, config: Config, contract: Contract) -> None:
+        self.config = config
+        self.contract = contract
+        self.source_dir = Path(config.source_dir)
+        self.key_sources: list[Any] = []  # remote JWKS sources with background refresh
+        self.introspectors: list[Any] = []
+        self.caches: list[Any] = []
+        self._api_key_verifiers: dict[str, ApiKeyVerifier] = {}
+        self._store: Any = None
+        self._pepper = b""
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started = False
+        problems: list[str] = []
+        self.authenticators = self._build_authenticators(problems)
+        self.plans: dict[str, Plan | str] = {
+            operation.pointer: self._plan(operation) for operation in contract.operations
+        }
+        if problems:
+            raise ConfigError(problems)
+
+    # -- compile ------------------------------------------------------------------------
+
+    def _build_authenticators(self, problems: list[str]) -> dict[str, Authenticator]:
+        auth = self.config.auth
+        schemes = self.contract.security_schemes
+        used = used_schemes(self.contract)
+        for issuer_name, issuer in auth.issuers.items():
+            for scheme_name in issuer.schemes:
+                scheme = schemes.get(scheme_name)
+                if scheme is None or not _is_bearer(scheme):
+                    problems.append(
+                        f"auth.issuers.{issuer_name}.schemes: {scheme_name!r} is not a bearer, "
+                        "oauth2 or openIdConnect scheme of the contract's "
+                        "components.securitySchemes")
+        built: dict[str, Authenticator] = {}
+        for name, scheme in schemes.items():
+            where = f"components.securitySchemes.{name}"
+            kind = scheme.get("type")
+            count = len(used.get(name, ()))
+            try:
+                if _is_bearer(scheme):
+                    issuers = {key: value for key, value in auth.issuers.items()
+                               if not value.schemes or name in value.schemes}
+                    if not issuers:
+                        if count:
+                            problems.append(
+                                f"{where}: used by {count} operation(s) but no issuer in "
+                                "auth.issuers serves it; add one (with `schemes: "
+                                f"[{name}]` if several issuers are configured)")
+                        continue
+                    built[name] = self._bearer(name, scheme, issuers)
+                elif kind == "apiKey":
+                    built[name] = ApiKeyAuthenticator(
+                        name, auth.realm, scheme["in"], scheme["name"],
+                        lambda name=name: self._api_keys(name))  # type: ignore[misc]
+                elif kind == "mutualTLS":
+                    tls = self.config.tls
+                    if count and (tls is None or tls.client_cert == "none"):
+                        problems.append(
+                            f"{where}: mutualTLS needs client certificates: set "
+                            "tls.client_ca and tls.client_cert (optional or required)")
+                        continue
+                    built[name] = MutualTlsAuthenticator(name)
+                elif count:
+                    problems.append(
+                        f"{where}: http scheme {scheme.get('scheme')!r} is not supported "
+                        "(apishield verifies bearer tokens, API keys and client "
+                        "certificates); use one of those")
+            except (ValueError, OSError) as exc:
+                problems.append(f"{where}: {exc}")
+        return built
+
+    def _bearer(self, name: str, scheme: dict[str, Any],
+                issuers: dict[str, Issuer]) -> BearerAuthenticator:
+        from apishield.auth.introspection import Introspector
+        from apishield.auth.jwks import KeySource, StaticKeys
+        from apishield.auth.jws import TokenVerifier
+        from apishield.auth.token_cache import TokenCache
+
+        cache = TokenCache()
+        self.caches.append(cache)
+        verifiers: dict[str, Any] = {}
+        introspectors = []
+        for issuer_name, issuer in issuers.items():
+            if issuer.algorithms:
+                refresh = None
+                if issuer.keys:
+                    keys: Any = StaticKeys(issuer, self.source_dir, name=issuer_name)
+                elif issuer.shared_secret is not None:
+                    keys = None
+                else:
+                    discovery = scheme.get("openIdConnectUrl") if issuer.discovery else None
+                    keys = KeySource(issuer, discovery_url=discovery,
+                                     on_removed=self._evict(issuer_name), name=issuer_name)
+                    self.key_sources.append(keys)
+                    refresh = keys.refresh_for_unknown
+                verifier = TokenVerifier(issuer_name, issuer, keys, name,
+                                         source_dir=self.source_dir)
+                verifiers[issuer.issuer] = (issuer_name, verifier, refresh)
+            if issuer.introspection is not None:
+                introspector = Introspector(issuer_name, issuer, name, self.source_dir)
+                introspectors.append(introspector)
+                self.introspectors.append(introspector)
+        return BearerAuthenticator(name, self.config.auth.realm, verifiers, introspectors,
+                                   cache)
+
+    def _evict(self, issuer_name: str) -> Any:
+        def evict(kids: set[str]) -> None:
+            for cache in self.caches:
+                cache.evict_kids(issuer_name, kids)
+        return evict
+
+    def _plan(self, operation: Operation) -> Plan | str:
+        if operation.public:
+            return PUBLIC
+        if operation.security is None:
+            return NOT_PUBLIC
+        alternatives = []
+        anonymous = False
+        challenges: list[str] = []
+        for requirement in operation.security:
+            if not requirement:
+                anonymous = True
+                continue
+            alternative = []
+            for name, scopes in requirement.items():
+                authenticator = self.authenticators.get(name)
+                if authenticator is None:
+                    break  # reported by _build_authenticators
+                alternative.append((authenticator, frozenset(scopes)))
+                if authenticator.challenge and authenticator.challenge not in challenges:
+                    challenges.append(authenticator.challenge)
+            else:
+                alternatives.append(tuple(alternative))
+        return Plan(tuple(alternatives), anonymous, tuple(challenges))
+
+    # -- API keys: the store is opened on first use, so `apishield check` creates nothing
+
+    def _api_keys(self, scheme: str) -> ApiKeyVerifier:
+        verifier = self._api_key_verifiers.get(scheme)
+        if verifier is None:
+            from apishield.auth.apikey_verifier import ApiKeyVerifier
+            from apishield.auth.apikeys import load_pepper
+            from apishield.state.sqlite import SqliteKeyStore
+
+            if self._store is None:
+                path = self.config.resolve(self.config.state)
+                self._store = SqliteKeyStore(path)
+                self._pepper = load_pepper(self.config, path)
+            verifier = ApiKeyVerifier(self._store, self._pepper,
+                                      self.config.auth.api_keys.cache_ttl, scheme)
+            self._api_key_verifiers[scheme] = verifier
+        return verifier
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Fetch remote keys and start the background refresh and revocation poll."""
+        if self.started:
+            return
+        self.started = True
+        # concurrently: an issuer that is down costs its fetch timeout once, not per issuer
+        await asyncio.gather(*(source.start() for source in self.key_sources))
+        key_schemes = [name for name, a in self.authenticators.items()
+                       if isinstance(a, ApiKeyAuthenticator)]
+        for name in key_schemes:
+            self._api_keys(name)  # open the store now: a bad pepper or file stops the start
+        if key_schemes:
+            self._tasks.append(asyncio.create_task(self._poll_keys()))
+
+    async def _poll_keys(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_EVERY)
+            store = self._store
+            if store is None:
+                continue
+            try:
+                changed = store.changed()  # one read for every scheme sharing the store
+            except Exception:
+                changed = True  # cannot tell: forget what was verified (fail closed)
+                logger.exception("API key store poll failed")
+            if changed:
+                for verifier in self._api_key_verifiers.values():
+                    verifier.clear()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for source in self.key_sources:
+            await source.close()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+            self._api_key_verifiers.clear()
