@@ -24,6 +24,22 @@ response filtering, each next to the pass-through it is compared with:
   post_validate_100k_noscan the same, with `x-apishield: {injection: false}` (schema only)
   get_passthrough        GET /item, no response schema (= apishield_passthrough)
   get_filter             GET /item, 200 declares a 2-property JSON schema: every response filtered
+  get_filter_full        GET /item, 200 declares all 9 properties: filtered, nothing to cut
+  get_validate           the same schema with `x-apishield: {responses: validate}`: every
+                         response validated (compared with get_filter_full)
+
+and, only when asked for (`--only auth`), the cost of authentication, each next to the
+public pass-through (`auth_public`) measured in the same round:
+
+  auth_public            GET /item, `security: []` (= apishield_passthrough)
+  auth_jwt_hit           GET /item, bearer JWT required; the same RS256 token every request
+                         (verified once, then token-cache hits)
+  auth_jwt_miss_rs256    a different valid RS256 token every request: wrk cycles through
+                         12,000 tokens, more than the gateway's 10,000-entry LRU token cache,
+                         so every request is a full verification
+  auth_jwt_miss_es256    the same with ES256 tokens
+  auth_apikey            GET /item, `apiKey` in header X-Api-Key, one key made with
+                         `apishield keys create` (cache hits; a miss every cache_ttl, 5 s)
 
 Every target is driven with `wrk -t1 -c50 --latency`; rounds alternate between targets
 (round 1: A,B,C,D; round 2: A,B,C,D; ...) and the figures reported are medians, ratios
@@ -74,7 +90,7 @@ TLS_TARGETS = ("nginx_tls", "apishield_tls")
 # Not in a default run either: validation and filtering against their own pass-through.
 VALIDATION_TARGETS = ("post_passthrough", "post_validate_1k", "post_validate_1k_noscan",
                       "post_passthrough_100k", "post_validate_100k", "post_validate_100k_noscan",
-                      "get_passthrough", "get_filter")
+                      "get_passthrough", "get_filter", "get_filter_full", "get_validate")
 # target -> the pass-through it is compared with (per-round ratio, added us per request)
 VALIDATION_BASELINE = {
     "post_validate_1k": "post_passthrough",
@@ -83,10 +99,16 @@ VALIDATION_BASELINE = {
     "post_validate_100k": "post_passthrough_100k",
     "post_validate_100k_noscan": "post_passthrough_100k",
     "get_filter": "get_passthrough",
+    "get_filter_full": "get_passthrough",
+    "get_validate": "get_filter_full",  # validate mode against filter mode, same schema
 }
-ALL_TARGETS = TARGETS + TLS_TARGETS + VALIDATION_TARGETS
+# Not in a default run either: authentication against a public pass-through (issue 3).
+AUTH_TARGETS = ("auth_public", "auth_jwt_hit", "auth_jwt_miss_rs256", "auth_jwt_miss_es256",
+                "auth_apikey")
+AUTH_BASELINE = {t: "auth_public" for t in AUTH_TARGETS if t != "auth_public"}
+ALL_TARGETS = TARGETS + TLS_TARGETS + VALIDATION_TARGETS + AUTH_TARGETS
 APISHIELD_TARGETS = ("apishield_passthrough", "apishield_demo", "apishield_tls",
-                     *VALIDATION_TARGETS)
+                     *VALIDATION_TARGETS, *AUTH_TARGETS)
 # The Mozilla intermediate TLS 1.2 suites apishield uses (src/apishield/tls.py), for nginx.
 TLS_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
                "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
@@ -108,6 +130,9 @@ ALIASES = {
     "apishield_tls": ("apishield_tls",),
     "validation": VALIDATION_TARGETS,
     **{t: (t,) for t in VALIDATION_TARGETS},
+    "auth": AUTH_TARGETS,
+    "auth_jwt_miss": ("auth_jwt_miss_rs256", "auth_jwt_miss_es256"),
+    **{t: (t,) for t in AUTH_TARGETS},
 }
 
 
@@ -230,17 +255,18 @@ def wait_port(service: Service, timeout: float) -> None:
 
 def http_get(port: int, path: str, timeout: float = 5.0, scheme: str = "http",
              method: str = "GET", body: bytes | None = None,
-             content_type: str | None = None) -> tuple[int, dict, bytes]:
+             content_type: str | None = None,
+             headers: dict | None = None) -> tuple[int, dict, bytes]:
     if scheme == "https":  # the bench's own throwaway certificate: not verified
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
             HOST, port, timeout=timeout, context=ssl._create_unverified_context())
     else:
         conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    headers = {"Accept": "application/json"}
+    sent = {"Accept": "application/json", **(headers or {})}
     if content_type is not None:
-        headers["Content-Type"] = content_type
+        sent["Content-Type"] = content_type
     try:
-        conn.request(method, path, body=body, headers=headers)
+        conn.request(method, path, body=body, headers=sent)
         resp = conn.getresponse()
         body = resp.read()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
@@ -698,6 +724,22 @@ FILTER_SCHEMA = {
     "properties": {"id": {"type": "integer"}, "name": {"type": "string"}},
 }
 FILTERED_BODY = {"id": 42, "name": "widget"}
+# Every property of the upstream body, typed and bounded (get_filter_full, get_validate).
+FULL_RESPONSE_SCHEMA = {
+    "type": "object", "required": ["id", "name", "sku", "price"],
+    "properties": {
+        "id": {"type": "integer", "minimum": 1},
+        "name": {"type": "string", "maxLength": 100},
+        "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+        "price": {"type": "number", "minimum": 0},
+        "currency": {"type": "string", "enum": ["EUR", "USD", "GBP", "CHF"]},
+        "in_stock": {"type": "boolean"},
+        "tags": {"type": "array", "maxItems": 10, "items": {"type": "string"}},
+        "dimensions": {"type": "object", "properties": {
+            "w": {"type": "integer"}, "h": {"type": "integer"}, "d": {"type": "integer"}}},
+        "description": {"type": "string", "maxLength": 500},
+    },
+}
 
 
 def _line(i: int) -> dict:
@@ -740,6 +782,8 @@ VALIDATION_REQUESTS: dict[str, tuple[str, bytes | None, str | None]] = {
     "post_validate_100k_noscan": ("POST", BODY_100K, "application/json"),
     "get_passthrough": ("GET", None, None),
     "get_filter": ("GET", None, None),
+    "get_filter_full": ("GET", None, None),
+    "get_validate": ("GET", None, None),
 }
 
 
@@ -753,6 +797,11 @@ def validation_contract(target: str) -> dict:
     if target == "get_filter":
         get_op["responses"] = {"200": {"description": "ok", "content": {
             "application/json": {"schema": FILTER_SCHEMA}}}}
+    elif target in ("get_filter_full", "get_validate"):
+        get_op["responses"] = {"200": {"description": "ok", "content": {
+            "application/json": {"schema": FULL_RESPONSE_SCHEMA}}}}
+        if target == "get_validate":
+            get_op["x-apishield"] = {"responses": "validate"}
     item: dict = {"get": get_op}
     if target.startswith("post_"):
         media = VALIDATION_REQUESTS[target][2]
@@ -793,7 +842,8 @@ def wrk_script(d: Path, target: str) -> Path | None:
 
 
 def write_apishield_config(d: Path, name: str, contract: dict, port: int,
-                           upstream_port: int, tls: dict | None = None) -> tuple[Path, Path]:
+                           upstream_port: int, tls: dict | None = None,
+                           extra: dict | None = None) -> tuple[Path, Path]:
     d.mkdir(parents=True)
     contract_path = d / "openapi.yaml"
     contract_path.write_text("\n".join(to_yaml(contract)) + "\n")
@@ -806,6 +856,7 @@ def write_apishield_config(d: Path, name: str, contract: dict, port: int,
     }
     if tls is not None:
         config["tls"] = tls
+    config.update(extra or {})
     config_path = d / f"{name}.yaml"
     config_path.write_text("\n".join(to_yaml(config)) + "\n")
     return config_path, access_log
@@ -837,6 +888,193 @@ def start_apishield(procs: Processes, name: str, d: Path, base_argv: list[str],
                   extra={"access_log": access_log, "dir": d})
     wait_port(svc, 15)
     return svc
+
+
+# -- authentication targets (issue 3) -------------------------------------------------------
+
+AUTH_ISSUER = "https://issuer.bench.invalid"  # static keys: nothing is ever fetched from it
+AUTH_AUDIENCE = "bench-api"
+# More distinct tokens than the gateway's token cache holds (TokenCache.max_entries, 10,000,
+# least recently used evicted first). Cycled through in order, a token has been evicted by
+# the time it comes round again (11,999 others were used in between): every request is a
+# full verification. Minted once per run by bench/auth_tokens.py (~4 s for both lists).
+AUTH_MISS_TOKENS = 12_000
+AUTH_MISS_ALG = {"auth_jwt_miss_rs256": "RS256", "auth_jwt_miss_es256": "ES256"}
+AUTH_JWT_TARGETS = ("auth_jwt_hit", *AUTH_MISS_ALG)
+API_KEY_HEADER = "X-Api-Key"
+API_KEY_CACHE_TTL_S = 5.0  # auth.api_keys.cache_ttl, left at its default in the config
+# what wrk sends to each auth target (the results' load.auth_requests)
+AUTH_REQUESTS = {
+    "auth_public": "GET /item, no credential; operation public (security: [])",
+    "auth_jwt_hit": "GET /item, Authorization: Bearer <one RS256 JWT>, the same every request",
+    "auth_jwt_miss_rs256": f"GET /item, Authorization: Bearer <RS256 JWT>, {AUTH_MISS_TOKENS:,} "
+                           "distinct tokens cycled in order",
+    "auth_jwt_miss_es256": f"GET /item, Authorization: Bearer <ES256 JWT>, {AUTH_MISS_TOKENS:,} "
+                           "distinct tokens cycled in order",
+    "auth_apikey": f"GET /item, {API_KEY_HEADER}: <one API key>, the same every request",
+}
+
+
+def auth_contract(target: str) -> dict:
+    """GET /item as in the pass-through contract; auth_public is public (`security: []`,
+    the pass-through itself), the others require a bearer token or an API key."""
+    contract: dict = {
+        "openapi": "3.1.0",
+        "info": {"title": f"bench {target}", "version": "1"},
+        "security": [],
+        "paths": {"/item": {"get": get_item_operation()}},
+    }
+    if target == "auth_apikey":
+        contract["security"] = [{"apiKey": []}]
+        contract["components"] = {"securitySchemes": {"apiKey": {
+            "type": "apiKey", "in": "header", "name": API_KEY_HEADER}}}
+    elif target in AUTH_JWT_TARGETS:
+        contract["security"] = [{"bearer": []}]
+        contract["components"] = {"securitySchemes": {"bearer": {
+            "type": "http", "scheme": "bearer"}}}
+    return contract
+
+
+def auth_config(target: str) -> dict:
+    """The `auth` section: one issuer with static keys (a JWK Set file beside the config,
+    RS256 and ES256 keys with kids) for the JWT targets; defaults for the API key one."""
+    if target not in AUTH_JWT_TARGETS:
+        return {}
+    return {"auth": {"issuers": {"bench": {
+        "issuer": AUTH_ISSUER,
+        "audiences": [AUTH_AUDIENCE],
+        "algorithms": ["RS256", "ES256"],
+        "keys": ["jwks.json"],
+    }}}}
+
+
+def venv_python() -> str:
+    local = REPO / ".venv" / "bin" / "python"
+    return str(local) if local.exists() else sys.executable
+
+
+def mint_tokens(d: Path, targets: list[str]) -> dict:
+    """Keys and tokens for the JWT targets, made by bench/auth_tokens.py with the venv's
+    python (PyJWT, cryptography): this harness stays stdlib only."""
+    algs = [AUTH_MISS_ALG[t] for t in targets if t in AUTH_MISS_ALG]
+    argv = [venv_python(), str(BENCH_DIR / "auth_tokens.py"), "--dir", str(d),
+            "--issuer", AUTH_ISSUER, "--audience", AUTH_AUDIENCE,
+            "--count", str(AUTH_MISS_TOKENS), "--algorithms", ",".join(algs)]
+    log(f"  minting JWTs: {shlex.join(argv)}")
+    t0 = time.monotonic()
+    out = run(argv, timeout=600)
+    if out.returncode != 0:
+        raise BenchError(f"bench/auth_tokens.py failed (code {out.returncode}):\n"
+                         f"{(out.stdout + out.stderr)[-3000:]}")
+    try:
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BenchError(f"bench/auth_tokens.py printed no report:\n{out.stdout[-2000:]}"
+                         ) from None
+    report["seconds"] = round(time.monotonic() - t0, 2)
+    log(f"  minted in {report['seconds']} s: {report.get('mint_seconds')}")
+    return report
+
+
+def create_api_key(base_argv: list[str], config_path: Path, d: Path) -> str:
+    """A key from the real CLI, in the target's own state file (beside its config); the
+    first line of standard output is the key."""
+    argv = [*base_argv, "keys", "create", "--name", "bench", "--config", str(config_path)]
+    log(f"  api key: {shlex.join(argv)}")
+    out = run(argv, timeout=60, cwd=d)
+    lines = out.stdout.splitlines()
+    if out.returncode != 0 or not lines or not lines[0].startswith("ask_"):
+        raise BenchError(f"`apishield keys create` failed (code {out.returncode}):\n"
+                         f"{out.stdout[-1000:]}\n{out.stderr[-3000:]}")
+    return lines[0].strip()
+
+
+def auth_credentials(target: str, tokens: Path | None, api_key: str | None) -> list[dict]:
+    """Request headers that must authenticate on `target` (for a miss target: its first
+    and last token)."""
+    if target == "auth_public":
+        return [{}]
+    if target == "auth_apikey":
+        assert api_key is not None
+        return [{API_KEY_HEADER: api_key}]
+    assert tokens is not None
+    if target == "auth_jwt_hit":
+        found = [(tokens / "token-hit.txt").read_text().strip()]
+    else:
+        lines = (tokens / f"tokens-{AUTH_MISS_ALG[target].lower()}.txt").read_text().split()
+        found = [lines[0], lines[-1]]
+    return [{"Authorization": f"Bearer {t}"} for t in found]
+
+
+def auth_wrk_script(d: Path, target: str, tokens: Path | None, api_key: str | None,
+                    threads: int) -> Path | None:
+    """wrk Lua script of an auth target: none for auth_public; one constant header for
+    auth_jwt_hit and auth_apikey; for the miss targets, a different token every request,
+    in order, each thread taking every `threads`-th token of the list, all requests
+    formatted once in `init`. The position is kept in a file between wrk runs (warm-up,
+    rounds): a run that started again at the first token would find the tokens the
+    previous run left in the gateway's cache and measure hits."""
+    script = d / "request.lua"
+    if target == "auth_public":
+        return None
+    if target in ("auth_jwt_hit", "auth_apikey"):
+        name, value = next(iter(auth_credentials(target, tokens, api_key)[0].items()))
+        script.write_text(f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}\n")
+        return script
+    assert tokens is not None
+    path = tokens / f"tokens-{AUTH_MISS_ALG[target].lower()}.txt"
+    state = d / "wrk-position"
+    state.write_text("0\n")
+    script.write_text(f"""\
+-- {target}: a different token every request (see bench/harness.py auth_wrk_script)
+local tokens_path = {json.dumps(str(path))}
+local state_path = {json.dumps(str(state))}
+local nthreads = {int(threads)}
+local threads = {{}}
+
+function setup(thread)
+   thread:set("tindex", #threads)
+   table.insert(threads, thread)
+end
+
+function init(args)
+   local start = 0
+   local f = io.open(state_path, "r")
+   if f then
+      start = tonumber(f:read("*l")) or 0
+      f:close()
+   end
+   local all = {{}}
+   for line in io.lines(tokens_path) do
+      if #line > 0 then all[#all + 1] = line end
+   end
+   reqs = {{}}
+   for i = tindex + 1, #all, nthreads do
+      reqs[#reqs + 1] = wrk.format(nil, nil, {{
+         ["Host"] = wrk.headers["Host"],
+         ["Authorization"] = "Bearer " .. all[i],
+      }})
+   end
+   nreqs = #reqs
+   count = start
+end
+
+function request()
+   count = count + 1
+   return reqs[(count % nreqs) + 1]
+end
+
+function done(summary, latency, requests)
+   local c = 0
+   for _, t in ipairs(threads) do
+      c = math.max(c, t:get("count") or 0)
+   end
+   local f = assert(io.open(state_path, "w"))
+   f:write(string.format("%d\\n", c))
+   f:close()
+end
+""")
+    return script
 
 
 # --------------------------------------------------------------------------- wrk
@@ -964,6 +1202,49 @@ def verify_validation(name: str, svc: Service, failures: list[str]) -> dict:
     return entry
 
 
+def verify_auth(name: str, svc: Service, failures: list[str]) -> dict:
+    """An auth target must answer GET /item with 200 and the upstream's body when its
+    credential is sent (every credential it was given); a protected one 401 without a
+    credential and with a forged one (the hit token with its signature altered, a key with
+    another secret)."""
+    entry: dict = {"request": f"GET {PATH}", "with_credential": []}
+    for headers in svc.extra.get("credentials", [{}]):
+        try:
+            status, got_headers, got = http_get(svc.port, PATH, headers=headers)
+        except OSError as exc:
+            failures.append(f"{name}: GET {PATH} failed: {exc}")
+            return entry
+        entry["with_credential"].append(status)
+        entry["cache_control"] = got_headers.get("cache-control")
+        if status != 200:
+            failures.append(f"{name}: GET {PATH} with its credential answered {status}: "
+                            f"{got[:300]!r}\n{name} stderr:\n{svc.stderr_tail(3000)}")
+        elif got != UPSTREAM_BODY.encode():
+            failures.append(f"{name}: GET {PATH} body differs from the upstream's: "
+                            f"{got[:300]!r}")
+    if name == "auth_public":
+        return entry
+    headers = dict(svc.extra["credentials"][0])
+    (hname, value), = headers.items()
+    if hname == "Authorization":  # flip one character of the signature
+        last = value[-2]
+        forged = value[:-2] + ("A" if last != "A" else "B") + value[-1]
+    else:  # same key id, another secret
+        forged = value[:-4] + ("AAAA" if not value.endswith("AAAA") else "BBBB")
+    for label, sent in (("without_credential", {}), ("forged_credential", {hname: forged})):
+        try:
+            status, got_headers, got = http_get(svc.port, PATH, headers=sent)
+        except OSError as exc:
+            failures.append(f"{name}: GET {PATH} ({label}) failed: {exc}")
+            continue
+        entry[label] = status
+        entry[f"{label}_www_authenticate"] = got_headers.get("www-authenticate")
+        if status != 401:
+            failures.append(f"{name}: GET {PATH} {label.replace('_', ' ')} answered {status}, "
+                            f"expected 401: {got[:300]!r}")
+    return entry
+
+
 def verify(services: dict[str, Service], upstream: Service | None = None) -> dict:
     """Every target must answer GET /item with 200 and the upstream's body (validation
     targets: their own request, see verify_validation)."""
@@ -980,6 +1261,9 @@ def verify(services: dict[str, Service], upstream: Service | None = None) -> dic
     for name, svc in services.items():
         if name in VALIDATION_REQUESTS:
             checks[name] = verify_validation(name, svc, failures)
+            continue
+        if name in AUTH_TARGETS:
+            checks[name] = verify_auth(name, svc, failures)
             continue
         scheme = svc.extra.get("scheme", "http")
         try:
@@ -1033,6 +1317,11 @@ def summarize(rounds: list[dict], targets: list[str]) -> dict:
         logb = [x.get("access_log_bytes_per_request") for x in runs]
         if any(v is not None for v in logb):
             summary[t]["access_log_bytes_per_request_median"] = median(logb)
+        vpr = [x.get("verifications_per_request") for x in runs]
+        if any(v is not None for v in vpr):
+            summary[t]["verifications_per_request_median"] = median(vpr)
+            summary[t]["authn_failure_events_total"] = sum(
+                x.get("authn_failure_events", 0) for x in runs)
     return summary
 
 
@@ -1119,6 +1408,23 @@ def render_table(result: dict) -> str:
                 f"{fmt_num(v['added_cpu_us_per_request'], '.1f'):>12}")
         lines.append("  +us/req = 1e6/rps - 1e6/rps_base; +cpu us/req = proxy CPU per request "
                      "minus the base's.")
+    auth = (result.get("auth") or {}).get("targets") or {}
+    if auth:
+        lines.append("")
+        lines.append("authentication cost (median of per-round figures against auth_public "
+                     "measured in the same round):")
+        lines.append(f"  {'target':<{w}}{'ratio':>8}{'+us/req':>9}{'+cpu us/req':>12}"
+                     f"{'verifications/req':>19}")
+        for t, v in auth.items():
+            lines.append(
+                f"  {t:<{w}}{fmt_num(v['ratio'], '.3f'):>8}"
+                f"{fmt_num(v['added_us_per_request'], '.1f'):>9}"
+                f"{fmt_num(v['added_cpu_us_per_request'], '.1f'):>12}"
+                f"{fmt_num(v.get('verifications_per_request'), '.4f'):>19}")
+        lines.append("  verifications/req = authn-success security events (one per JWT verified, "
+                     "i.e. per token-cache miss) / requests;")
+        lines.append(f"  API keys log no such event: auth_apikey misses once per cache_ttl "
+                     f"({API_KEY_CACHE_TTL_S:g} s).")
     flagged = [t for t in result["targets"] if s[t]["flagged"]]
     if flagged:
         lines.append("")
@@ -1181,6 +1487,8 @@ def measure(name: str, svc: Service, load: Load, duration: float, warmup: float,
     access_log: Path | None = svc.extra.get("access_log")
     if access_log is not None and access_log.exists():
         os.truncate(access_log, 0)  # keeps the temp dir small; apishield keeps appending
+    count_events = svc.extra.get("count_events", False)
+    stderr_at = svc.stderr_path.stat().st_size if count_events else 0
     cpu0 = proc_tree_cpu_seconds(svc.proc.pid)
     up0 = proc_tree_cpu_seconds(upstream.proc.pid)
     t0 = time.monotonic()
@@ -1188,6 +1496,19 @@ def measure(name: str, svc: Service, load: Load, duration: float, warmup: float,
     wall = time.monotonic() - t0
     cpu1 = proc_tree_cpu_seconds(svc.proc.pid)
     up1 = proc_tree_cpu_seconds(upstream.proc.pid)
+    if count_events:
+        # One `authn-success` security event per verified (not cached) JWT: the gateway's
+        # own count of full verifications during the run (API keys log none).
+        time.sleep(0.2)  # let the last lines reach the file
+        with open(svc.stderr_path, "rb") as err:
+            err.seek(stderr_at)
+            tail = err.read()
+        res["authn_success_events"] = tail.count(b'"event":"authn-success"')
+        res["authn_failure_events"] = tail.count(b'"event":"authn-failure"')
+        res["stderr_bytes"] = len(tail)
+        if res.get("requests"):
+            res["verifications_per_request"] = round(
+                res["authn_success_events"] / res["requests"], 4)
     if svc is not upstream:
         res["proxy_cpu_pct"] = round(100 * (cpu1 - cpu0) / wall, 1)
         if res.get("requests"):
@@ -1219,6 +1540,7 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
                   targets: list[str]) -> tuple[Service, dict[str, Service]]:
     up_port, proxy_port, pt_port, demo_port, floor_port, ntls_port, atls_port = free_ports(7)
     val_ports = dict(zip(VALIDATION_TARGETS, free_ports(len(VALIDATION_TARGETS)), strict=True))
+    auth_ports = dict(zip(AUTH_TARGETS, free_ports(len(AUTH_TARGETS)), strict=True))
     upstream = start_nginx(procs, "upstream", tmp / "upstream",
                            nginx_upstream_conf(tmp / "upstream", up_port), up_port,
                            pin.prefix("load"))
@@ -1259,30 +1581,48 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
             ("apishield_tls", atls_port, passthrough_contract(), "tls", tls),
         ]
         plans += [(t, val_ports[t], validation_contract(t), t, None) for t in VALIDATION_TARGETS]
+        plans += [(t, auth_ports[t], auth_contract(t), t, None) for t in AUTH_TARGETS]
+        tokens: Path | None = None
+        if any(t in AUTH_JWT_TARGETS for t in wanted_api):
+            tokens = tmp / "auth-tokens"
+            args.auth_tokens_report = mint_tokens(tokens, wanted_api)
         for t, port, contract, cfg, tls_section in plans:
             if t not in wanted_api:
                 continue
             d = tmp / t
-            config_path, access_log = write_apishield_config(d, cfg, contract, port, up_port,
-                                                             tls_section)
+            config_path, access_log = write_apishield_config(
+                d, cfg, contract, port, up_port, tls_section,
+                auth_config(t) if t in AUTH_TARGETS else None)
+            api_key = None
+            if t in AUTH_JWT_TARGETS:
+                assert tokens is not None
+                shutil.copyfile(tokens / "jwks.json", d / "jwks.json")
+            elif t == "auth_apikey":
+                api_key = create_api_key(base, config_path, d)  # before the gateway starts
             services[t] = start_apishield(procs, t, d, base, config_path, access_log, port,
                                           pin.prefix("proxy"))
             if tls_section is not None:
                 services[t].extra["scheme"] = "https"
             if t in VALIDATION_REQUESTS:
                 services[t].extra["wrk_script"] = wrk_script(d, t)
+            if t in AUTH_TARGETS:
+                services[t].extra["wrk_script"] = auth_wrk_script(d, t, tokens, api_key,
+                                                                  args.threads)
+                services[t].extra["credentials"] = auth_credentials(t, tokens, api_key)
+                services[t].extra["count_events"] = True
     if "direct" in targets:
         services["direct"] = upstream
     return upstream, services
 
 
-def validation_costs(rounds: list[dict], targets: list[str]) -> dict:
+def validation_costs(rounds: list[dict], targets: list[str],
+                     baselines: dict[str, str] = VALIDATION_BASELINE) -> dict:
     """Each validation target against its pass-through, within each round: the median of
     per-round rps ratios, of the implied wall time added per request (1/rps - 1/rps_base,
     in us: 50 connections share one proxy CPU, so this is the proxy's time per request),
     and of the added proxy CPU per request."""
     out: dict = {}
-    for t, base in VALIDATION_BASELINE.items():
+    for t, base in baselines.items():
         if t not in targets or base not in targets:
             continue
         ratio, added, cpu_added = [], [], []
@@ -1340,6 +1680,21 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
         }
 
     validation = validation_costs(rounds, targets)
+    auth = validation_costs(rounds, targets, AUTH_BASELINE)
+    for t, v in auth.items():
+        v["verifications_per_request"] = summary[t].get("verifications_per_request_median")
+    if any(t in AUTH_TARGETS for t in targets):
+        auth_info = {
+            "targets": auth,
+            "issuer": {"algorithms": ["RS256", "ES256"], "keys": "static JWK Set file",
+                       "kids": ["bench-rs256", "bench-es256"]},
+            "token_cache_entries": 10_000,
+            "miss_tokens_per_algorithm": AUTH_MISS_TOKENS,
+            "api_key_cache_ttl_s": API_KEY_CACHE_TTL_S,
+            "tokens": getattr(args, "auth_tokens_report", None),
+        }
+    else:
+        auth_info = {}
 
     def rps(t):
         return summary[t]["rps_median"] if t in summary else None
@@ -1363,6 +1718,7 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
         "summary": summary,
         "ratios": ratios,
         "validation": validation,
+        "auth": auth_info,
         "rounds": rounds,
         "checks": checks,
         "load": {"tool": "wrk", "threads": args.threads, "connections": args.connections,
@@ -1371,7 +1727,8 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
                  "requests": {t: {"method": VALIDATION_REQUESTS[t][0],
                                   "body_bytes": len(VALIDATION_REQUESTS[t][1] or b""),
                                   "content_type": VALIDATION_REQUESTS[t][2]}
-                              for t in targets if t in VALIDATION_REQUESTS}},
+                              for t in targets if t in VALIDATION_REQUESTS},
+                 "auth_requests": {t: AUTH_REQUESTS[t] for t in targets if t in AUTH_REQUESTS}},
         "machine": machine,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -1494,7 +1851,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
     ap.add_argument("--only", help="comma list of targets: nginx (= nginx_proxy,direct), tls "
                     "(= nginx_tls,apishield_tls: HTTPS, not in a default run), validation "
-                    f"(= {','.join(VALIDATION_TARGETS)}: not in a default run), "
+                    f"(= {','.join(VALIDATION_TARGETS)}: not in a default run), auth "
+                    f"(= {','.join(AUTH_TARGETS)}: not in a default run), "
                     "direct, proxy, passthrough, demo, apishield (= proxy,passthrough,demo)")
     ap.add_argument("--apishield-cmd", help="command to run apishield (default: "
                     "<repo>/.venv/bin/apishield, else apishield on PATH)")
