@@ -106,9 +106,16 @@ VALIDATION_BASELINE = {
 AUTH_TARGETS = ("auth_public", "auth_jwt_hit", "auth_jwt_miss_rs256", "auth_jwt_miss_es256",
                 "auth_apikey")
 AUTH_BASELINE = {t: "auth_public" for t in AUTH_TARGETS if t != "auth_public"}
-ALL_TARGETS = TARGETS + TLS_TARGETS + VALIDATION_TARGETS + AUTH_TARGETS
+# Not in a default run either: rate limiting, in memory and with Redis (issue 5).
+RATELIMIT_TARGETS = ("rl_passthrough", "rl_memory", "rl_redis", "rl_redis_small_burst",
+                     "rl_refusing")
+RATELIMIT_BASELINE = {t: "rl_passthrough" for t in RATELIMIT_TARGETS if t != "rl_passthrough"}
+# The issue's own ratio: the Redis mode against the in-memory mode, same round.
+RATELIMIT_VS_MEMORY = {"rl_redis": "rl_memory", "rl_redis_small_burst": "rl_memory"}
+RATELIMIT_TARGET_RATIO = 0.8  # issue 5: rl_redis / rl_memory >= 0.8
+ALL_TARGETS = TARGETS + TLS_TARGETS + VALIDATION_TARGETS + AUTH_TARGETS + RATELIMIT_TARGETS
 APISHIELD_TARGETS = ("apishield_passthrough", "apishield_demo", "apishield_tls",
-                     *VALIDATION_TARGETS, *AUTH_TARGETS)
+                     *VALIDATION_TARGETS, *AUTH_TARGETS, *RATELIMIT_TARGETS)
 # The Mozilla intermediate TLS 1.2 suites apishield uses (src/apishield/tls.py), for nginx.
 TLS_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
                "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
@@ -133,6 +140,9 @@ ALIASES = {
     "auth": AUTH_TARGETS,
     "auth_jwt_miss": ("auth_jwt_miss_rs256", "auth_jwt_miss_es256"),
     **{t: (t,) for t in AUTH_TARGETS},
+    "ratelimit": RATELIMIT_TARGETS,
+    "rl_redis_all": ("rl_redis", "rl_redis_small_burst"),
+    **{t: (t,) for t in RATELIMIT_TARGETS},
 }
 
 

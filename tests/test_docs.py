@@ -27,13 +27,15 @@ def _keys(model: type[BaseModel], prefix: str = "") -> set[str]:
     for name, field in model.model_fields.items():
         if field.exclude:
             continue
-        if name == "operations":
+        if name == "operations" and not prefix:
             keys |= _keys(OperationPolicy, "operations.<operationId>.")
             continue
         nested = _model_of(field.annotation)
         if nested is not None and typing.get_origin(field.annotation) is dict:
             keys |= _keys(nested, f"{prefix}{name}.<name>.")  # e.g. auth.issuers.<name>.
         elif nested is not None:
+            if typing.get_origin(field.annotation) is tuple:  # a list of models: the
+                keys.add(prefix + name)  # list itself has a row, then each item's keys
             keys |= _keys(nested, f"{prefix}{name}.")
         else:
             keys.add(prefix + name)

@@ -23,12 +23,18 @@ def _pipeline(**extra):
 def test_steps_run_in_the_documented_order():
     pipeline = _pipeline(trusted_proxies=["10.0.0.0/8"],
                          cors={"allow_origins": ["https://app.example"]},
-                         operations={"cachePrivate": {"require": {"roles": ["admin"]}},
-                                     "echoPost": {"owner": {"param": "body.owner"}}})
+                         operations={"cachePrivate": {"require": {"roles": ["admin"]},
+                                                      "ip": {"allow": ["10.0.0.0/8"]}},
+                                     "echoPost": {"owner": {"param": "body.owner"}}},
+                         rate_limiting={
+                             "limits": [{"name": "a", "rate": "5/s"},
+                                        {"name": "b", "rate": "5/s", "pre_auth": True}],
+                             "concurrency": {"per_identity": 2}})
     assert pipeline.step_names() == [*HEAD_ORDER, *BODY_ORDER, *RESPONSE_ORDER]
-    assert HEAD_ORDER == ("client_ip", "cors", "route", "limits", "authenticate", "authorize",
-                          "validate_parameters")
-    assert RESPONSE_ORDER == ("cors", "security_headers")
+    assert HEAD_ORDER == ("client_ip", "ip_filter", "cors", "route", "operation_ip", "limits",
+                          "pre_auth_limit", "authenticate", "authorize", "rate_limit",
+                          "concurrency", "validate_parameters")
+    assert RESPONSE_ORDER == ("cors", "rate_limit_headers", "security_headers")
     assert BODY_ORDER == ("validate_body", "authorize")
 
 
@@ -36,6 +42,7 @@ def test_disabled_steps_cost_nothing():
     names = _pipeline().step_names()
     assert "client_ip" not in names  # no trusted proxies: no step at all
     assert "authorize" not in names  # no roles or ownership rules: no step either
+    assert "pre_auth_limit" not in names and "concurrency" not in names
 
 
 def test_every_problem_renders_masked_with_request_id():

@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     from apishield import keys_cli  # `keys create | list | revoke | rotate`
 
     keys_cli.register(commands)
+    from apishield import bans_cli  # `bans list | add | remove`
+
+    bans_cli.register(commands)
     return parser
 
 

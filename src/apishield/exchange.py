@@ -125,11 +125,13 @@ class Exchange:
         "client_ip",
         "entry",
         "forwarded_for",
+        "held",
         "id",
         "operation",
         "path_params",
         "principal",
         "problem",
+        "rate_limit",
         "reason",
         "request",
         "resumes",
@@ -137,6 +139,7 @@ class Exchange:
         "started",
         "suspended",
         "trusted_peer",
+        "waited_for",
     )
 
     def __init__(self, request: Request) -> None:
@@ -158,6 +161,11 @@ class Exchange:
         # to resume; `resumes` counts how often it did, so a step never waits twice
         self.suspended: tuple[Callable[[], Awaitable[None]], list[Any], int] | None = None
         self.resumes = 0
+        self.waited_for: object | None = None  # the step whose I/O was awaited last
+        # rate_limit step: (policy name, Decision) of the tightest limit, for the headers
+        self.rate_limit: tuple[str, Any] | None = None
+        # concurrency step: the in-flight slots this request holds (released by `record`)
+        self.held: tuple[str, ...] = ()
 
 
 class Suspend(Exception):
@@ -170,6 +178,7 @@ class Suspend(Exception):
     `wait` must not raise: it records a failure where the step will find it on its rerun.
     """
 
-    def __init__(self, wait: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, wait: Callable[[], Awaitable[None]], owner: object | None = None) -> None:
         super().__init__("suspended for I/O")
         self.wait = wait
+        self.owner = owner  # the step, which can tell on its rerun that it already waited

@@ -25,7 +25,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,8 @@ from apishield.auth.apikeys import (
 )
 from apishield.auth.principal import AuthFailure
 from apishield.config import Config, ConfigError, _parse_duration, load_config
-from apishield.state.keys import KeyRecord, KeyStoreError
-from apishield.state.sqlite import SqliteKeyStore
+from apishield.state.keys import KeyRecord, KeyStore, KeyStoreError
+from apishield.state.open import describe_state, open_key_store, state_exists
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -124,14 +124,13 @@ def _state_path(config: Config) -> Path:
 
 
 @contextmanager
-def _existing_store(config: Config) -> Iterator[SqliteKeyStore | None]:
-    """The store if the state file exists; None otherwise (reading commands must not
-    create a stray database because `--config` pointed at the wrong file)."""
-    path = _state_path(config)
-    if not path.exists():
+def _existing_store(config: Config) -> Iterator[KeyStore | None]:
+    """The store if the state file exists (or is Redis); None otherwise (reading commands
+    must not create a stray database because `--config` pointed at the wrong file)."""
+    if not state_exists(config):
         yield None
         return
-    with SqliteKeyStore(path) as store:
+    with closing(open_key_store(config, background=False)) as store:
         yield store
 
 
@@ -178,7 +177,7 @@ def cmd_create(args: argparse.Namespace, config: Config) -> int:
     name = check_name(args.name)
     scopes = check_labels(args.scope, "scope")
     roles = check_labels(args.role, "role")
-    with SqliteKeyStore(_state_path(config)) as store:
+    with closing(open_key_store(config, background=False)) as store:
         pepper = load_pepper(config, store)
         now = time.time()
         key, record = issue_key(store, pepper, name=name, scopes=scopes, roles=roles,
@@ -209,7 +208,7 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return EXIT_OK
     if not rows:
-        _say(f"no API keys in {_state_path(config)}")
+        _say(f"no API keys in {describe_state(config)}")
         return EXIT_OK
     header = ("ID", "NAME", "STATE", "CREATED", "EXPIRES", "SCOPES", "ROLES")
     table = [header] + [
@@ -224,7 +223,7 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def _get(store: SqliteKeyStore | None, key_id: str) -> KeyRecord:
+def _get(store: KeyStore | None, key_id: str) -> KeyRecord:
     record = store.get(key_id) if store is not None else None
     if record is None:
         raise CliError(f"no API key with id {key_id}")

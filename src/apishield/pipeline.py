@@ -3,14 +3,15 @@
 Order is fixed and documented (no priority numbers; ARCHITECTURE.md):
 
     head phase (request line + headers, before any body is read; synchronous):
-        client_ip -> cors -> route -> limits -> authenticate -> authorize ->
+        client_ip -> ip_filter -> cors -> route -> operation_ip -> limits ->
+        pre_auth_limit -> authenticate -> authorize -> rate_limit -> concurrency ->
         validate_parameters
     body phase (the whole body is in; synchronous):
         validate_body -> authorize
     request phase (only when a step suspended for I/O: its rerun, then the rest)
     forward (the front end's job: upstream pool or the wrapped ASGI app)
     response phase (on the response head, before any body byte is sent):
-        cors -> security_headers
+        cors -> rate_limit_headers -> security_headers
 
 Why the pipeline does not call `forward` itself: the two front ends stream bodies in very
 different ways (raw transports vs ASGI messages), and the response steps need only the
@@ -27,6 +28,8 @@ after). Nothing on the fast path pays for the possibility.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -35,18 +38,23 @@ from http import HTTPStatus
 from apishield import problems
 from apishield.accesslog import AccessLog
 from apishield.auth.service import AuthService
+from apishield.ban_gate import BanGate
 from apishield.config import Config
 from apishield.contract import Contract
 from apishield.exchange import Exchange, Headers, Suspend
 from apishield.problems import Problem, render_problem
 from apishield.redact import MAX_LOGGED, redact
 from apishield.router import Router
+from apishield.state.open_counters import open_counters
 from apishield.steps import (
     authenticate,
     authorize,
     client_ip,
+    concurrency,
     cors,
+    ip_filter,
     limits,
+    rate_limit,
     response_filter,
     route,
     security_headers,
@@ -55,10 +63,11 @@ from apishield.steps import (
 
 logger = logging.getLogger("apishield")
 
-HEAD_ORDER = ("client_ip", "cors", "route", "limits", "authenticate", "authorize",
+HEAD_ORDER = ("client_ip", "ip_filter", "cors", "route", "operation_ip", "limits",
+              "pre_auth_limit", "authenticate", "authorize", "rate_limit", "concurrency",
               "validate_parameters")
 BODY_ORDER = ("validate_body", "authorize")
-RESPONSE_ORDER = ("cors", "security_headers")
+RESPONSE_ORDER = ("cors", "rate_limit_headers", "security_headers")
 
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
@@ -72,13 +81,27 @@ class Pipeline:
         self.cors = cors.build(config.cors, self.router)
         self.auth = AuthService(config, contract)
         self.authorize = authorize.AuthorizeStep(config, contract)
+        limiting = config.rate_limiting
+        self.counters = open_counters(config)
+        self.bans = BanGate(config)
+        pre_auth = rate_limit.RateLimitStep("pre_auth_limit", limiting, contract,
+                                            self.counters, pre_auth=True)
+        post_auth = rate_limit.RateLimitStep("rate_limit", limiting, contract, self.counters,
+                                             pre_auth=False, bans=self.bans)
+        operation_ip = ip_filter.OperationIpStep(contract)
+        self.concurrency = concurrency.build(limiting.concurrency)
         head_steps = [
             client_ip.build(config.trusted_proxies),
+            ip_filter.IpFilterStep(limiting.ip, self.bans),
             self.cors,
             route.RouteStep(self.router),
+            operation_ip if operation_ip.lists else None,
             limits.LimitsStep(config.limits, contract.operations),
+            pre_auth if not pre_auth.empty else None,
             authenticate.AuthenticateStep(self.auth),
             self.authorize if self.authorize.rules else None,
+            post_auth,  # always: it also checks subject bans
+            self.concurrency,
             parameters,
         ]
         self.head_steps = [step for step in head_steps if step is not None]
@@ -88,6 +111,10 @@ class Pipeline:
         self._body_step = body
         self.response_steps = [
             step for step in (self.cors,
+                              rate_limit.HeadersStep({**pre_auth.policies,
+                                                      **post_auth.policies})
+                              if limiting.headers and not (pre_auth.empty and post_auth.empty)
+                              else None,
                               security_headers.SecurityHeadersStep(config.headers, tls=tls))
             if step is not None
         ]
@@ -97,6 +124,7 @@ class Pipeline:
         self.response_filter = response_filter.ResponseFilter(contract, config.responses)
         self.max_filter_bytes = config.responses.max_filter_bytes
         self.global_log_only = config.mode == "log-only"
+        self._tasks: list[asyncio.Task[None]] = []
 
     def step_names(self) -> list[str]:
         return [s.name for s in (*self.head_steps, *self.body_steps, *self.response_steps)]
@@ -137,6 +165,7 @@ class Pipeline:
                 call(exchange)
             except Suspend as suspend:
                 exchange.suspended = (suspend.wait, calls, calls.index(call))
+                exchange.waited_for = suspend.owner
                 return
             except Problem as problem:
                 if not self._shadow(exchange, problem):
@@ -165,9 +194,35 @@ class Pipeline:
         """Background work that needs the event loop (JWKS fetch and refresh, key-store
         revocation poll); called once the loop runs."""
         await self.auth.start()
+        await self.bans.start()
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+    async def _housekeeping(self) -> None:
+        """Once a second: bans added elsewhere (CLI, other gateways); every 30 s: forget
+        counters and ban windows that no longer matter (bounded memory)."""
+        tick = 0
+        while True:
+            await asyncio.sleep(1.0)
+            tick += 1
+            try:
+                self.bans.refresh()
+                if tick % 30 == 0:
+                    now = time.time()
+                    self.counters.sweep(now)
+                    self.bans.sweep(now)
+            except Exception:
+                logger.exception("state housekeeping failed")
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
         await self.auth.close()
+        await self.bans.close()
+        await self.counters.close()
 
     def on_response(self, exchange: Exchange, status: int, headers: Headers) -> Headers:
         for call in self._response_calls:
@@ -243,6 +298,12 @@ class Pipeline:
         return self.problem_response(exchange, problem)
 
     def record(self, exchange: Exchange, status: int) -> None:
+        """The end of every request, refused, failed or complete (each front end calls it
+        once): give back concurrency slots, feed the ban rules, write the access log."""
+        if exchange.held and self.concurrency is not None:
+            self.concurrency.release(exchange)
+        if self.bans.watching:
+            self.bans.observe(exchange, status)
         access_log = self.access_log
         if access_log is None:
             return

@@ -22,7 +22,10 @@ Exception tree::
     ├── Forbidden                   403  refused on purpose (websockets not allowed, ...)
     │   ├── AccessDenied            403  authenticated, but not allowed (A5, A6)
     │   ├── NotPublic               403  the operation declares no security and is not public (A7)
+    │   ├── IpDenied                403  the client address is not allowed (D5)
+    │   └── ClientBanned            403  the client (address or account) is banned for a time (A9)
     │   └── HttpsRequired           403  plain HTTP on a listener that refuses it (C1)
+    ├── TooManyRequests             429  a rate limit, quota or concurrency cap (D1-D4, RFC 6585)
     ├── RequestTimeout              408  the client did not send its request in time (D3)
     ├── InternalError               500  a bug in apishield: traceback logged, never sent
     ├── UpstreamFailure             5xx  the upstream failed; its body is masked (E3)
@@ -134,6 +137,7 @@ class Unauthorized(Problem):
     contract_rule = True
     status = 401
     slug = "unauthorized"
+    subject: str | None = None  # the account a refused credential named, when known
     title = "Unauthorized"
     detail = "Valid credentials are required."
     practice = "A1"
@@ -155,6 +159,28 @@ class NotPublic(Forbidden):
     title = "Forbidden"
     detail = "This operation is not open: the API contract declares no security for it."
     practice = "A7"
+
+
+class IpDenied(Forbidden):
+    slug = "ip-denied"
+    detail = "Requests from this address are not allowed."
+    practice = "D5"
+
+
+class ClientBanned(Forbidden):
+    slug = "client-banned"
+    detail = "Too many refused requests: this client is blocked for a while; see Retry-After."
+    practice = "A9"
+
+
+class TooManyRequests(Problem):
+    """RFC 6585 4: with Retry-After, and the IETF RateLimit headers of the limit hit."""
+
+    status = 429
+    slug = "rate-limited"
+    title = "Too Many Requests"
+    detail = "Too many requests; retry after the time given in Retry-After."
+    practice = "D1"
 
 
 class HttpsRequired(Forbidden):
@@ -274,6 +300,9 @@ ALL_PROBLEMS: tuple[type[Problem], ...] = (
     Forbidden,
     AccessDenied,
     NotPublic,
+    IpDenied,
+    ClientBanned,
+    TooManyRequests,
     HttpsRequired,
     CorsRefused,
     RequestTimeout,

@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Principal:
     """A verified caller. Built once per verified credential and cached with it, so the
-    hot path reuses one object per token or key instead of rebuilding it."""
+    hot path reuses one object per token or key instead of rebuilding it. Compared and
+    hashed by identity (`eq=False`): memos keyed by it (identity headers) then cost a
+    pointer hash instead of hashing every field on each request (bench/RESULTS.md)."""
 
     scheme: str  # the securityScheme that authenticated it
     subject: str  # `sub` of a token, the owner name of an API key

@@ -210,12 +210,11 @@ class AuthService:
         if verifier is None:
             from apishield.auth.apikey_verifier import ApiKeyVerifier
             from apishield.auth.apikeys import load_pepper
-            from apishield.state.sqlite import SqliteKeyStore
+            from apishield.state.open import open_key_store
 
             if self._store is None:
-                path = self.config.resolve(self.config.state)
-                self._store = SqliteKeyStore(path)
-                self._pepper = load_pepper(self.config, path)
+                self._store = open_key_store(self.config)  # SQLite file or Redis
+                self._pepper = load_pepper(self.config, self._store)
             verifier = ApiKeyVerifier(self._store, self._pepper,
                                       self.config.auth.api_keys.cache_ttl, scheme)
             self._api_key_verifiers[scheme] = verifier

@@ -1,8 +1,10 @@
-"""Durable gateway state shared between the gateway process and the `apishield` CLI.
+"""Gateway state shared between gateway processes and the `apishield` CLI.
 
-`keys.py` defines what an API-key store must do (`KeyStore`, `KeyRecord`), backend-neutral
-so a Redis store for multi-instance deployments can implement the same protocol later;
-`sqlite.py` is the embedded default (`SqliteKeyStore`), one file at `config.state`.
+Protocols, backend-neutral: `keys.py` (API keys), `bans.py` (bans), `counters.py` (rate
+limits and quotas, with the in-memory backend). Backends: the embedded default is one
+SQLite file at `config.state` (`sqlite.py`, `sqlite_bans.py`; counters in memory), and
+`state: redis://...` shares everything between instances (`redis_store.py`,
+`redis_counters.py`). `open.py` and `open_counters.py` pick the backend from the config.
 """
 
 from apishield.state.keys import DuplicateKeyId, KeyRecord, KeyStore, KeyStoreError

@@ -98,7 +98,9 @@ class AuthenticateStep:
         if failure is not None:
             scheme, error = failure
             events.authn_failure(exchange, scheme, error)
-            raise Unauthorized(error.reason, headers=self._challenges(plan, invalid=True))
+            refusal = Unauthorized(error.reason, headers=self._challenges(plan, invalid=True))
+            refusal.subject = error.subject  # the account tried, when known (ban rules)
+            raise refusal
         if plan.anonymous:
             return
         raise Unauthorized("credentials-missing", headers=self._challenges(plan, invalid=False))

@@ -1,0 +1,84 @@
+"""The key store and the ban store the config asks for: `state: <path>` is the embedded
+SQLite file (relative to the config file), `state: redis://...` or `rediss://...` a Redis
+server shared by every gateway instance and the CLI.
+
+`background=True` (the default, for the gateway) gives the Redis stores a thread that
+follows changes, so nothing on the event loop waits on the network; the CLI passes
+`background=False`: a short process talks to Redis directly and sees errors at once.
+SQLite needs no thread either way (its reads and change probes are local and fast).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from apishield.config import Config, ConfigError
+from apishield.state.bans import BanStore
+from apishield.state.keys import KeyStore
+
+if TYPE_CHECKING:
+    import redis
+
+REDIS_SCHEMES = ("redis://", "rediss://")
+
+
+def is_redis(config: Config) -> bool:
+    return config.state.startswith(REDIS_SCHEMES)
+
+
+def state_exists(config: Config) -> bool:
+    """Whether there may be anything to read: always for Redis; for SQLite, whether the
+    file exists (reading commands must not create a stray database because `--config`
+    pointed at the wrong file)."""
+    return is_redis(config) or config.resolve(config.state).exists()
+
+
+def describe_state(config: Config) -> str:
+    """Where the state lives, fit for a message (a Redis password is masked)."""
+    if is_redis(config):
+        from apishield.state.redis_store import redact_url
+
+        return redact_url(config.state)
+    return str(config.resolve(config.state))
+
+
+def _redis_client(config: Config) -> redis.Redis:  # imported lazily: SQLite needs none
+    from apishield.state.redis_store import connect, redact_url
+
+    try:
+        return connect(config.state)
+    except ValueError as exc:
+        raise ConfigError([f"state: {redact_url(config.state)} is not a usable Redis URL "
+                           f"({exc})"]) from None
+
+
+def open_key_store(config: Config, *, background: bool = True) -> KeyStore:
+    """The API-key store. With Redis the pepper must be configured explicitly: a pepper
+    file generated beside one instance would differ from every other instance's, and
+    keys would verify on one gateway only."""
+    if not is_redis(config):
+        from apishield.state.sqlite import SqliteKeyStore
+
+        return SqliteKeyStore(config.resolve(config.state))
+    if config.auth.api_keys.pepper is None:
+        from apishield.state.redis_store import redact_url
+
+        raise ConfigError([
+            f"auth.api_keys.pepper: required with state: {redact_url(config.state)}; every "
+            "gateway instance and the CLI must hash API keys with the same pepper, so give "
+            "it as {env: NAME} or {file: path} (e.g. the output of python -c 'import "
+            "secrets; print(secrets.token_urlsafe(32))')"])
+    from apishield.state.redis_store import RedisKeyStore
+
+    return RedisKeyStore(config.state, background=background, client=_redis_client(config))
+
+
+def open_ban_store(config: Config, *, background: bool = True) -> BanStore:
+    """The ban store (the `bans` tables of the SQLite file, or Redis)."""
+    if not is_redis(config):
+        from apishield.state.sqlite_bans import SqliteBanStore
+
+        return SqliteBanStore(config.resolve(config.state))
+    from apishield.state.redis_store import RedisBanStore
+
+    return RedisBanStore(config.state, background=background, client=_redis_client(config))
