@@ -300,3 +300,26 @@ def test_rate_limit_config_errors_are_located(tmp_path: Path):
     assert "rate_limiting.limits.0.rate: '10 per second' is not a rate" in result.stderr
     assert "rate_limiting.limits.2.pre_auth:" in result.stderr
     assert "rate_limiting.ip.deny: '300.1.1.1' is not an IP address" in result.stderr
+
+
+def test_without_rules_no_state_file_is_created_but_operator_bans_still_work(
+        tmp_path, upstream_url):
+    contract = tmp_path / "c.yaml"  # no apiKey scheme either: no key store to open
+    contract.write_text("openapi: 3.1.0\ninfo: {title: t, version: '1'}\nsecurity: []\n"
+                        "paths:\n  /echo/open:\n    get: {responses: {'200': {description: ok}}}\n")
+    running = start_gateway(tmp_path, upstream_url, {"trusted_proxies": ["127.0.0.1/32"]},
+                            contract=contract)
+    try:
+        ip = client("198.51.100.123")
+        assert httpx.get(f"{running.url}/echo/open-nothing", headers=ip).status_code == 404
+        assert not (tmp_path / "apishield-state.db").exists()
+        assert cli(running, "bans", "add", "--ip", "198.51.100.123",
+                   "--duration", "1h").returncode == 0
+        deadline = time.monotonic() + 5
+        status = 404
+        while time.monotonic() < deadline and status != 403:
+            status = httpx.get(f"{running.url}/echo/open-nothing", headers=ip).status_code
+            time.sleep(0.1)
+        assert status == 403
+    finally:
+        running.stop()

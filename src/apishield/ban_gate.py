@@ -9,8 +9,11 @@ rules can count (A9, D5):
 - `validation`: the contract refused parameters or a body; `injection`: a payload;
 - `not-found`: an undeclared path or method (probing);
 - `rate-limited`: a rate limit refused the request.
-The ban store is opened when the gateway starts (not by `apishield check`): bans added
-with `apishield bans add` work even without rules.
+The ban store is opened when the gateway starts (not by `apishield check`), and only when
+there is something to read or write: rules are configured, the state is Redis, or the
+state file exists. Without rules the gateway creates no file (the demo, a middleware in a
+read-only folder); if `apishield bans add` creates the file later, the gateway opens it
+at its next housekeeping tick, so operator bans work without rules too.
 """
 
 from __future__ import annotations
@@ -67,8 +70,16 @@ class BanGate:
         self.listened = {event for rule in self.rules_config for event in rule.on}
         self.rules: Any = None  # BanRules, once started
         self.store: Any = None
+        self._started = False
 
     async def start(self) -> None:
+        from apishield.state.open import state_exists
+
+        self._started = True
+        if self.rules_config or state_exists(self.config):
+            self._open()
+
+    def _open(self) -> None:
         from apishield.bans import BanRules
         from apishield.state.open import open_ban_store
 
@@ -101,12 +112,18 @@ class BanGate:
     def refresh(self) -> None:
         if self.store is not None:
             self.store.refresh()
+            return
+        from apishield.state.open import state_exists
+
+        if self._started and state_exists(self.config):
+            self._open()  # `apishield bans add` created the state file
 
     def sweep(self, now: float) -> None:
         if self.rules is not None:
             self.rules.sweep(now)
 
     async def close(self) -> None:
+        self._started = False
         if self.store is not None:
             self.store.close()
             self.store = None
