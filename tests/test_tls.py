@@ -798,3 +798,57 @@ def test_config_model_errors_are_located(tmp_path):
         result = run_cli("check", "--config", str(write_config(tmp_path, extra)))
         assert result.returncode == 2, extra
         assert expected in result.stderr, (expected, result.stderr)
+
+
+MTLS_CONTRACT = """
+openapi: 3.1.0
+info: {title: mtls, version: "1"}
+paths:
+  /echo/public:
+    get: {security: [], responses: {"200": {description: ok}}}
+  /echo/machines:
+    get: {security: [{mtls: []}], responses: {"200": {description: ok}}}
+components:
+  securitySchemes:
+    mtls: {type: mutualTLS}
+"""
+
+
+def test_operation_requiring_a_client_certificate(make_gateway, certs, ca, client_ca,
+                                                  tmp_path, upstream):
+    """Per-operation mutual TLS: certificates are optional at the listener, required by
+    the operations whose security names a `mutualTLS` scheme (OpenAPI 3.1)."""
+    authority, ca_path = client_ca
+    contract = tmp_path / "mtls.yaml"
+    contract.write_text(MTLS_CONTRACT)
+    gw = make_gateway({"tls": {"cert": str(certs[0]), "key": str(certs[1]),
+                               "client_ca": str(ca_path), "client_cert": "optional"}},
+                      contract=contract)
+    base = f"https://127.0.0.1:{gw.port}"
+    before = upstream.request_count
+    with https_client(ca) as client:
+        assert client.get(f"{base}/echo/public").status_code == 200
+        refused = client.get(f"{base}/echo/machines",
+                             headers={"X-Apishield-Client-Subject": "batch-job"})
+    assert refused.status_code == 401
+    assert upstream.request_count == before + 1
+    mine = write_leaf(authority, tmp_path, "machine", "batch.example", common_name="batch-job")
+    with https_client(ca, cert=mine) as client:
+        response = client.get(f"{base}/echo/machines")
+    assert response.status_code == 200
+    sent = dict((k.lower(), v) for k, v in response.json()["headers"])
+    assert sent["x-apishield-subject"] == "batch-job"
+
+
+def test_mutual_tls_scheme_without_client_certificates_is_a_load_error(tmp_path, certs):
+    contract = tmp_path / "mtls.yaml"
+    contract.write_text(MTLS_CONTRACT)
+    config = tmp_path / "apishield.yaml"
+    config.write_text(yaml.safe_dump({"contract": "mtls.yaml",
+                                      "upstream": {"url": "http://127.0.0.1:9"}}))
+    result = subprocess.run([sys.executable, "-m", "apishield", "check", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 2
+    assert "components.securitySchemes.mtls: mutualTLS needs client certificates" in \
+        result.stderr
