@@ -758,3 +758,39 @@ def test_expect_continue_refused_route_answers_without_waiting_for_body(gateway,
         conn.send(post(b"/admin", b"Content-Length: 2\r\nExpect: 100-continue\r\n"))
         assert_problem(conn.read_response(), 404)
     assert upstream.request_count == before
+
+
+def test_a_body_trickling_below_the_minimum_rate_is_cut_before_the_body_timeout(
+        make_gateway, upstream):
+    gw = make_gateway({"timeouts": {"body": "20s", "min_body_rate": "1KiB",
+                                    "body_rate_grace": "1s"}})
+    head = (b"PUT /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: 5000\r\n\r\n")
+    before = upstream.request_count
+    start = time.monotonic()
+    with Conn(gw.port, timeout=6) as conn:
+        conn.send(head)
+        conn.sock.settimeout(0.25)
+        for _ in range(40):  # 50 bytes every 0.25 s: 200 B/s, under the 1 KiB/s floor
+            try:
+                if conn.sock.recv(1, socket.MSG_PEEK):
+                    break
+            except TimeoutError:
+                pass
+            try:
+                conn.send(b"x" * 50)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        conn.sock.settimeout(conn.timeout)
+        assert_problem(conn.read_response(), 408)
+        assert conn.is_closed()
+    assert time.monotonic() - start < 4.0  # long before the 20 s body timeout
+    assert upstream.request_count == before
+    # a body that keeps the pace passes, however long it takes within `timeouts.body`
+    with Conn(gw.port, timeout=6) as conn:
+        conn.send(head)
+        for _ in range(5):
+            time.sleep(0.3)
+            conn.send(b"y" * 1000)  # ~3.3 KB/s
+        assert conn.read_response().status == 200
+    assert upstream.request_count == before + 1

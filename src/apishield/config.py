@@ -201,6 +201,10 @@ class OperationLimits(Model):
 class Timeouts(Model):
     header: Seconds = 10.0  # complete request head within (slowloris defence, D3)
     body: Seconds = 30.0  # complete request body within
+    # slow-client floor (D3): after `body_rate_grace`, a body arriving slower than this
+    # many bytes a second is cut with 408 (a trickle holds a connection for `body` else)
+    min_body_rate: Bytes = 256
+    body_rate_grace: Seconds = 5.0
     keepalive: Seconds = 5.0  # idle keep-alive connection closed after
     write: Seconds = 30.0  # a client that reads none of a response for this long is cut
     shutdown: Seconds = 10.0  # in-flight requests get this long on SIGTERM

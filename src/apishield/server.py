@@ -91,6 +91,11 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.max_header_count = config.limits.max_header_count
         self.header_timeout = config.timeouts.header
         self.body_timeout = config.timeouts.body
+        self.min_body_rate = config.timeouts.min_body_rate
+        self.rate_grace = config.timeouts.body_rate_grace
+        self._rate_since = 0.0  # loop time and body bytes at the start of the rate check
+        self._rate_base = 0
+        self._body_deadline = 0.0
         self.idle_timeout = config.timeouts.keepalive
         self.scheme = scheme
         self.client_identity: tuple[tuple[bytes, bytes], ...] = ()  # mutual TLS
@@ -201,6 +206,24 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         elif not self.busy and not self.queue and self.transport is not None:
             self.transport.close()  # connected but never sent a byte
 
+    def _check_body_rate(self) -> None:
+        """Slow-client floor (D3): a body trickling in below `timeouts.min_body_rate`
+        after the grace period is cut, long before `timeouts.body`. Time the gateway itself
+        held the client back (reading paused for back-pressure) does not count."""
+        message = self.current
+        if not self.receiving or message is None:
+            return
+        now = self.loop.time()
+        if now >= self._body_deadline:
+            self._on_timeout()
+            return
+        if self.reading_paused:
+            self._rate_since, self._rate_base = now, message.size
+        elif message.size - self._rate_base < self.min_body_rate * (now - self._rate_since):
+            self._fatal(RequestTimeout("client-below-min-body-rate", close=True))
+            return
+        self.expire_at(min(1.0, self._body_deadline - now), self._check_body_rate)
+
     def _on_idle_timeout(self) -> None:
         if not self.busy and not self.queue and self.current is None and self.transport:
             self.transport.close()
@@ -291,7 +314,13 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self._pause_reading()
             return
         if self._has_body:
-            self.expire_at(self.body_timeout, self._on_timeout)
+            if self.min_body_rate and self.rate_grace < self.body_timeout:
+                now = self.loop.time()
+                self._body_deadline = now + self.body_timeout
+                self._rate_since, self._rate_base = now, 0
+                self.expire_at(self.rate_grace, self._check_body_rate)
+            else:
+                self.expire_at(self.body_timeout, self._on_timeout)
         if problem is None and not self.busy and not self.queue:
             expect = request.header(b"expect")
             if expect is not None and expect.lower() == b"100-continue" and self.transport:
