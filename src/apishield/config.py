@@ -641,7 +641,9 @@ class Config(Model):
     rate_limiting: RateLimiting = RateLimiting()
     # where shared state lives: a path = the embedded SQLite file (API keys, bans; counters
     # in memory), relative to the config file; redis:// or rediss:// = a Redis server
-    # shared by every gateway instance (counters, bans, API keys)
+    # shared by every gateway instance (counters, bans, API keys); redis+sentinel://
+    # host:26379,.../<service>[/<db>] = its master through Sentinel; redis+cluster://
+    # host:port,.../ = a Redis Cluster (rediss+... for TLS; state/redis_urls.py)
     state: str = "apishield-state.db"
     # Set by the loader, not by users: the folder relative paths are resolved against.
     source_dir: str = Field(default=".", exclude=True)
@@ -654,6 +656,21 @@ class Config(Model):
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as exc:
                 raise ValueError(f"{cidr!r} is not an IP address or CIDR network") from exc
+        return value
+
+    @field_validator("state")
+    @classmethod
+    def _check_state(cls, value: str) -> str:
+        """A URL (anything with `://`) must be a usable Redis URL; the message never
+        holds the password."""
+        if "://" in value:
+            from apishield.state.redis_urls import StateUrlError, parse_state_url
+
+            try:
+                parse_state_url(value)
+            except StateUrlError as exc:
+                # not chained: pydantic would show the input (with its password)
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("base_path")

@@ -1,6 +1,7 @@
 """The key store and the ban store the config asks for: `state: <path>` is the embedded
 SQLite file (relative to the config file), `state: redis://...` or `rediss://...` a Redis
-server shared by every gateway instance and the CLI.
+server shared by every gateway instance and the CLI (or `redis+sentinel://`,
+`redis+cluster://` and their `rediss+` forms: see `redis_urls`).
 
 `background=True` (the default, for the gateway) gives the Redis stores a thread that
 follows changes, so nothing on the event loop waits on the network; the CLI passes
@@ -15,15 +16,16 @@ from typing import TYPE_CHECKING
 from apishield.config import Config, ConfigError
 from apishield.state.bans import BanStore
 from apishield.state.keys import KeyStore
+from apishield.state.redis_urls import PREFIXES, StateUrlError, is_redis_url, redact_url
 
 if TYPE_CHECKING:
     import redis
 
-REDIS_SCHEMES = ("redis://", "rediss://")
+REDIS_SCHEMES = PREFIXES
 
 
 def is_redis(config: Config) -> bool:
-    return config.state.startswith(REDIS_SCHEMES)
+    return is_redis_url(config.state)
 
 
 def state_exists(config: Config) -> bool:
@@ -36,20 +38,20 @@ def state_exists(config: Config) -> bool:
 def describe_state(config: Config) -> str:
     """Where the state lives, fit for a message (a Redis password is masked)."""
     if is_redis(config):
-        from apishield.state.redis_store import redact_url
-
         return redact_url(config.state)
     return str(config.resolve(config.state))
 
 
 def _redis_client(config: Config) -> redis.Redis:  # imported lazily: SQLite needs none
-    from apishield.state.redis_store import connect, redact_url
+    from apishield.state.redis_store import connect
 
     try:
         return connect(config.state)
+    except StateUrlError as exc:  # its message names the URL, redacted
+        raise ConfigError([f"state: {exc}"]) from None
     except ValueError as exc:
         raise ConfigError([f"state: {redact_url(config.state)} is not a usable Redis URL "
-                           f"({exc})"]) from None
+                           f"({redact_url(str(exc))})"]) from None
 
 
 def open_key_store(config: Config, *, background: bool = True) -> KeyStore:
@@ -61,8 +63,6 @@ def open_key_store(config: Config, *, background: bool = True) -> KeyStore:
 
         return SqliteKeyStore(config.resolve(config.state))
     if config.auth.api_keys.pepper is None:
-        from apishield.state.redis_store import redact_url
-
         raise ConfigError([
             f"auth.api_keys.pepper: required with state: {redact_url(config.state)}; every "
             "gateway instance and the CLI must hash API keys with the same pepper, so give "

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from apishield.config import Config
 from apishield.state.counters import Counters, MemoryCounters
+from apishield.state.redis_urls import PREFIXES, is_redis_url
 
-REDIS_SCHEMES = ("redis://", "rediss://")
+REDIS_SCHEMES = PREFIXES  # redis://, rediss://, redis+sentinel://, redis+cluster://, ...
 
 
 def is_redis(state: str) -> bool:
-    return state.startswith(REDIS_SCHEMES)
+    return is_redis_url(state)
 
 
 def open_counters(config: Config) -> Counters:

@@ -67,6 +67,11 @@ instead of paying a timeout per request; the next call after that tries again an
 redis-py reconnects on its own, reloading the scripts if the server lost them (NOSCRIPT).
 Leases held when Redis goes down are still spent (they were granted).
 
+Topologies (`redis_urls`): a single server, Sentinel (the master, followed across a
+failover) or a Cluster. Every script touches one key (KEYS[1]), so on a Cluster each
+call runs on the node of its key's slot, and redis-py's cluster pipeline splits a tick's
+pipeline per node; missing scripts are loaded on every primary.
+
 Keys: `apishield:rl:<h>` and `apishield:q:<h>:<period end, ms>`, where h is a 16-byte
 BLAKE2b of the caller's key (IPs and identities: nothing personal in clear, and long
 identities do not bloat Redis; pass `salt` so that hashed IPv4 addresses cannot be
@@ -84,11 +89,13 @@ import time
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from apishield.state.counters import Decision, StoreUnavailable
+from apishield.state.redis_urls import async_client, is_cluster_url
 
 LEASE_TTL = 1.0  # seconds a lease may be spent before its unspent tokens go back
 DOWN_FOR = 1.0  # seconds `prepare` fails fast after a store error
@@ -207,11 +214,13 @@ class RedisCounters:
                  salt: bytes = b"") -> None:
         if not 0 < lease_fraction <= 0.5:
             raise ValueError("lease_fraction must be in (0, 0.5]")
-        self._redis: Redis = Redis.from_url(
+        self._redis: Redis | RedisCluster = async_client(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
-            health_check_interval=0, single_connection_client=False,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0,
+            **({} if is_cluster_url(url) else {"retry_on_timeout": False,
+                                                "single_connection_client": False}),
         )
+        self._cluster = isinstance(self._redis, RedisCluster)
         self._lease_fraction = lease_fraction
         self._lease_ttl = lease_ttl
         self._down_for = down_for
@@ -451,10 +460,14 @@ class RedisCounters:
         missing = [index for index, result in enumerate(results)
                    if isinstance(result, NoScriptError)]
         if missing:
-            pipe = self._redis.pipeline(transaction=False)
-            for script in _SCRIPTS:
-                pipe.script_load(script)
-            await pipe.execute()
+            if self._cluster:  # SCRIPT LOAD on every primary (a pipeline picks one node)
+                for script in _SCRIPTS:
+                    await self._redis.script_load(script)
+            else:
+                pipe = self._redis.pipeline(transaction=False)
+                for script in _SCRIPTS:
+                    pipe.script_load(script)
+                await pipe.execute()
             self.round_trips += 2
             again = await self._pipeline([calls[index] for index in missing])
             for index, result in zip(missing, again, strict=True):
@@ -471,7 +484,10 @@ class RedisCounters:
                 return [exc]
         pipe = self._redis.pipeline(transaction=False)
         for script, name, args in calls:
-            pipe.evalsha(shas[script], 1, name, *args)
+            # execute_command: redis-py's cluster pipeline blocks its `evalsha` method
+            # (a script may name keys of several slots; ours name one, KEYS[1]) but
+            # routes EVALSHA by its keys; a plain pipeline sends the very same command.
+            pipe.execute_command("EVALSHA", shas[script], 1, name, *args)
         return list(await pipe.execute(raise_on_error=False))
 
     def _granted_rate(self, lease: _Lease, result: list[int], received: float) -> None:

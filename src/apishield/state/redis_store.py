@@ -27,6 +27,10 @@ The mirrors are small (one record per issued key, one per active ban) and change
   fails), so the key mirror misses nothing but what changed in the last poll interval
   before it. A key store that never loaded (Redis down when the gateway started) raises
   `KeyStoreError` from `get`: the gateway answers 503, never 401 and never a pass.
+- Sentinel and Cluster URLs (`redis_urls`) work too. On a Cluster the namespace becomes a
+  hash tag (`{apishield}:keys`, `{apishield}:bans`, ...): every script and transaction
+  here touches several of these keys, which must then share one slot. A single server
+  and Sentinel keep the plain names.
 - Persistence is Redis's job: run it with AOF (`appendonly yes`), or a restart forgets
   every key and ban (the mirrors then follow: the keys stop verifying).
 
@@ -56,6 +60,9 @@ from apishield.state.bans import (
     canonical_value,
 )
 from apishield.state.keys import DuplicateKeyId, KeyRecord, KeyStoreError
+from apishield.state.redis_urls import cluster_namespace, redact_url, sync_client
+
+__all__ = ["RedisBanStore", "RedisKeyStore", "connect", "redact_url"]
 
 logger = logging.getLogger("apishield.state")
 
@@ -103,27 +110,11 @@ return n
 """
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, for messages and logs. Works on the raw text (a URL
-    too broken to parse must not leak either); user info without a `:` is masked whole,
-    since `redis://secret@host` is a password written the wrong way, not a user name."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    netloc, slash, tail = rest.partition("/")
-    userinfo, at, hostport = netloc.rpartition("@")
-    if not at:
-        return url
-    user, colon, _ = userinfo.partition(":")
-    masked = f"{user}:***" if colon else "***"
-    return f"{scheme}://{masked}@{hostport}{slash}{tail}"
-
-
 def connect(url: str) -> redis.Redis:
-    """A client with bounded timeouts (ValueError for a malformed URL)."""
-    return redis.Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT,
-                                socket_connect_timeout=SOCKET_TIMEOUT,
-                                health_check_interval=30)
+    """A client with bounded timeouts for any Redis `state` URL (single server, Sentinel
+    or Cluster: `redis_urls`); StateUrlError (a ValueError) for a malformed URL."""
+    return sync_client(url, socket_timeout=SOCKET_TIMEOUT,
+                       socket_connect_timeout=SOCKET_TIMEOUT, health_check_interval=30)
 
 
 class _Follower:
@@ -208,6 +199,7 @@ class RedisKeyStore:
         self.where = redact_url(url)
         self.background = background
         self._client = client if client is not None else connect(url)
+        namespace = cluster_namespace(url, namespace)  # Cluster: `{ns}`, one hash slot
         self._hash = f"{namespace}:keys"
         self._version_key = f"{namespace}:keys:version"
         self._lock = threading.Lock()
@@ -285,7 +277,7 @@ class RedisKeyStore:
         """Apply `update` to the current record atomically (WATCH/MULTI, retried when
         another writer got in between); None when `update` declined."""
         try:
-            with self._client.pipeline() as pipe:
+            with self._client.pipeline(transaction=True) as pipe:  # (Cluster: not the default)
                 for _ in range(CAS_ATTEMPTS):
                     try:
                         pipe.watch(self._hash)
@@ -401,6 +393,7 @@ class RedisBanStore:
         self.where = redact_url(url)
         self.background = background
         self._client = client if client is not None else connect(url)
+        namespace = cluster_namespace(url, namespace)  # Cluster: `{ns}`, one hash slot
         self._bans = f"{namespace}:bans"
         self._history = f"{namespace}:bans:history"
         self._version_key = f"{namespace}:bans:version"
