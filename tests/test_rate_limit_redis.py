@@ -142,3 +142,30 @@ def test_store_down_is_503_then_recovers_without_restart(pair, redis):
 
 
 
+
+
+def test_on_store_error_allow_lets_requests_through_while_redis_is_down(
+        tmp_path, upstream_url, redis):
+    (tmp_path / "pepper").write_text("x" * 43)
+    (tmp_path / "pepper").chmod(0o600)
+    contract = tmp_path / "redis-contract.yaml"
+    contract.write_text(CONTRACT)
+    gateway = start_gateway(tmp_path, upstream_url, {
+        "state": redis.url,
+        "auth": {"api_keys": {"pepper": {"file": "pepper"}}},
+        "rate_limiting": {"on_store_error": "allow", "limits": [
+            {"name": "shared", "key": ["ip"], "rate": f"{RATE}/s", "burst": BURST,
+             "operations": ["limited"]}]},
+    }, contract=contract)
+    try:
+        assert httpx.get(f"{gateway.url}/echo/limited").status_code == 200
+        redis.stop()
+        try:
+            time.sleep(1.2)
+            response = httpx.get(f"{gateway.url}/echo/limited", timeout=10)
+            assert response.status_code == 200  # fail open, as configured by name
+            assert "let through (on_store_error: allow)" in gateway.stderr()
+        finally:
+            redis.start()
+    finally:
+        gateway.stop()
