@@ -26,7 +26,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from apishield.config import ConfigError
 from apishield.state.keys import DuplicateKeyId, KeyRecord, KeyStoreError
@@ -74,9 +74,19 @@ def _create_private(path: Path) -> None:
     os.close(fd)
 
 
-class SqliteKeyStore:
-    """`KeyStore` on one SQLite file. Thread-safe (one connection behind a lock), and
-    safe across processes (SQLite file locking, WAL)."""
+class SqliteStateFile:
+    """One long-lived connection to the SQLite state file, shared by the stores that live
+    in it (keys, bans): the folder check, the 0600 file, WAL and `synchronous=FULL`, the
+    per-component schema migration, the `data_version` change probe, and a lock around the
+    connection with SQLite errors turned into the store's own error. Subclasses say which
+    tables (`SCHEMA`, `COMPONENT`, `VERSION`) and which error they raise."""
+
+    SCHEMA: ClassVar[str]
+    COMPONENT: ClassVar[str]
+    VERSION: ClassVar[int]
+    TABLES: ClassVar[str]  # for messages: "API-key tables"
+    LABEL: ClassVar[str]  # for messages: "key store"
+    ERROR: ClassVar[type[Exception]]
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -94,6 +104,7 @@ class SqliteKeyStore:
                                          isolation_level=None, check_same_thread=False)
             self._setup(self._conn)
             self._data_version = self._read_data_version()
+            self._opened()
         except sqlite3.DatabaseError as exc:
             self.close()
             raise ConfigError([f"{where}: cannot be used as the apishield state database "
@@ -104,6 +115,9 @@ class SqliteKeyStore:
         except ConfigError:
             self.close()
             raise
+
+    def _opened(self) -> None:
+        """Called once the connection is set up (e.g. to load a mirror)."""
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
@@ -116,18 +130,18 @@ class SqliteKeyStore:
         conn.execute("BEGIN IMMEDIATE")  # two processes opening a new file: one migrates
         try:
             # not executescript: it would COMMIT first and run outside this transaction
-            for statement in _SCHEMA.split(";"):
+            for statement in self.SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             row = conn.execute("SELECT version FROM schema_version WHERE component = ?",
-                               (SCHEMA_COMPONENT,)).fetchone()
+                               (self.COMPONENT,)).fetchone()
             if row is None:
                 conn.execute("INSERT INTO schema_version (component, version) VALUES (?, ?)",
-                             (SCHEMA_COMPONENT, SCHEMA_VERSION))
-            elif row[0] > SCHEMA_VERSION:
-                raise ConfigError([f"state: {self.path}: its API-key tables have schema "
+                             (self.COMPONENT, self.VERSION))
+            elif row[0] > self.VERSION:
+                raise ConfigError([f"state: {self.path}: its {self.TABLES} have schema "
                                    f"version {row[0]}, written by a newer apishield (this one "
-                                   f"knows {SCHEMA_VERSION}); upgrade apishield"])
+                                   f"knows {self.VERSION}); upgrade apishield"])
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -140,14 +154,14 @@ class SqliteKeyStore:
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
-        """The connection under the lock, with SQLite errors turned into KeyStoreError."""
+        """The connection under the lock, with SQLite errors turned into `ERROR`."""
         with self._lock:
             if self._conn is None:
-                raise KeyStoreError(f"the key store {self.path} is closed")
+                raise self.ERROR(f"the {self.LABEL} {self.path} is closed")
             try:
                 yield self._conn
             except sqlite3.Error as exc:
-                raise KeyStoreError(f"key store {self.path}: {exc}") from exc
+                raise self.ERROR(f"{self.LABEL} {self.path}: {exc}") from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -160,6 +174,30 @@ class SqliteKeyStore:
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class SqliteKeyStore(SqliteStateFile):
+    """`KeyStore` on one SQLite file. Thread-safe (one connection behind a lock), and
+    safe across processes (SQLite file locking, WAL)."""
+
+    SCHEMA = _SCHEMA
+    COMPONENT = SCHEMA_COMPONENT
+    VERSION = SCHEMA_VERSION
+    TABLES = "API-key tables"
+    LABEL = "key store"
+    ERROR = KeyStoreError
 
     def create(self, record: KeyRecord) -> None:
         try:
@@ -213,14 +251,3 @@ class SqliteKeyStore:
         self._data_version = version
         return True
 
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> SqliteKeyStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

@@ -1,7 +1,8 @@
 """The embedded ban store: the `bans` and `ban_history` tables in the same SQLite file as
 the API keys (`config.state`), shared by the gateway's workers and `apishield bans`.
 
-It follows `sqlite.SqliteKeyStore` (see there for why): WAL, `synchronous=FULL`, a 0600
+It shares `sqlite.SqliteStateFile` with the key store (see there for why): WAL,
+`synchronous=FULL` (a lifted or added ban survives a power cut), a 0600
 file, a `schema_version` row (component `bans`), and `PRAGMA data_version` as the change
 probe. It uses its own connection, so the key store and the ban store never wait on each
 other's lock in the gateway; data_version moves for either table's foreign writes, which
@@ -15,14 +16,9 @@ expired bans and history older than 30 days are deleted by the next `ban()`.
 from __future__ import annotations
 
 import builtins
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from apishield.config import ConfigError
 from apishield.state.bans import (
     HISTORY_SECONDS,
     BanKind,
@@ -31,7 +27,7 @@ from apishield.state.bans import (
     MemoryBanMirror,
     canonical_value,
 )
-from apishield.state.sqlite import BUSY_TIMEOUT, _create_private
+from apishield.state.sqlite import SqliteStateFile
 
 SCHEMA_COMPONENT = "bans"
 SCHEMA_VERSION = 1
@@ -64,70 +60,25 @@ CREATE INDEX IF NOT EXISTS ban_history_by_time ON ban_history (created_at)
 _COLUMNS = "kind, value, until, rule, reason, created_at, offense"
 
 
-class SqliteBanStore:
+class SqliteBanStore(SqliteStateFile):
     """`BanStore` on the SQLite state file. Thread-safe (one connection and the mirror's
     writes behind a lock; reads take the mirror reference as it is), and safe across
     processes (SQLite locking, WAL)."""
 
+    SCHEMA = _SCHEMA
+    COMPONENT = SCHEMA_COMPONENT
+    VERSION = SCHEMA_VERSION
+    TABLES = "ban tables"
+    LABEL = "ban store"
+    ERROR = BanStoreError
+
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        where = f"state: {self.path}"
-        if not self.path.parent.is_dir():
-            raise ConfigError([f"{where}: the folder {self.path.parent} does not exist; "
-                               "create it, or point `state` at a file in an existing folder"])
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
         self._mirror = MemoryBanMirror()
         self._pruned_at = 0.0
-        try:
-            _create_private(self.path)
-            self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT,
-                                         isolation_level=None, check_same_thread=False)
-            self._setup(self._conn)
-            self._data_version = self._read_data_version()
-            self._mirror = self._load(time.time())
-        except sqlite3.DatabaseError as exc:
-            self.close()
-            raise ConfigError([f"{where}: cannot be used as the apishield state database "
-                               f"({exc})"]) from None
-        except OSError as exc:
-            self.close()
-            raise ConfigError([f"{where}: cannot be created ({exc.strerror or exc})"]) from None
-        except ConfigError:
-            self.close()
-            raise
+        super().__init__(path)
 
-    def _setup(self, conn: sqlite3.Connection) -> None:
-        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-        if str(mode).lower() != "wal":
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise ConfigError([f"state: {self.path}: SQLite cannot use WAL mode there "
-                                   f"(got {mode}); put the state file on a local disk"])
-        conn.execute("PRAGMA synchronous=FULL")  # a lifted or added ban survives a power cut
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            row = conn.execute("SELECT version FROM schema_version WHERE component = ?",
-                               (SCHEMA_COMPONENT,)).fetchone()
-            if row is None:
-                conn.execute("INSERT INTO schema_version (component, version) VALUES (?, ?)",
-                             (SCHEMA_COMPONENT, SCHEMA_VERSION))
-            elif row[0] > SCHEMA_VERSION:
-                raise ConfigError([f"state: {self.path}: its ban tables have schema version "
-                                   f"{row[0]}, written by a newer apishield (this one knows "
-                                   f"{SCHEMA_VERSION}); upgrade apishield"])
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-    def _read_data_version(self) -> int:
-        assert self._conn is not None
-        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+    def _opened(self) -> None:
+        self._mirror = self._load(time.time())
 
     def _load(self, now: float) -> MemoryBanMirror:
         """A new mirror from the tables (active bans, recent history)."""
@@ -141,28 +92,6 @@ class SqliteBanStore:
                 (now - HISTORY_SECONDS,)):
             history.setdefault((kind, value), []).append(created_at)
         return MemoryBanMirror.build([BanRecord(*row) for row in rows], history)
-
-    @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._conn is None:
-                raise BanStoreError(f"the ban store {self.path} is closed")
-            try:
-                yield self._conn
-            except sqlite3.Error as exc:
-                raise BanStoreError(f"ban store {self.path}: {exc}") from exc
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
     # -- BanStore ------------------------------------------------------------------------
 
@@ -224,14 +153,3 @@ class SqliteBanStore:
                 self._mirror.prune(now)  # memory stays bounded when nobody else writes
         return changed
 
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> SqliteBanStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
