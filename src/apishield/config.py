@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -82,6 +83,16 @@ def at(key: str, message: str) -> ValueError:
 _AT = "\x00"
 
 Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+def _check_cidrs(value: tuple[str, ...]) -> tuple[str, ...]:
+    for cidr in value:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"{cidr!r} is not an IP address or CIDR network") from exc
+    return value
+
+
+Cidrs = Annotated[tuple[str, ...], AfterValidator(_check_cidrs)]  # IPv4/IPv6 addresses, CIDRs
 Leeway = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0, le=600)]
 Bytes = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
 
@@ -538,18 +549,8 @@ class Concurrency(Model):
 class IpLists(Model):
     """Static CIDR lists (D5). `allow` non-empty: only those may call."""
 
-    allow: tuple[str, ...] = ()
-    deny: tuple[str, ...] = ()
-
-    @field_validator("allow", "deny")
-    @classmethod
-    def _check_cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for cidr in value:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{cidr!r} is not an IP address or CIDR network") from exc
-        return value
+    allow: Cidrs = ()
+    deny: Cidrs = ()
 
 
 BanEvent = Literal["authn-failure", "authz-denied", "validation", "not-found",
@@ -629,7 +630,7 @@ class Config(Model):
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
     headers: SecurityHeaders = SecurityHeaders()
-    trusted_proxies: tuple[str, ...] = ()
+    trusted_proxies: Cidrs = ()
     access_log: AccessLog = AccessLog()
     mode: Literal["enforce", "log-only"] = "enforce"
     cors: Cors | None = None
@@ -647,16 +648,6 @@ class Config(Model):
     state: str = "apishield-state.db"
     # Set by the loader, not by users: the folder relative paths are resolved against.
     source_dir: str = Field(default=".", exclude=True)
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _check_cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for cidr in value:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{cidr!r} is not an IP address or CIDR network") from exc
-        return value
 
     @field_validator("state")
     @classmethod
