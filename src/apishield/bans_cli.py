@@ -18,21 +18,19 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from typing import Any
 
-from apishield.config import Config, ConfigError, load_config
+from apishield.config import Config
 from apishield.keys_cli import (
-    EXIT_FAILED,
     EXIT_OK,
     CliError,
     _actor,
     _duration,
     _iso,
-    _report,
     _say,
-    _setup_logging,
+    cli_command,
 )
 from apishield.state.bans import BanKind, BanRecord, BanStore, BanStoreError
 from apishield.state.open import describe_state, open_ban_store, state_exists
@@ -122,26 +120,7 @@ def _store(config: Config, *, create: bool) -> Iterator[BanStore | None]:
         yield store
 
 
-def _command(handler: Callable[[argparse.Namespace, Config], int]) -> Callable[
-        [argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        _setup_logging()
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            return _report(exc, args.config)
-        try:
-            return handler(args, config)
-        except ConfigError as exc:
-            return _report(exc, args.config)
-        except (CliError, ValueError) as exc:
-            _say(f"apishield bans: {exc}")
-            return EXIT_FAILED
-        except BanStoreError as exc:
-            _say(f"apishield bans: the ban store failed: {exc}")
-            return EXIT_FAILED
-
-    return run
+_command = cli_command("bans", BanStoreError, "ban store")
 
 
 # -- commands -----------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from apishield.auth.apikeys import (
@@ -119,10 +118,6 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _state_path(config: Config) -> Path:
-    return config.resolve(config.state)
-
-
 @contextmanager
 def _existing_store(config: Config) -> Iterator[KeyStore | None]:
     """The store if the state file exists (or is Redis); None otherwise (reading commands
@@ -134,28 +129,36 @@ def _existing_store(config: Config) -> Iterator[KeyStore | None]:
         yield store
 
 
-def _command(handler: Callable[[argparse.Namespace, Config], int]) -> Callable[
-        [argparse.Namespace], int]:
-    """Load the config, run `handler`, and turn refusals into messages and exit codes."""
+def cli_command(name: str, store_error: type[Exception], store: str) -> Callable[
+        [Callable[[argparse.Namespace, Config], int]], Callable[[argparse.Namespace], int]]:
+    """For `apishield <name> ...`: load the config, run the handler, and turn refusals into
+    messages and exit codes (shared by `keys` and `bans`)."""
 
-    def run(args: argparse.Namespace) -> int:
-        _setup_logging()
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            return _report(exc, args.config)
-        try:
-            return handler(args, config)
-        except ConfigError as exc:
-            return _report(exc, args.config)
-        except (CliError, ValueError) as exc:
-            _say(f"apishield keys: {exc}")
-            return EXIT_FAILED
-        except KeyStoreError as exc:
-            _say(f"apishield keys: the key store failed: {exc}")
-            return EXIT_FAILED
+    def wrap(handler: Callable[[argparse.Namespace, Config], int]) -> Callable[
+            [argparse.Namespace], int]:
+        def run(args: argparse.Namespace) -> int:
+            _setup_logging()
+            try:
+                config = load_config(args.config)
+            except ConfigError as exc:
+                return _report(exc, args.config)
+            try:
+                return handler(args, config)
+            except ConfigError as exc:
+                return _report(exc, args.config)
+            except (CliError, ValueError) as exc:
+                _say(f"apishield {name}: {exc}")
+                return EXIT_FAILED
+            except store_error as exc:
+                _say(f"apishield {name}: the {store} failed: {exc}")
+                return EXIT_FAILED
 
-    return run
+        return run
+
+    return wrap
+
+
+_command = cli_command("keys", KeyStoreError, "key store")
 
 
 def _report(error: ConfigError, source: str) -> int:
