@@ -45,7 +45,7 @@ from apishield.exchange import Exchange, Headers, Suspend
 from apishield.problems import Problem, render_problem
 from apishield.redact import MAX_LOGGED, redact
 from apishield.router import Router
-from apishield.state.open_counters import open_counters
+from apishield.state.open import open_counters
 from apishield.steps import (
     authenticate,
     authorize,

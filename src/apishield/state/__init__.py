@@ -4,7 +4,7 @@ Protocols, backend-neutral: `keys.py` (API keys), `bans.py` (bans), `counters.py
 limits and quotas, with the in-memory backend). Backends: the embedded default is one
 SQLite file at `config.state` (`sqlite.py`, `sqlite_bans.py`; counters in memory), and
 `state: redis://...` shares everything between instances (`redis_store.py`,
-`redis_counters.py`). `open.py` and `open_counters.py` pick the backend from the config.
+`redis_counters.py`). `open.py` picks the backends from the config.
 """
 
 from apishield.state.keys import DuplicateKeyId, KeyRecord, KeyStore, KeyStoreError

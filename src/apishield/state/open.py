@@ -1,6 +1,6 @@
-"""The key store and the ban store the config asks for: `state: <path>` is the embedded
-SQLite file (relative to the config file), `state: redis://...` or `rediss://...` a Redis
-server shared by every gateway instance and the CLI (or `redis+sentinel://`,
+"""The key store, the ban store and the counters the config asks for: `state: <path>` is
+the embedded SQLite file (relative to the config file), `state: redis://...` or
+`rediss://...` a Redis server shared by every gateway instance and the CLI (or `redis+sentinel://`,
 `redis+cluster://` and their `rediss+` forms: see `redis_urls`).
 
 `background=True` (the default, for the gateway) gives the Redis stores a thread that
@@ -15,14 +15,12 @@ from typing import TYPE_CHECKING
 
 from apishield.config import Config, ConfigError
 from apishield.state.bans import BanStore
+from apishield.state.counters import Counters, MemoryCounters
 from apishield.state.keys import KeyStore
-from apishield.state.redis_urls import PREFIXES, StateUrlError, is_redis_url, redact_url
+from apishield.state.redis_urls import StateUrlError, is_redis_url, redact_url
 
 if TYPE_CHECKING:
     import redis
-
-REDIS_SCHEMES = PREFIXES
-
 
 def is_redis(config: Config) -> bool:
     return is_redis_url(config.state)
@@ -82,3 +80,12 @@ def open_ban_store(config: Config, *, background: bool = True) -> BanStore:
     from apishield.state.redis_store import RedisBanStore
 
     return RedisBanStore(config.state, background=background, client=_redis_client(config))
+
+
+def open_counters(config: Config) -> Counters:
+    """Rate-limit counters: in this process, or leased from Redis (`redis_counters`)."""
+    if is_redis(config):
+        from apishield.state.redis_counters import RedisCounters
+
+        return RedisCounters(config.state, lease_fraction=config.rate_limiting.lease_fraction)
+    return MemoryCounters()

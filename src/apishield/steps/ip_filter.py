@@ -25,7 +25,7 @@ from apishield.exchange import Exchange
 from apishield.problems import ClientBanned, IpDenied
 
 if TYPE_CHECKING:
-    from apishield.bans import BanRules
+    from apishield.ban_gate import BanGate
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -59,7 +59,7 @@ def retry_after(until: float) -> list[tuple[bytes, bytes]]:
 class IpFilterStep:
     name = "ip_filter"
 
-    def __init__(self, lists: IpLists, bans: BanRules | None) -> None:
+    def __init__(self, lists: IpLists, bans: BanGate | None) -> None:
         self.lists = _Lists(lists)
         self.bans = bans
 
@@ -71,12 +71,6 @@ class IpFilterStep:
             ban = self.bans.check(address, None, time.time())
             if ban is not None:
                 raise ClientBanned(f"banned:{ban.rule}", headers=retry_after(ban.until))
-
-
-def build(lists: IpLists, bans: BanRules | None) -> IpFilterStep | None:
-    if not (lists.allow or lists.deny) and bans is None:
-        return None  # nothing to check: no step, no cost
-    return IpFilterStep(lists, bans)
 
 
 class OperationIpStep:
