@@ -10,13 +10,21 @@ module owns the little HTTP/1.1 client the gateway needs and nothing more:
   the client is slow, so memory stays bounded);
 - a pooled connection that the upstream closed while idle is detected and not reused; a
   request that fails on a reused connection before any response byte arrived is retried
-  once on a fresh one when its method is idempotent (RFC 9110 9.2.2), like nginx does.
+  once on a fresh one when its method is idempotent (RFC 9110 9.2.2), like nginx does;
+- a connection is reused only if every byte it received belonged to the response in
+  flight. Bytes while idle, after a complete response (a second response, more body than
+  Content-Length), or any body to HEAD / on 204 / 304 (RFC 9112 6.3) would be parsed as the
+  *next* client's response: the connection is closed instead (issue 11, the cross-client
+  leak). Callbacks only record what llhttp saw; waiters are told after the whole packet is
+  parsed, so a response is never handed on before its stray tail has been seen.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -29,6 +37,31 @@ from apishield.problems import BadGateway, GatewayTimeout, ServiceUnavailable
 STREAM_THRESHOLD = 64 * 1024  # buffer up to this much before switching to streaming
 HIGH_WATER = 256 * 1024  # pause the upstream socket above this many unread bytes
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+logger = logging.getLogger("apishield")
+
+
+class _Stray(Exception):
+    """Raised from a parser callback: the bytes left in this packet belong to no request."""
+
+
+class _Throttle:
+    """At most one log line a second for a recurring upstream fault, with the count."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.suppressed = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            self.suppressed += 1
+            return
+        suppressed, self.suppressed, self.last = self.suppressed, 0, now
+        logger.warning(message + " (%d more since the last line)", *args, suppressed)
+
+
+_stray_bytes_log = _Throttle()
 
 
 Ready = Callable[["UpstreamConnection", "UpstreamError | None"], None]
@@ -88,6 +121,8 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
+        self.in_flight = False  # a request was written and its response is expected
+        self.wake_pending = False  # tell the waiter once the current packet is parsed
         self.body_pending = False  # a streamed request body is still being written
         self.status = 0
         self.headers: Headers = []
@@ -126,12 +161,34 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
             self.deadline = self.loop.time() + self.pool.read_timeout
 
     def data_received(self, data: bytes) -> None:
+        if not self.in_flight or self.complete:
+            self._stray("after its response" if self.in_flight else "while idle")
+            return
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._fail(UpstreamError("upstream-bad-response"))
-            self._close()
+        except httptools.HttpParserError as exc:
+            # a second message, a body where none may be, or garbage after the response
+            if isinstance(exc.__context__, _Stray) or self.complete:
+                self._stray("after its response")
+            else:
+                self._fail(UpstreamError("upstream-bad-response"))
+                self._close()
+                return
+        if self.wake_pending:
+            self.wake_pending = False
+            self._signal(None)
+
+    def _stray(self, when: str) -> None:
+        """Bytes outside the framing of the response in flight: this connection can never
+        be trusted to delimit a response again, so it is closed, never pooled. A complete
+        response already received is still answered (nginx does the same)."""
+        _stray_bytes_log.warn(
+            "upstream %s:%d sent bytes %s; connection closed, not reused",
+            self.pool.host, self.pool.port, when,
+        )
+        self._close()
+        self.pool.forget(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -142,6 +199,10 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
             )
 
     # -- llhttp callbacks -------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.head_done:  # a second message after the one in flight
+            raise _Stray
+
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name == b"connection":
@@ -168,6 +229,8 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
             self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:  # a body to HEAD, or on a 204 / 304
+            raise _Stray
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
@@ -180,15 +243,16 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
             self._wake()
 
     def on_message_complete(self) -> None:
-        if not self.head_done:
-            return  # the end of an interim 1xx response
+        if not self.head_done or self.complete:
+            return  # the end of an interim 1xx response, or of a HEAD / 204 / 304 one
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()
         self._wake()
 
     # -- used by the pool and the response ---------------------------------------------
     def _wake(self) -> None:
-        self._signal(None)
+        """From a parser callback: signal once `data_received` has parsed the packet."""
+        self.wake_pending = True
 
     def _fail(self, error: UpstreamError) -> None:
         self.error = error
@@ -221,6 +285,7 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
     def start(self, payload: bytes, *, head_only: bool) -> None:
         """Write a request (or, for a streamed body, its head) and start the read timeout."""
         self.head_only = head_only
+        self.in_flight = True
         assert self.transport is not None
         self.transport.write(payload)
         self.expire_at(self.pool.read_timeout, self._timeout)
@@ -244,6 +309,7 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
         common case (a small response on a pooled connection) runs entirely in callbacks.
         """
         self.head_only = head_only
+        self.in_flight = True
         self.on_ready = on_ready
         assert self.transport is not None
         self.transport.write(payload)
