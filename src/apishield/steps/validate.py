@@ -5,8 +5,10 @@ Two steps, both synchronous and compiled at load:
 - `ParametersStep` (head phase, after `limits`): path, query, header and cookie
   parameters are deserialized per OpenAPI rules (`style`/`explode`: form, simple,
   spaceDelimited, pipeDelimited, deepObject), typed strictly (`"12999"` is an integer only
-  where the schema says integer; `"yes"` is never a boolean) and validated; required ones
-  must be present; in strict mode an undeclared query parameter is refused. 400.
+  where the schema says integer; `"yes"` is never a boolean; a numeric literal longer than
+  `MAX_NUMERAL_LENGTH` or a number no double holds is `out-of-range`) and validated;
+  required ones must be present; in strict mode an undeclared query parameter is refused.
+  400.
 - `BodyStep` (body phase, once the body is complete): a JSON body (`application/json` or
   `+json`) is decoded as strict UTF-8 and parsed once with duplicate keys refused (two
   parsers that disagree on `{"role":"user","role":"admin"}` are a privilege escalation),
@@ -23,6 +25,7 @@ Errors carry a JSON pointer and a reason, never the submitted value; at most
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,20 +88,68 @@ def _scalar_kind(schema: Any) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
+class _Refused:
+    """What `_coerce` returns for a text it refuses; `reason` goes into the error."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+_INVALID = _Refused("type")  # not a literal of the type
+_OUT_OF_RANGE = _Refused("out-of-range")  # a literal of the type, beyond what is converted
+
+# The longest integer or number literal converted, sign, fraction and exponent included.
+# Bounded before conversion because past it the conversion itself fails or lies: CPython
+# refuses int() of more than `sys.get_int_max_str_digits()` digits (4,300 by default; the
+# ValueError was a 500) since the conversion is quadratic, and jsonschema_rs reads a Python
+# int through its decimal string: one it cannot convert passes every keyword unchecked
+# (measured: 10**4300 passes `maximum: 3`). 1,000 is far beyond any integer an API means
+# (int64 has 19 digits, a 2048-bit number 617; a double keeps 17 significant digits) and
+# well under the interpreter's default. An operator who lowers the interpreter's limit below
+# it (PYTHONINTMAXSTRDIGITS, 640 at least) is still safe: that ValueError is caught too.
+MAX_NUMERAL_LENGTH = 1000
+
+
 def _coerce(raw: str, kind: str | None) -> Any:
-    """String -> typed value, strictly; `_INVALID` when it is not of the type."""
+    """String -> typed value, strictly; a `_Refused` when it is not of the type (`_INVALID`)
+    or too large to be converted and checked faithfully (`_OUT_OF_RANGE`).
+
+    This is the one place parameters and form fields (urlencoded and multipart) become
+    numbers: integers are bounded before `int()`, numbers must be finite doubles (`1e999`
+    would be `inf`)."""
     if kind == "integer":
-        return int(raw) if _INTEGER.match(raw) else _INVALID
+        if not _INTEGER.match(raw):
+            return _INVALID
+        return _to_int(raw)
     if kind == "number":
         if not _NUMBER.match(raw):
             return _INVALID
-        return int(raw) if _INTEGER.match(raw) else float(raw)
+        if _INTEGER.match(raw):
+            return _to_int(raw)
+        if len(raw) > MAX_NUMERAL_LENGTH:
+            return _OUT_OF_RANGE
+        value = float(raw)  # the grammar above is one float() accepts
+        return value if math.isfinite(value) else _OUT_OF_RANGE
     if kind == "boolean":
         return {"true": True, "false": False}.get(raw, _INVALID)
     return raw
 
 
-_INVALID = object()
+def _to_int(raw: str) -> int | _Refused:
+    """An integer literal (already matched by `_INTEGER`) -> int, within the bound."""
+    if len(raw) > MAX_NUMERAL_LENGTH:
+        return _OUT_OF_RANGE
+    try:
+        return int(raw)
+    except ValueError:  # the interpreter's own digit limit, when set below the bound
+        return _OUT_OF_RANGE
+
+
+def _refusal(value: Any) -> str | None:
+    """The reason a coerced value was refused, or None for a value."""
+    return value.reason if isinstance(value, _Refused) else None
 
 
 class ParametersStep:
@@ -223,8 +274,9 @@ class ParametersStep:
                     continue
                 value: Any = {k: _coerce(v, item.property_kinds.get(k, "string"))
                               for k, v in found.items()}
-                if any(v is _INVALID for v in value.values()):
-                    errors.append({"pointer": "/query/" + param.name, "reason": "type"})
+                refused = next(filter(None, map(_refusal, value.values())), None)
+                if refused is not None:
+                    errors.append({"pointer": "/query/" + param.name, "reason": refused})
                     continue
                 self._validate(item, value, "/query/", errors)
                 continue
@@ -253,14 +305,13 @@ class ParametersStep:
         if item.is_array:
             parts = raw if isinstance(raw, list) else [raw]
             value: Any = [_coerce(part, item.item_kind) for part in parts]
-            if any(v is _INVALID for v in value):
-                errors.append({"pointer": prefix + item.param.name, "reason": "type"})
-                return
+            refused = next(filter(None, map(_refusal, value)), None)
         else:
             value = _coerce(raw if isinstance(raw, str) else raw[0], item.kind)
-            if value is _INVALID:
-                errors.append({"pointer": prefix + item.param.name, "reason": "type"})
-                return
+            refused = _refusal(value)
+        if refused is not None:
+            errors.append({"pointer": prefix + item.param.name, "reason": refused})
+            return
         self._validate(item, value, prefix, errors)
 
     def _validate(self, item: _ParamPlan, value: Any, prefix: str,
@@ -571,8 +622,9 @@ class BodyStep:
         for name, raw in pairs:
             field = fields.get(name, _UNDECLARED)
             value = _coerce(raw, field.kind) if isinstance(raw, str) else raw
-            if value is _INVALID:
-                errors.append({"pointer": _field_pointer(name, fields), "reason": "type"})
+            refused = _refusal(value)
+            if refused is not None:
+                errors.append({"pointer": _field_pointer(name, fields), "reason": refused})
             elif field.is_array:
                 document.setdefault(name, []).append(value)
             elif name in document:
@@ -673,7 +725,13 @@ class BodyStep:
             document = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
         except _TooDeep as exc:
             raise BadRequest(str(exc), contract_rule=True) from None
-        except (ValueError, RecursionError):  # RecursionError: nesting beyond Python's stack
+        except json.JSONDecodeError:
+            raise BadRequest("body-malformed-json", contract_rule=True) from None
+        except ValueError:
+            # well-formed, but an integer past the interpreter's digit limit (4,300 by
+            # default; int() refuses it): the JSON twin of MAX_NUMERAL_LENGTH
+            raise _bad_part("body-number-too-large", "/body", "out-of-range") from None
+        except RecursionError:  # nesting beyond Python's stack
             raise BadRequest("body-malformed-json", contract_rule=True) from None
         if _too_deep(document, self.max_depth):
             raise BadRequest("body-too-deep")
