@@ -8,8 +8,18 @@ contract decides (default deny, media types, body limits, security headers, requ
 access log) is the same code the gateway runs. `upstream` and `listen` in the config are
 ignored here.
 
-- `lifespan` passes through untouched; `websocket` connections are refused (closed with
-  1008 before the handshake, which servers answer with HTTP 403) unless `websockets: true`.
+- `lifespan` passes through to the app (its own startup and shutdown handlers run as
+  before); the middleware only watches it: once the app has finished its shutdown, the
+  pipeline is stopped and closed (the access log flushed) before the server is told that
+  shutdown is complete. An app that does not speak lifespan (it raises or returns before
+  asking for the first event) gets it spoken for it, so the flush still happens.
+- A server that runs no lifespan (`uvicorn --lifespan off`: the first scope is `http`)
+  never says it is stopping, and uvicorn ends a SIGTERM by re-raising the signal, so no
+  exit hook runs either. Then the access log is written whenever no request is in flight
+  (lines still batch under concurrent load), and also when the loop's leftover tasks are
+  cancelled and at interpreter exit.
+- `websocket` connections are refused (closed with 1008 before the handshake, which
+  servers answer with HTTP 403) unless `websockets: true`.
 - The body is read under the operation's limit before the app sees a byte of it; the app
   gets it replayed as a single `http.request` message.
 - Client copies of `X-Apishield-*` (the identity namespace) and `X-Request-Id` are removed
@@ -21,7 +31,10 @@ ignored here.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -61,25 +74,132 @@ class ApiShieldMiddleware:
         self.app = app
         self.config = config if isinstance(config, Config) else load_config(config)
         self.contract = load_contract(self.config)
-        self.pipeline = Pipeline(self.config, self.contract)
+        self.pipeline = self._new_pipeline()
         self._started = False
+        self._closed = False
+        self._flusher: asyncio.Task[None] | None = None
+        self._lifespan_seen = False  # a lifespan server tells us when it stops
+        self._in_flight = 0  # requests, counted only without lifespan
         limits = self.config.limits
         self._max_url = limits.max_url_length
         self._max_header_bytes = limits.max_header_bytes
         self._max_header_count = limits.max_header_count
+
+    def _new_pipeline(self) -> Pipeline:
+        pipeline = Pipeline(self.config, self.contract)
+        if pipeline.access_log is not None:
+            # The last resort for a server that never sends lifespan.shutdown: lines still
+            # pending when the interpreter exits (or this pipeline is dropped) are written.
+            weakref.finalize(pipeline, pipeline.access_log.close)
+        return pipeline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if not self._started:
             # no lifespan event is guaranteed to reach a middleware: start on first use
             self._started = True
+            if self._closed:  # a second lifespan cycle (a test client used twice)
+                self._closed = False
+                self.pipeline = self._new_pipeline()
             await self.pipeline.start()
+            if self.pipeline.access_log is not None:
+                self._flusher = asyncio.create_task(self._flush_when_cancelled(self.pipeline))
         if kind == "http":
-            await self._http(scope, receive, send)
+            if self._lifespan_seen:
+                await self._http(scope, receive, send)
+            else:
+                await self._http_unannounced_end(scope, receive, send)
+        elif kind == "lifespan":
+            self._lifespan_seen = True
+            await self._lifespan(scope, receive, send)
         elif kind == "websocket" and not self.config.websockets:
             await send({"type": "websocket.close", "code": 1008})
-        else:  # lifespan, and websockets when allowed
+        else:  # websockets when allowed
             await self.app(scope, receive, send)
+
+    async def _http_unannounced_end(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request under a server without lifespan: write the log once idle."""
+        self._in_flight += 1
+        try:
+            await self._http(scope, receive, send)
+        finally:
+            self._in_flight -= 1
+            access_log = self.pipeline.access_log
+            if self._in_flight == 0 and access_log is not None:
+                access_log.flush()
+
+    @staticmethod
+    async def _flush_when_cancelled(pipeline: Pipeline) -> None:
+        """Waits forever; cancelled when the server's loop ends without a lifespan
+        shutdown (`asyncio.run` cancels what is left), it writes the pending lines."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if pipeline.access_log is not None:
+                pipeline.access_log.flush()
+
+    async def _shutdown(self) -> None:
+        """Stop the background work and flush and close the access log (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._started = False
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        try:
+            await self.pipeline.stop()
+        finally:
+            self.pipeline.close()
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the lifespan protocol through; close the pipeline after the app's shutdown
+        and before the server hears that shutdown is complete (it exits right after)."""
+        asked = False  # the app asked for an event: it speaks lifespan
+        answered = False
+        shutting_down = False
+
+        async def app_receive() -> Message:
+            nonlocal asked, shutting_down
+            asked = True
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                shutting_down = True
+            return message
+
+        async def app_send(message: Message) -> None:
+            nonlocal answered
+            answered = True
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self._shutdown()
+            await send(message)
+
+        try:
+            await self.app(scope, app_receive, app_send)
+        except Exception:
+            if asked or answered:
+                raise
+            logger.debug("the app does not support lifespan; the middleware answers it")
+        else:
+            if asked or answered:
+                return
+        finally:
+            if shutting_down:  # the app ended (or failed) its shutdown without saying so
+                await self._shutdown()
+        await self._serve_lifespan(receive, send)
+
+    async def _serve_lifespan(self, receive: Receive, send: Send) -> None:
+        """Lifespan for an app without it: nothing to start, the pipeline to close."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self._shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     def _request(self, scope: Scope) -> Request:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
