@@ -16,9 +16,15 @@ no doubling at a window boundary, and it is exact with one float per key.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Protocol
+
+logger = logging.getLogger("apishield.state")
+
+SUMMARY_EVERY = 5.0  # seconds between the counts an outage of the store logs
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +38,74 @@ class Decision:
 
 class StoreUnavailable(Exception):
     """The shared store cannot answer; the step applies `on_store_error`."""
+
+
+class StoreOutage:
+    """An outage of the shared counters store, logged as one event, not once a request
+    (that was 1,508 lines in 10 s): a line when it starts, with the reason; while it lasts,
+    at most one line every `every` seconds with the count of requests `on_store_error`
+    decided; a line when the store answers again, with the duration and the totals.
+
+    The backend calls `down` on a failed round trip and `up` on a good one; the rate-limit
+    step calls `request` for each request it decided without the store (which also opens
+    an outage the backend did not report) and sets `policy`, the text of what happens to
+    those requests. Counts and summaries come with requests: an idle gateway logs nothing
+    until its next request or the recovery. Messages never hold a password: `where` is a
+    redacted URL and the backend masks the reason.
+    """
+
+    def __init__(self, where: str = "rate-limit store", every: float = SUMMARY_EVERY) -> None:
+        self.where = where
+        self.every = every
+        self.policy = "refused with 503 (on_store_error: deny)"
+        self.since: float | None = None  # monotonic start of the outage in progress
+        self.reason = ""
+        self.affected = 0  # requests decided without the store in this outage
+        self._summary_at = 0.0
+        self._summarized = 0  # `affected` at the last summary
+
+    @property
+    def ongoing(self) -> bool:
+        return self.since is not None
+
+    def down(self, reason: str) -> None:
+        if self.since is not None:
+            self.reason = reason
+            return
+        now = time.monotonic()
+        self.since = self._summary_at = now
+        self.reason = reason
+        self.affected = self._summarized = 0
+        logger.warning("rate-limit store %s is unavailable (%s): requests under a rate limit "
+                       "or quota are %s until it answers; a count follows every %g s",
+                       self.where, reason, self.policy, self.every)
+
+    def request(self) -> None:
+        """One request decided by `on_store_error` (refused or let through)."""
+        if self.since is None:
+            self.down("no answer from the store")
+        self.affected += 1
+        now = time.monotonic()
+        if now - self._summary_at >= self.every:
+            assert self.since is not None
+            logger.warning("rate-limit store %s still unavailable after %.0f s (%s): %d "
+                           "request(s) %s in the last %.1f s, %d since it went down",
+                           self.where, now - self.since, self.reason,
+                           self.affected - self._summarized, self.policy,
+                           now - self._summary_at, self.affected)
+            self._summary_at = now
+            self._summarized = self.affected
+
+    def up(self) -> None:
+        if self.since is None:
+            return
+        duration = time.monotonic() - self.since
+        logger.warning("rate-limit store %s is reachable again after %.1f s: %d request(s) "
+                       "%s during the outage; limits whose counters Redis lost (a restart "
+                       "without persistence) start full again", self.where, duration,
+                       self.affected, self.policy)
+        self.since = None
+        self.affected = self._summarized = 0
 
 
 class Counters(Protocol):

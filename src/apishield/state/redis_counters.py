@@ -65,7 +65,10 @@ Store errors: calls time out after `timeout` (250 ms; connection refused fails a
 `prepare` then raises `StoreUnavailable` and keeps failing fast for `down_for` (1 s)
 instead of paying a timeout per request; the next call after that tries again and
 redis-py reconnects on its own, reloading the scripts if the server lost them (NOSCRIPT).
-Leases held when Redis goes down are still spent (they were granted).
+Leases held when Redis goes down are still spent (they were granted). The outage is
+logged once (`StoreOutage`, `self.outage`): when a round trip fails, then a count every
+5 s of the requests `on_store_error` decided, then when a round trip succeeds again; the
+URL in those lines is redacted and the reason has the password masked.
 
 Topologies (`redis_urls`): a single server, Sentinel (the master, followed across a
 failover) or a Cluster. Every script touches one key (KEYS[1]), so on a Cluster each
@@ -94,8 +97,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from apishield.state.counters import Decision, StoreUnavailable
-from apishield.state.redis_urls import async_client, is_cluster_url
+from apishield.state.counters import Decision, StoreOutage, StoreUnavailable
+from apishield.state.redis_urls import (
+    StateUrlError,
+    async_client,
+    is_cluster_url,
+    parse_state_url,
+    redact_url,
+)
 
 LEASE_TTL = 1.0  # seconds a lease may be spent before its unspent tokens go back
 DOWN_FOR = 1.0  # seconds `prepare` fails fast after a store error
@@ -233,6 +242,17 @@ class RedisCounters:
         self._down_reason = ""
         self._shas = tuple(_sha(script) for script in _SCRIPTS)
         self.round_trips = 0  # pipelines sent (for tests and the bench)
+        try:
+            self._password = parse_state_url(url).password or ""
+        except StateUrlError:
+            self._password = ""
+        self.outage = StoreOutage(redact_url(url))  # the rate-limit step counts into it
+
+    def _masked(self, text: str) -> str:
+        """An error message fit for a log: no password, not a page long."""
+        if self._password:
+            text = text.replace(self._password, "***")
+        return text[:300]
 
     # ------------------------------------------------------------------ hot path
     def take(self, key: str, interval: float, burst: int, now: float) -> Decision | None:
@@ -431,19 +451,27 @@ class RedisCounters:
             # nobody resolves would hang its request). Only a cancellation goes on up.
             if not isinstance(exc, StoreUnavailable):
                 self._down_until = _mono() + self._down_for
-                self._down_reason = f"redis unavailable: {type(exc).__name__}: {exc}"
+                self._down_reason = self._masked(f"{type(exc).__name__}: {exc}")
+                if isinstance(exc, Exception):
+                    self.outage.down(self._down_reason)
             self._fail(batch, StoreUnavailable(self._down_reason))
             if isinstance(exc, Exception):
                 return
             raise
         received = _mono()
+        refused = next((result for result in results if isinstance(result, Exception)), None)
+        if refused is None:
+            self.outage.up()
+        else:  # it answers, with errors (out of memory, read-only replica, ...)
+            self.outage.down(self._masked(f"redis refused: {refused}"))
         for (script, lease, _args, reply), result in zip(batch, results, strict=True):
             if not reply:
                 continue  # a release: nothing to learn
             future, lease.flight = lease.flight, None
             if isinstance(result, Exception):
                 if future is not None and not future.done():
-                    future.set_exception(StoreUnavailable(f"redis refused: {result}"))
+                    future.set_exception(StoreUnavailable(
+                        self._masked(f"redis refused: {result}")))
                 continue
             if script == RATE_LEASE:
                 self._granted_rate(lease, result, received)

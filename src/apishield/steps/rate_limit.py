@@ -21,7 +21,8 @@ refused it (GCRA changes no state on a refusal); with several limits on one oper
 request refused by a later one has used a token of the earlier ones.
 
 When the shared store cannot answer, `on_store_error` decides: `deny` (default) answers
-503, `allow` lets the request through; both are logged.
+503, `allow` lets the request through. The outage is logged as one event (`StoreOutage`:
+its start, a count every few seconds, its end), not once a request.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from apishield.config import Quota, RateLimit, RateLimiting
 from apishield.contract import Contract
 from apishield.exchange import Exchange, Suspend
 from apishield.problems import ClientBanned, ServiceUnavailable, TooManyRequests
-from apishield.state.counters import Counters, Decision, StoreUnavailable
+from apishield.state.counters import Counters, Decision, StoreOutage, StoreUnavailable
 
 logger = logging.getLogger("apishield")
 
@@ -95,6 +96,11 @@ class RateLimitStep:
         self.name = name
         self.counters = counters
         self.deny_on_error = settings.on_store_error == "deny"
+        # One outage log per store, shared by both instances of the step.
+        outage = getattr(counters, "outage", None)
+        self.outage: StoreOutage = outage if isinstance(outage, StoreOutage) else StoreOutage()
+        self.outage.policy = ("refused with 503 (on_store_error: deny)" if self.deny_on_error
+                              else "let through (on_store_error: allow)")
         self.bans = bans  # BanRules: subject bans are checked once the subject is known
         plans: list[tuple[_Plan, frozenset[str]]] = [
             (_limit_plan(limit), frozenset(limit.operations))
@@ -212,9 +218,7 @@ class RateLimitStep:
         raise Suspend(wait, owner=(self, key, index))
 
     def _store_error(self, exchange: Exchange) -> None:
-        logger.warning("rate-limit store unavailable (request %s): %s", exchange.id,
-                       "refused (on_store_error: deny)" if self.deny_on_error
-                       else "let through (on_store_error: allow)")
+        self.outage.request()  # counted; logged when the outage starts and every few s
         if self.deny_on_error:
             raise ServiceUnavailable("rate-limit-store-unavailable")
         return None
