@@ -130,6 +130,9 @@ class Upstream(Model):
     connect_timeout: Seconds = 5.0
     read_timeout: Seconds = 30.0
     max_connections: int = Field(default=256, ge=1)
+    # busy pool connections one client IP may hold at once (default: a quarter of the
+    # pool): a client that stops reading cannot take the pool from everyone else
+    max_connections_per_client: int | None = Field(default=None, ge=1)
     host_header: Literal["upstream", "client"] = "upstream"
     tls: UpstreamTls = UpstreamTls()
 
@@ -140,6 +143,12 @@ class Upstream(Model):
             # a control off): the user believes the upstream hop is encrypted.
             raise at("tls", "is set but upstream.url is not https://, so it would do nothing")
         return self
+
+    @property
+    def client_share(self) -> int:
+        if self.max_connections_per_client is not None:
+            return self.max_connections_per_client
+        return max(1, self.max_connections // 4)
 
     @field_validator("url")
     @classmethod
@@ -306,6 +315,8 @@ class Responses(Model):
                      "(`filter: false` is `mode: off`)")
         return data
     max_filter_bytes: Bytes = 8 * 1024 * 1024  # a larger response to filter is a 502
+    # large responses held whole to be filtered, all connections together: past it 503
+    max_buffered_bytes: Bytes = 64 * 1024 * 1024
 
 
 class AccessLog(Model):

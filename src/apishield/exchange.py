@@ -44,6 +44,23 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
     return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
 
 
+TOO_LONG = 10**18  # a length of more significant digits than this is over every limit
+
+
+def content_length(value: bytes) -> int | None:
+    """A Content-Length value as a number, None when it is not 1*DIGIT (RFC 9110 8.6).
+
+    The grammar allows leading zeros and llhttp accepts any number of them, while int()
+    refuses more than 4,300 digits (a 500 before issue 11): zeros are dropped first, and a
+    value of more than 18 significant digits is TOO_LONG, over any limit, never converted."""
+    if not value.isdigit():  # bytes.isdigit: ASCII digits only
+        return None
+    digits = value.lstrip(b"0")
+    if len(digits) > 18:
+        return TOO_LONG
+    return int(digits) if digits else 0
+
+
 def new_request_id() -> str:
     """128 bits from the OS CSPRNG (checklist C5): unguessable, so safe to show clients.
 

@@ -14,7 +14,6 @@ Forwarding rules (RFC 9110 7.6, RFC 9112):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import ssl
@@ -117,6 +116,9 @@ class Gateway:
         ).encode()
         self.preserve_host = config.upstream.host_header == "client"
         self.pool: UpstreamPool | None = None
+        # responses held whole to be filtered, all connections (HttpConnection._reserve_buffer)
+        self.buffered_bytes = 0
+        self.max_buffered_bytes = config.responses.max_buffered_bytes
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
     def start_pool(self) -> None:
@@ -130,6 +132,7 @@ class Gateway:
             connect_timeout=upstream.connect_timeout,
             read_timeout=upstream.read_timeout,
             max_connections=upstream.max_connections,
+            max_per_client=upstream.client_share,
         )
 
     def serialize_request(
@@ -194,7 +197,8 @@ class Gateway:
     async def forward(self, exchange: Exchange) -> Reply:
         assert self.pool is not None
         payload = self.serialize_request(exchange)
-        response = await self.pool.request(payload, exchange.request.method)
+        response = await self.pool.request(payload, exchange.request.method,
+                                           exchange.client_ip)
         return self.reply_from(response)
 
     async def forward_streaming(
@@ -205,7 +209,7 @@ class Gateway:
         (`connected` is called with the connection before the response is awaited).
         Not retried: the body cannot be replayed."""
         assert self.pool is not None
-        conn = await self.pool.acquire()
+        conn = await self.pool.acquire(exchange.client_ip)
         head = self.serialize_request(exchange, framing)
         try:
             conn.start(head, head_only=False)
@@ -220,7 +224,7 @@ class Gateway:
     def forward_nowait(self, exchange: Exchange, on_ready: Ready) -> bool:
         """Send on a pooled connection in callback mode; False if none is idle."""
         assert self.pool is not None
-        conn = self.pool.take_idle()
+        conn = self.pool.take_idle(exchange.client_ip)
         if conn is None:
             return False
         conn.send_nowait(
@@ -273,6 +277,52 @@ def build_gateway(config: Config) -> Gateway:
     return Gateway(config, contract, tls=listener_tls, upstream_tls=client_tls)
 
 
+# Signals whose default action would end the process: each is handled, so none can stop
+# the gateway without a log line and a flushed access log (issue 11: SIGHUP killed a
+# plain-HTTP gateway silently).
+STOPPING_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT")
+IGNORED_SIGNALS = ("SIGUSR1", "SIGUSR2")
+
+
+def _handle_signals(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, tls: ServerTls | None
+) -> list[signal.Signals]:
+    """Install the process's signal handlers; return those installed (none when not on
+    the main thread, as in tests that serve in a thread, or on Windows)."""
+
+    def stopping(name: str) -> None:
+        if not stop.is_set():
+            logger.info("%s received: shutting down", name)
+        stop.set()
+
+    def reload() -> None:
+        done = "no TLS listener to reload"
+        if tls is not None:  # tls.reload logs what it loaded, or why it kept the old chain
+            done = "TLS certificate reloaded" if tls.reload("SIGHUP") else "TLS certificate kept"
+        logger.info("SIGHUP: %s; other settings are read at start only (restart to "
+                    "change them)", done)
+
+    def ignored(name: str) -> None:
+        logger.info("%s received: ignored", name)
+
+    actions: list[tuple[str, Callable[..., object], tuple[object, ...]]] = [
+        *((name, stopping, (name,)) for name in STOPPING_SIGNALS),
+        ("SIGHUP", reload, ()),
+        *((name, ignored, (name,)) for name in IGNORED_SIGNALS),
+    ]
+    installed: list[signal.Signals] = []
+    for name, action, args in actions:
+        sig = getattr(signal, name, None)
+        if sig is None:  # not on this platform
+            continue
+        try:
+            loop.add_signal_handler(sig, action, *args)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            return installed
+        installed.append(sig)
+    return installed
+
+
 async def serve(
     gateway: Gateway,
     host: str,
@@ -281,7 +331,8 @@ async def serve(
     ready: asyncio.Future[tuple[str, int]] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop`), then drain in-flight requests and close.
+    """Serve until SIGTERM/SIGINT/SIGQUIT (or `stop`), then drain in-flight requests, flush
+    the access log and close. SIGHUP never stops it (see `_handle_signals`).
 
     With `tls`, the listener speaks HTTPS only; SIGHUP and a change of the certificate
     files reload the chain in place; `tls.plain_http` adds a listener that redirects or
@@ -320,17 +371,9 @@ async def serve(
             server.close()
             raise
     stop = stop or asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-            pass
+    handled = _handle_signals(loop, stop, tls)
     watcher: asyncio.Task[None] | None = None
     if tls is not None:
-        try:
-            loop.add_signal_handler(signal.SIGHUP, tls.reload, "SIGHUP")
-        except (NotImplementedError, RuntimeError, AttributeError):  # no SIGHUP (Windows)
-            pass
         watcher = loop.create_task(tls.watch())
         logger.info("listening on https://%s:%d (%s profile; %s)", address[0], address[1],
                     tls.settings.profile, tls.info.describe())
@@ -352,8 +395,8 @@ async def serve(
             responder.close()
         if watcher is not None:
             watcher.cancel()
-            with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-                loop.remove_signal_handler(signal.SIGHUP)
+        for sig in handled:
+            loop.remove_signal_handler(sig)
         for connection in list(gateway.connections):
             connection.shutdown()
         deadline = loop.time() + gateway.config.timeouts.shutdown

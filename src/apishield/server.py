@@ -12,20 +12,28 @@ with Transfer-Encoding, repeated Content-Length, a Transfer-Encoding that does n
 - a malformed request gets a 400 problem and the connection is closed (after answering
   the requests before it), since the parser cannot know where the next one starts;
 - responses stream to the client with flow control (`pause_writing`), so a slow reader
-  slows the upstream socket instead of growing memory.
+  slows the upstream socket instead of growing memory;
+- back-pressure on every write path (issue 11): while the client has not read a response
+  past the transport's high-water mark, its next pipelined request waits (and reading
+  stops), `timeouts.write` counts from the moment writing pauses whether the response was
+  streamed or written whole, and a closing connection with unsent bytes is cut after it.
+  Responses held whole to be filtered are charged to one gateway-wide budget
+  (`responses.max_buffered_bytes`) until the client has read them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import re
 from collections import deque
 from typing import TYPE_CHECKING
 
 import httptools
 
 from apishield.deadlines import HasDeadline
-from apishield.exchange import Exchange, Headers, Request, connection_tokens
+from apishield.exchange import Exchange, Headers, Request, connection_tokens, content_length
 from apishield.paths import split_target
 from apishield.pipeline import REASONS
 from apishield.problems import (
@@ -37,6 +45,7 @@ from apishield.problems import (
     PayloadTooLarge,
     Problem,
     RequestTimeout,
+    ServiceUnavailable,
     UriTooLong,
 )
 from apishield.tls import client_identity
@@ -58,6 +67,27 @@ MAX_PIPELINED = 16
 STREAM_MIN = 64 * 1024  # request bodies announced larger than this stream to the upstream
 STREAM_HIGH_WATER = 256 * 1024  # stop reading the client while this much waits for upstream
 HEAD_SLACK = 8 * 1024  # request-line and framing bytes allowed beyond the header limits
+# RFC 9110 7.2 / RFC 3986 3.2.2: Host is uri-host [":" port]; uri-host is an IP literal in
+# brackets (checked again by `ipaddress`), or a reg-name (IPv4 addresses are reg-names too)
+_HOST = re.compile(
+    rb"(?:(?P<literal>\[[0-9A-Fa-f:.]+\])|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
+    rb"(?::[0-9]*)?"
+)
+WRITE_HIGH_WATER = 64 * 1024  # unsent response bytes before writing pauses (low: a quarter)
+
+
+def valid_host(value: bytes) -> bool:
+    """Whether a Host value is uri-host [":" port] (empty is allowed: RFC 9112 3.2)."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return False
+    literal = match.group("literal")
+    if literal is not None:
+        try:
+            ipaddress.IPv6Address(literal[1:-1].decode("ascii"))
+        except ValueError:
+            return False
+    return True
 
 
 class _StopParsing(Exception):
@@ -111,6 +141,9 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.reading_paused = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
+        self.held = False  # a pipelined request waits until the client reads (back-pressure)
+        self._write_timer: asyncio.TimerHandle | None = None
+        self.reserved = 0  # bytes of the gateway's response buffer budget held here
         self.task: asyncio.Task[None] | None = None  # held: the loop keeps only weak refs
         self._url: list[bytes] = []
         self._url_len = 0
@@ -121,6 +154,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self._head_budget = self.max_url + self.max_header_bytes + HEAD_SLACK
         self._head_seen = 0
         self._has_body = False
+        self._chunked = False
         self._content_length = 0
         self._hosts = 0
         self.write_timeout = config.timeouts.write
@@ -128,6 +162,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
     # -- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
         if self.scheme == "https":
@@ -141,30 +176,68 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.closed = True
         self.gateway.connections.discard(self)
         self.clear_deadline()
+        self._cancel_write_timer()
+        self._release_buffer()
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_exception(ConnectionResetError())
 
     def pause_writing(self) -> None:
+        """Unsent bytes passed the high-water mark: from now the client has
+        `timeouts.write` to read, whatever is being written (D3)."""
         self.write_paused = True
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout,
+                                                     self._on_write_timeout)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self._cancel_write_timer()
+        self._release_buffer()
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
+        if self.held:
+            self.held = False
+            self._next()
 
     async def drain(self) -> None:
         """Wait until the client reads; a client that stops reading is cut (D3)."""
         if self.write_paused and not self.closed:
             self.drain_waiter = self.loop.create_future()
-            timer = self.loop.call_later(self.write_timeout, self._on_write_timeout)
-            try:
-                await self.drain_waiter
-            finally:
-                timer.cancel()
+            await self.drain_waiter
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
 
     def _on_write_timeout(self) -> None:
+        self._write_timer = None
         if self.transport is not None:
             self.transport.abort()  # connection_lost fails the drain waiter
+
+    def _close_transport(self) -> None:
+        """Close after the unsent bytes are out, but wait no longer than `timeouts.write`
+        for a client that reads nothing (a plain close would wait for ever)."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        transport.close()
+        if transport.get_write_buffer_size() and self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout,
+                                                     self._on_write_timeout)
+
+    def _reserve_buffer(self, size: int) -> None:
+        """Charge `size` bytes of a response held whole to the gateway-wide budget."""
+        gateway = self.gateway
+        if gateway.buffered_bytes + size > gateway.max_buffered_bytes:
+            raise ServiceUnavailable("response-buffer-full", headers=[(b"retry-after", b"1")])
+        gateway.buffered_bytes += size
+        self.reserved += size
+
+    def _release_buffer(self) -> None:
+        if self.reserved:
+            self.gateway.buffered_bytes -= self.reserved
+            self.reserved = 0
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -196,15 +269,15 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
     def shutdown(self) -> None:
         """Graceful stop: idle connections close now, busy ones after their response."""
         self.closing = True
-        if not self.busy and not self.queue and self.transport is not None:
-            self.transport.close()
+        if not self.busy and not self.queue:
+            self._close_transport()
 
     # -- timers -------------------------------------------------------------------------
     def _on_timeout(self) -> None:
         if self.receiving:  # a request head or body is overdue, even behind a slow answer
             self._fatal(RequestTimeout("client-too-slow", close=True))
-        elif not self.busy and not self.queue and self.transport is not None:
-            self.transport.close()  # connected but never sent a byte
+        elif not self.busy and not self.queue:
+            self._close_transport()  # connected but never sent a byte
 
     def _check_body_rate(self) -> None:
         """Slow-client floor (D3): a body trickling in below `timeouts.min_body_rate`
@@ -225,8 +298,8 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.expire_at(min(1.0, self._body_deadline - now), self._check_body_rate)
 
     def _on_idle_timeout(self) -> None:
-        if not self.busy and not self.queue and self.current is None and self.transport:
-            self.transport.close()
+        if not self.busy and not self.queue and self.current is None:
+            self._close_transport()
 
     # -- llhttp callbacks -----------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -236,6 +309,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self._head_seen = 0
         self._has_body = False
         self._content_length = 0
+        self._chunked = False
         self._hosts = 0
         self._connection_tokens: frozenset[bytes] = frozenset()
         self._url = []
@@ -268,11 +342,13 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self._hosts += 1
             if self._hosts > 1:  # RFC 9112 3.2: more than one Host is a 400
                 raise BadRequest("host-repeated", close=True)
+            if not valid_host(value):  # it is forwarded as X-Forwarded-Host
+                raise BadRequest("host-invalid", close=True)
         elif name == b"content-length":
-            self._has_body = value != b"0"
-            self._content_length = int(value) if value.isdigit() else 0
+            self._content_length = content_length(value) or 0
+            self._has_body = self._content_length > 0
         elif name == b"transfer-encoding":
-            self._has_body = True
+            self._has_body = self._chunked = True
         elif name == b"connection":
             self._connection_tokens |= connection_tokens(value)
         self._headers.append((name, value))
@@ -285,6 +361,9 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             raise BadRequest("http-version-not-supported", close=True)
         if self._hosts == 0 and version == "1.1":
             raise BadRequest("host-missing", close=True)  # RFC 9112 3.2
+        if self._chunked and version == "1.0":
+            # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing
+            raise BadRequest("transfer-encoding-in-http10", close=True)
         raw_path, query = split_target(b"".join(self._url))
         request = Request(
             parser.get_method().decode("ascii"),
@@ -460,6 +539,17 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self.transport.pause_reading()
 
     def _next(self) -> None:
+        if self.write_paused:
+            if self.queue:
+                # The client has not read the last response: answer nothing more, and read
+                # nothing more unless a request is arriving, until it does (resume_writing
+                # comes back here) or `timeouts.write` cuts it.
+                self.busy = self.held = True
+                if not self.receiving:
+                    self._pause_reading()
+                return
+        else:
+            self._release_buffer()  # what was held whole is read (or in the kernel)
         if self.queue:
             self.busy = True
             message = self.queue.popleft()
@@ -476,8 +566,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             return
         self.busy = False
         if self.closing:
-            if self.transport is not None:
-                self.transport.close()
+            self._close_transport()
             return
         if self.reading_paused and self.transport is not None and not self.closed:
             self.reading_paused = False
@@ -603,6 +692,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         parts = [reply.body]
         size = len(reply.body)
         try:
+            self._reserve_buffer(size)
             while True:
                 piece = await stream.read()
                 if not piece:
@@ -610,6 +700,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 size += len(piece)
                 if size > self.pipeline.max_filter_bytes:
                     raise BadGateway("response-too-large-to-filter")
+                self._reserve_buffer(len(piece))
                 parts.append(piece)
         finally:
             stream.release()

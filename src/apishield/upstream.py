@@ -31,8 +31,8 @@ from collections.abc import Callable
 import httptools
 
 from apishield.deadlines import HasDeadline
-from apishield.exchange import Headers, connection_tokens
-from apishield.problems import BadGateway, GatewayTimeout, ServiceUnavailable
+from apishield.exchange import Headers, connection_tokens, content_length
+from apishield.problems import BadGateway, GatewayTimeout, ServiceUnavailable, TooManyRequests
 
 STREAM_THRESHOLD = 64 * 1024  # buffer up to this much before switching to streaming
 HIGH_WATER = 256 * 1024  # pause the upstream socket above this many unread bytes
@@ -118,6 +118,7 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.reused = False
         self.closed = False
+        self.owner = ""  # the client whose request holds it (UpstreamPool's share)
         self._reset()
 
     def _reset(self) -> None:
@@ -219,8 +220,8 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
         self.head_done = True
         self.keep_alive = self.parser.should_keep_alive()
         for name, value in self.headers:
-            if name == b"content-length" and value.isdigit():
-                self.content_length = int(value)
+            if name == b"content-length":
+                self.content_length = content_length(value)
         if self.head_only or status in (204, 304):
             # No body follows (RFC 9112 6.3); llhttp cannot be told so for HEAD, so the
             # message ends here and the next response gets a fresh parser.
@@ -355,6 +356,13 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
 
 
 class UpstreamPool:
+    """Keep-alive connections to one upstream, at most `max_connections` busy at once and
+    at most `max_per_client` of them for one client (the client IP): a client that never
+    reads its responses holds upstream connections until `timeouts.write`, and without a
+    share 300 such connections from one address took the whole pool from everyone else
+    (issue 11). Over its share a request is refused at once with 429 (it is that client's
+    concurrency, RFC 6585 4), never queued behind the others."""
+
     def __init__(
         self,
         host: str,
@@ -364,6 +372,7 @@ class UpstreamPool:
         connect_timeout: float,
         read_timeout: float,
         max_connections: int,
+        max_per_client: int,
     ) -> None:
         self.host = host
         self.port = port
@@ -371,24 +380,46 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.max_connections = max_connections
+        self.max_per_client = max_per_client
         self.loop = asyncio.get_running_loop()
         self.idle: list[UpstreamConnection] = []
         self.busy: set[UpstreamConnection] = set()
+        self.held: dict[str, int] = {}  # busy connections per client
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
 
-    def take_idle(self) -> UpstreamConnection | None:
-        """A pooled live connection, marked busy, or None (then use `request`)."""
+    def _claim(self, conn: UpstreamConnection, owner: str) -> None:
+        self.busy.add(conn)
+        conn.owner = owner
+        self.held[owner] = self.held.get(owner, 0) + 1
+
+    def _unclaim(self, conn: UpstreamConnection) -> None:
+        """Only for a connection in `busy`: the one place the share count goes down."""
+        self.busy.discard(conn)
+        count = self.held[conn.owner] - 1
+        if count:
+            self.held[conn.owner] = count
+        else:
+            del self.held[conn.owner]
+
+    def over_share(self, owner: str) -> bool:
+        return self.held.get(owner, 0) >= self.max_per_client
+
+    def take_idle(self, owner: str) -> UpstreamConnection | None:
+        """A pooled live connection, marked busy for `owner`, or None (then use
+        `request`, which also says why when the client is over its share)."""
+        if self.over_share(owner):
+            return None
         while self.idle:
             conn = self.idle.pop()
             if not conn.closed:
-                self.busy.add(conn)
+                self._claim(conn, owner)
                 return conn
         return None
 
-    async def request(self, payload: bytes, method: str) -> UpstreamResponse:
+    async def request(self, payload: bytes, method: str, owner: str) -> UpstreamResponse:
         """Send a serialized request; map every failure to a Problem (502/503/504)."""
         for attempt in (0, 1):
-            conn = await self._acquire()
+            conn = await self._acquire(owner)
             try:
                 return await conn.send(payload, head_only=method == "HEAD")
             except UpstreamError as exc:
@@ -399,12 +430,15 @@ class UpstreamPool:
                 raise problem_for(exc) from None
         raise BadGateway("upstream-closed")  # pragma: no cover - loop always returns/raises
 
-    async def acquire(self) -> UpstreamConnection:
+    async def acquire(self, owner: str) -> UpstreamConnection:
         """A connection for a request that cannot be retried (a streamed body)."""
-        return await self._acquire()
+        return await self._acquire(owner)
 
-    async def _acquire(self) -> UpstreamConnection:
-        conn = self.take_idle()
+    async def _acquire(self, owner: str) -> UpstreamConnection:
+        if self.over_share(owner):
+            raise TooManyRequests("upstream-client-share-exceeded",
+                                  headers=[(b"retry-after", b"1")])
+        conn = self.take_idle(owner)
         if conn is not None:
             return conn
         if len(self.busy) >= self.max_connections:
@@ -414,9 +448,9 @@ class UpstreamPool:
                 await asyncio.wait_for(waiter, self.connect_timeout)
             except TimeoutError:
                 raise ServiceUnavailable("upstream-pool-exhausted") from None
-            return await self._acquire()
+            return await self._acquire(owner)
         conn = UpstreamConnection(self)
-        self.busy.add(conn)
+        self._claim(conn, owner)
         try:
             await asyncio.wait_for(
                 self.loop.create_connection(
@@ -426,32 +460,33 @@ class UpstreamPool:
                 self.connect_timeout,
             )
         except TimeoutError:
-            self.busy.discard(conn)
+            self._unclaim(conn)
             raise GatewayTimeout("upstream-connect-timeout") from None
         except ssl.SSLCertVerificationError:
             # the upstream's certificate is not trusted (upstream.tls.ca) or not for its
             # host: a 502, and the log's reason says why, not "unreachable"
-            self.busy.discard(conn)
+            self._unclaim(conn)
             self._wake_waiter()
             raise BadGateway("upstream-tls-verify-failed") from None
         except ssl.SSLError:
-            self.busy.discard(conn)
+            self._unclaim(conn)
             self._wake_waiter()
             raise BadGateway("upstream-tls-handshake-failed") from None
         except OSError:
-            self.busy.discard(conn)
+            self._unclaim(conn)
             self._wake_waiter()
             raise BadGateway("upstream-unreachable") from None
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
-        self.busy.discard(conn)
+        if conn in self.busy:
+            self._unclaim(conn)
         self.idle.append(conn)
         self._wake_waiter()
 
     def forget(self, conn: UpstreamConnection) -> None:
         if conn in self.busy:
-            self.busy.discard(conn)
+            self._unclaim(conn)
             self._wake_waiter()
         if conn in self.idle:
             self.idle.remove(conn)
@@ -468,3 +503,4 @@ class UpstreamPool:
             conn._close()
         self.idle.clear()
         self.busy.clear()
+        self.held.clear()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from apishield.config import Limits
 from apishield.contract import Operation
-from apishield.exchange import Exchange, media_type
+from apishield.exchange import Exchange, content_length, media_type
 from apishield.problems import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 
@@ -37,9 +37,9 @@ class LimitsStep:
         content_type = None
         for name, value in exchange.request.headers:
             if name == b"content-length":
-                if not value.isdigit():  # llhttp checks this too; the middleware has no llhttp
+                length = content_length(value)
+                if length is None:  # llhttp checks this too; the middleware has no llhttp
                     raise BadRequest("content-length-invalid", close=True)
-                length = int(value)
             elif name == b"transfer-encoding":
                 chunked = True
             elif name == b"content-type":
