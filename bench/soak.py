@@ -734,8 +734,10 @@ def summary_table(result: dict) -> str:
                     f"{lat['p50']!s:>8} {lat['p99']!s:>8} {lat['max']!s:>8} "
                     f"{p['rss_kb']['max'] / 1024:>8.1f} {p['fds']['max']:>5} "
                     f"{p['gateway_cpu_pct']!s:>7} {p['upstream_cpu_pct']!s:>7}  {attack}")
-        if n["unexpected"] or n["errors"]:
-            rows.append(f"{'':<21} unexpected {n['unexpected']} errors {n['errors']}")
+        if n["unexpected"] or n["errors"] or n["skipped_client_saturated"]:
+            rows.append(f"{'':<21} skipped (all client slots busy) "
+                        f"{n['skipped_client_saturated']}, unexpected {n['unexpected']}, "
+                        f"errors {n['errors']}")
     rows.append("(ok %: expected status / scheduled; latency from the scheduled send time; "
                 "rss and fds: the gateway's maximum in the phase)")
     rss = result["rss_kb"]
