@@ -18,6 +18,7 @@ import logging
 import signal
 import ssl
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from urllib.parse import urlsplit
 
@@ -119,6 +120,9 @@ class Gateway:
         # responses held whole to be filtered, all connections (HttpConnection._reserve_buffer)
         self.buffered_bytes = 0
         self.max_buffered_bytes = config.responses.max_buffered_bytes
+        # large responses are filtered here, off the event loop; two workers: more would
+        # only hold more parsed documents in memory at once (the GIL serializes them)
+        self.filter_workers = ThreadPoolExecutor(2, thread_name_prefix="apishield-filter")
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
     def start_pool(self) -> None:
@@ -247,6 +251,7 @@ class Gateway:
         return Reply(response.status, headers, response.body, response, response.content_length)
 
     async def close(self) -> None:
+        self.filter_workers.shutdown(wait=False, cancel_futures=True)
         if self.pool is not None:
             self.pool.close()
         await self.pipeline.stop()

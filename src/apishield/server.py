@@ -66,6 +66,7 @@ STATUS_LINES = {code: b"HTTP/1.1 %d %b\r\n" % (code, reason) for code, reason in
 MAX_PIPELINED = 16
 STREAM_MIN = 64 * 1024  # request bodies announced larger than this stream to the upstream
 STREAM_HIGH_WATER = 256 * 1024  # stop reading the client while this much waits for upstream
+CLIENT_CLOSED = 499  # logged status of a request whose client left first (as nginx logs it)
 HEAD_SLACK = 8 * 1024  # request-line and framing bytes allowed beyond the header limits
 # RFC 9110 7.2 / RFC 3986 3.2.2: Host is uri-host [":" port]; uri-host is an IP literal in
 # brackets (checked again by `ipaddress`), or a reg-name (IPv4 addresses are reg-names too)
@@ -73,6 +74,7 @@ _HOST = re.compile(
     rb"(?:(?P<literal>\[[0-9A-Fa-f:.]+\])|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
     rb"(?::[0-9]*)?"
 )
+FILTER_IN_THREAD = 256 * 1024  # response bodies filtered off the event loop above this
 WRITE_HIGH_WATER = 64 * 1024  # unsent response bytes before writing pauses (low: a quarter)
 
 
@@ -179,7 +181,18 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self._cancel_write_timer()
         self._release_buffer()
         if self.drain_waiter is not None and not self.drain_waiter.done():
-            self.drain_waiter.set_exception(ConnectionResetError())
+            self.drain_waiter.set_result(None)  # the writer sees `closed` and stops
+        self._drop_queue()
+
+    def _drop_queue(self) -> None:
+        """The client is gone: what it pipelined is never forwarded (issue 11: 20 clients
+        that left kept the gateway forwarding and filtering for 20 s). Each is still
+        recorded, which releases what its head phase took (concurrency slots), as 499."""
+        self.held = False
+        while self.queue:
+            exchange = self.queue.popleft().exchange
+            exchange.reason = exchange.reason or "client-closed"
+            self.pipeline.record(exchange, CLIENT_CLOSED)
 
     def pause_writing(self) -> None:
         """Unsent bytes passed the high-water mark: from now the client has
@@ -539,6 +552,10 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self.transport.pause_reading()
 
     def _next(self) -> None:
+        if self.closed:
+            self._drop_queue()
+            self.busy = False
+            return
         if self.write_paused:
             if self.queue:
                 # The client has not read the last response: answer nothing more, and read
@@ -657,7 +674,15 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                     shape = pipeline.filter_shape(exchange, status, reply.headers)
                     if shape is not None:
                         await self._buffer_reply(reply)
-                        reply.body = pipeline.filter_body(exchange, shape, reply.body)
+                        if len(reply.body) > FILTER_IN_THREAD:
+                            # parsing and cutting megabytes holds the loop for 100s of ms;
+                            # in a worker the loop still gets the GIL every few ms, so a
+                            # burst of large responses does not stall every other client
+                            reply.body = await self.loop.run_in_executor(
+                                self.gateway.filter_workers, pipeline.filter_body,
+                                exchange, shape, reply.body)
+                        else:
+                            reply.body = pipeline.filter_body(exchange, shape, reply.body)
                     headers = pipeline.on_response(exchange, status, reply.headers)
                     head_sent = True
                     keep_alive = await self._send_reply(message, reply, headers) and keep_alive
@@ -745,6 +770,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                     self._write(piece)
                 await self.drain()
                 if self.closed:
+                    message.exchange.reason = "client-closed"
                     return False
                 piece = await stream.read()
             if chunked:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import http.client
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import raw_exchange
 
 ATTACKER = "127.0.0.1"
 NORMAL = "127.0.0.2"  # another client: the whole 127/8 is loopback on Linux
@@ -175,3 +178,58 @@ def test_one_client_gets_a_share_of_the_pool(make_gateway, upstream, share, expe
     refused = [retry for status, retry in results if status == 429]
     assert len(refused) == 5 - expected_ok
     assert all(retry == "1" for retry in refused)
+
+
+# -- found by bench/soak ---------------------------------------------------------------------
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with an RST, as a client that gives up does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_client_reset_during_backpressure_is_not_logged_as_an_error(make_gateway):
+    """A client that stops reading and then resets is ordinary client behaviour: it must
+    not produce an ERROR line with a traceback per connection (an attacker could fill the
+    log at will; bench/soak's non-reading phase made 14-64 of them)."""
+    gw = make_gateway()
+    for _ in range(3):
+        sock = small_window_socket(gw.port)
+        sock.sendall(b"GET /big?bytes=8388608 HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.5)  # the gateway has filled the socket and waits for the client
+        reset(sock)
+    time.sleep(0.5)
+    final = raw_exchange(gw.port, b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert final.startswith(b"HTTP/1.1 200 ")
+    stderr = gw.stderr()
+    assert "Traceback" not in stderr and " ERROR " not in stderr, stderr[-3000:]
+    reasons = [entry.get("reason") for entry in gw.log_lines()]
+    assert reasons.count("client-closed") == 3
+
+
+def test_pipelined_requests_of_a_closed_connection_are_dropped(make_gateway, upstream):
+    """20 such clients kept the gateway busy for 20+ s after they left in bench/soak
+    (non_reading_filtered, then recovery at 18% success): once the client is gone, what
+    it queued must not be forwarded any more, and each is logged as 499 client-closed."""
+    gw = make_gateway({"rate_limiting": {"concurrency": {"per_identity": 8}}})
+    before = upstream.request_count
+    sock = small_window_socket(gw.port)
+    sock.sendall(b"GET /users?n=30000 HTTP/1.1\r\nHost: x\r\n\r\n" * 8)
+    time.sleep(0.3)
+    reset(sock)  # nothing more can be answered
+    time.sleep(3)
+    forwarded = upstream.request_count - before
+    assert forwarded <= 2, f"{forwarded} of 8 pipelined requests forwarded after the close"
+    entries = gw.log_lines()
+    assert len(entries) == 8  # every request is in the access log
+    assert sum(1 for entry in entries if entry["status"] == 499) >= 6
+    # the dropped requests gave back their concurrency slots: the same client is served
+    assert normal_get(gw.port) == 200
+    conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+    for _ in range(3):
+        conn.request("GET", "/echo")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+    conn.close()
