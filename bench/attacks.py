@@ -139,6 +139,7 @@ def run(name: str, seconds: float, upstream_url: str) -> dict:
             "pipelined": pipelined,
             "seconds": seconds,
             "normal_requests": len(results),
+            "normal_failures": len(results) - ok,
             "normal_success_ratio": round(ok / len(results), 4) if results else None,
             "normal_p50_ms": round(statistics.median(latencies) * 1000, 2) if results else None,
             "normal_p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2)

@@ -43,7 +43,7 @@ from apishield.config import Config
 from apishield.contract import Contract
 from apishield.exchange import Exchange, Headers, Suspend
 from apishield.problems import Problem, render_problem
-from apishield.redact import MAX_LOGGED, redact
+from apishield.redact import MAX_LOGGED, SCANNED, redact
 from apishield.router import Router
 from apishield.state.open import open_counters
 from apishield.steps import (
@@ -287,7 +287,9 @@ class Pipeline:
         """An upstream 5xx: keep the status, log the body redacted, send a problem (E3)."""
         logger.warning(
             "upstream answered %d to request %s; body masked: %s", status, exchange.id,
-            redact(sample[:MAX_LOGGED * 2].decode("utf-8", "replace")),
+            # all redact() scans: a secret cut short at a shorter sample's end could be too
+            # short for its pattern and then be logged once masking shortened the text
+            redact(sample[:MAX_LOGGED * SCANNED].decode("utf-8", "replace")),
         )
         problem = problems.UpstreamFailure("upstream-5xx-masked")
         problem.status = status  # type: ignore[misc]

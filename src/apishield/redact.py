@@ -18,7 +18,7 @@ Cost stays linear in the text: at most `3 * (_MAX_DEPTH + 1)` views, each built 
 pass, and no pattern can backtrack more than once over a run of characters. A pattern
 starts only where a run of its alphabet begins (a lookbehind, not `\\b`), its quantifiers
 are never adjacent over the same characters, and a quoted value may stay unclosed rather
-than be retried. Only the first `_SCANNED * limit` characters are looked at (no more can
+than be retried. Only the first `SCANNED * limit` characters are looked at (no more can
 reach the log line).
 """
 
@@ -28,7 +28,7 @@ import re
 from collections.abc import Iterator
 
 MAX_LOGGED = 512
-_SCANNED = 4  # characters looked at, per character logged
+SCANNED = 4  # characters looked at, per character logged
 _MAX_DEPTH = 3  # levels of encoding seen through: %25253A (three) is still a colon
 
 _REDACTED = "<redacted>"
@@ -164,7 +164,7 @@ def redact(text: str, limit: int = MAX_LOGGED) -> str:
     """`text` with secrets masked (in whatever encoding they were written), cut to `limit`
     characters, on one line (control characters escaped, so an upstream cannot forge log
     lines)."""
-    scanned = text[: _SCANNED * limit]
+    scanned = text[: SCANNED * limit]
     masked = _mask(scanned)
     if len(masked) > limit or len(scanned) < len(text):
         masked = masked[:limit] + "...(truncated)"
