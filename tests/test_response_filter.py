@@ -39,6 +39,20 @@ def test_gateway_cuts_undeclared_fields_streamed_response(gateway):
     assert "password_hash" not in response.text
 
 
+def test_gateway_cuts_a_large_response_in_the_worker_process(gateway):
+    """Over 256 KiB the cut runs in the cutter process (apishield/cutter.py): the same
+    result, and the access log says it was filtered."""
+    response = httpx.get(f"{gateway.url}/users?n=5000")  # ~700 KB
+    assert response.status_code == 200
+    rows = response.json()
+    assert len(rows) == 5000 and rows[-1] == {"id": 4999, "name": "user4999",
+                                              "profile": {"bio": "hi"}}
+    assert "password_hash" not in response.text
+    entry = gateway.log_entry(response.headers["x-request-id"])
+    assert entry["reason"] == "response-filtered"
+    assert "cutter process died" not in gateway.stderr()
+
+
 def test_gateway_asks_identity_encoding_for_filtered_operations(gateway, upstream):
     httpx.get(f"{gateway.url}/users?n=1", headers={"Accept-Encoding": "gzip, br"})
     # the test upstream's last request is /users; its headers are in last_request

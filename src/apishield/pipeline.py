@@ -256,13 +256,14 @@ class Pipeline:
         ends hold the body whole only for a plan. An undeclared status is logged here."""
         return self.response_filter.plan_for(exchange, status, headers)
 
-    def filter_body(self, exchange: Exchange, plan: response_filter.Plan, body: bytes
-                    ) -> bytes:
+    def filter_body(self, exchange: Exchange, plan: response_filter.Plan, body: bytes,
+                    precut: tuple[bytes | None] | None = None) -> bytes:
         """The body as `plan` says; one that must not be sent (cannot be checked, breaks
         its schema, undeclared status in validate mode) is a 502. In log-only mode the
-        body always passes untouched and the access log says what would have happened."""
+        body always passes untouched and the access log says what would have happened.
+        `precut`: the cut already computed elsewhere (`response_filter.cut_json`)."""
         try:
-            result = self.response_filter.apply(exchange, plan, body)
+            result = self.response_filter.apply(exchange, plan, body, precut)
         except problems.BadGateway as problem:
             if not self.log_only(exchange):
                 raise

@@ -18,13 +18,13 @@ import logging
 import signal
 import ssl
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from urllib.parse import urlsplit
 
 from apishield.auth.identity import identity_headers
 from apishield.config import Config, ConfigError
 from apishield.contract import Contract, load_contract
+from apishield.cutter import Cutter
 from apishield.deadlines import Sweeper
 from apishield.exchange import Exchange, Headers
 from apishield.pipeline import Pipeline
@@ -120,9 +120,7 @@ class Gateway:
         # responses held whole to be filtered, all connections (HttpConnection._reserve_buffer)
         self.buffered_bytes = 0
         self.max_buffered_bytes = config.responses.max_buffered_bytes
-        # large responses are filtered here, off the event loop; two workers: more would
-        # only hold more parsed documents in memory at once (the GIL serializes them)
-        self.filter_workers = ThreadPoolExecutor(2, thread_name_prefix="apishield-filter")
+        self.cutter = Cutter()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
     def start_pool(self) -> None:
@@ -251,7 +249,7 @@ class Gateway:
         return Reply(response.status, headers, response.body, response, response.content_length)
 
     async def close(self) -> None:
-        self.filter_workers.shutdown(wait=False, cancel_futures=True)
+        self.cutter.close()
         if self.pool is not None:
             self.pool.close()
         await self.pipeline.stop()

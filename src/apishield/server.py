@@ -74,7 +74,7 @@ _HOST = re.compile(
     rb"(?:(?P<literal>\[[0-9A-Fa-f:.]+\])|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
     rb"(?::[0-9]*)?"
 )
-FILTER_IN_THREAD = 256 * 1024  # response bodies filtered off the event loop above this
+CUT_ELSEWHERE = 256 * 1024  # response bodies cut in the worker process above this
 WRITE_HIGH_WATER = 64 * 1024  # unsent response bytes before writing pauses (low: a quarter)
 
 
@@ -674,15 +674,10 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                     shape = pipeline.filter_shape(exchange, status, reply.headers)
                     if shape is not None:
                         await self._buffer_reply(reply)
-                        if len(reply.body) > FILTER_IN_THREAD:
-                            # parsing and cutting megabytes holds the loop for 100s of ms;
-                            # in a worker the loop still gets the GIL every few ms, so a
-                            # burst of large responses does not stall every other client
-                            reply.body = await self.loop.run_in_executor(
-                                self.gateway.filter_workers, pipeline.filter_body,
-                                exchange, shape, reply.body)
-                        else:
-                            reply.body = pipeline.filter_body(exchange, shape, reply.body)
+                        precut = None
+                        if len(reply.body) > CUT_ELSEWHERE and shape.cuts:
+                            precut = await self.gateway.cutter.cut(reply.body, shape.shape)
+                        reply.body = pipeline.filter_body(exchange, shape, reply.body, precut)
                     headers = pipeline.on_response(exchange, status, reply.headers)
                     head_sent = True
                     keep_alive = await self._send_reply(message, reply, headers) and keep_alive

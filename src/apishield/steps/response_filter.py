@@ -74,6 +74,19 @@ def prune(value: Any, shape: Shape | None, depth: int = 0) -> Any:
     return value
 
 
+def cut_json(body: bytes, shape: Shape | None) -> bytes | None:
+    """`body` cut to `shape`, or None when nothing was cut (the upstream's bytes are then
+    sent as they were); ValueError when it is not JSON. Plain data in and out, so that the
+    gateway can run it in a worker process for large bodies: parsing megabytes holds the
+    GIL for tens of milliseconds, which a thread would take from the event loop."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ValueError("response-not-json") from None
+    pruned = prune(document, shape)
+    return None if pruned == document else orjson.dumps(pruned)
+
+
 @dataclass(slots=True, eq=False)
 class Plan:
     """What the front end must do with one response body, decided on its head: cut it to
@@ -84,6 +97,11 @@ class Plan:
     shape: Shape | None = None
     validator: jsonschema_rs.Validator | None = None
     refuse: str | None = None
+
+    @property
+    def cuts(self) -> bool:
+        """Whether applying it is `cut_json` alone (so it may run elsewhere)."""
+        return self.validator is None and self.refuse is None
 
 
 @dataclass(slots=True)
@@ -230,36 +248,40 @@ class ResponseFilter:
             return Plan(status, shape=plan.shapes[key])
         return Plan(status, validator=plan.validators[key])
 
-    def apply(self, exchange: Exchange, plan: Plan, body: bytes) -> bytes:
+    def apply(self, exchange: Exchange, plan: Plan, body: bytes,
+              precut: tuple[bytes | None] | None = None) -> bytes:
         """The body to send: cut to the plan's shape, or as it is when it conforms.
-        Raises BadGateway when it must not be sent (what cannot be checked is not sent)."""
+        Raises BadGateway when it must not be sent (what cannot be checked is not sent).
+        `precut`: `cut_json`'s result, when the front end computed it elsewhere."""
         if plan.refuse is not None:
             raise BadGateway(plan.refuse)
         try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            if plan.validator is None:
+                cut = precut[0] if precut is not None else cut_json(body, plan.shape)
+            else:
+                document = orjson.loads(body)
+        except ValueError:  # orjson.JSONDecodeError is one
             logger.warning("response to %s declared JSON but is not; refused", exchange.id)
             raise BadGateway("response-not-json") from None
-        if plan.validator is not None:
-            errors = []
-            for error in plan.validator.iter_errors(document):
-                errors.append(f"{error_pointer('/body', error)} ({error_reason(error)})")
-                if len(errors) >= MAX_LOGGED_ERRORS:
-                    break
-            if errors:
-                operation = exchange.operation
-                assert operation is not None
-                logger.warning(
-                    "response to request %s (operation %s, status %d) does not match the "
-                    "contract: %s", exchange.id, self.plans[operation.pointer].name,
-                    plan.status, ", ".join(errors))
-                raise BadGateway("response-invalid")
-            return body
-        pruned = prune(document, plan.shape)
-        if pruned == document:
-            return body  # nothing undeclared: the upstream's bytes as they were
-        exchange.reason = exchange.reason or "response-filtered"
-        return orjson.dumps(pruned)
+        if plan.validator is None:
+            if cut is None:
+                return body  # nothing undeclared: the upstream's bytes as they were
+            exchange.reason = exchange.reason or "response-filtered"
+            return cut
+        errors = []
+        for error in plan.validator.iter_errors(document):
+            errors.append(f"{error_pointer('/body', error)} ({error_reason(error)})")
+            if len(errors) >= MAX_LOGGED_ERRORS:
+                break
+        if errors:
+            operation = exchange.operation
+            assert operation is not None
+            logger.warning(
+                "response to request %s (operation %s, status %d) does not match the "
+                "contract: %s", exchange.id, self.plans[operation.pointer].name,
+                plan.status, ", ".join(errors))
+            raise BadGateway("response-invalid")
+        return body
 
     def _undeclared(self, exchange: Exchange, plan: _OperationPlan, status: int) -> None:
         """Log an undeclared status, at most once a minute per operation and status (the
