@@ -19,6 +19,7 @@ import yaml
 
 from tests.upstream_server import UpstreamServer, start_upstream, stop
 
+pytest_plugins = ["tests.secret_scan"]  # the suite's logs are scanned for its secrets
 DATA = Path(__file__).parent / "data"
 
 
