@@ -17,9 +17,9 @@ if TYPE_CHECKING:
     from typing import Any
 
     from apishield.auth.principal import Principal
-    from apishield.contract import Operation
+    from apishield.contract.loader import Operation
+    from apishield.contract.router import PathEntry
     from apishield.problems import Problem
-    from apishield.router import PathEntry
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -30,9 +30,9 @@ from urllib.parse import unquote
 
 import orjson
 
-from apishield.auth import events
 from apishield.auth.principal import AuthFailure, Principal
 from apishield.exchange import Exchange, Request, Suspend
+from apishield.observe import events
 from apishield.problems import ServiceUnavailable
 from apishield.state.keys import KeyStoreError
 

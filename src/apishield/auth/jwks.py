@@ -42,7 +42,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from apishield.auth.jws import _HMAC_SIZES, UnknownKey, key_fits
+from apishield.auth.jwa import HMAC_SIZES, UnknownKey, key_fits
 from apishield.auth.principal import AuthFailure
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ MAX_DOCUMENT_BYTES = 1024 * 1024  # a JWKS is a few KiB; a 1 GiB answer must not
 MAX_KEYS = 100  # more keys than any issuer publishes; bounds the work of one refetch
 MIN_RSA_BITS = 2048  # RFC 7518 3.3: "A key of size 2048 bits or larger MUST be used"
 
-# Every JWS algorithm apishield verifies (config.py allows exactly these).
+# Every JWS algorithm apishield verifies (config/ allows exactly these).
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
               "ES512", "EdDSA", "HS256", "HS384", "HS512")
 _EC_ALG = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
@@ -271,7 +271,7 @@ class StaticKeys:
             secret = read_secret(settings.shared_secret, source_dir,
                                  what=f"{label}: shared_secret")
             for alg in settings.algorithms:
-                need = _HMAC_SIZES.get(alg)
+                need = HMAC_SIZES.get(alg)
                 if need is not None and len(secret) < need:
                     raise ValueError(
                         f"{label}: shared_secret is {len(secret)} bytes; {alg} needs at least "

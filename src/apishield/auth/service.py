@@ -25,7 +25,7 @@ from apishield.config import Config, ConfigError, Issuer
 
 if TYPE_CHECKING:
     from apishield.auth.apikey_verifier import ApiKeyVerifier
-    from apishield.contract import Contract, Operation
+    from apishield.contract.loader import Contract, Operation
 
 logger = logging.getLogger("apishield")
 

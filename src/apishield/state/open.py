@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from apishield.config import Config, ConfigError
+from apishield.config.redis_urls import StateUrlError, is_redis_url, redact_url
 from apishield.state.bans import BanStore
 from apishield.state.counters import Counters, MemoryCounters
 from apishield.state.keys import KeyStore
-from apishield.state.redis_urls import StateUrlError, is_redis_url, redact_url
 
 if TYPE_CHECKING:
     import redis

@@ -97,14 +97,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from apishield.state.counters import Decision, StoreOutage, StoreUnavailable
-from apishield.state.redis_urls import (
+from apishield.config.redis_urls import (
     StateUrlError,
     async_client,
     is_cluster_url,
     parse_state_url,
     redact_url,
 )
+from apishield.state.counters import Decision, StoreOutage, StoreUnavailable
 
 LEASE_TTL = 1.0  # seconds a lease may be spent before its unspent tokens go back
 DOWN_FOR = 1.0  # seconds `prepare` fails fast after a store error

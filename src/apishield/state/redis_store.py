@@ -51,6 +51,7 @@ from typing import Any
 
 import redis
 
+from apishield.config.redis_urls import cluster_namespace, redact_url, sync_client
 from apishield.state.bans import (
     HISTORY_SECONDS,
     BanKind,
@@ -60,7 +61,6 @@ from apishield.state.bans import (
     canonical_value,
 )
 from apishield.state.keys import DuplicateKeyId, KeyRecord, KeyStoreError
-from apishield.state.redis_urls import cluster_namespace, redact_url, sync_client
 
 __all__ = ["RedisBanStore", "RedisKeyStore", "connect", "redact_url"]
 

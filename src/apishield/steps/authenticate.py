@@ -16,10 +16,10 @@ Operations with no `security` that are not marked public are refused (fail safe,
 
 from __future__ import annotations
 
-from apishield.auth import events
 from apishield.auth.principal import AuthFailure, Principal
 from apishield.auth.service import NOT_PUBLIC, PUBLIC, AuthService, Plan
 from apishield.exchange import Exchange
+from apishield.observe import events
 from apishield.problems import AccessDenied, NotPublic, Unauthorized
 
 

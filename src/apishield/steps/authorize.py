@@ -21,11 +21,11 @@ from urllib.parse import unquote
 
 import orjson
 
-from apishield.auth import events
 from apishield.auth.principal import Principal
 from apishield.config import Config, Owner, Require
-from apishield.contract import Contract
+from apishield.contract.loader import Contract
 from apishield.exchange import Exchange, media_type
+from apishield.observe import events
 from apishield.problems import AccessDenied, Unauthorized
 
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from apishield.config import Quota, RateLimit, RateLimiting
-from apishield.contract import Contract
+from apishield.contract.loader import Contract
 from apishield.exchange import Exchange, Suspend
 from apishield.problems import ClientBanned, ServiceUnavailable, TooManyRequests
 from apishield.state.counters import Counters, Decision, StoreOutage, StoreUnavailable

@@ -655,7 +655,7 @@ class Config(Model):
     # in memory), relative to the config file; redis:// or rediss:// = a Redis server
     # shared by every gateway instance (counters, bans, API keys); redis+sentinel://
     # host:26379,.../<service>[/<db>] = its master through Sentinel; redis+cluster://
-    # host:port,.../ = a Redis Cluster (rediss+... for TLS; state/redis_urls.py)
+    # host:port,.../ = a Redis Cluster (rediss+... for TLS; config/redis_urls.py)
     state: str = "apishield-state.db"
     # Set by the loader, not by users: the folder relative paths are resolved against.
     source_dir: str = Field(default=".", exclude=True)
@@ -666,7 +666,7 @@ class Config(Model):
         """A URL (anything with `://`) must be a usable Redis URL; the message never
         holds the password."""
         if "://" in value:
-            from apishield.state.redis_urls import StateUrlError, parse_state_url
+            from apishield.config.redis_urls import StateUrlError, parse_state_url
 
             try:
                 parse_state_url(value)

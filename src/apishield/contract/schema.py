@@ -30,7 +30,7 @@ from typing import Any
 
 import jsonschema_rs
 
-from apishield.contract import RefError, RefResolver, escape_pointer
+from apishield.contract.loader import RefError, RefResolver, escape_pointer
 
 INT_BOUNDS = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 _DROP_30 = frozenset({"nullable", "example", "discriminator", "xml", "externalDocs",

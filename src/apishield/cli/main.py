@@ -20,12 +20,12 @@ from urllib.parse import urlsplit
 
 from apishield.auth.service import NOT_PUBLIC
 from apishield.config import Config, ConfigError, config_from_dict, load_config, read_yaml
-from apishield.contract import load_contract
+from apishield.contract.loader import load_contract
+from apishield.gateway import Gateway, build_gateway, serve
 from apishield.pipeline import Pipeline
-from apishield.proxy import Gateway, build_gateway, serve
 
 EXIT_CONFIG = 2
-DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_DIR = Path(__file__).parent.parent / "demo"
 
 
 def _setup_logging() -> None:
@@ -274,10 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument("--access-log", default="-", help="access log file ('-': stdout)")
     demo_cmd.set_defaults(func=cmd_demo)
 
-    from apishield import keys_cli  # `keys create | list | revoke | rotate`
+    from apishield.cli import keys as keys_cli  # `keys create | list | revoke | rotate`
 
     keys_cli.register(commands)
-    from apishield import bans_cli  # `bans list | add | remove`
+    from apishield.cli import bans as bans_cli  # `bans list | add | remove`
 
     bans_cli.register(commands)
     return parser

@@ -22,8 +22,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from typing import Any
 
-from apishield.config import Config
-from apishield.keys_cli import (
+from apishield.cli.keys import (
     EXIT_OK,
     CliError,
     _actor,
@@ -32,6 +31,7 @@ from apishield.keys_cli import (
     _say,
     cli_command,
 )
+from apishield.config import Config
 from apishield.state.bans import BanKind, BanRecord, BanStore, BanStoreError
 from apishield.state.open import describe_state, open_ban_store, state_exists
 

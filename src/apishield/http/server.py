@@ -32,9 +32,17 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from apishield.deadlines import HasDeadline
+from apishield.contract.paths import split_target
 from apishield.exchange import Exchange, Headers, Request, connection_tokens, content_length
-from apishield.paths import split_target
+from apishield.http.deadlines import HasDeadline
+from apishield.http.tls import client_identity
+from apishield.http.upstream import (
+    IDEMPOTENT,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamResponse,
+    problem_for,
+)
 from apishield.pipeline import REASONS
 from apishield.problems import (
     BadGateway,
@@ -48,17 +56,9 @@ from apishield.problems import (
     ServiceUnavailable,
     UriTooLong,
 )
-from apishield.tls import client_identity
-from apishield.upstream import (
-    IDEMPOTENT,
-    UpstreamConnection,
-    UpstreamError,
-    UpstreamResponse,
-    problem_for,
-)
 
 if TYPE_CHECKING:
-    from apishield.proxy import Gateway, Reply
+    from apishield.gateway import Gateway, Reply
 
 logger = logging.getLogger("apishield")
 

@@ -80,7 +80,7 @@ class BanGate:
             self._open()
 
     def _open(self) -> None:
-        from apishield.bans import BanRules
+        from apishield.abuse.bans import BanRules
         from apishield.state.open import open_ban_store
 
         self.store = open_ban_store(self.config)
