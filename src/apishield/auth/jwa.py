@@ -5,7 +5,7 @@ therefore do not import each other both ways.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeAlias
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
@@ -14,6 +14,12 @@ from apishield.auth.principal import AuthFailure
 _EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
 # HS* keys must be at least the hash size (RFC 7518 3.2)
 HMAC_SIZES = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+# A public key apishield verifies with (RSA, EC P-256/384/521, Ed25519/Ed448).
+PublicKey: TypeAlias = (rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+                        | ed448.Ed448PublicKey)
+# What a key set hands the verifier: a public key, or the shared secret's bytes for HS*.
+VerifyKey: TypeAlias = PublicKey | bytes
 
 
 class UnknownKey(AuthFailure):
@@ -25,7 +31,7 @@ class UnknownKey(AuthFailure):
         self.kid = kid
 
 
-def key_fits(alg: str, key: Any) -> bool:
+def key_fits(alg: str, key: VerifyKey) -> bool:
     """Whether `key` is of the type `alg` is defined for (RFC 7518 3.1, RFC 8037 3.1):
     RSA for RS*/PS*, EC on the algorithm's own curve for ES*, Ed25519/Ed448 for EdDSA, a
     byte string for HS*. The defence against key confusion (RFC 8725 2.1): an RSA public

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 
-from apishield.auth.jwa import UnknownKey, key_fits
+from apishield.auth.jwa import UnknownKey, VerifyKey, key_fits
 from apishield.auth.jwks import StaticKeys
 from apishield.auth.principal import AuthFailure, Principal
 
@@ -90,7 +90,7 @@ class KeyProvider(Protocol):
     """What the verifier needs from a key set (`StaticKeys`, `KeySource`): the key for a
     `kid` and an algorithm, synchronously and in O(1)."""
 
-    def key_for(self, kid: str | None, alg: str) -> Any: ...
+    def key_for(self, kid: str | None, alg: str) -> VerifyKey: ...
 
 
 class _Duplicate(Exception):  # internal signal, never escapes this module
