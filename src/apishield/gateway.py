@@ -121,7 +121,8 @@ class Gateway:
         self.buffered_bytes = 0
         self.max_buffered_bytes = config.responses.max_buffered_bytes
         self.cutter = Cutter()
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        # set by start_pool(), which serve() calls before any connection is accepted
+        self.loop: asyncio.AbstractEventLoop
 
     def start_pool(self) -> None:
         self.loop = asyncio.get_running_loop()

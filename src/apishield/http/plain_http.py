@@ -129,6 +129,8 @@ class PlainHttpConnection(asyncio.Protocol):
         self.hosts: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream Protocol is always handed an asyncio.Transport; typeshed types
+        # connection_made with BaseTransport (that of every protocol kind)
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""

@@ -145,6 +145,8 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream Protocol is always handed an asyncio.Transport; typeshed types
+        # connection_made with BaseTransport (that of every protocol kind)
         self.transport = transport  # type: ignore[assignment]
 
     def pause_writing(self) -> None:
