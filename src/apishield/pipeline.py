@@ -315,7 +315,7 @@ class Pipeline:
             redact(sample[:MAX_LOGGED * SCANNED].decode("utf-8", "replace")),
         )
         problem = problems.UpstreamFailure("upstream-5xx-masked")
-        problem.status = status  # type: ignore[misc]
+        problem.status = status
         return self.problem_response(exchange, problem)
 
     def internal_error(self, exchange: Exchange, exc: BaseException) -> tuple[int, Headers, bytes]:
