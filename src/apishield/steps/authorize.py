@@ -74,7 +74,8 @@ class AuthorizeStep:
             owner: Owner | None = operation.policy.owner
             if require is None and owner is None:
                 continue
-            source, path = "", ()
+            source = ""
+            path: tuple[str, ...] = ()
             if owner is not None:
                 source, _, rest = owner.param.partition(".")
                 path = tuple(rest.split(".")) if source == "body" else (rest,)

@@ -272,13 +272,13 @@ class ParametersStep:
                     if param.required:
                         errors.append(_missing("/query/", item))
                     continue
-                value: Any = {k: _coerce(v, item.property_kinds.get(k, "string"))
-                              for k, v in found.items()}
-                refused = next(filter(None, map(_refusal, value.values())), None)
+                fields = {k: _coerce(v, item.property_kinds.get(k, "string"))
+                          for k, v in found.items()}
+                refused = next(filter(None, map(_refusal, fields.values())), None)
                 if refused is not None:
                     errors.append({"pointer": "/query/" + param.name, "reason": refused})
                     continue
-                self._validate(item, value, "/query/", errors)
+                self._validate(item, fields, "/query/", errors)
                 continue
             raw_values = values.get(param.name)
             if raw_values is None:
