@@ -72,7 +72,8 @@ class SchemaCompiler:
         """A validator for a request schema (and the converted schema, for coercion)."""
         defs: dict[str, Any] = {}
         converted = self._convert(node, file, defs, top=True)
-        document = dict(converted) if isinstance(converted, dict) else {"allOf": [converted]}
+        document: dict[str, Any] = (dict(converted) if isinstance(converted, dict)
+                                    else {"allOf": [converted]})
         if defs:
             document.setdefault("$defs", {}).update(defs)
         key = repr(document)
