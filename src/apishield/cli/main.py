@@ -14,8 +14,9 @@ import ipaddress
 import logging
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from apishield.auth.service import NOT_PUBLIC
@@ -36,13 +37,13 @@ def _setup_logging() -> None:
     )
 
 
-def _run(coro: object) -> None:
+def _run(coro: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        asyncio.run(coro)  # type: ignore[arg-type]
+        asyncio.run(coro)
     else:
-        uvloop.run(coro)  # type: ignore[arg-type]
+        uvloop.run(coro)
 
 
 def _report(error: ConfigError, source: str) -> int:
@@ -211,7 +212,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     async def main() -> None:
         ready: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(serve(gateway, "127.0.0.1", args.port, ready=ready))
-        await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+        waiting: list[asyncio.Future[tuple[str, int]] | asyncio.Task[None]] = [ready, task]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if not ready.done():  # serve failed before listening (e.g. the port is taken)
             ready.cancel()
             await task  # raises the OSError, reported by main()

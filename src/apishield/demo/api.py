@@ -320,6 +320,7 @@ class DemoServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    server_address: tuple[str, int]  # AF_INET: (host, port); typeshed allows bytes hosts too
 
     def __init__(self, address: tuple[str, int], *, record: bool = False) -> None:
         self.store = Store()
