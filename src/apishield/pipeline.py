@@ -34,7 +34,7 @@ import logging
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Protocol, TypeVar
 
 from apishield import problems
 from apishield.abuse.gate import BanGate
@@ -67,10 +67,29 @@ logger = logging.getLogger("apishield")
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
-Phase = list[tuple[str, Any]]  # (name, step or None): one phase of the pipeline, in order
+class Step(Protocol):
+    @property
+    def name(self) -> str: ...
 
 
-def _enabled(plan: Phase) -> list[Any]:
+class HeadStep(Step, Protocol):
+    def on_head(self, exchange: Exchange) -> None: ...
+
+
+class BodyStep(Step, Protocol):
+    def on_body(self, exchange: Exchange) -> None: ...
+
+
+class ResponseStep(Step, Protocol):
+    def on_response(self, exchange: Exchange, status: int, headers: Headers) -> Headers: ...
+
+
+_Step = TypeVar("_Step", bound=Step)
+# (name, step or None): one phase of the pipeline, in order
+Phase = list[tuple[str, _Step | None]]
+
+
+def _enabled(plan: Phase[_Step]) -> list[_Step]:
     """The steps of `plan` that are on; each must carry the name the plan gives it."""
     steps = [step for _, step in plan if step is not None]
     for name, step in plan:
@@ -99,7 +118,7 @@ class Pipeline:
         self.concurrency = concurrency.build(limiting.concurrency)
         # The order of the steps is written here only: each phase is a list of
         # (name, step or None when off); `order` and the docs test derive from it.
-        head: Phase = [
+        head: Phase[HeadStep] = [
             ("client_ip", client_ip.build(config.trusted_proxies)),
             ("ip_filter", ip_filter.IpFilterStep(limiting.ip, self.bans)),
             ("cors", self.cors),
@@ -113,11 +132,11 @@ class Pipeline:
             ("concurrency", self.concurrency),
             ("validate_parameters", parameters),
         ]
-        body_plan: Phase = [
+        body_plan: Phase[BodyStep] = [
             ("validate_body", body),
             ("authorize", self.authorize if self.authorize.body_rules else None),
         ]
-        response: Phase = [
+        response: Phase[ResponseStep] = [
             ("cors", self.cors),
             ("rate_limit_headers",
              rate_limit.HeadersStep({**pre_auth.policies, **post_auth.policies})
@@ -129,7 +148,7 @@ class Pipeline:
         self.head_steps = _enabled(head)
         self._head_calls: list[Callable[[Exchange], None]] = [s.on_head for s in self.head_steps]
         self.body_steps = _enabled(body_plan)
-        self._body_calls = [s.on_body for s in self.body_steps]
+        self._body_calls: list[Callable[[Exchange], None]] = [s.on_body for s in self.body_steps]
         self._body_step = body
         self.response_steps = _enabled(response)
         self._response_calls = [s.on_response for s in self.response_steps]
