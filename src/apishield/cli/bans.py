@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from typing import Any
+from typing import Any, TypedDict
 
 from apishield.cli.keys import (
     EXIT_OK,
@@ -100,7 +100,20 @@ def _audit(event: str, record: BanRecord, **extra: Any) -> None:
     audit.info("%s", json.dumps(entry, ensure_ascii=True))
 
 
-def _row(record: BanRecord, now: float) -> dict[str, Any]:
+class _BanRow(TypedDict):
+    """One ban as `bans list --json` prints it (and the table shows part of it)."""
+
+    kind: BanKind
+    value: str
+    rule: str
+    reason: str
+    offense: int
+    created_at: str
+    until: str
+    remaining_seconds: int
+
+
+def _row(record: BanRecord, now: float) -> _BanRow:
     return {
         "kind": record.kind, "value": record.value, "rule": record.rule,
         "reason": record.reason, "offense": record.offense,

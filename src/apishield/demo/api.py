@@ -9,6 +9,7 @@ of those disappears. Standard library only, so the demo needs nothing extra to r
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 import threading
@@ -286,7 +287,7 @@ def _json_object(body: bytes) -> JsonObj:
     return data
 
 
-def _read_chunked(rfile: Any) -> bytes:
+def _read_chunked(rfile: io.BufferedIOBase) -> bytes:
     """Decode a chunked body (RFC 9112 7.1), discarding extensions and trailers."""
     out = bytearray()
     while True:
