@@ -21,6 +21,7 @@ from apishield.config.root import Config
 try:  # libyaml's parser (the constructor stays Python); PyYAML wheels ship it
     from yaml import CSafeLoader as YamlLoader
 except ImportError:  # pragma: no cover - pure-Python fallback
+    # a sibling class, not a subclass: mypy types the name by the first import
     from yaml import SafeLoader as YamlLoader  # type: ignore[assignment]
 
 

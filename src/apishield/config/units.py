@@ -56,7 +56,7 @@ def parse_size(value: Any) -> Any:
     return value
 
 
-def parse_rate(value: Any) -> Any:
+def parse_rate(value: Any) -> tuple[int, float]:
     """`100/s`, `1000/m`, `10/10s` -> (count, period in seconds)."""
     if isinstance(value, str):
         match = _RATE.match(value)
