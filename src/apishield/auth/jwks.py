@@ -427,6 +427,7 @@ def fetch_json(url: str, *, timeout: float, context: ssl.SSLContext,
     except FetchError:
         raise
     except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the response and its socket; do not leave them to the GC
         raise FetchError(f"{safe_url(url)}: HTTP {exc.code}") from None
     except urllib.error.URLError as exc:
         reason = exc.reason
