@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from apishield.config import load_config
-    from apishield.contract import load_contract, load_document
+    from apishield.contract.loader import load_contract, load_document
 
     started = time.perf_counter()
     document = build_document()

@@ -19,12 +19,14 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from apishield.auth.authenticators import BearerAuthenticator
 from apishield.auth.introspection import Introspector
 from apishield.auth.jwks import KeySource, StaticKeys
 from apishield.auth.jws import TokenVerifier, UnknownKey
 from apishield.auth.principal import AuthFailure, Principal
 from apishield.auth.token_cache import TokenCache
 from apishield.config import Issuer
+from apishield.exchange import Exchange, Request
 from tests.issuer_server import (
     AUDIENCE,
     CLIENT_SECRET,
@@ -322,6 +324,22 @@ async def test_wrong_issuer(issuer: IssuerServer, verifier: TokenVerifier) -> No
     assert fail(verifier, issuer.mint("ES256", iss=None)).reason == "jwt-missing-claim"
 
 
+async def test_non_string_iss_is_a_wrong_issuer_with_several_issuers(
+        issuer: IssuerServer, verifier: TokenVerifier) -> None:
+    # A scheme served by several issuers picks the verifier by `iss`: a list or an object
+    # there (unhashable) is a wrong issuer, not a TypeError and a 500.
+    bearer = BearerAuthenticator("bearer", "api", {
+        issuer.issuer: ("idp", verifier, None),
+        "https://other.example": ("other", verifier, None),
+    }, [], TokenCache())
+    exchange = Exchange(Request("GET", b"/", b"", [], "127.0.0.1"))
+    for iss in ([issuer.issuer], {"iss": issuer.issuer}):
+        token = signed(issuer, "ES256", issuer.claims(iss=iss))
+        with pytest.raises(AuthFailure) as excinfo:
+            bearer.authenticate(token, exchange)
+        assert reason(excinfo) == "jwt-wrong-issuer"
+
+
 async def test_wrong_audience(issuer: IssuerServer, verifier: TokenVerifier) -> None:
     # a token the same issuer minted for another API
     for aud in ("https://other-api.example.test", ["https://other-api.example.test"],
@@ -452,8 +470,11 @@ async def test_non_signing_keys_are_ignored(issuer: IssuerServer) -> None:
     enc = dict(es.jwk(), use="enc", kid="enc-key")
     ops = dict(es.jwk(), key_ops=["encrypt"], kid="ops-key")
     octet = {"kty": "oct", "k": b64(HS_SECRET), "kid": "oct-key"}
-    issuer.jwks_override = (json.dumps({"keys": [es.jwk(), enc, ops, octet]}).encode(),
-                            "application/json")
+    # a curve that is not a string (unhashable) skips that key, not the whole set
+    bad_crv = dict(es.jwk(), crv=["P-256"], kid="crv-key")
+    issuer.jwks_override = (
+        json.dumps({"keys": [es.jwk(), enc, ops, octet, bad_crv]}).encode(),
+        "application/json")
     async with _keys(issuer, settings_for(issuer)) as k:
         assert k.source.kids == {es.kid}
         for kid in ("enc-key", "ops-key"):

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from apishield.bans import BanRules, ban_duration, human_duration
+from apishield.abuse.bans import BanRules, ban_duration, human_duration
 from apishield.config import BanRule, ConfigError, load_config
 from apishield.state.bans import HISTORY_SECONDS, BanRecord, BanStoreError, canonical_value
 from apishield.state.open import open_ban_store
@@ -424,7 +424,7 @@ def test_a_store_failure_still_bans_here(bans_store, caplog):
 
     engine = BanRules((rule(threshold=1),), Failing(bans_store))  # type: ignore[arg-type]
     t = time.time()
-    with caplog.at_level(logging.WARNING, logger="apishield.bans"):
+    with caplog.at_level(logging.WARNING, logger="apishield.abuse.bans"):
         ban = engine.observe("authn-failure", "192.0.2.1", None, t)
     assert ban is not None and engine.check("192.0.2.1", None, t) == ban
     assert "could not be stored" in caplog.text and "disk full" in caplog.text

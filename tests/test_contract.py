@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from apishield.config import ConfigError, load_config
-from apishield.contract import Contract, Operation, load_contract
+from apishield.contract.loader import Contract, Operation, load_contract
 
 OK = {"200": {"description": "ok"}}
 

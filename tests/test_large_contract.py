@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from apishield.config import ConfigError, load_config
-from apishield.contract import Contract, load_contract
-from apishield.router import Router
+from apishield.contract.loader import Contract, load_contract
+from apishield.contract.router import Router
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "contract_load.py"
 

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from apishield.config import config_from_dict
-from apishield.contract import load_contract
+from apishield.contract.loader import load_contract
 from apishield.exchange import Exchange, Request
-from apishield.pipeline import BODY_ORDER, HEAD_ORDER, RESPONSE_ORDER, Pipeline
+from apishield.pipeline import Pipeline
 from apishield.problems import ALL_PROBLEMS, InternalError
 
 DATA = Path(__file__).parent / "data"
@@ -30,16 +30,19 @@ def test_steps_run_in_the_documented_order():
                              "limits": [{"name": "a", "rate": "5/s"},
                                         {"name": "b", "rate": "5/s", "pre_auth": True}],
                              "concurrency": {"per_identity": 2}})
-    assert pipeline.step_names() == [*HEAD_ORDER, *BODY_ORDER, *RESPONSE_ORDER]
-    assert HEAD_ORDER == ("client_ip", "ip_filter", "cors", "route", "operation_ip", "limits",
+    head_order, body_order, response_order = pipeline.order
+    assert pipeline.step_names() == [*head_order, *body_order, *response_order]
+    assert head_order == ("client_ip", "ip_filter", "cors", "route", "operation_ip", "limits",
                           "pre_auth_limit", "authenticate", "authorize", "rate_limit",
                           "concurrency", "validate_parameters")
-    assert RESPONSE_ORDER == ("cors", "rate_limit_headers", "security_headers")
-    assert BODY_ORDER == ("validate_body", "authorize")
+    assert response_order == ("cors", "rate_limit_headers", "security_headers")
+    assert body_order == ("validate_body", "authorize")
 
 
 def test_disabled_steps_cost_nothing():
-    names = _pipeline().step_names()
+    pipeline = _pipeline()
+    names = pipeline.step_names()
+    assert pipeline.order == _pipeline(trusted_proxies=["10.0.0.0/8"]).order  # the plan is fixed
     assert "client_ip" not in names  # no trusted proxies: no step at all
     assert "authorize" not in names  # no roles or ownership rules: no step either
     assert "pre_auth_limit" not in names and "concurrency" not in names

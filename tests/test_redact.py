@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from apishield.redact import redact
+from apishield.observe.redact import redact
 
 
 def test_secret_shapes_are_masked():

@@ -24,11 +24,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from apishield.config.redis_urls import StateUrlError, parse_state_url, redact_url
 from apishield.state.bans import BanRecord
 from apishield.state.keys import KeyRecord
 from apishield.state.redis_counters import RedisCounters
 from apishield.state.redis_store import RedisBanStore, RedisKeyStore
-from apishield.state.redis_urls import StateUrlError, parse_state_url, redact_url
 from tests.redis_server import _free_port
 
 SLOTS = 16384

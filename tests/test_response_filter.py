@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from apishield.config import config_from_dict
-from apishield.contract import load_contract
+from apishield.contract.loader import load_contract
 from apishield.steps.response_filter import ResponseFilter, prune
 from tests.conftest import free_port, wait_for_port
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from apishield.config import ConfigError, OperationPolicy
-from apishield.contract import Operation
-from apishield.paths import normalize_path, split_target
+from apishield.contract.loader import Operation
+from apishield.contract.paths import normalize_path, split_target
+from apishield.contract.router import Router
 from apishield.problems import BadRequest
-from apishield.router import Router
 
 
 def op(method: str, path: str, operation_id: str | None = None) -> Operation:

@@ -31,8 +31,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from apishield.config import config_from_dict
-from apishield.plain_http import redirect_host
-from apishield.tls import ServerTls, cert_info, client_identity
+from apishield.http.plain_http import redirect_host
+from apishield.http.tls import ServerTls, cert_info, client_identity
 from tests.conftest import DATA, RunningGateway, free_port, raw_exchange
 from tests.upstream_server import UpstreamServer, stop
 

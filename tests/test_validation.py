@@ -15,7 +15,7 @@ import pytest
 
 from apishield import ApiShieldMiddleware
 from apishield.config import ConfigError, config_from_dict, load_config
-from apishield.contract import load_contract
+from apishield.contract.loader import load_contract
 from apishield.exchange import Exchange, Request
 from apishield.problems import InvalidBody
 from apishield.steps import validate

@@ -40,8 +40,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apishield.contract import RefResolver
-from apishield.schema import INT_BOUNDS, Caps, SchemaCompiler
+from apishield.contract.loader import RefResolver
+from apishield.contract.schema import INT_BOUNDS, Caps, SchemaCompiler
 from tests.contract_checker import RequestSchemas, Rules, reference_validator
 
 INT32 = INT_BOUNDS["int32"]

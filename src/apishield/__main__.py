@@ -2,6 +2,6 @@
 
 import sys
 
-from apishield.cli import main
+from apishield.cli.main import main
 
 sys.exit(main())

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-    from typing import Any
 
     from apishield.auth.principal import Principal
-    from apishield.contract import Operation
+    from apishield.contract.loader import Operation
+    from apishield.contract.router import PathEntry
     from apishield.problems import Problem
-    from apishield.router import PathEntry
+    from apishield.state.counters import Decision
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -176,11 +176,12 @@ class Exchange:
         self.principal: Principal | None = None  # authenticate step: the verified caller
         # pipeline: a step waiting for I/O (a JWKS refetch, token introspection) and where
         # to resume; `resumes` counts how often it did, so a step never waits twice
-        self.suspended: tuple[Callable[[], Awaitable[None]], list[Any], int] | None = None
+        self.suspended: (tuple[Callable[[], Awaitable[None]], list[Callable[[Exchange], None]], int]
+                         | None) = None
         self.resumes = 0
         self.waited_for: object | None = None  # the step whose I/O was awaited last
         # rate_limit step: (policy name, Decision) of the tightest limit, for the headers
-        self.rate_limit: tuple[str, Any] | None = None
+        self.rate_limit: tuple[str, Decision] | None = None
         # concurrency step: the in-flight slots this request holds (released by `record`)
         self.held: tuple[str, ...] = ()
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from apishield.auth.identity import identity_headers
 from apishield.config import Config, load_config
-from apishield.contract import load_contract
+from apishield.contract.loader import load_contract
 from apishield.exchange import Exchange, Headers, Request
 from apishield.pipeline import Pipeline
 from apishield.problems import (

@@ -34,17 +34,18 @@ import logging
 import time
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Protocol, TypeVar
 
 from apishield import problems
-from apishield.accesslog import AccessLog
+from apishield.abuse.gate import BanGate
 from apishield.auth.service import AuthService
-from apishield.ban_gate import BanGate
 from apishield.config import Config
-from apishield.contract import Contract
+from apishield.contract.loader import Contract
+from apishield.contract.router import Router
 from apishield.exchange import Exchange, Headers, Suspend
+from apishield.observe.accesslog import AccessLog
+from apishield.observe.redact import MAX_LOGGED, SCANNED, redact
 from apishield.problems import Problem, render_problem
-from apishield.redact import MAX_LOGGED, SCANNED, redact
-from apishield.router import Router
 from apishield.state.open import open_counters
 from apishield.steps import (
     authenticate,
@@ -63,13 +64,38 @@ from apishield.steps import (
 
 logger = logging.getLogger("apishield")
 
-HEAD_ORDER = ("client_ip", "ip_filter", "cors", "route", "operation_ip", "limits",
-              "pre_auth_limit", "authenticate", "authorize", "rate_limit", "concurrency",
-              "validate_parameters")
-BODY_ORDER = ("validate_body", "authorize")
-RESPONSE_ORDER = ("cors", "rate_limit_headers", "security_headers")
-
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+class Step(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class HeadStep(Step, Protocol):
+    def on_head(self, exchange: Exchange) -> None: ...
+
+
+class BodyStep(Step, Protocol):
+    def on_body(self, exchange: Exchange) -> None: ...
+
+
+class ResponseStep(Step, Protocol):
+    def on_response(self, exchange: Exchange, status: int, headers: Headers) -> Headers: ...
+
+
+_Step = TypeVar("_Step", bound=Step)
+# (name, step or None): one phase of the pipeline, in order
+Phase = list[tuple[str, _Step | None]]
+
+
+def _enabled(plan: Phase[_Step]) -> list[_Step]:
+    """The steps of `plan` that are on; each must carry the name the plan gives it."""
+    steps = [step for _, step in plan if step is not None]
+    for name, step in plan:
+        if step is not None and step.name != name:
+            raise AssertionError(f"step {step.name!r} is planned as {name!r}")
+    return steps
 
 
 class Pipeline:
@@ -90,34 +116,41 @@ class Pipeline:
                                              pre_auth=False, bans=self.bans)
         operation_ip = ip_filter.OperationIpStep(contract)
         self.concurrency = concurrency.build(limiting.concurrency)
-        head_steps = [
-            client_ip.build(config.trusted_proxies),
-            ip_filter.IpFilterStep(limiting.ip, self.bans),
-            self.cors,
-            route.RouteStep(self.router),
-            operation_ip if operation_ip.lists else None,
-            limits.LimitsStep(config.limits, contract.operations),
-            pre_auth if not pre_auth.empty else None,
-            authenticate.AuthenticateStep(self.auth),
-            self.authorize if self.authorize.rules else None,
-            post_auth,  # always: it also checks subject bans
-            self.concurrency,
-            parameters,
+        # The order of the steps is written here only: each phase is a list of
+        # (name, step or None when off); `order` and the docs test derive from it.
+        head: Phase[HeadStep] = [
+            ("client_ip", client_ip.build(config.trusted_proxies)),
+            ("ip_filter", ip_filter.IpFilterStep(limiting.ip, self.bans)),
+            ("cors", self.cors),
+            ("route", route.RouteStep(self.router)),
+            ("operation_ip", operation_ip if operation_ip.lists else None),
+            ("limits", limits.LimitsStep(config.limits, contract.operations)),
+            ("pre_auth_limit", pre_auth if not pre_auth.empty else None),
+            ("authenticate", authenticate.AuthenticateStep(self.auth)),
+            ("authorize", self.authorize if self.authorize.rules else None),
+            ("rate_limit", post_auth),  # always: it also checks subject bans
+            ("concurrency", self.concurrency),
+            ("validate_parameters", parameters),
         ]
-        self.head_steps = [step for step in head_steps if step is not None]
+        body_plan: Phase[BodyStep] = [
+            ("validate_body", body),
+            ("authorize", self.authorize if self.authorize.body_rules else None),
+        ]
+        response: Phase[ResponseStep] = [
+            ("cors", self.cors),
+            ("rate_limit_headers",
+             rate_limit.HeadersStep({**pre_auth.policies, **post_auth.policies})
+             if limiting.headers and not (pre_auth.empty and post_auth.empty) else None),
+            ("security_headers", security_headers.SecurityHeadersStep(config.headers, tls=tls)),
+        ]
+        self.order = tuple(tuple(name for name, _ in phase) for phase in (head, body_plan,
+                                                                           response))
+        self.head_steps = _enabled(head)
         self._head_calls: list[Callable[[Exchange], None]] = [s.on_head for s in self.head_steps]
-        self.body_steps = [body, *([self.authorize] if self.authorize.body_rules else [])]
-        self._body_calls = [s.on_body for s in self.body_steps]
+        self.body_steps = _enabled(body_plan)
+        self._body_calls: list[Callable[[Exchange], None]] = [s.on_body for s in self.body_steps]
         self._body_step = body
-        self.response_steps = [
-            step for step in (self.cors,
-                              rate_limit.HeadersStep({**pre_auth.policies,
-                                                      **post_auth.policies})
-                              if limiting.headers and not (pre_auth.empty and post_auth.empty)
-                              else None,
-                              security_headers.SecurityHeadersStep(config.headers, tls=tls))
-            if step is not None
-        ]
+        self.response_steps = _enabled(response)
         self._response_calls = [s.on_response for s in self.response_steps]
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         self.mask_errors = config.responses.mask_errors
@@ -125,6 +158,14 @@ class Pipeline:
         self.max_filter_bytes = config.responses.max_filter_bytes
         self.global_log_only = config.mode == "log-only"
         self._tasks: list[asyncio.Task[None]] = []
+
+    def plain_http_headers(self) -> Callable[[Exchange, int, Headers], Headers]:
+        """What adds the security headers to the plain-HTTP listener's answers: the
+        gateway's, minus HSTS whatever `headers.hsts` says (`always` is for TLS terminated
+        in front; RFC 6797 7.2 forbids HSTS over plain HTTP)."""
+        step = security_headers.SecurityHeadersStep(
+            self.config.headers.model_copy(update={"hsts": "off"}), tls=False)
+        return step.on_response
 
     def step_names(self) -> list[str]:
         return [s.name for s in (*self.head_steps, *self.body_steps, *self.response_steps)]
@@ -293,7 +334,7 @@ class Pipeline:
             redact(sample[:MAX_LOGGED * SCANNED].decode("utf-8", "replace")),
         )
         problem = problems.UpstreamFailure("upstream-5xx-masked")
-        problem.status = status  # type: ignore[misc]
+        problem.status = status
         return self.problem_response(exchange, problem)
 
     def internal_error(self, exchange: Exchange, exc: BaseException) -> tuple[int, Headers, bytes]:

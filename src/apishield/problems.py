@@ -47,14 +47,14 @@ TYPE_PREFIX = "urn:apishield:problem:"
 class Problem(Exception):
     """A refusal. Class attributes are the public defaults; `reason` is private."""
 
-    status: ClassVar[int] = 400
+    status: int = 400  # an instance may override it (UpstreamFailure: the upstream's 5xx)
     slug: ClassVar[str] = "bad-request"
     title: ClassVar[str] = "Bad Request"
     detail: ClassVar[str] = "The request is not acceptable."
     practice: ClassVar[str] = "B3"
     # A refusal that only the contract decides (not the protocol, not a size limit): in
     # `log-only` mode it is logged and the request goes through.
-    contract_rule: ClassVar[bool] = False
+    contract_rule: bool = False  # the class default; an instance may override it
 
     def __init__(
         self,
@@ -69,7 +69,7 @@ class Problem(Exception):
         self.headers = headers or []
         self.close = close  # close the client connection after answering
         if contract_rule is not None:
-            self.contract_rule = contract_rule  # type: ignore[misc]
+            self.contract_rule = contract_rule
         # [{"pointer": ..., "reason": ...}]: where the request breaks the contract, never
         # what it contained (the submitted value is not echoed)
         self.errors: list[dict[str, str]] = []

@@ -23,16 +23,16 @@ import binascii
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http.cookies import CookieError, SimpleCookie
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 from urllib.parse import unquote
 
 import orjson
 
-from apishield.auth import events
 from apishield.auth.principal import AuthFailure, Principal
 from apishield.exchange import Exchange, Request, Suspend
+from apishield.observe import events
 from apishield.problems import ServiceUnavailable
 from apishield.state.keys import KeyStoreError
 
@@ -41,6 +41,10 @@ if TYPE_CHECKING:
     from apishield.auth.introspection import Introspector
     from apishield.auth.jws import TokenVerifier
     from apishield.auth.token_cache import TokenCache
+
+    # what a bearer scheme keeps per `iss` value: (configured issuer name, its JWT
+    # verifier, its async refresh_for_unknown(kid) or None for static keys)
+    IssuerEntry: TypeAlias = tuple[str, TokenVerifier, Callable[[str], Awaitable[object]] | None]
 
 logger = logging.getLogger("apishield")
 
@@ -80,9 +84,7 @@ class BearerAuthenticator:
         self,
         name: str,
         realm: str,
-        # `iss` value -> (configured issuer name, its JWT verifier, its async
-        # refresh_for_unknown(kid) or None for static keys)
-        verifiers: dict[str, tuple[str, TokenVerifier, Callable[[str], Any] | None]],
+        verifiers: dict[str, IssuerEntry],  # `iss` value -> its issuer
         introspectors: list[Introspector],  # opaque tokens
         cache: TokenCache,
     ) -> None:
@@ -129,8 +131,10 @@ class BearerAuthenticator:
 
     def _verify_jwt(self, token: str, exchange: Exchange, now: float) -> Principal:
         header, payload = _peek(token)
-        issuer = payload.get("iss") if isinstance(payload, dict) else None
-        entry = self.only_verifier or self.verifiers.get(issuer)  # type: ignore[arg-type]
+        issuer = payload.get("iss")
+        # a non-string `iss` (unhashable when a list or an object) names no issuer
+        entry = self.only_verifier or (
+            self.verifiers.get(issuer) if isinstance(issuer, str) else None)
         if entry is None:
             raise self._fail(token, AuthFailure("jwt-wrong-issuer"), now)
         issuer_name, verifier, refresh = entry
@@ -150,8 +154,9 @@ class BearerAuthenticator:
 
                     raise Suspend(wait) from None
             raise self._fail(token, failure, now) from None
-        kid = header.get("kid")
-        self.cache.put(token, principal, issuer_name, kid if isinstance(kid, str) else None)
+        header_kid = header.get("kid")
+        self.cache.put(token, principal, issuer_name,
+                       header_kid if isinstance(header_kid, str) else None)
         return principal
 
     def _introspect(self, token: str, exchange: Exchange, now: float) -> Principal:

@@ -31,7 +31,7 @@ import logging
 import ssl
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote_plus, urlencode, urlsplit
 
 from apishield.auth.jwks import FetchError, fetch_json, read_secret
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["MAX_RESPONSE_BYTES", "Introspector"]
 
 logger = logging.getLogger("apishield")
+_Entry = TypeVar("_Entry")  # a cached answer: (Principal, until) or (reason, until)
 
 MAX_RESPONSE_BYTES = 64 * 1024  # an introspection answer is a few hundred bytes
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -121,7 +122,7 @@ class Introspector:
         if task is None:
             task = asyncio.create_task(self._call(token, key, now))
             self._inflight[key] = task
-            task.add_done_callback(lambda _t, key=key: self._inflight.pop(key, None))
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
         return await asyncio.shield(task)
 
     async def _call(self, token: str, key: bytes, now: float) -> Principal:
@@ -148,7 +149,7 @@ class Introspector:
         self._remember(self._active, key, (principal, until))
         return principal
 
-    def _remember(self, table: OrderedDict[bytes, Any], key: bytes, value: Any) -> None:
+    def _remember(self, table: OrderedDict[bytes, _Entry], key: bytes, value: _Entry) -> None:
         table[key] = value
         table.move_to_end(key)
         while len(table) > self.max_entries:

@@ -42,7 +42,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from apishield.auth.jws import _HMAC_SIZES, UnknownKey, key_fits
+from apishield.auth.jwa import HMAC_SIZES, PublicKey, UnknownKey, VerifyKey, key_fits
 from apishield.auth.principal import AuthFailure
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ MAX_DOCUMENT_BYTES = 1024 * 1024  # a JWKS is a few KiB; a 1 GiB answer must not
 MAX_KEYS = 100  # more keys than any issuer publishes; bounds the work of one refetch
 MIN_RSA_BITS = 2048  # RFC 7518 3.3: "A key of size 2048 bits or larger MUST be used"
 
-# Every JWS algorithm apishield verifies (config.py allows exactly these).
+# Every JWS algorithm apishield verifies (config/ allows exactly these).
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
               "ES512", "EdDSA", "HS256", "HS384", "HS512")
 _EC_ALG = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
@@ -85,7 +85,7 @@ class KeyEntry:
     object (public key, or bytes for HMAC) and the JWK's `alg` when it pinned one."""
 
     kid: str | None
-    key: Any
+    key: VerifyKey
     alg: str | None = None
 
     def fits(self, alg: str) -> bool:
@@ -114,7 +114,7 @@ class KeySet:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def key_for(self, kid: str | None, alg: str) -> Any:
+    def key_for(self, kid: str | None, alg: str) -> VerifyKey:
         """The key for a token's `kid` and `alg`.
 
         - a known kid: its key, if its type fits `alg` (else `jwt-alg-not-allowed`);
@@ -143,12 +143,12 @@ class KeySet:
         raise AuthFailure("jwt-alg-not-allowed")
 
 
-def _unique(entries: Iterable[KeyEntry], alg: str) -> Any:
+def _unique(entries: Iterable[KeyEntry], alg: str) -> VerifyKey | None:
     fitting = [entry.key for entry in entries if entry.fits(alg)]
     return fitting[0] if len(fitting) == 1 else None
 
 
-def _public(key: Any) -> Any:
+def _public(key: object) -> object:
     """The public half: a JWK or PEM file with private material still only verifies."""
     if isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
                   | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
@@ -156,19 +156,20 @@ def _public(key: Any) -> Any:
     return key
 
 
-def _check_key(key: Any) -> str | None:
-    """Why a public key is not acceptable, or None."""
+def _check_key(key: object) -> tuple[PublicKey | None, str]:
+    """The public key if it is acceptable, else None and why not."""
     if isinstance(key, rsa.RSAPublicKey):
         if key.key_size < MIN_RSA_BITS:
-            return f"RSA key of {key.key_size} bits (at least {MIN_RSA_BITS}, RFC 7518 3.3)"
-        return None
+            return None, (f"RSA key of {key.key_size} bits (at least {MIN_RSA_BITS}, "
+                          "RFC 7518 3.3)")
+        return key, ""
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
-            return f"EC curve {key.curve.name} (P-256, P-384 or P-521 only)"
-        return None
+            return None, f"EC curve {key.curve.name} (P-256, P-384 or P-521 only)"
+        return key, ""
     if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-        return None
-    return f"unsupported key type {type(key).__name__}"
+        return key, ""
+    return None, f"unsupported key type {type(key).__name__}"
 
 
 def entry_from_jwk(jwk: Any) -> tuple[KeyEntry | None, str]:
@@ -196,7 +197,8 @@ def entry_from_jwk(jwk: Any) -> tuple[KeyEntry | None, str]:
     if kty == "RSA":
         family = "RS256"  # the key object serves RS* and PS*; `alg` pins it if present
     elif kty == "EC":
-        family = _EC_ALG.get(jwk.get("crv"), "")
+        crv = jwk.get("crv")  # not a string (a list is unhashable): no family, skipped
+        family = _EC_ALG.get(crv, "") if isinstance(crv, str) else ""
     elif kty == "OKP":
         family = "EdDSA" if jwk.get("crv") in ("Ed25519", "Ed448") else ""
     elif kty == "oct":
@@ -209,12 +211,12 @@ def entry_from_jwk(jwk: Any) -> tuple[KeyEntry | None, str]:
         key = _public(jwt.PyJWK(jwk, algorithm=family).key)
     except (jwt.PyJWTError, ValueError, TypeError) as exc:
         return None, f"invalid {kty} key ({type(exc).__name__})"
-    problem = _check_key(key)
-    if problem is not None:
+    public, problem = _check_key(key)
+    if public is None:
         return None, problem
-    if alg is not None and not key_fits(alg, key):
+    if alg is not None and not key_fits(alg, public):
         return None, f"alg {alg} does not fit a {kty} key"
-    return KeyEntry(kid, key, alg), ""
+    return KeyEntry(kid, public, alg), ""
 
 
 def parse_jwks(document: Any) -> tuple[list[KeyEntry], list[str]]:
@@ -271,7 +273,7 @@ class StaticKeys:
             secret = read_secret(settings.shared_secret, source_dir,
                                  what=f"{label}: shared_secret")
             for alg in settings.algorithms:
-                need = _HMAC_SIZES.get(alg)
+                need = HMAC_SIZES.get(alg)
                 if need is not None and len(secret) < need:
                     raise ValueError(
                         f"{label}: shared_secret is {len(secret)} bytes; {alg} needs at least "
@@ -298,7 +300,7 @@ class StaticKeys:
     def kids(self) -> frozenset[str]:
         return self.keyset.kids
 
-    def key_for(self, kid: str | None, alg: str) -> Any:
+    def key_for(self, kid: str | None, alg: str) -> VerifyKey:
         return self.keyset.key_for(kid, alg)
 
     @staticmethod
@@ -313,6 +315,7 @@ class StaticKeys:
             if b"PRIVATE KEY-----" in data:
                 raise ValueError(f"{where} holds a private key; give apishield the public "
                                  "key only (it verifies, it never signs)")
+            key: object
             try:
                 if b"-----BEGIN CERTIFICATE-----" in data:
                     key = x509.load_pem_x509_certificate(data).public_key()
@@ -321,10 +324,10 @@ class StaticKeys:
             except ValueError as exc:
                 raise ValueError(f"{where}: not a PEM public key or certificate "
                                  f"({exc})") from None
-            problem = _check_key(key)
-            if problem is not None:
+            public, problem = _check_key(key)
+            if public is None:
                 raise ValueError(f"{where}: {problem}")
-            return [KeyEntry(None, key)]
+            return [KeyEntry(None, public)]
         try:
             document = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -424,6 +427,7 @@ def fetch_json(url: str, *, timeout: float, context: ssl.SSLContext,
     except FetchError:
         raise
     except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the response and its socket; do not leave them to the GC
         raise FetchError(f"{safe_url(url)}: HTTP {exc.code}") from None
     except urllib.error.URLError as exc:
         reason = exc.reason
@@ -500,7 +504,7 @@ class KeySource:
 
     # -- hot path ------------------------------------------------------------------------
 
-    def key_for(self, kid: str | None, alg: str) -> Any:
+    def key_for(self, kid: str | None, alg: str) -> VerifyKey:
         """The key for `kid`/`alg` (see `KeySet.key_for`); `jwt-no-keys` before the first
         fetch succeeded and once the keys are stale beyond `max_stale`."""
         if time.monotonic() >= self._drop_at:

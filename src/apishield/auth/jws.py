@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from apishield.auth.jwa import UnknownKey, VerifyKey, key_fits
+from apishield.auth.jwks import StaticKeys
 from apishield.auth.principal import AuthFailure, Principal
 
 if TYPE_CHECKING:
@@ -78,8 +79,6 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _LAST_CHAR_2 = frozenset("AQgw")  # 12 bits, 8 used: low 4 bits zero
 _LAST_CHAR_3 = frozenset("AEIMQUYcgkosw048")  # 18 bits, 16 used: low 2 bits zero
 
-_EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
-_HMAC_SIZES = {"HS256": 32, "HS384": 48, "HS512": 64}
 # Raw signature sizes that do not depend on the key (RFC 7518 3.2, 3.4; RFC 8037 3.1).
 # Checking them before the key lookup keeps junk (a stripped or truncated signature with
 # a random `kid`) from ever triggering a JWKS refetch.
@@ -87,20 +86,11 @@ _SIG_SIZES = {"ES256": (64,), "ES384": (96,), "ES512": (132,), "EdDSA": (64, 114
               "HS256": (32,), "HS384": (48,), "HS512": (64,)}
 
 
-class UnknownKey(AuthFailure):
-    """The token names a `kid` the current key set does not hold. The caller may
-    `await keys.refresh_for_unknown(kid)` (bounded by a cooldown) and verify once more."""
-
-    def __init__(self, kid: str) -> None:
-        super().__init__("jwt-unknown-kid")
-        self.kid = kid
-
-
 class KeyProvider(Protocol):
     """What the verifier needs from a key set (`StaticKeys`, `KeySource`): the key for a
     `kid` and an algorithm, synchronously and in O(1)."""
 
-    def key_for(self, kid: str | None, alg: str) -> Any: ...
+    def key_for(self, kid: str | None, alg: str) -> VerifyKey: ...
 
 
 class _Duplicate(Exception):  # internal signal, never escapes this module
@@ -163,24 +153,6 @@ def _split(token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, bytes]:
     payload = _json_object(_b64decode(parts[1]))
     # the three parts are base64url, hence ASCII (the regex above checked)
     return header, payload, signature, f"{parts[0]}.{parts[1]}".encode("ascii")
-
-
-def key_fits(alg: str, key: Any) -> bool:
-    """Whether `key` is of the type `alg` is defined for (RFC 7518 3.1, RFC 8037 3.1):
-    RSA for RS*/PS*, EC on the algorithm's own curve for ES*, Ed25519/Ed448 for EdDSA, a
-    byte string for HS*. The defence against key confusion (RFC 8725 2.1): an RSA public
-    key is never handed to HMAC as a secret, a P-256 key never verifies ES512."""
-    family = alg[:2]
-    if family in ("RS", "PS"):
-        return isinstance(key, rsa.RSAPublicKey)
-    if family == "ES":
-        return isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == _EC_CURVES.get(
-            alg)
-    if alg == "EdDSA":
-        return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
-    if family == "HS":
-        return isinstance(key, bytes)
-    return False
 
 
 def claim_path(claims: dict[str, Any], path: str) -> Any:
@@ -256,14 +228,12 @@ class TokenVerifier:
         if not settings.audiences:
             raise ValueError(f"issuer {name!r}: audiences are required (RFC 7519 4.1.3)")
         if keys is None:
-            from apishield.auth.jwks import StaticKeys
-
             keys = StaticKeys(settings, source_dir, name=name)
         self.name = name
         self.scheme = scheme
         self.settings = settings
         self.keys = keys
-        # `none` cannot be configured (config.py) and is refused here again, in any case
+        # `none` cannot be configured (config/) and is refused here again, in any case
         self._algorithms = frozenset(a for a in settings.algorithms if a.lower() != "none")
         self._issuer = settings.issuer
         self._audiences = list(settings.audiences)

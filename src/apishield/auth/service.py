@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +27,13 @@ from apishield.config import Config, ConfigError, Issuer
 
 if TYPE_CHECKING:
     from apishield.auth.apikey_verifier import ApiKeyVerifier
-    from apishield.contract import Contract, Operation
+    from apishield.auth.authenticators import IssuerEntry
+    from apishield.auth.introspection import Introspector
+    from apishield.auth.jwks import KeySource
+    from apishield.auth.jws import KeyProvider
+    from apishield.auth.token_cache import TokenCache
+    from apishield.contract.loader import Contract, Operation
+    from apishield.state.keys import KeyStore
 
 logger = logging.getLogger("apishield")
 
@@ -71,11 +79,11 @@ class AuthService:
         self.config = config
         self.contract = contract
         self.source_dir = Path(config.source_dir)
-        self.key_sources: list[Any] = []  # remote JWKS sources with background refresh
-        self.introspectors: list[Any] = []
-        self.caches: list[Any] = []
+        self.key_sources: list[KeySource] = []  # remote JWKS sources with background refresh
+        self.introspectors: list[Introspector] = []
+        self.caches: list[TokenCache] = []
         self._api_key_verifiers: dict[str, ApiKeyVerifier] = {}
-        self._store: Any = None
+        self._store: KeyStore | None = None
         self._pepper = b""
         self._tasks: list[asyncio.Task[None]] = []
         self.started = False
@@ -121,7 +129,7 @@ class AuthService:
                 elif kind == "apiKey":
                     built[name] = ApiKeyAuthenticator(
                         name, auth.realm, scheme["in"], scheme["name"],
-                        lambda name=name: self._api_keys(name))  # type: ignore[misc]
+                        functools.partial(self._api_keys, name))
                 elif kind == "mutualTLS":
                     tls = self.config.tls
                     if count and (tls is None or tls.client_cert == "none"):
@@ -148,13 +156,14 @@ class AuthService:
 
         cache = TokenCache()
         self.caches.append(cache)
-        verifiers: dict[str, Any] = {}
+        verifiers: dict[str, IssuerEntry] = {}
         introspectors = []
         for issuer_name, issuer in issuers.items():
             if issuer.algorithms:
                 refresh = None
+                keys: KeyProvider | None
                 if issuer.keys:
-                    keys: Any = StaticKeys(issuer, self.source_dir, name=issuer_name)
+                    keys = StaticKeys(issuer, self.source_dir, name=issuer_name)
                 elif issuer.shared_secret is not None:
                     keys = None
                 else:
@@ -173,7 +182,7 @@ class AuthService:
         return BearerAuthenticator(name, self.config.auth.realm, verifiers, introspectors,
                                    cache)
 
-    def _evict(self, issuer_name: str) -> Any:
+    def _evict(self, issuer_name: str) -> Callable[[set[str]], None]:
         def evict(kids: set[str]) -> None:
             for cache in self.caches:
                 cache.evict_kids(issuer_name, kids)
@@ -212,10 +221,11 @@ class AuthService:
             from apishield.auth.apikeys import load_pepper
             from apishield.state.open import open_key_store
 
-            if self._store is None:
-                self._store = open_key_store(self.config)  # SQLite file or Redis
-                self._pepper = load_pepper(self.config, self._store)
-            verifier = ApiKeyVerifier(self._store, self._pepper,
+            store = self._store
+            if store is None:
+                store = self._store = open_key_store(self.config)  # SQLite file or Redis
+                self._pepper = load_pepper(self.config, store)
+            verifier = ApiKeyVerifier(store, self._pepper,
                                       self.config.auth.api_keys.cache_ttl, scheme)
             self._api_key_verifiers[scheme] = verifier
         return verifier

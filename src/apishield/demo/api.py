@@ -9,6 +9,7 @@ of those disappears. Standard library only, so the demo needs nothing extra to r
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 import threading
@@ -286,7 +287,7 @@ def _json_object(body: bytes) -> JsonObj:
     return data
 
 
-def _read_chunked(rfile: Any) -> bytes:
+def _read_chunked(rfile: io.BufferedIOBase) -> bytes:
     """Decode a chunked body (RFC 9112 7.1), discarding extensions and trailers."""
     out = bytearray()
     while True:
@@ -320,6 +321,7 @@ class DemoServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    server_address: tuple[str, int]  # AF_INET: (host, port); typeshed allows bytes hosts too
 
     def __init__(self, address: tuple[str, int], *, record: bool = False) -> None:
         self.store = Store()

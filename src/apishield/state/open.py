@@ -14,13 +14,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from apishield.config import Config, ConfigError
+from apishield.config.redis_urls import StateUrlError, is_redis_url, redact_url
 from apishield.state.bans import BanStore
 from apishield.state.counters import Counters, MemoryCounters
 from apishield.state.keys import KeyStore
-from apishield.state.redis_urls import StateUrlError, is_redis_url, redact_url
 
 if TYPE_CHECKING:
-    import redis
+    from apishield.state.redis_store import SyncClient
 
 def is_redis(config: Config) -> bool:
     return is_redis_url(config.state)
@@ -40,7 +40,7 @@ def describe_state(config: Config) -> str:
     return str(config.resolve(config.state))
 
 
-def _redis_client(config: Config) -> redis.Redis:  # imported lazily: SQLite needs none
+def _redis_client(config: Config) -> SyncClient:  # imported lazily: SQLite needs none
     from apishield.state.redis_store import connect
 
     try:

@@ -89,6 +89,7 @@ import asyncio
 import hashlib
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -97,14 +98,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from apishield.state.counters import Decision, StoreOutage, StoreUnavailable
-from apishield.state.redis_urls import (
+from apishield.config.redis_urls import (
     StateUrlError,
     async_client,
     is_cluster_url,
     parse_state_url,
     redact_url,
 )
+from apishield.state.counters import Decision, StoreOutage, StoreUnavailable
 
 LEASE_TTL = 1.0  # seconds a lease may be spent before its unspent tokens go back
 DOWN_FOR = 1.0  # seconds `prepare` fails fast after a store error
@@ -172,6 +173,7 @@ return redis.call('DECRBY', KEYS[1], math.min(tonumber(ARGV[1]), used))
 
 _SCRIPTS = (_RATE_LEASE, _RATE_RELEASE, _QUOTA_LEASE, _QUOTA_RELEASE)
 RATE_LEASE, RATE_RELEASE, QUOTA_LEASE, QUOTA_RELEASE = range(4)
+_ScriptArgs = tuple[str | int, ...]  # ARGV of one script call (floats go as repr())
 
 
 def _sha(script: str) -> str:
@@ -236,7 +238,7 @@ class RedisCounters:
         self._salt = salt[:64]
         self._rate: dict[str, _Lease] = {}
         self._quota: dict[str, _Lease] = {}
-        self._calls: list[tuple[int, _Lease, tuple[Any, ...], bool]] = []
+        self._calls: list[tuple[int, _Lease, _ScriptArgs, bool]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._down_until = 0.0
         self._down_reason = ""
@@ -379,7 +381,7 @@ class RedisCounters:
         return future
 
     @staticmethod
-    def _lease_args(lease: _Lease) -> tuple[Any, ...]:
+    def _lease_args(lease: _Lease) -> _ScriptArgs:
         """A lease request's arguments, built when its pipeline is sent, so that callers
         who joined the flight in the meantime are counted in `want`."""
         want = min(lease.limit, max(lease.size, lease.waiting))
@@ -408,7 +410,7 @@ class RedisCounters:
                                  key=self._salt).hexdigest()
         return f"apishield:{kind}:{digest}"
 
-    def _enqueue(self, script: int, lease: _Lease, args: tuple[Any, ...],
+    def _enqueue(self, script: int, lease: _Lease, args: _ScriptArgs,
                  reply: bool) -> None:
         """Queue one script call; `reply`: a lease request, whose answer resolves the
         lease's flight (a release is fire-and-forget)."""
@@ -430,7 +432,7 @@ class RedisCounters:
                 self._fail(calls, StoreUnavailable("redis counters: flusher cancelled"))
 
     @staticmethod
-    def _fail(batch: list[tuple[int, _Lease, tuple[Any, ...], bool]],
+    def _fail(batch: list[tuple[int, _Lease, _ScriptArgs, bool]],
               error: StoreUnavailable) -> None:
         for _script, lease, _args, reply in batch:
             if not reply:
@@ -439,7 +441,7 @@ class RedisCounters:
             if future is not None and not future.done():
                 future.set_exception(error)
 
-    async def _send(self, batch: list[tuple[int, _Lease, tuple[Any, ...], bool]]) -> None:
+    async def _send(self, batch: list[tuple[int, _Lease, _ScriptArgs, bool]]) -> None:
         try:
             if _mono() < self._down_until:
                 raise StoreUnavailable(self._down_reason)
@@ -480,7 +482,7 @@ class RedisCounters:
             if future is not None and not future.done():
                 future.set_result(None)
 
-    async def _execute(self, calls: list[tuple[int, str, tuple[Any, ...]]]) -> list[Any]:
+    async def _execute(self, calls: Sequence[tuple[int, str, _ScriptArgs]]) -> list[Any]:
         """EVALSHA every call in one pipeline; load the scripts the server lacks (first
         use, or after a restart) and send those calls again."""
         self.round_trips += 1
@@ -502,7 +504,7 @@ class RedisCounters:
                 results[index] = result
         return results
 
-    async def _pipeline(self, calls: list[tuple[int, str, tuple[Any, ...]]]) -> list[Any]:
+    async def _pipeline(self, calls: Sequence[tuple[int, str, _ScriptArgs]]) -> list[Any]:
         shas = self._shas
         if len(calls) == 1:  # a plain command costs ~15 us less than a pipeline of one
             script, name, args = calls[0]

@@ -47,10 +47,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Literal
 
 import redis
 
+from apishield.config.redis_urls import cluster_namespace, redact_url, sync_client
 from apishield.state.bans import (
     HISTORY_SECONDS,
     BanKind,
@@ -60,7 +61,6 @@ from apishield.state.bans import (
     canonical_value,
 )
 from apishield.state.keys import DuplicateKeyId, KeyRecord, KeyStoreError
-from apishield.state.redis_urls import cluster_namespace, redact_url, sync_client
 
 __all__ = ["RedisBanStore", "RedisKeyStore", "connect", "redact_url"]
 
@@ -110,7 +110,10 @@ return n
 """
 
 
-def connect(url: str) -> redis.Redis:
+SyncClient = redis.Redis | redis.RedisCluster  # what `redis_urls.sync_client` returns
+
+
+def connect(url: str) -> SyncClient:
     """A client with bounded timeouts for any Redis `state` URL (single server, Sentinel
     or Cluster: `redis_urls`); StateUrlError (a ValueError) for a malformed URL."""
     return sync_client(url, socket_timeout=SOCKET_TIMEOUT,
@@ -194,7 +197,7 @@ class RedisKeyStore:
     own writes are not news, as with SQLite's data_version)."""
 
     def __init__(self, url: str, *, namespace: str = DEFAULT_NAMESPACE, background: bool = True,
-                 poll_interval: float = POLL_INTERVAL, client: redis.Redis | None = None
+                 poll_interval: float = POLL_INTERVAL, client: SyncClient | None = None
                  ) -> None:
         self.where = redact_url(url)
         self.background = background
@@ -381,14 +384,14 @@ def _decode_ban(raw: bytes | str) -> BanRecord:
                      created_at=float(data["created_at"]), offense=int(data["offense"]))
 
 
-_BanOp = tuple[str, Any]  # ("ban", BanRecord) | ("lift", (kind, value))
+_BanOp = tuple[Literal["ban"], BanRecord] | tuple[Literal["lift"], tuple[str, str]]
 
 
 class RedisBanStore:
     """`BanStore` on Redis, shared by every gateway instance; reads from memory."""
 
     def __init__(self, url: str, *, namespace: str = DEFAULT_NAMESPACE, background: bool = True,
-                 poll_interval: float = POLL_INTERVAL, client: redis.Redis | None = None
+                 poll_interval: float = POLL_INTERVAL, client: SyncClient | None = None
                  ) -> None:
         self.where = redact_url(url)
         self.background = background
@@ -429,15 +432,14 @@ class RedisBanStore:
 
     def _apply(self, op: _BanOp) -> int:
         """Write one operation; the new version (0: a lift that found nothing)."""
-        kind, payload = op
-        if kind == "ban":
-            record: BanRecord = payload
+        if op[0] == "ban":
+            record = op[1]
             return int(self._ban_script(
                 keys=[self._bans, self._history, self._version_key],
                 args=[_field(record.kind, record.value), _encode_ban(record),
                       repr(record.created_at), repr(time.time() - HISTORY_SECONDS)]))
         return int(self._lift_script(keys=[self._bans, self._version_key],
-                                     args=[_field(*payload)]))
+                                     args=[_field(*op[1])]))
 
     def _wrote(self, version: int) -> None:
         if version == 0:
@@ -518,12 +520,12 @@ class RedisBanStore:
 
     @staticmethod
     def _apply_locally(mirror: MemoryBanMirror, op: _BanOp) -> BanRecord | None:
-        kind, payload = op
-        if kind == "ban":
-            mirror.put(payload)
-            mirror.remember(payload.kind, payload.value, payload.created_at)
-            return payload
-        return mirror.remove(*payload)
+        if op[0] == "ban":
+            record = op[1]
+            mirror.put(record)
+            mirror.remember(record.kind, record.value, record.created_at)
+            return record
+        return mirror.remove(*op[1])
 
     def _write(self, op: _BanOp) -> BanRecord | None:
         """Apply to the mirror now; then write through (CLI) or queue (gateway)."""

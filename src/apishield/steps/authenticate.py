@@ -16,10 +16,10 @@ Operations with no `security` that are not marked public are refused (fail safe,
 
 from __future__ import annotations
 
-from apishield.auth import events
 from apishield.auth.principal import AuthFailure, Principal
 from apishield.auth.service import NOT_PUBLIC, PUBLIC, AuthService, Plan
 from apishield.exchange import Exchange
+from apishield.observe import events
 from apishield.problems import AccessDenied, NotPublic, Unauthorized
 
 
@@ -96,10 +96,10 @@ class AuthenticateStep:
                 f'scope="{scope}"'.encode(),
             )])
         if failure is not None:
-            scheme, error = failure
-            events.authn_failure(exchange, scheme, error)
-            refusal = Unauthorized(error.reason, headers=self._challenges(plan, invalid=True))
-            refusal.subject = error.subject  # the account tried, when known (ban rules)
+            scheme, first = failure
+            events.authn_failure(exchange, scheme, first)
+            refusal = Unauthorized(first.reason, headers=self._challenges(plan, invalid=True))
+            refusal.subject = first.subject  # the account tried, when known (ban rules)
             raise refusal
         if plan.anonymous:
             return

@@ -21,11 +21,11 @@ from urllib.parse import unquote
 
 import orjson
 
-from apishield.auth import events
 from apishield.auth.principal import Principal
 from apishield.config import Config, Owner, Require
-from apishield.contract import Contract
+from apishield.contract.loader import Contract
 from apishield.exchange import Exchange, media_type
+from apishield.observe import events
 from apishield.problems import AccessDenied, Unauthorized
 
 
@@ -74,7 +74,8 @@ class AuthorizeStep:
             owner: Owner | None = operation.policy.owner
             if require is None and owner is None:
                 continue
-            source, path = "", ()
+            source = ""
+            path: tuple[str, ...] = ()
             if owner is not None:
                 source, _, rest = owner.param.partition(".")
                 path = tuple(rest.split(".")) if source == "body" else (rest,)

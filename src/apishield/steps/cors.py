@@ -12,10 +12,10 @@ the gateway's list is the only one (an upstream answering `*` would undo it).
 from __future__ import annotations
 
 from apishield.config import Cors
+from apishield.contract.paths import normalize_path
+from apishield.contract.router import Router
 from apishield.exchange import Exchange, Headers
-from apishield.paths import normalize_path
 from apishield.problems import CorsRefused, PreflightAccepted
-from apishield.router import Router
 
 
 class CorsStep:

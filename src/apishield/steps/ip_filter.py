@@ -20,12 +20,12 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from apishield.config import IpLists
-from apishield.contract import Contract
+from apishield.contract.loader import Contract
 from apishield.exchange import Exchange
 from apishield.problems import ClientBanned, IpDenied
 
 if TYPE_CHECKING:
-    from apishield.ban_gate import BanGate
+    from apishield.abuse.gate import BanGate
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -8,7 +8,7 @@ an oversized body is never buffered whole.
 from __future__ import annotations
 
 from apishield.config import Limits
-from apishield.contract import Operation
+from apishield.contract.loader import Operation
 from apishield.exchange import Exchange, content_length, media_type
 from apishield.problems import BadRequest, PayloadTooLarge, UnsupportedMediaType
 

@@ -33,12 +33,16 @@ import time
 from calendar import monthrange
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from apishield.config import Quota, RateLimit, RateLimiting
-from apishield.contract import Contract
+from apishield.contract.loader import Contract
 from apishield.exchange import Exchange, Suspend
 from apishield.problems import ClientBanned, ServiceUnavailable, TooManyRequests
 from apishield.state.counters import Counters, Decision, StoreOutage, StoreUnavailable
+
+if TYPE_CHECKING:
+    from apishield.abuse.gate import BanGate
 
 logger = logging.getLogger("apishield")
 
@@ -92,7 +96,7 @@ def headers_for(plan_policy: bytes, name: str, decision: Decision) -> list[tuple
 
 class RateLimitStep:
     def __init__(self, name: str, settings: RateLimiting, contract: Contract,
-                 counters: Counters, *, pre_auth: bool, bans: object | None = None) -> None:
+                 counters: Counters, *, pre_auth: bool, bans: BanGate | None = None) -> None:
         self.name = name
         self.counters = counters
         self.deny_on_error = settings.on_store_error == "deny"
@@ -130,7 +134,7 @@ class RateLimitStep:
             return
         principal = exchange.principal
         if self.bans is not None and principal is not None:
-            ban = self.bans.check(None, principal.subject, time.time())  # type: ignore[attr-defined]
+            ban = self.bans.check(None, principal.subject, time.time())
             if ban is not None:
                 from apishield.steps.ip_filter import retry_after
 
@@ -197,11 +201,13 @@ class RateLimitStep:
                 decision = counters.count(key, plan.burst, period_end(plan.quota.period, now),
                                           now)
         except StoreUnavailable:
-            return self._store_error(exchange)
+            self._store_error(exchange)
+            return None
         if decision is not None:
             return decision
         if exchange.waited_for == (self, key, index):  # waited, and still no answer
-            return self._store_error(exchange)
+            self._store_error(exchange)
+            return None
 
         async def wait() -> None:
             try:
@@ -218,10 +224,10 @@ class RateLimitStep:
         raise Suspend(wait, owner=(self, key, index))
 
     def _store_error(self, exchange: Exchange) -> None:
+        """Count the failed store call; raises when the limit fails closed."""
         self.outage.request()  # counted; logged when the outage starts and every few s
         if self.deny_on_error:
             raise ServiceUnavailable("rate-limit-store-unavailable")
-        return None
 
 
 class HeadersStep:

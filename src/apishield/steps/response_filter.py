@@ -19,7 +19,7 @@ In every mode a status the operation does not declare (no exact code, no `2XX` r
 `default`) is logged: one warning per operation and status per minute, so an upstream
 answering 418 to everything cannot flood the log.
 
-Schemas are compiled once: into a `Shape` tree for filtering (`shapes.py`), into a
+Schemas are compiled once: into a `Shape` tree for filtering (`contract/shapes.py`), into a
 jsonschema-rs validator for validation (the request conversion turned around: `writeOnly`
 is refused instead of `readOnly`, no length caps). Both read a schema the same way: an
 object schema that declares properties and says nothing about others is closed, an open
@@ -38,11 +38,11 @@ import jsonschema_rs
 import orjson
 
 from apishield.config import ConfigError, Responses
-from apishield.contract import Contract, Operation
+from apishield.contract.loader import Contract, Operation
+from apishield.contract.schema import Caps, SchemaCompiler, SchemaError, error_pointer, error_reason
+from apishield.contract.shapes import Builder, Shape
 from apishield.exchange import Exchange, Headers, media_type
 from apishield.problems import BadGateway
-from apishield.schema import Caps, SchemaCompiler, SchemaError, error_pointer, error_reason
-from apishield.shapes import Builder, Shape
 from apishield.steps.validate import is_json
 
 logger = logging.getLogger("apishield")

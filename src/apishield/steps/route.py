@@ -3,10 +3,10 @@ does not declare for the path is 405 with `Allow` (RFC 9110 15.5.6)."""
 
 from __future__ import annotations
 
+from apishield.contract.paths import normalize_path
+from apishield.contract.router import Router
 from apishield.exchange import Exchange
-from apishield.paths import normalize_path
 from apishield.problems import MethodNotAllowed, NotFound
-from apishield.router import Router
 
 
 class RouteStep:

@@ -16,7 +16,7 @@ Two steps, both synchronous and compiled at load:
   well-formed body that breaks the schema is a 422 listing where. Form bodies
   (`application/x-www-form-urlencoded`, `multipart/form-data`) are decoded strictly,
   their text values typed by the schema the way parameters are, and the resulting object
-  is validated the same way; multipart framing is read by `multipart_body.py`.
+  is validated the same way; multipart framing is read by `contract/multipart.py`.
 
 Errors carry a JSON pointer and a reason, never the submitted value; at most
 `validation.max_errors` of them.
@@ -33,12 +33,13 @@ from urllib.parse import parse_qsl, unquote
 
 import jsonschema_rs
 
-from apishield import multipart_body
 from apishield.config import Validation
-from apishield.contract import Contract, Operation, Parameter, escape_pointer
+from apishield.contract import multipart as multipart_body
+from apishield.contract.loader import Contract, Operation, Parameter, escape_pointer
+from apishield.contract.multipart import MULTIPART, MultipartError
+from apishield.contract.schema import Caps, SchemaCompiler, SchemaError, error_pointer, error_reason
+from apishield.contract.shapes import Builder, Shape
 from apishield.exchange import Exchange, media_type
-from apishield.injection import Detector
-from apishield.multipart_body import MULTIPART, MultipartError
 from apishield.problems import (
     BadRequest,
     InjectionSuspected,
@@ -47,8 +48,7 @@ from apishield.problems import (
     PayloadTooLarge,
     Problem,
 )
-from apishield.schema import Caps, SchemaCompiler, SchemaError, error_pointer, error_reason
-from apishield.shapes import Builder, Shape
+from apishield.steps.injection import Detector
 
 _INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)\Z")
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
@@ -272,13 +272,13 @@ class ParametersStep:
                     if param.required:
                         errors.append(_missing("/query/", item))
                     continue
-                value: Any = {k: _coerce(v, item.property_kinds.get(k, "string"))
-                              for k, v in found.items()}
-                refused = next(filter(None, map(_refusal, value.values())), None)
+                fields = {k: _coerce(v, item.property_kinds.get(k, "string"))
+                          for k, v in found.items()}
+                refused = next(filter(None, map(_refusal, fields.values())), None)
                 if refused is not None:
                     errors.append({"pointer": "/query/" + param.name, "reason": refused})
                     continue
-                self._validate(item, value, "/query/", errors)
+                self._validate(item, fields, "/query/", errors)
                 continue
             raw_values = values.get(param.name)
             if raw_values is None:

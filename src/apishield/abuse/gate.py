@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -28,7 +28,9 @@ from apishield import problems
 from apishield.config import Config
 
 if TYPE_CHECKING:
+    from apishield.abuse.bans import BanRules
     from apishield.exchange import Exchange
+    from apishield.state.bans import BanRecord, BanStore
 
 security_log = logging.getLogger("apishield.security")
 
@@ -68,8 +70,8 @@ class BanGate:
         self.rules_config = config.rate_limiting.bans.rules
         self.watching = bool(self.rules_config)
         self.listened = {event for rule in self.rules_config for event in rule.on}
-        self.rules: Any = None  # BanRules, once started
-        self.store: Any = None
+        self.rules: BanRules | None = None  # once started
+        self.store: BanStore | None = None
         self._started = False
 
     async def start(self) -> None:
@@ -80,13 +82,13 @@ class BanGate:
             self._open()
 
     def _open(self) -> None:
-        from apishield.bans import BanRules
+        from apishield.abuse.bans import BanRules
         from apishield.state.open import open_ban_store
 
         self.store = open_ban_store(self.config)
         self.rules = BanRules(self.rules_config, self.store)
 
-    def check(self, ip: str | None, subject: str | None, now: float) -> Any:
+    def check(self, ip: str | None, subject: str | None, now: float) -> BanRecord | None:
         rules = self.rules
         return None if rules is None else rules.check(ip, subject, now)
 

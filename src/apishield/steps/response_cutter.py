@@ -18,7 +18,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from apishield.shapes import Shape
+from apishield.contract.shapes import Shape
 from apishield.steps.response_filter import cut_json
 
 logger = logging.getLogger("apishield")

@@ -172,10 +172,10 @@ def parse(body: bytes, boundary: bytes, *, max_parts: int, max_part_bytes: int
 def _part(headers: list[tuple[bytes, bytes]]) -> Part:
     """A part from its header lines; refuses what could be read two ways."""
     seen: dict[bytes, bytes] = {}
-    for name, value in headers:
-        if name in seen:
+    for header, value in headers:
+        if header in seen:
             raise MultipartError("part-header-repeated")
-        seen[name] = value
+        seen[header] = value
     disposition = seen.get(b"content-disposition")
     if disposition is None:
         raise MultipartError("content-disposition-missing")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from apishield.contract import RefError, RefResolver
+from apishield.contract.loader import RefError, RefResolver
 
 _COMPOSITION = ("allOf", "anyOf", "oneOf")
 _STRING_CONSTRAINTS = ("enum", "const", "pattern", "format")

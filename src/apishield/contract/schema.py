@@ -30,7 +30,7 @@ from typing import Any
 
 import jsonschema_rs
 
-from apishield.contract import RefError, RefResolver, escape_pointer
+from apishield.contract.loader import RefError, RefResolver, escape_pointer
 
 INT_BOUNDS = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 _DROP_30 = frozenset({"nullable", "example", "discriminator", "xml", "externalDocs",
@@ -72,7 +72,8 @@ class SchemaCompiler:
         """A validator for a request schema (and the converted schema, for coercion)."""
         defs: dict[str, Any] = {}
         converted = self._convert(node, file, defs, top=True)
-        document = dict(converted) if isinstance(converted, dict) else {"allOf": [converted]}
+        document: dict[str, Any] = (dict(converted) if isinstance(converted, dict)
+                                    else {"allOf": [converted]})
         if defs:
             document.setdefault("$defs", {}).update(defs)
         key = repr(document)

@@ -223,7 +223,9 @@ def sync_client(url: str, **kwargs: Any) -> redis.Redis | redis.RedisCluster:
     if parsed.mode == "sentinel":
         sentinel = Sentinel(list(parsed.hosts), sentinel_kwargs=_sentinel_kwargs(parsed, kwargs),
                             **connection)
-        return sentinel.master_for(parsed.service, db=parsed.db)
+        # master_for is unannotated in redis-py (Any): it returns a Redis client
+        master: sync_redis.Redis = sentinel.master_for(parsed.service, db=parsed.db)
+        return master
     connection.pop("single_connection_client", None)
     return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in parsed.hosts],
                         **connection)
@@ -243,7 +245,8 @@ def async_client(url: str, **kwargs: Any) -> redis.asyncio.Redis | redis.asyncio
         connection.pop("single_connection_client", None)
         sentinel = Sentinel(list(parsed.hosts), sentinel_kwargs=_sentinel_kwargs(parsed, kwargs),
                             **connection)
-        return sentinel.master_for(parsed.service, db=parsed.db)
+        master: Redis = sentinel.master_for(parsed.service, db=parsed.db)  # as above
+        return master
     connection.pop("single_connection_client", None)
     return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in parsed.hosts],
                         **connection)

@@ -14,18 +14,19 @@ import ipaddress
 import logging
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from apishield.auth.service import NOT_PUBLIC
 from apishield.config import Config, ConfigError, config_from_dict, load_config, read_yaml
-from apishield.contract import load_contract
+from apishield.contract.loader import load_contract
+from apishield.gateway import Gateway, build_gateway, serve
 from apishield.pipeline import Pipeline
-from apishield.proxy import Gateway, build_gateway, serve
 
 EXIT_CONFIG = 2
-DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_DIR = Path(__file__).parent.parent / "demo"
 
 
 def _setup_logging() -> None:
@@ -36,13 +37,13 @@ def _setup_logging() -> None:
     )
 
 
-def _run(coro: object) -> None:
+def _run(coro: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-        asyncio.run(coro)  # type: ignore[arg-type]
+        asyncio.run(coro)
     else:
-        uvloop.run(coro)  # type: ignore[arg-type]
+        uvloop.run(coro)
 
 
 def _report(error: ConfigError, source: str) -> int:
@@ -211,7 +212,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     async def main() -> None:
         ready: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
         task = asyncio.ensure_future(serve(gateway, "127.0.0.1", args.port, ready=ready))
-        await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+        waiting: list[asyncio.Future[tuple[str, int]] | asyncio.Task[None]] = [ready, task]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if not ready.done():  # serve failed before listening (e.g. the port is taken)
             ready.cancel()
             await task  # raises the OSError, reported by main()
@@ -274,10 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_argument("--access-log", default="-", help="access log file ('-': stdout)")
     demo_cmd.set_defaults(func=cmd_demo)
 
-    from apishield import keys_cli  # `keys create | list | revoke | rotate`
+    from apishield.cli import keys as keys_cli  # `keys create | list | revoke | rotate`
 
     keys_cli.register(commands)
-    from apishield import bans_cli  # `bans list | add | remove`
+    from apishield.cli import bans as bans_cli  # `bans list | add | remove`
 
     bans_cli.register(commands)
     return parser

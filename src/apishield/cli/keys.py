@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict, overload
 
 from apishield.auth.apikeys import (
     ID_LENGTH,
@@ -39,7 +39,7 @@ from apishield.auth.apikeys import (
 )
 from apishield.auth.principal import AuthFailure
 from apishield.config import Config, ConfigError, _parse_duration, load_config
-from apishield.state.keys import KeyRecord, KeyStore, KeyStoreError
+from apishield.state.keys import KeyRecord, KeyState, KeyStore, KeyStoreError
 from apishield.state.open import describe_state, open_key_store, state_exists
 
 EXIT_OK = 0
@@ -57,6 +57,14 @@ class CliError(Exception):
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+@overload
+def _iso(moment: float) -> str: ...
+
+
+@overload
+def _iso(moment: float | None) -> str | None: ...
+
 
 def _iso(moment: float | None) -> str | None:
     if moment is None:
@@ -194,11 +202,25 @@ def cmd_create(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+class _KeyRow(TypedDict):
+    """One key as `keys list --json` prints it (and the table shows part of it)."""
+
+    id: str
+    name: str
+    state: KeyState
+    scopes: list[str]
+    roles: list[str]
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+    rotated_to: str | None
+
+
 def cmd_list(args: argparse.Namespace, config: Config) -> int:
     with _existing_store(config) as store:
         records = store.list() if store is not None else []
     now = time.time()
-    rows = [
+    rows: list[_KeyRow] = [
         {
             "id": record.id, "name": record.name, "state": record.state(now),
             "scopes": list(record.scopes), "roles": list(record.roles),

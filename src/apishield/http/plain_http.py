@@ -23,8 +23,8 @@ from urllib.parse import quote_from_bytes
 
 import httptools
 
+from apishield.contract.paths import split_target
 from apishield.exchange import Exchange, Headers, Request
-from apishield.paths import split_target
 from apishield.problems import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
@@ -35,10 +35,9 @@ from apishield.problems import (
     UriTooLong,
     render_problem,
 )
-from apishield.steps.security_headers import SecurityHeadersStep
 
 if TYPE_CHECKING:
-    from apishield.proxy import Gateway
+    from apishield.gateway import Gateway
 
 LINGER = 2.0  # seconds to drain what the client still sends before closing (no RST)
 LINGER_MAX = 1024 * 1024  # bytes drained at most
@@ -91,11 +90,7 @@ class PlainHttpResponder:
         self.mode = mode
         self.port_suffix = "" if https_port == 443 else f":{https_port}"
         config = gateway.config
-        # The same security headers as the gateway's answers, minus HSTS whatever
-        # `headers.hsts` says: `always` is for TLS terminated in front, and this is not TLS.
-        self.headers_step = SecurityHeadersStep(
-            config.headers.model_copy(update={"hsts": "off"}), tls=False
-        )
+        self.add_headers = gateway.pipeline.plain_http_headers()
         self.max_url = config.limits.max_url_length
         self.max_header_bytes = config.limits.max_header_bytes
         self.max_header_count = config.limits.max_header_count
@@ -134,6 +129,8 @@ class PlainHttpConnection(asyncio.Protocol):
         self.hosts: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream Protocol is always handed an asyncio.Transport; typeshed types
+        # connection_made with BaseTransport (that of every protocol kind)
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
@@ -229,11 +226,11 @@ class PlainHttpConnection(asyncio.Protocol):
         self._answer(exchange, problem.status, headers, body_out)
 
     def _answer(self, exchange: Exchange, status: int, headers: Headers, body: bytes) -> None:
-        from apishield.server import STATUS_LINES  # server imports the pipeline: import late
+        from apishield.http.server import STATUS_LINES  # server imports the pipeline: import late
 
         self.answered = True
         responder = self.responder
-        headers = responder.headers_step.on_response(exchange, status, headers)
+        headers = responder.add_headers(exchange, status, headers)
         headers.append((b"connection", b"close"))
         head = STATUS_LINES[status] + b"\r\n".join([b": ".join(h) for h in headers])
         transport = self.transport

@@ -20,10 +20,9 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from typing import Any
+from typing import Any, TypedDict
 
-from apishield.config import Config
-from apishield.keys_cli import (
+from apishield.cli.keys import (
     EXIT_OK,
     CliError,
     _actor,
@@ -32,6 +31,7 @@ from apishield.keys_cli import (
     _say,
     cli_command,
 )
+from apishield.config import Config
 from apishield.state.bans import BanKind, BanRecord, BanStore, BanStoreError
 from apishield.state.open import describe_state, open_ban_store, state_exists
 
@@ -100,7 +100,20 @@ def _audit(event: str, record: BanRecord, **extra: Any) -> None:
     audit.info("%s", json.dumps(entry, ensure_ascii=True))
 
 
-def _row(record: BanRecord, now: float) -> dict[str, Any]:
+class _BanRow(TypedDict):
+    """One ban as `bans list --json` prints it (and the table shows part of it)."""
+
+    kind: BanKind
+    value: str
+    rule: str
+    reason: str
+    offense: int
+    created_at: str
+    until: str
+    remaining_seconds: int
+
+
+def _row(record: BanRecord, now: float) -> _BanRow:
     return {
         "kind": record.kind, "value": record.value, "rule": record.rule,
         "reason": record.reason, "offense": record.offense,

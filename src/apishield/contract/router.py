@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from apishield.config import ConfigError
-from apishield.contract import Operation
+from apishield.contract.loader import Operation
 
 _PARAM = re.compile(r"\{([^{}/]+)\}")
 

@@ -4,7 +4,7 @@ PERF-BASELINE.md shows the upstream client dominates a Python proxy's cost (aioh
 a request, httpx far more); a protocol on httptools costs tens of microseconds. So this
 module owns the little HTTP/1.1 client the gateway needs and nothing more:
 
-- requests are serialized by the caller (`proxy.py`), bodies are sent with Content-Length;
+- requests are serialized by the caller (`gateway.py`), bodies are sent with Content-Length;
 - a response is handed back as soon as it is complete, or, for a large or slow body, once
   64 KiB are buffered, as a stream with flow control (the upstream socket is paused while
   the client is slow, so memory stays bounded);
@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 import httptools
 
-from apishield.deadlines import HasDeadline
 from apishield.exchange import Headers, connection_tokens, content_length
+from apishield.http.deadlines import HasDeadline
 from apishield.problems import BadGateway, GatewayTimeout, ServiceUnavailable, TooManyRequests
 
 STREAM_THRESHOLD = 64 * 1024  # buffer up to this much before switching to streaming
@@ -145,6 +145,8 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream Protocol is always handed an asyncio.Transport; typeshed types
+        # connection_made with BaseTransport (that of every protocol kind)
         self.transport = transport  # type: ignore[assignment]
 
     def pause_writing(self) -> None:

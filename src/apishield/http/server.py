@@ -32,9 +32,17 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from apishield.deadlines import HasDeadline
+from apishield.contract.paths import split_target
 from apishield.exchange import Exchange, Headers, Request, connection_tokens, content_length
-from apishield.paths import split_target
+from apishield.http.deadlines import HasDeadline
+from apishield.http.tls import client_identity
+from apishield.http.upstream import (
+    IDEMPOTENT,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamResponse,
+    problem_for,
+)
 from apishield.pipeline import REASONS
 from apishield.problems import (
     BadGateway,
@@ -48,17 +56,9 @@ from apishield.problems import (
     ServiceUnavailable,
     UriTooLong,
 )
-from apishield.tls import client_identity
-from apishield.upstream import (
-    IDEMPOTENT,
-    UpstreamConnection,
-    UpstreamError,
-    UpstreamResponse,
-    problem_for,
-)
 
 if TYPE_CHECKING:
-    from apishield.proxy import Gateway, Reply
+    from apishield.gateway import Gateway, Reply
 
 logger = logging.getLogger("apishield")
 
@@ -163,8 +163,11 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
 
     # -- connection lifecycle -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # a stream Protocol is always handed an asyncio.Transport; typeshed types
+        # connection_made with BaseTransport (that of every protocol kind)
+        stream: asyncio.Transport = transport  # type: ignore[assignment]
+        self.transport = stream
+        stream.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if peer else ""
         if self.scheme == "https":

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 from urllib.parse import quote, urlsplit
 
 from cryptography import x509
@@ -371,7 +372,15 @@ _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) not in "%,")
 _SAN_TYPES = {"DNS": "DNS", "IP Address": "IP", "email": "email", "URI": "URI"}
 
 
-def client_identity(peercert: dict[str, object] | None) -> tuple[tuple[bytes, bytes], ...]:
+class PeerCert(TypedDict, total=False):
+    """The parts of `SSLSocket.getpeercert()` read here (typeshed types it as one
+    dict of unions for every key)."""
+
+    subject: tuple[tuple[tuple[str, str], ...], ...]  # RDNs of (attribute, value) pairs
+    subjectAltName: tuple[tuple[str, str], ...]  # (type, value) pairs
+
+
+def client_identity(peercert: PeerCert | None) -> tuple[tuple[bytes, bytes], ...]:
     """`X-Apishield-Client-Subject` (CN) and `-San` for a verified client certificate.
 
     `peercert` is what `getpeercert()` returns: non-empty only when a certificate was
@@ -379,13 +388,13 @@ def client_identity(peercert: dict[str, object] | None) -> tuple[tuple[bytes, by
     if not peercert:
         return ()
     headers: Headers = []
-    names = [value for rdn in peercert.get("subject", ())  # type: ignore[attr-defined]
+    names = [value for rdn in peercert.get("subject", ())
              for key, value in rdn if key == "commonName"]
     if names:
         headers.append((b"x-apishield-client-subject",
                         quote(names[-1], safe=_HEADER_SAFE).encode("ascii")))
     sans = [f"{_SAN_TYPES[kind]}:{quote(value, safe=_HEADER_SAFE)}"
-            for kind, value in peercert.get("subjectAltName", ())  # type: ignore[attr-defined]
+            for kind, value in peercert.get("subjectAltName", ())
             if kind in _SAN_TYPES]
     if sans:
         headers.append((b"x-apishield-client-san", ", ".join(sans).encode("ascii")))

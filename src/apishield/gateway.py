@@ -23,15 +23,13 @@ from urllib.parse import urlsplit
 
 from apishield.auth.identity import identity_headers
 from apishield.config import Config, ConfigError
-from apishield.contract import Contract, load_contract
-from apishield.cutter import Cutter
-from apishield.deadlines import Sweeper
+from apishield.contract.loader import Contract, load_contract
 from apishield.exchange import Exchange, Headers
-from apishield.pipeline import Pipeline
-from apishield.plain_http import PlainHttpResponder
-from apishield.server import HttpConnection
-from apishield.tls import ServerTls, server_tls, upstream_context
-from apishield.upstream import (
+from apishield.http.deadlines import Sweeper
+from apishield.http.plain_http import PlainHttpResponder
+from apishield.http.server import HttpConnection
+from apishield.http.tls import ServerTls, server_tls, upstream_context
+from apishield.http.upstream import (
     Ready,
     UpstreamConnection,
     UpstreamError,
@@ -39,6 +37,8 @@ from apishield.upstream import (
     UpstreamResponse,
     problem_for,
 )
+from apishield.pipeline import Pipeline
+from apishield.steps.response_cutter import Cutter
 
 logger = logging.getLogger("apishield")
 
@@ -121,7 +121,8 @@ class Gateway:
         self.buffered_bytes = 0
         self.max_buffered_bytes = config.responses.max_buffered_bytes
         self.cutter = Cutter()
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        # set by start_pool(), which serve() calls before any connection is accepted
+        self.loop: asyncio.AbstractEventLoop
 
     def start_pool(self) -> None:
         self.loop = asyncio.get_running_loop()

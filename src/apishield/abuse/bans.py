@@ -39,7 +39,7 @@ from collections import OrderedDict
 from apishield.config import BanRule
 from apishield.state.bans import BanKind, BanRecord, BanStore, BanStoreError, canonical_value
 
-logger = logging.getLogger("apishield.bans")
+logger = logging.getLogger("apishield.abuse.bans")
 
 DEFAULT_MAX_KEYS = 100_000
 DEFAULT_MAX_TIMESTAMPS = 1_000_000

@@ -1,0 +1,184 @@
+"""Who the caller is and what it may do: issuers, API keys, roles, per-operation demands.
+
+The validators here are security checks, not conveniences: they refuse `alg: none`,
+mixing HMAC and public-key algorithms on one issuer (key confusion), an issuer without
+audiences, and secrets written inline (a config file is copied, diffed and pasted into
+tickets, so `Secret` only ever names where a secret is read from). Read by
+`apishield.auth` and the `authorize` step; `Require` and `Owner` are the per-operation
+half, used from `OperationPolicy`.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from pydantic import field_validator, model_validator
+
+from apishield.config.errors import at
+from apishield.config.units import Leeway, Model, Seconds
+
+_SIGNING_ALGORITHMS = frozenset({
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "EdDSA", "HS256", "HS384", "HS512",
+})
+
+
+class Secret(Model):
+    """Where a secret is read from: an environment variable or a file, never the value
+    itself (C4: config files are copied, diffed and pasted into tickets)."""
+
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Secret:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of `env` (a variable name) or `file` (a path)")
+        return self
+
+
+class Jwks(Model):
+    """How an issuer's signing keys are kept fresh (A1: rotation without restart)."""
+
+    refresh_min: Seconds = 300.0  # never refetch on schedule sooner, whatever Cache-Control says
+    refresh_max: Seconds = 86400.0  # refetch at least this often
+    unknown_kid_cooldown: Seconds = 30.0  # junk kids cannot make the gateway hammer the issuer
+    max_stale: Seconds = 86400.0  # serve the last good keys this long while the issuer is down
+    fetch_timeout: Seconds = 5.0
+
+
+class Introspection(Model):
+    """RFC 7662 token introspection for opaque tokens (A2)."""
+
+    url: str
+    client_id: str
+    client_secret: Secret
+    cache_ttl: Seconds = 300.0  # ceiling; never past the token's own `exp`
+    timeout: Seconds = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname:
+            raise ValueError(f"{value!r} must be an http:// or https:// URL")
+        return value
+
+
+class Issuer(Model):
+    """A token issuer: how its JWTs are verified (A1, A3) or its opaque tokens introspected
+    (A2), and where scopes and roles are found in its claims."""
+
+    issuer: str  # the exact `iss` value
+    schemes: tuple[str, ...] = ()  # securitySchemes it serves; () = every bearer/oauth2/OIDC one
+    audiences: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = ()
+    discovery: bool = False  # OIDC discovery from the scheme's openIdConnectUrl or the issuer
+    jwks_url: str | None = None
+    keys: tuple[str, ...] = ()  # PEM public keys or JWK / JWKS JSON files
+    shared_secret: Secret | None = None  # HS* only
+    leeway: Leeway = 30.0
+    max_lifetime: Seconds | None = 86400.0  # refuse a JWT whose exp - iat is longer (A3)
+    required_claims: tuple[str, ...] = ("exp",)
+    subject_claim: str = "sub"
+    scope_claims: tuple[str, ...] = ("scope", "scp")
+    role_claims: tuple[str, ...] = ("roles",)  # dotted paths: realm_access.roles
+    jwks: Jwks = Jwks()
+    introspection: Introspection | None = None
+
+    @field_validator("algorithms")
+    @classmethod
+    def _check_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if name.lower() == "none":
+                raise ValueError("`none` is never accepted: an unsigned token proves nothing "
+                                 "(RFC 8725 3.1)")
+            if name not in _SIGNING_ALGORITHMS:
+                raise ValueError(f"{name!r} is not a JWS algorithm apishield verifies; use "
+                                 f"one of {', '.join(sorted(_SIGNING_ALGORITHMS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> Issuer:
+        symmetric = [name for name in self.algorithms if name.startswith("HS")]
+        asymmetric = [name for name in self.algorithms if not name.startswith("HS")]
+        has_public = self.discovery or self.jwks_url is not None or bool(self.keys)
+        if self.introspection is None and not self.algorithms:
+            raise at("algorithms", "required: list the JWS algorithms this issuer signs with "
+                     "(e.g. [RS256]), or configure `introspection` for opaque tokens")
+        if symmetric and asymmetric:
+            # RS256 -> HS256 key confusion (RFC 8725 2.1): one issuer, one key family
+            raise at("algorithms", "mixes HMAC (HS*) and public-key algorithms; an issuer "
+                     "uses one family so a public key can never serve as an HMAC secret")
+        if self.keys and (self.discovery or self.jwks_url is not None):
+            raise at("keys", "static keys and a remote key set (jwks_url or discovery) "
+                     "cannot be combined; use one source")
+        if symmetric and self.shared_secret is None:
+            raise at("shared_secret", f"required by {symmetric[0]}: give it as "
+                     "{env: NAME} or {file: path}")
+        if symmetric and has_public:
+            raise at("algorithms", "HS* with public keys (jwks_url, discovery or keys) "
+                     "would let a public key act as an HMAC secret; remove one")
+        if self.shared_secret is not None and not symmetric:
+            raise at("shared_secret", "is only used with HS256/HS384/HS512 algorithms")
+        if asymmetric and not has_public:
+            raise at("algorithms", f"{asymmetric[0]} needs public keys: set jwks_url, "
+                     "discovery: true, or keys")
+        if self.algorithms and not self.audiences:
+            raise at("audiences", "required: a token minted for another API must not be "
+                     "accepted here (RFC 7519 4.1.3); list this API's audience(s)")
+        if self.jwks_url is not None and urlsplit(self.jwks_url).scheme not in ("http", "https"):
+            raise at("jwks_url", f"{self.jwks_url!r} must be an http:// or https:// URL")
+        return self
+
+
+class ApiKeys(Model):
+    """The API-key lifecycle (A4, G2): keys live in the state store, hashed."""
+
+    pepper: Secret | None = None  # HMAC key for the stored hashes; default: generated file
+    cache_ttl: Seconds = 5.0  # longest a verified key is trusted from memory
+    default_expires_in: Seconds | None = 90 * 86400.0  # `keys create` without --expires-in
+
+
+class Auth(Model):
+    """Authentication and authorization (checklist A1-A8)."""
+
+    issuers: dict[str, Issuer] = {}
+    api_keys: ApiKeys = ApiKeys()
+    roles: dict[str, tuple[str, ...]] = {}  # role -> the permissions it grants
+    realm: str = "api"  # WWW-Authenticate realm
+
+
+class Require(Model):
+    """What an operation demands of an authenticated caller, beyond its scopes (A5)."""
+
+    roles: tuple[str, ...] = ()  # the caller holds at least one of these
+    permissions: tuple[str, ...] = ()  # the caller's roles grant every one of these
+
+
+_OWNER_SOURCE = re.compile(r"^(path|query|header|body)\.(.+)$")
+_OWNER_TARGET = re.compile(r"^(subject|key_id|claim\..+)$")
+
+
+class Owner(Model):
+    """Object-level authorization (A6, OWASP API1 BOLA): a request value must equal the
+    caller's identity, unless the caller holds a bypass role."""
+
+    param: str  # path.user_id | query.owner | header.x-account | body.owner_id (JSON pointer-ish)
+    equals: str = "subject"  # subject | key_id | claim.<dotted path>
+    bypass_roles: tuple[str, ...] = ()
+
+    @field_validator("param")
+    @classmethod
+    def _check_param(cls, value: str) -> str:
+        if not _OWNER_SOURCE.match(value):
+            raise ValueError(f"{value!r} must be path.NAME, query.NAME, header.NAME or "
+                             "body.FIELD (body.a.b for a nested field)")
+        return value
+
+    @field_validator("equals")
+    @classmethod
+    def _check_equals(cls, value: str) -> str:
+        if not _OWNER_TARGET.match(value):
+            raise ValueError(f"{value!r} must be subject, key_id or claim.NAME")
+        return value
