@@ -599,6 +599,11 @@ class RedisCounters:
         self._rate.clear()
         self._quota.clear()
         await self._redis.aclose()
+        # Behind Sentinel the master's client does not close the sentinels' own clients.
+        pool = getattr(self._redis, "connection_pool", None)
+        sentinel = getattr(pool, "sentinel_manager", None)
+        for client in sentinel.sentinels if sentinel is not None else ():
+            await client.aclose()
 
 
 def lease_size(limit: int, lease_fraction: float) -> int:
