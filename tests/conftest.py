@@ -118,17 +118,19 @@ def start_gateway(
     config_path = workdir / "apishield.yaml"
     config_path.write_text(yaml.safe_dump(config))
     stderr_path = workdir / "gateway.stderr"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "apishield", "serve", "--config", str(config_path),
-         "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=stderr_path.open("wb"),
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    with stderr_path.open("wb") as stderr_file:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "apishield", "serve", "--config", str(config_path),
+             "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr_file,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     try:
         wait_for_port(port, process)
     except RuntimeError as exc:
         process.kill()
+        process.wait()
         raise RuntimeError(f"{exc}\n{stderr_path.read_text()}") from None
     return RunningGateway(f"http://127.0.0.1:{port}", port, process, access_log, stderr_path,
                           config_path)

@@ -249,7 +249,8 @@ def test_demo_serves_and_stops_on_sigint(tmp_path):
         for line in process.stdout:
             lines.put(line)
 
-    threading.Thread(target=pump, daemon=True).start()
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
     try:
         url = None
         deadline = time.monotonic() + 20
@@ -282,7 +283,10 @@ def test_demo_serves_and_stops_on_sigint(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait(5)
+        pumper.join(5)  # the pipe is at its end once the process is gone
+        process.stdout.close()
     stderr = process.stderr.read()
+    process.stderr.close()
     assert "Traceback" not in stderr, stderr
     assert "stopped" in stderr
 

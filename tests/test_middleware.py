@@ -117,15 +117,17 @@ async def test_websocket_refused_unless_allowed(tmp_path):
 @pytest.fixture
 def uvicorn_server():
     port = free_port()
-    process = subprocess.Popen(
+    with subprocess.Popen(  # leaving the block closes the stderr pipe and reaps the process
         [sys.executable, "-m", "uvicorn", "tests.middleware_app:app", "--port", str(port),
          "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    wait_for_port(port, process)
-    yield f"http://127.0.0.1:{port}", port
-    process.terminate()
-    process.wait(10)
+    ) as process:
+        try:
+            wait_for_port(port, process)
+            yield f"http://127.0.0.1:{port}", port
+        finally:
+            process.terminate()
+            process.wait(10)
 
 
 def test_under_real_uvicorn(uvicorn_server):

@@ -243,14 +243,14 @@ def test_log_only_lets_contract_refusals_through(gw):
 
 async def receive_form(request: Request) -> JSONResponse:
     """What Starlette (python-multipart underneath) makes of the form."""
-    form = await request.form()
     seen: dict[str, list] = {}
-    for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            seen.setdefault(name, []).append({"filename": value.filename,
-                                              "size": len(await value.read())})
-        else:
-            seen.setdefault(name, []).append(value)
+    async with request.form() as form:  # closes the uploads' spooled temporary files
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                seen.setdefault(name, []).append({"filename": value.filename,
+                                                  "size": len(await value.read())})
+            else:
+                seen.setdefault(name, []).append(value)
     return JSONResponse(seen)
 
 
