@@ -335,6 +335,12 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
                 return b""
             if self.error is not None:
                 raise self.error
+            if self.paused and self.transport:
+                # Everything buffered was taken (UpstreamResponse takes the first pieces
+                # whole): reading must resume, or the upstream is never read again and the
+                # request ends in a 504 after read_timeout (seen under load, issue 11).
+                self.paused = False
+                self.transport.resume_reading()
             self.waiter = self.loop.create_future()
             self.expire_at(self.pool.read_timeout, self._timeout)
             try:
