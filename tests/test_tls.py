@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from apishield.config import config_from_dict
 from apishield.http.plain_http import redirect_host
 from apishield.http.tls import ServerTls, cert_info, client_identity
-from tests.conftest import DATA, RunningGateway, free_port, raw_exchange
+from tests.conftest import DATA, RunningGateway, free_port, raw_exchange, wait_for_port
 from tests.upstream_server import UpstreamServer, stop
 
 pytestmark = pytest.mark.timeout(60)
@@ -150,8 +150,11 @@ def certs(tmp_path: Path, ca: trustme.CA) -> tuple[Path, Path]:
 
 def start_tls(make_gateway: Any, certs: tuple[Path, Path], **tls: Any) -> RunningGateway:
     overrides = tls.pop("overrides", {})
-    return make_gateway({"tls": {"cert": str(certs[0]), "key": str(certs[1]), **tls},
-                         **overrides})
+    gw = make_gateway({"tls": {"cert": str(certs[0]), "key": str(certs[1]), **tls},
+                       **overrides})
+    if "plain_http" in tls:  # opened just after the TLS listener the fixture waited for
+        wait_for_port(tls["plain_http"]["port"], gw.process)
+    return gw
 
 
 def https_client(ca: trustme.CA, **kwargs: Any) -> httpx.Client:
