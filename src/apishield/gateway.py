@@ -21,6 +21,8 @@ from collections.abc import Callable
 from functools import lru_cache
 from urllib.parse import urlsplit
 
+from apishield.admin.app import AdminApp, read_token
+from apishield.admin.listener import AdminListener
 from apishield.auth.identity import identity_headers
 from apishield.config import Config, ConfigError
 from apishield.contract.loader import Contract, load_contract
@@ -91,9 +93,11 @@ class Gateway:
         *,
         tls: ServerTls | None = None,
         upstream_tls: ssl.SSLContext | None = None,
+        admin_token: bytes | None = None,
     ) -> None:
         """`tls`: the listener terminates TLS (and the pipeline sends HSTS); `upstream_tls`:
-        the client context for an https upstream (default: the system's, verified)."""
+        the client context for an https upstream (default: the system's, verified);
+        `admin_token`: the admin API's bearer token (`read_token`)."""
         assert config.upstream is not None
         self.config = config
         self.contract = contract
@@ -121,6 +125,7 @@ class Gateway:
         self.buffered_bytes = 0
         self.max_buffered_bytes = config.responses.max_buffered_bytes
         self.cutter = Cutter()
+        self.admin_token = admin_token
         # set by start_pool(), which serve() calls before any connection is accepted
         self.loop: asyncio.AbstractEventLoop
 
@@ -249,6 +254,28 @@ class Gateway:
             return Reply(response.status, headers, response.body, None, response.content_length)
         return Reply(response.status, headers, response.body, response, response.content_length)
 
+    def admin_app(self) -> AdminApp:
+        """The admin API over this gateway (it reads the pipeline in force at each call)."""
+        return AdminApp(config=lambda: self.config, readiness=self.readiness,
+                        gauges=self.gauges, reload=None, token=self.admin_token)
+
+    async def readiness(self) -> list[str]:
+        """What keeps the gateway from serving well (`GET /readyz`), each `part: why`."""
+        failing: list[str] = []
+        pool = self.pool
+        if pool is None:
+            failing.append("upstream: the gateway has not started")
+        elif not pool.reached:
+            why = await pool.probe()  # no request went through yet: try a connection
+            if why is not None:
+                failing.append(f"upstream: {pool.host}:{pool.port} was never reached ({why})")
+        failing += self.pipeline.state_problems()
+        return failing
+
+    def gauges(self) -> dict[str, float]:
+        """Values read when Prometheus scrapes."""
+        return {"apishield_bans_active": float(self.pipeline.bans.active())}
+
     async def close(self) -> None:
         self.cutter.close()
         if self.pool is not None:
@@ -276,9 +303,15 @@ def build_gateway(config: Config) -> Gateway:
         client_tls = upstream_context(config)
     except ConfigError as exc:
         problems += exc.problems
+    admin_token: bytes | None = None
+    try:
+        admin_token = read_token(config)
+    except ConfigError as exc:
+        problems += exc.problems
     if problems or contract is None:
         raise ConfigError(problems)
-    return Gateway(config, contract, tls=listener_tls, upstream_tls=client_tls)
+    return Gateway(config, contract, tls=listener_tls, upstream_tls=client_tls,
+                   admin_token=admin_token)
 
 
 # Signals whose default action would end the process: each is handled, so none can stop
@@ -387,6 +420,19 @@ async def serve(
         plain_address = plain.sockets[0].getsockname()
         logger.info("plain http on http://%s:%d: %s", plain_address[0], plain_address[1],
                     "redirected to https" if responder.mode == "redirect" else "refused")
+    admin: AdminListener | None = None
+    if gateway.config.admin is not None:
+        admin = AdminListener(gateway.admin_app())
+        try:
+            admin_address = await admin.start(gateway.config.admin.host,
+                                              gateway.config.admin.port)
+        except OSError:
+            server.close()
+            if plain is not None:
+                plain.close()
+            raise
+        logger.info("admin API on http://%s:%d (%s)", admin_address[0], admin_address[1],
+                    "bearer token required" if gateway.admin_token else "loopback, no token")
     if ready is not None:
         ready.set_result((address[0], address[1]))
     try:
@@ -399,6 +445,8 @@ async def serve(
             responder.close()
         if watcher is not None:
             watcher.cancel()
+        if admin is not None:
+            admin.close()
         for sig in handled:
             loop.remove_signal_handler(sig)
         for connection in list(gateway.connections):

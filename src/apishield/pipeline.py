@@ -44,6 +44,7 @@ from apishield.contract.loader import Contract
 from apishield.contract.router import Router
 from apishield.exchange import Exchange, Headers, Suspend
 from apishield.observe.accesslog import AccessLog
+from apishield.observe.metrics import METRICS
 from apishield.observe.redact import MAX_LOGGED, SCANNED, redact
 from apishield.problems import Problem, render_problem
 from apishield.state.open import open_counters
@@ -153,6 +154,7 @@ class Pipeline:
         self.response_steps = _enabled(response)
         self._response_calls = [s.on_response for s in self.response_steps]
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
+        self.metrics = METRICS if config.metrics.enabled else None
         self.mask_errors = config.responses.mask_errors
         self.response_filter = response_filter.ResponseFilter(contract, config.responses)
         self.max_filter_bytes = config.responses.max_filter_bytes
@@ -351,24 +353,42 @@ class Pipeline:
         if self.bans.watching:
             self.bans.observe(exchange, status)
         access_log = self.access_log
-        if access_log is None:
+        metrics = self.metrics
+        if access_log is None and metrics is None:
             return
         operation = exchange.operation
+        operation_id = operation.operation_id if operation is not None else None
+        seconds = time.perf_counter() - exchange.started
+        outcome = _outcome(exchange, exchange.problem)
+        reason = exchange.reason or None
+        if metrics is not None:
+            metrics.request(operation.label if operation is not None else None,
+                            exchange.request.method, status, outcome, seconds,
+                            reason)
+        if access_log is None:
+            return
         entry = exchange.entry
-        problem = exchange.problem
         access_log.record((
             exchange.id,
             exchange.request.method,
             entry.template if entry is not None else None,
-            operation.operation_id if operation is not None else None,
+            operation_id,
             status,
-            (time.perf_counter() - exchange.started) * 1000,
+            seconds * 1000,
             exchange.client_ip,
-            _outcome(exchange, problem),
-            exchange.reason or None,
+            outcome,
+            reason,
             time.time(),
             exchange.principal,
         ))
+
+    def state_problems(self) -> list[str]:
+        """The shared state store, when it is down (`GET /readyz`). Only Redis-backed
+        counters keep an outage (memory and SQLite cannot be unreachable)."""
+        outage = getattr(self.counters, "outage", None)
+        if outage is not None and outage.ongoing:
+            return [f"state: {outage.where} is unavailable ({outage.reason})"]
+        return []
 
     def close(self) -> None:
         if self.access_log is not None:

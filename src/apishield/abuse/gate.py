@@ -111,6 +111,12 @@ class BanGate:
                 "until": round(ban.until, 3), "offense": ban.offense,
             }).decode())
 
+    def active(self) -> int:
+        """Bans in force now (a metric, read at scrape time)."""
+        if self.store is None:
+            return 0
+        return len(self.store.list(time.time()))
+
     def refresh(self) -> None:
         if self.store is not None:
             self.store.refresh()

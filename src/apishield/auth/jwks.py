@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from apishield.auth.jwa import HMAC_SIZES, PublicKey, UnknownKey, VerifyKey, key_fits
 from apishield.auth.principal import AuthFailure
+from apishield.observe.metrics import METRICS
 
 if TYPE_CHECKING:
     from apishield.config import Issuer, Secret
@@ -465,6 +466,7 @@ class KeySource:
                  ssl_context: ssl.SSLContext | None = None, name: str | None = None) -> None:
         self.settings = settings
         self.label = f"issuer {name!r}" if name else f"issuer {settings.issuer!r}"
+        self.metric_label = name or settings.issuer  # config names: bounded
         self.on_removed = on_removed
         self.context = ssl_context if ssl_context is not None else ssl.create_default_context()
         # an explicit jwks_url wins: discovery would only find it again, one request later
@@ -617,8 +619,10 @@ class KeySource:
         try:
             entries, max_age = await asyncio.to_thread(self._fetch_blocking)
         except FetchError as exc:
+            METRICS.jwks_refresh(self.metric_label, "failure")
             self._failed(str(exc))
             return False
+        METRICS.jwks_refresh(self.metric_label, "success")
         self._apply(entries, max_age)
         return True
 

@@ -14,6 +14,7 @@ touching a reader.
 - `validation`: request validation bounds, payload detection
 - `responses`: security headers, CORS, response filtering
 - `observe`: access log
+- `admin`: the admin listener and metrics
 - `auth`: issuers, secrets, API keys, roles, per-operation `require` and `owner`
 - `rate_limiting`: rate limits, quotas, concurrency, IP lists, bans
 - `root`: `Config` (the whole file) and `OperationPolicy` (the per-operation override)
@@ -26,6 +27,7 @@ gather the rest), never this facade: no import cycle.
 
 from __future__ import annotations
 
+from apishield.config.admin import Admin, Metrics, is_loopback
 from apishield.config.auth import (
     ApiKeys,
     Auth,
@@ -80,6 +82,7 @@ _parse_duration = parse_duration
 
 __all__ = [
     "AccessLog",
+    "Admin",
     "ApiKeys",
     "Auth",
     "BanEvent",
@@ -100,6 +103,7 @@ __all__ = [
     "LimitKey",
     "Limits",
     "Listen",
+    "Metrics",
     "Model",
     "OperationLimits",
     "OperationPolicy",
@@ -123,6 +127,7 @@ __all__ = [
     "at",
     "config_from_dict",
     "format_validation_error",
+    "is_loopback",
     "load_config",
     "parse_duration",
     "parse_rate",

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from apishield.config.admin import Admin, Metrics
 from apishield.config.auth import Auth, Owner, Require
 from apishield.config.errors import at
 from apishield.config.observe import AccessLog
@@ -49,6 +50,8 @@ class Config(Model):
     headers: SecurityHeaders = SecurityHeaders()
     trusted_proxies: Cidrs = ()
     access_log: AccessLog = AccessLog()
+    admin: Admin | None = None  # off unless configured
+    metrics: Metrics = Metrics()
     mode: Literal["enforce", "log-only"] = "enforce"
     cors: Cors | None = None
     validation: Validation = Validation()

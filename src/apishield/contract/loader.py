@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -72,6 +73,12 @@ class Operation:
     bodies: tuple[tuple[str, Any, Path, str], ...] = field(default=(), compare=False)
     # (status key as written: "200", "2XX", "default"; media type; raw schema; file)
     responses: tuple[tuple[str, str, Any, Path], ...] = field(default=(), compare=False)
+
+    @cached_property
+    def label(self) -> str:
+        """How metrics name it: the operationId, else `METHOD /path/{template}` (bounded
+        by the contract, never a concrete path)."""
+        return self.operation_id or f"{self.method} {self.path}"
 
     @property
     def public(self) -> bool:

@@ -32,6 +32,7 @@ import httptools
 
 from apishield.exchange import Headers, connection_tokens, content_length
 from apishield.http.deadlines import HasDeadline
+from apishield.observe.metrics import METRICS
 from apishield.problems import BadGateway, GatewayTimeout, ServiceUnavailable, TooManyRequests
 
 STREAM_THRESHOLD = 64 * 1024  # buffer up to this much before switching to streaming
@@ -119,6 +120,7 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
         self.reused = False
         self.closed = False
         self.owner = ""  # the client whose request holds it (UpstreamPool's share)
+        self.sent_at = 0.0  # loop time the request was written (upstream duration)
         self._reset()
 
     def _reset(self) -> None:
@@ -148,6 +150,7 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
         # a stream Protocol is always handed an asyncio.Transport; typeshed types
         # connection_made with BaseTransport (that of every protocol kind)
         self.transport = transport  # type: ignore[assignment]
+        self.pool.reached = True  # readiness: the upstream answered a connection once
 
     def pause_writing(self) -> None:
         """The upstream reads a streamed request body slower than the client sends it."""
@@ -220,6 +223,7 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
             return
         self.status = status
         self.head_done = True
+        METRICS.upstream_duration.observe(self.loop.time() - self.sent_at)
         self.keep_alive = self.parser.should_keep_alive()
         for name, value in self.headers:
             if name == b"content-length":
@@ -288,6 +292,7 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
     def start(self, payload: bytes, *, head_only: bool) -> None:
         """Write a request (or, for a streamed body, its head) and start the read timeout."""
         self.head_only = head_only
+        self.sent_at = self.loop.time()
         self.in_flight = True
         assert self.transport is not None
         self.transport.write(payload)
@@ -314,6 +319,7 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
         self.head_only = head_only
         self.in_flight = True
         self.on_ready = on_ready
+        self.sent_at = self.loop.time()
         assert self.transport is not None
         self.transport.write(payload)
         self.expire_at(self.pool.read_timeout, self._timeout)
@@ -394,6 +400,7 @@ class UpstreamPool:
         self.busy: set[UpstreamConnection] = set()
         self.held: dict[str, int] = {}  # busy connections per client
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self.reached = False  # a connection was made once (GET /readyz)
 
     def _claim(self, conn: UpstreamConnection, owner: str) -> None:
         self.busy.add(conn)
@@ -485,6 +492,23 @@ class UpstreamPool:
             self._wake_waiter()
             raise BadGateway("upstream-unreachable") from None
         return conn
+
+    async def probe(self) -> str | None:
+        """For readiness before any request went through: open (and close) a connection;
+        None when it worked, else why not."""
+        try:
+            transport, _ = await asyncio.wait_for(
+                self.loop.create_connection(
+                    asyncio.Protocol, self.host, self.port, ssl=self.tls,
+                    server_hostname=self.host if self.tls else None),
+                self.connect_timeout)
+        except TimeoutError:
+            return f"no connection within {self.connect_timeout:g} s"
+        except (OSError, ssl.SSLError) as exc:
+            return exc.strerror or type(exc).__name__
+        transport.close()
+        self.reached = True
+        return None
 
     def release(self, conn: UpstreamConnection) -> None:
         if conn in self.busy:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Literal, TypeVar
 
 from prometheus_client.core import (
@@ -31,8 +32,6 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
-
-from apishield import __version__
 
 
 @dataclass(frozen=True)
@@ -154,6 +153,11 @@ class Metrics:
                 refusals[reason] += 1
             else:
                 _add(refusals, reason, OTHER)
+            # the reason codes say which limit refused and what failed upstream
+            if status == 429:
+                self.rate_limit(reason.removeprefix("rate-limit:"))
+            elif reason.startswith("upstream-"):
+                self.upstream_error(reason.removeprefix("upstream-"))
 
     def auth_attempt(self, scheme: str, outcome: str, reason: str) -> None:
         key = (scheme, outcome, reason)
@@ -246,7 +250,7 @@ class MetricsCollector(Collector):
                        [((k,), v) for k, v in m.config_reloads.items()])
         info = GaugeMetricFamily("apishield_build_info", METRICS_HELP["apishield_build_info"],
                                  labels=["version"])
-        info.add_metric([__version__], 1)
+        info.add_metric([_version()], 1)
         yield info
 
 
@@ -261,6 +265,15 @@ def _counter(name: str, samples: Iterable[tuple[tuple[str, ...], int]]) -> Count
     for labels, value in list(samples):
         family.add_metric(list(labels), value)
     return family
+
+
+def _version() -> str:
+    # the installed distribution's version (not `apishield.__version__`: this layer must
+    # not import the package root, which imports the front ends)
+    try:
+        return version("apishield")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree, not installed
+        return "unknown"
 
 
 def registry(metrics: Metrics = METRICS, gauges: Gauges | None = None) -> CollectorRegistry:

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from apishield.observe.metrics import METRICS
+
 logger = logging.getLogger("apishield.state")
 
 SUMMARY_EVERY = 5.0  # seconds between the counts an outage of the store logs
@@ -82,6 +84,7 @@ class StoreOutage:
 
     def request(self) -> None:
         """One request decided by `on_store_error` (refused or let through)."""
+        METRICS.state_error()
         if self.since is None:
             self.down("no answer from the store")
         self.affected += 1

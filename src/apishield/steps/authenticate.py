@@ -20,6 +20,7 @@ from apishield.auth.principal import AuthFailure, Principal
 from apishield.auth.service import NOT_PUBLIC, PUBLIC, AuthService, Plan
 from apishield.exchange import Exchange
 from apishield.observe import events
+from apishield.observe.metrics import METRICS
 from apishield.problems import AccessDenied, NotPublic, Unauthorized
 
 
@@ -84,6 +85,8 @@ class AuthenticateStep:
                 principals.append(principal)
             else:
                 exchange.principal = _merge(principals)
+                METRICS.auth_attempt(alternative[0][0].name if len(alternative) == 1 else
+                                     "+".join(a.name for a, _ in alternative), "success", "ok")
                 return
         if denied is not None:
             principal, scopes = denied
@@ -98,11 +101,13 @@ class AuthenticateStep:
         if failure is not None:
             scheme, first = failure
             events.authn_failure(exchange, scheme, first)
+            METRICS.auth_attempt(scheme, "failure", first.reason)
             refusal = Unauthorized(first.reason, headers=self._challenges(plan, invalid=True))
             refusal.subject = first.subject  # the account tried, when known (ban rules)
             raise refusal
         if plan.anonymous:
             return
+        METRICS.auth_attempt("none", "failure", "credentials-missing")
         raise Unauthorized("credentials-missing", headers=self._challenges(plan, invalid=False))
 
     def _challenges(self, plan: Plan, *, invalid: bool) -> list[tuple[bytes, bytes]]:

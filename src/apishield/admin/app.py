@@ -1,0 +1,185 @@
+"""The admin API itself, served by both front ends (see the package docstring).
+
+    GET  /healthz   200 while the process runs (no token needed: it tells nothing)
+    GET  /readyz    200 when the contract is compiled, the upstream was reached at least once
+                    and the state store answers; else 503 naming each failing part
+    GET  /metrics   Prometheus text format (OpenMetrics when the scraper asks for it)
+    GET  /config    the effective config, secrets masked
+    POST /reload    re-read config and contract now (the same as SIGHUP)
+
+Errors are RFC 9457 problem documents. With a token configured every path but `/healthz`
+needs `Authorization: Bearer <token>`, compared in constant time; a failed attempt is a
+security event. Every call is logged (who, what, the status).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from prometheus_client.exposition import choose_encoder
+
+from apishield.config import Config, ConfigError
+from apishield.observe.metrics import Gauges, registry
+
+logger = logging.getLogger("apishield.admin")
+security_log = logging.getLogger("apishield.security")
+
+JSON = b"application/json"
+PROBLEM = b"application/problem+json"
+Headers = list[tuple[bytes, bytes]]
+_QUIET = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: logged only when failing
+
+
+@dataclass
+class AdminResponse:
+    status: int
+    body: bytes
+    content_type: bytes = JSON
+    headers: Headers = field(default_factory=list)
+
+
+@dataclass
+class ReloadReport:
+    """What a reload did, as `POST /reload` answers it: `outcome` is succeeded, unchanged
+    or failed (then `problems` says why, each with its location)."""
+
+    outcome: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+Reload = Callable[[str], Awaitable[ReloadReport]]
+Readiness = Callable[[], Awaitable[list[str]]]
+
+
+def _problem(status: int, slug: str, title: str, detail: str,
+             headers: Headers | None = None) -> AdminResponse:
+    body = orjson.dumps({"type": f"https://apishield.dev/problems/{slug}", "title": title,
+                         "status": status, "detail": detail})
+    return AdminResponse(status, body, PROBLEM, headers or [])
+
+
+class AdminApp:
+    def __init__(
+        self,
+        *,
+        config: Callable[[], Config],
+        readiness: Readiness,
+        gauges: Gauges,
+        reload: Reload | None,
+        token: bytes | None,
+    ) -> None:
+        """`config`: the config now in force (it changes on reload); `readiness`: the
+        failing parts, none when ready; `gauges`: values read at scrape time; `reload`:
+        None where the front end cannot reload; `token`: the bearer token, or None on a
+        loopback listener without one."""
+        self._config = config
+        self._readiness = readiness
+        self._reload = reload
+        self._token = token
+        self._registry = registry(gauges=gauges)
+        self._routes: dict[str, dict[str, Callable[[bytes], Awaitable[AdminResponse]]]] = {
+            "/healthz": {"GET": self._healthz},
+            "/readyz": {"GET": self._readyz},
+            "/metrics": {"GET": self._metrics},
+            "/config": {"GET": self._config_view},
+            "/reload": {"POST": self._reload_now},
+        }
+
+    async def handle(self, method: str, path: str, authorization: bytes | None,
+                     accept: bytes, client: str) -> AdminResponse:
+        """Answer one admin request; `path` is relative to where the app is mounted."""
+        response = await self._answer(method, path, authorization, accept, client)
+        if path not in _QUIET or response.status >= 400:
+            # scrapes and probes every few seconds would drown everything else
+            logger.info("admin %s %s from %s: %d", method, path, client, response.status)
+        return response
+
+    async def _answer(self, method: str, path: str, authorization: bytes | None,
+                      accept: bytes, client: str) -> AdminResponse:
+        routes = self._routes.get(path)
+        if path != "/healthz" and not self._authorized(authorization):
+            security_log.warning("admin API: %s from %s on %s",
+                                 "bad token" if authorization else "no token", client, path)
+            return _problem(401, "unauthorized", "Unauthorized",
+                            "The admin API needs Authorization: Bearer <token>.",
+                            [(b"www-authenticate", b'Bearer realm="apishield-admin"')])
+        if routes is None:
+            return _problem(404, "not-found", "Not Found", f"No admin endpoint {path}; "
+                            "there are /healthz, /readyz, /metrics, /config and /reload.")
+        handler = routes.get(method) or (routes.get("GET") if method == "HEAD" else None)
+        if handler is None:
+            return _problem(405, "method-not-allowed", "Method Not Allowed",
+                            f"{path} answers {', '.join(routes)} only.",
+                            [(b"allow", ", ".join(routes).encode())])
+        return await handler(accept)
+
+    def _authorized(self, authorization: bytes | None) -> bool:
+        if self._token is None:
+            return True
+        if authorization is None:
+            return False
+        scheme, _, credential = authorization.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(),
+                                                                   self._token)
+
+    async def _healthz(self, accept: bytes) -> AdminResponse:
+        return AdminResponse(200, b'{"status":"alive"}')
+
+    async def _readyz(self, accept: bytes) -> AdminResponse:
+        failing = await self._readiness()
+        if failing:
+            return AdminResponse(503, orjson.dumps({"status": "not-ready",
+                                                    "failing": failing}))
+        return AdminResponse(200, b'{"status":"ready"}')
+
+    async def _metrics(self, accept: bytes) -> AdminResponse:
+        encoder, content_type = choose_encoder(accept.decode("latin-1"))
+        return AdminResponse(200, encoder(self._registry), content_type.encode())
+
+    async def _config_view(self, accept: bytes) -> AdminResponse:
+        from apishield.admin.masking import masked_config
+
+        return AdminResponse(200, orjson.dumps(masked_config(self._config()),
+                                               option=orjson.OPT_INDENT_2))
+
+    async def _reload_now(self, accept: bytes) -> AdminResponse:
+        if self._reload is None:
+            return _problem(501, "reload-unsupported", "Not Implemented",
+                            "This front end cannot reload its config: restart it.")
+        report = await self._reload("admin")
+        status = 422 if report.outcome == "failed" else 200
+        return AdminResponse(status, orjson.dumps({"outcome": report.outcome,
+                                                   **report.details}))
+
+
+def read_token(config: Config) -> bytes | None:
+    """The admin bearer token from `admin.token_env` / `admin.token_file` (None when
+    neither is set); a missing variable or unreadable or empty file is a ConfigError."""
+    admin = config.admin
+    if admin is None or not admin.protected:
+        return None
+    if admin.token_env is not None:
+        value = os.environ.get(admin.token_env, "")
+        where = f"admin.token_env: environment variable {admin.token_env}"
+    else:
+        assert admin.token_file is not None
+        path = config.resolve(admin.token_file)
+        where = f"admin.token_file: {path}"
+        try:
+            value = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"{where} cannot be read ({exc.strerror})"]) from None
+    token = value.strip()
+    if not token:
+        raise ConfigError([f"{where} is empty or unset: put the admin bearer token there"])
+    if len(token) < 16:
+        raise ConfigError([f"{where} holds a token of {len(token)} characters: use at least "
+                           "16 random ones (e.g. `python -c 'import secrets; "
+                           "print(secrets.token_urlsafe(32))'`)"])
+    return token.encode()
