@@ -6,7 +6,11 @@ fails here the way it would fail a Prometheus scrape.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -15,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from apishield.config import config_from_dict
 from apishield.observe.metrics import METRIC_SPECS
-from tests.conftest import free_port
+from tests.conftest import DATA, free_port
 
 TOKEN = "admin-token-for-tests-0123456789"
 
@@ -184,8 +188,6 @@ def test_a_missing_or_short_token_stops_the_start(tmp_path: Any, upstream_url: s
     from apishield.config import ConfigError
     from apishield.gateway import build_gateway
 
-    from .conftest import DATA
-
     monkeypatch.delenv("APISHIELD_UNSET_TOKEN", raising=False)
     monkeypatch.setenv("APISHIELD_SHORT_TOKEN", "short")
     for env, message in (("APISHIELD_UNSET_TOKEN", "is empty or unset"),
@@ -225,3 +227,19 @@ def test_malformed_and_oversized_requests_are_refused(
     with httpx.Client() as client:
         assert client.get(f"{admin}/healthz").status_code == 200
         assert client.get(f"{admin}/readyz").status_code == 200
+
+
+def test_check_warns_of_an_admin_api_on_the_network(tmp_path: Any) -> None:
+    for name in ("contract.yaml", "paths.yaml"):
+        shutil.copy(DATA / name, tmp_path / name)
+    config = tmp_path / "apishield.yaml"
+    config.write_text("contract: contract.yaml\nupstream: {url: 'http://127.0.0.1:9'}\n"
+                      "admin: {host: 0.0.0.0, token_env: APISHIELD_TEST_CHECK_TOKEN}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "apishield", "check", "--config", str(config)],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={**os.environ, "APISHIELD_TEST_CHECK_TOKEN": TOKEN})
+    assert result.returncode == 0, result.stderr
+    assert ("warning: admin.host: 0.0.0.0 serves the admin API over plain HTTP to other "
+            "hosts") in result.stderr
+    assert TOKEN not in result.stderr

@@ -39,6 +39,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from apishield.admin.app import AdminApp, read_token
+from apishield.admin.asgi import AdminMount
 from apishield.auth.identity import identity_headers
 from apishield.config import Config, load_config
 from apishield.contract.loader import load_contract
@@ -80,10 +82,26 @@ class ApiShieldMiddleware:
         self._flusher: asyncio.Task[None] | None = None
         self._lifespan_seen = False  # a lifespan server tells us when it stops
         self._in_flight = 0  # requests, counted only without lifespan
+        self.admin = self._admin_mount()
         limits = self.config.limits
         self._max_url = limits.max_url_length
         self._max_header_bytes = limits.max_header_bytes
         self._max_header_count = limits.max_header_count
+
+    def _admin_mount(self) -> AdminMount | None:
+        """The admin API under `admin.path` (see admin/asgi.py), when configured."""
+        admin = self.config.admin
+        if admin is None:
+            return None
+        app = AdminApp(config=lambda: self.config, readiness=self._readiness,
+                       gauges=lambda: {
+                           "apishield_bans_active": float(self.pipeline.bans.active())},
+                       reload=None, token=read_token(self.config))
+        return AdminMount(app, admin.path, protected=admin.protected)
+
+    async def _readiness(self) -> list[str]:
+        """The wrapped app is in this process: only the state store can be unreachable."""
+        return self.pipeline.state_problems()
 
     def _new_pipeline(self) -> Pipeline:
         pipeline = Pipeline(self.config, self.contract)
@@ -105,7 +123,9 @@ class ApiShieldMiddleware:
             if self.pipeline.access_log is not None:
                 self._flusher = asyncio.create_task(self._flush_when_cancelled(self.pipeline))
         if kind == "http":
-            if self._lifespan_seen:
+            if self.admin is not None and self.admin.matches(scope["path"]):
+                await self.admin(scope, send)
+            elif self._lifespan_seen:
                 await self._http(scope, receive, send)
             else:
                 await self._http_unannounced_end(scope, receive, send)

@@ -133,6 +133,13 @@ def config_warnings(gateway: Gateway) -> list[str]:
             "upstream.tls.verify: false: the upstream's certificate is not checked, so anyone "
             "on the path can impersonate it; give its CA with upstream.tls.ca instead"
         )
+    admin = config.admin
+    if admin is not None and not _is_loopback(admin.host):
+        found.append(
+            f"admin.host: {admin.host or '(all addresses)'} serves the admin API over plain "
+            "HTTP to other hosts, so its bearer token and the config it shows cross the "
+            "network in clear text (checklist C1, C4); bind it to 127.0.0.1, or reach it "
+            "through a TLS-terminating proxy or a private network only")
     found += security_warnings(gateway.pipeline)
     return found
 
