@@ -361,3 +361,28 @@ def test_every_problem_is_reported_at_once(tmp_path):
             "operations.a.public: Input should be a valid boolean, unable to interpret input",
         ]
     )
+
+
+def test_yaml_1_2_booleans_only(tmp_path):
+    """`on:` (a ban rule's key) and `off`/`yes`/`no` values stay strings, as in YAML 1.2;
+    PyYAML's YAML 1.1 default made the documented ban rules fail to load."""
+    from apishield.config import load_config
+    from apishield.config.loading import read_yaml
+
+    path = tmp_path / "apishield.yaml"
+    path.write_text(
+        "contract: openapi.yaml\n"
+        "headers: {hsts: off}\n"
+        "access_log: {enabled: no}\n"
+        "rate_limiting:\n"
+        "  bans:\n"
+        "    rules:\n"
+        "      - {name: stuffing, on: authn-failure, by: ip, threshold: 10, window: 1m,"
+        " duration: 15m}\n")
+    config = load_config(path)
+    assert config.rate_limiting.bans.rules[0].on == ("authn-failure",)
+    assert config.headers.hsts == "off"
+    assert config.access_log.enabled is False
+    enum = tmp_path / "enum.yaml"
+    enum.write_text("enum: [yes, no, on, off, y, n, true, False]\n")
+    assert read_yaml(enum) == {"enum": ["yes", "no", "on", "off", "y", "n", True, False]}

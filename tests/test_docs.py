@@ -66,3 +66,44 @@ def test_pipeline_order_is_the_documented_one():
                               source_dir=data)
     for phase in Pipeline(config, load_contract(config)).order:
         assert " -> ".join(phase) in text
+
+
+def _yaml_blocks() -> list[tuple[str, int, str]]:
+    """(file, line, text) of every ```yaml block in the docs and the README."""
+    blocks = []
+    for path in [*sorted(DOCS.glob("*.md")), DOCS.parent / "README.md"]:
+        lines = path.read_text().splitlines()
+        start = None
+        for number, line in enumerate(lines, 1):
+            if start is None and line.strip() == "```yaml":
+                start = number
+            elif start is not None and line.strip() == "```":
+                blocks.append((path.name, start, "\n".join(lines[start:number - 1])))
+                start = None
+    return blocks
+
+
+def test_every_config_example_in_the_docs_loads_as_written():
+    """A block whose keys are config keys is validated by the config loader exactly as
+    written (a fragment without `contract:` gets one: the loader requires it, the example
+    is about something else). Contract examples (`openapi:` or `paths:`) are skipped here:
+    they are fragments of a document by nature."""
+    import yaml
+
+    from apishield.config import ConfigError
+    from apishield.config.loading import YamlLoader
+
+    fields = set(Config.model_fields)
+    checked = 0
+    for name, line, text in _yaml_blocks():
+        data = yaml.load(text, Loader=YamlLoader)  # as apishield reads its config
+        if not isinstance(data, dict) or "openapi" in data or "paths" in data:
+            continue
+        unknown = set(data) - fields
+        assert not unknown, f"{name}:{line}: not config keys: {sorted(unknown)}"
+        try:
+            config_from_dict({"contract": "openapi.yaml", **data}, source_dir=DOCS)
+        except ConfigError as exc:
+            raise AssertionError(f"{name}:{line}: {exc.problems}") from None
+        checked += 1
+    assert checked >= 8

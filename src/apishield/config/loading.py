@@ -9,6 +9,7 @@ makes many small objects and the GC passes dominated load time.
 from __future__ import annotations
 
 import gc
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,30 @@ from apishield.config.errors import ConfigError, format_validation_error
 from apishield.config.root import Config
 
 try:  # libyaml's parser (the constructor stays Python); PyYAML wheels ship it
-    from yaml import CSafeLoader as YamlLoader
+    from yaml import CSafeLoader as _BaseLoader
 except ImportError:  # pragma: no cover - pure-Python fallback
     # a sibling class, not a subclass: mypy types the name by the first import
-    from yaml import SafeLoader as YamlLoader  # type: ignore[assignment]
+    from yaml import SafeLoader as _BaseLoader  # type: ignore[assignment]
+
+
+class YamlLoader(_BaseLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false (any case) are.
+
+    PyYAML resolves plain scalars by YAML 1.1, where `on`, `off`, `yes`, `no`, `y`, `n`
+    are booleans too: a ban rule written `{on: authn-failure}` (docs/rate-limiting.md)
+    became `{True: authn-failure}` and did not load, and a contract's `enum: [yes, no]`
+    would have become booleans. YAML 1.2 (2009; the version OpenAPI 3.1 names) drops them,
+    so here they stay strings; a boolean config key still accepts `yes`/`on` (the models
+    read those strings as true)."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in _BaseLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"))
 
 
 def read_yaml(path: Path) -> Any:
@@ -36,7 +57,7 @@ def read_yaml(path: Path) -> Any:
     collecting = gc.isenabled()
     gc.disable()  # the constructor makes ~100k objects a MB: cyclic GC passes tripled load time
     try:
-        return yaml.load(text, Loader=YamlLoader)
+        return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
