@@ -107,3 +107,14 @@ def test_every_config_example_in_the_docs_loads_as_written():
             raise AssertionError(f"{name}:{line}: {exc.problems}") from None
         checked += 1
     assert checked >= 8
+
+
+def test_every_metric_is_documented_with_its_type_and_labels():
+    from apishield.observe.metrics import METRIC_SPECS
+
+    text = (DOCS / "observability.md").read_text()
+    row = r"^\| `(apishield_[a-z_]+)` \| (\w+) \|([^|]*)\|"
+    documented = {name: (kind, tuple(re.findall(r"`(\w+)`", labels)))
+                  for name, kind, labels in re.findall(row, text, flags=re.MULTILINE)}
+    assert documented == {name: (spec.kind, spec.labels)
+                          for name, spec in METRIC_SPECS.items()}

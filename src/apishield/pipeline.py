@@ -44,8 +44,9 @@ from apishield.contract.loader import Contract
 from apishield.contract.router import Router
 from apishield.exchange import Exchange, Headers, Suspend
 from apishield.observe.accesslog import AccessLog
-from apishield.observe.metrics import METRICS
+from apishield.observe.metrics import METRICS, UNMATCHED
 from apishield.observe.redact import MAX_LOGGED, SCANNED, redact
+from apishield.observe.usage import USAGE
 from apishield.problems import Problem, render_problem
 from apishield.state.open import open_counters
 from apishield.steps import (
@@ -362,9 +363,11 @@ class Pipeline:
         outcome = _outcome(exchange, exchange.problem)
         reason = exchange.reason or None
         if metrics is not None:
-            metrics.request(operation.label if operation is not None else None,
-                            exchange.request.method, status, outcome, seconds,
-                            reason)
+            label = operation.label if operation is not None else None
+            metrics.request(label, exchange.request.method, status, outcome, seconds, reason)
+            principal = exchange.principal
+            USAGE.count(None if principal is None else principal.key_id or principal.subject,
+                        label or UNMATCHED, outcome == "refused", time.time())
         if access_log is None:
             return
         entry = exchange.entry

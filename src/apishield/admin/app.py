@@ -6,6 +6,7 @@
     GET  /metrics   Prometheus text format (OpenMetrics when the scraper asks for it)
     GET  /config    the effective config, secrets masked
     POST /reload    re-read config and contract now (the same as SIGHUP)
+    GET  /usage     requests and refusals per identity and operation (`?top=N`)
 
 Errors are RFC 9457 problem documents. With a token configured every path but `/healthz`
 needs `Authorization: Bearer <token>`, compared in constant time; a failed attempt is a
@@ -20,12 +21,14 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from prometheus_client.exposition import choose_encoder
 
 from apishield.config import Config, ConfigError
 from apishield.observe.metrics import Gauges, registry
+from apishield.observe.usage import USAGE
 
 logger = logging.getLogger("apishield.admin")
 security_log = logging.getLogger("apishield.security")
@@ -51,6 +54,14 @@ class ReloadReport:
 
     outcome: str
     details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a handler may read of the request (no endpoint takes a body)."""
+
+    accept: bytes
+    query: str
 
 
 Reload = Callable[[str], Awaitable[ReloadReport]]
@@ -83,25 +94,26 @@ class AdminApp:
         self._reload = reload
         self._token = token
         self._registry = registry(gauges=gauges)
-        self._routes: dict[str, dict[str, Callable[[bytes], Awaitable[AdminResponse]]]] = {
+        self._routes: dict[str, dict[str, Callable[[Call], Awaitable[AdminResponse]]]] = {
             "/healthz": {"GET": self._healthz},
             "/readyz": {"GET": self._readyz},
             "/metrics": {"GET": self._metrics},
             "/config": {"GET": self._config_view},
             "/reload": {"POST": self._reload_now},
+            "/usage": {"GET": self._usage},
         }
 
     async def handle(self, method: str, path: str, authorization: bytes | None,
-                     accept: bytes, client: str) -> AdminResponse:
+                     accept: bytes, client: str, query: str = "") -> AdminResponse:
         """Answer one admin request; `path` is relative to where the app is mounted."""
-        response = await self._answer(method, path, authorization, accept, client)
+        response = await self._answer(method, path, authorization, accept, client, query)
         if path not in _QUIET or response.status >= 400:
             # scrapes and probes every few seconds would drown everything else
             logger.info("admin %s %s from %s: %d", method, path, client, response.status)
         return response
 
     async def _answer(self, method: str, path: str, authorization: bytes | None,
-                      accept: bytes, client: str) -> AdminResponse:
+                      accept: bytes, client: str, query: str) -> AdminResponse:
         routes = self._routes.get(path)
         if path != "/healthz" and not self._authorized(authorization):
             security_log.warning("admin API: %s from %s on %s",
@@ -111,13 +123,14 @@ class AdminApp:
                             [(b"www-authenticate", b'Bearer realm="apishield-admin"')])
         if routes is None:
             return _problem(404, "not-found", "Not Found", f"No admin endpoint {path}; "
-                            "there are /healthz, /readyz, /metrics, /config and /reload.")
+                            "there are /healthz, /readyz, /metrics, /config, /reload and "
+                            "/usage.")
         handler = routes.get(method) or (routes.get("GET") if method == "HEAD" else None)
         if handler is None:
             return _problem(405, "method-not-allowed", "Method Not Allowed",
                             f"{path} answers {', '.join(routes)} only.",
                             [(b"allow", ", ".join(routes).encode())])
-        return await handler(accept)
+        return await handler(Call(accept, query))
 
     def _authorized(self, authorization: bytes | None) -> bool:
         if self._token is None:
@@ -128,27 +141,27 @@ class AdminApp:
         return scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(),
                                                                    self._token)
 
-    async def _healthz(self, accept: bytes) -> AdminResponse:
+    async def _healthz(self, call: Call) -> AdminResponse:
         return AdminResponse(200, b'{"status":"alive"}')
 
-    async def _readyz(self, accept: bytes) -> AdminResponse:
+    async def _readyz(self, call: Call) -> AdminResponse:
         failing = await self._readiness()
         if failing:
             return AdminResponse(503, orjson.dumps({"status": "not-ready",
                                                     "failing": failing}))
         return AdminResponse(200, b'{"status":"ready"}')
 
-    async def _metrics(self, accept: bytes) -> AdminResponse:
-        encoder, content_type = choose_encoder(accept.decode("latin-1"))
+    async def _metrics(self, call: Call) -> AdminResponse:
+        encoder, content_type = choose_encoder(call.accept.decode("latin-1"))
         return AdminResponse(200, encoder(self._registry), content_type.encode())
 
-    async def _config_view(self, accept: bytes) -> AdminResponse:
+    async def _config_view(self, call: Call) -> AdminResponse:
         from apishield.admin.masking import masked_config
 
         return AdminResponse(200, orjson.dumps(masked_config(self._config()),
                                                option=orjson.OPT_INDENT_2))
 
-    async def _reload_now(self, accept: bytes) -> AdminResponse:
+    async def _reload_now(self, call: Call) -> AdminResponse:
         if self._reload is None:
             return _problem(501, "reload-unsupported", "Not Implemented",
                             "This front end cannot reload its config: restart it.")
@@ -156,6 +169,17 @@ class AdminApp:
         status = 422 if report.outcome == "failed" else 200
         return AdminResponse(status, orjson.dumps({"outcome": report.outcome,
                                                    **report.details}))
+
+
+    async def _usage(self, call: Call) -> AdminResponse:
+        top = 100
+        for name, value in parse_qsl(call.query):
+            if name == "top":
+                if not value.isdigit() or not 1 <= int(value) <= 10_000:
+                    return _problem(400, "bad-parameter", "Bad Request",
+                                    "top must be a whole number from 1 to 10000.")
+                top = int(value)
+        return AdminResponse(200, orjson.dumps(USAGE.report(top)))
 
 
 def read_token(config: Config) -> bytes | None:

@@ -42,7 +42,8 @@ class AdminMount:
             headers = dict(scope.get("headers") or [])
             response = await self.app.handle(
                 scope["method"], path, headers.get(b"authorization"),
-                headers.get(b"accept", b""), host)
+                headers.get(b"accept", b""), host,
+                bytes(scope.get("query_string") or b"").decode("latin-1"))
         await _send(response, send, head_only=scope["method"] == "HEAD")
 
 

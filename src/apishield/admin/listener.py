@@ -90,25 +90,28 @@ class AdminConnection(asyncio.Protocol):
         self.transport.pause_reading()  # one request at a time
         method = self.parser.get_method().decode("latin-1")
         try:
-            path = httptools.parse_url(self.url).path.decode("latin-1")
+            url = httptools.parse_url(self.url)
         except httptools.HttpParserInvalidURLError:
             self._fail(400, "malformed request target")
             return
+        path = url.path.decode("latin-1")
+        query = (url.query or b"").decode("latin-1")
         keep_alive = self.parser.should_keep_alive()
         authorization, accept = self.authorization, self.accept
         self._reset()
         self._task = self.loop.create_task(
-            self._respond(method, path, authorization, accept, keep_alive))
+            self._respond(method, path, query, authorization, accept, keep_alive))
 
     def _count_head(self, size: int) -> None:
         self.head_bytes += size
         if self.head_bytes > MAX_HEAD:
             raise httptools.HttpParserError("request head too large")
 
-    async def _respond(self, method: str, path: str, authorization: bytes | None,
-                       accept: bytes, keep_alive: bool) -> None:
+    async def _respond(self, method: str, path: str, query: str,
+                       authorization: bytes | None, accept: bytes, keep_alive: bool) -> None:
         try:
-            response = await self.app.handle(method, path, authorization, accept, self.client)
+            response = await self.app.handle(method, path, authorization, accept, self.client,
+                                             query)
         except Exception:
             logger.exception("admin API: %s %s failed", method, path)
             response = AdminResponse(500, b'{"status":500,"title":"Internal Server Error"}',
