@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +26,7 @@ from apishield.auth.jwks import KeySource, StaticKeys
 from apishield.auth.jws import TokenVerifier, UnknownKey
 from apishield.auth.principal import AuthFailure, Principal
 from apishield.auth.token_cache import TokenCache
-from apishield.config import Issuer
+from apishield.config import ConfigError, Issuer, config_from_dict
 from apishield.exchange import Exchange, Request
 from tests.issuer_server import (
     AUDIENCE,
@@ -151,11 +152,115 @@ def test_hs_secret_shorter_than_hash_is_a_build_error(monkeypatch: pytest.Monkey
     settings = Issuer.model_validate({"issuer": "https://idp", "audiences": ["a"],
                                       "algorithms": ["HS256", "HS512"],
                                       "shared_secret": {"env": "TEST_HS_SHORT"}})
-    with pytest.raises(ValueError, match=r"40 bytes; HS512 needs at least 64.*RFC 7518 3.2"):
+    with pytest.raises(ConfigError) as caught:
         TokenVerifier("hs", settings, None, "bearer")
+    # located at the issuer's secret, not at the scheme that uses it
+    assert caught.value.problems[0].startswith(
+        "auth.issuers.hs.shared_secret: is 40 bytes; HS512 needs at least 64 (the hash "
+        "output size, RFC 7518 3.2)")
+    assert "allow_weak_secret: true" in caught.value.problems[0]
     monkeypatch.delenv("TEST_HS_SHORT")
     with pytest.raises(ValueError, match="TEST_HS_SHORT is not set"):
         TokenVerifier("hs", settings, None, "bearer")
+
+
+@pytest.mark.parametrize(("secret", "why"), [
+    (b"secret6", "is 7 bytes; HS256 needs at least 32"),
+    (b"a-string-secret-at-least-256-bits-long", "well-known secret"),
+    (b"  A-String-Secret-At-Least-256-Bits-Long ", "well-known secret"),
+    (b"ab" * 20, "repeats a few characters (about 40 bits estimated"),
+])
+def test_weak_hs_secrets_load_only_when_allowed(secret: bytes, why: str, tmp_path: Path,
+                                                issuer: IssuerServer) -> None:
+    (tmp_path / "hs.key").write_bytes(secret)
+    base = {"issuer": issuer.issuer, "audiences": [AUDIENCE], "algorithms": ["HS256"],
+            "shared_secret": {"file": "hs.key"}}
+    with pytest.raises(ConfigError) as caught:
+        TokenVerifier("legacy", Issuer.model_validate(base), None, "bearer",
+                      source_dir=tmp_path)
+    assert caught.value.problems[0].startswith("auth.issuers.legacy.shared_secret: ")
+    assert why in caught.value.problems[0]
+    verifier = TokenVerifier("legacy", Issuer.model_validate({**base, "allow_weak_secret": True}),
+                             None, "bearer", source_dir=tmp_path)
+    assert why in (getattr(verifier.keys, "weak", None) or "")
+    # checked with the weak key: still a signature check, and a forged token still fails
+    good = sign_raw({"alg": "HS256"}, issuer.claims(), secret, "HS256")
+    assert verifier.verify(good, time.time()).subject == "alice"
+    forged = sign_raw({"alg": "HS256"}, issuer.claims(), secret + b"x", "HS256")
+    assert fail(verifier, forged).reason == "jwt-bad-signature"
+
+
+def test_a_random_secret_is_not_weak() -> None:
+    from apishield.auth.weak_secrets import weakness
+
+    assert weakness(secrets.token_bytes(32), ("HS256",)) is None
+    assert weakness(secrets.token_urlsafe(48).encode(), ("HS256", "HS384")) is None
+
+
+def test_legacy_tokens_with_only_sub_and_exp(issuer: IssuerServer, tmp_path: Path) -> None:
+    """As two real apps issue them: HS256, `sub` and `exp` only (no iss, aud, iat)."""
+    secret = secrets.token_bytes(32)
+    (tmp_path / "hs.key").write_bytes(secret)
+    strict = {"issuer": issuer.issuer, "audiences": [AUDIENCE], "algorithms": ["HS256"],
+              "shared_secret": {"file": "hs.key"}}
+    n = int(time.time())
+    legacy = sign_raw({"alg": "HS256", "typ": "JWT"}, {"sub": "u1", "exp": n + 600}, secret,
+                      "HS256")
+    verifier = TokenVerifier("app", Issuer.model_validate(strict), None, "bearer",
+                             source_dir=tmp_path)
+    assert fail(verifier, legacy).reason == "jwt-missing-claim:iat"  # defaults stay strict
+    relaxed = Issuer.model_validate({
+        "algorithms": ["HS256"], "shared_secret": {"file": "hs.key"},
+        "check_issuer": False, "check_audience": False,
+        "required_claims": ["exp"], "max_lifetime": None})
+    verifier = TokenVerifier("app", relaxed, None, "bearer", source_dir=tmp_path)
+    assert verifier.verify(legacy, time.time()).subject == "u1"
+    # what is still checked: the signature, exp, and an `aud` that is present (RFC 7519
+    # 4.1.3: a token for another API is refused even when audiences are not configured)
+    for claims, reason in (({"sub": "u1"}, "jwt-missing-claim:exp"),
+                           ({"sub": "u1", "exp": n - 600}, "jwt-expired"),
+                           ({"sub": "u1", "exp": n + 600, "aud": "other"},
+                            "jwt-wrong-audience"),
+                           ({"exp": n + 600}, "jwt-missing-claim:sub")):
+        token = sign_raw({"alg": "HS256"}, claims, secret, "HS256")
+        assert fail(verifier, token).reason == reason, claims
+    # an `iss` is ignored with check_issuer: false (RFC 7519 4.1.1: application specific)
+    with_iss = sign_raw({"alg": "HS256"}, {"sub": "u1", "exp": n + 600, "iss": "any"},
+                        secret, "HS256")
+    assert verifier.verify(with_iss, time.time()).subject == "u1"
+    forged = sign_raw({"alg": "HS256"}, {"sub": "admin", "exp": n + 600}, b"k" * 32, "HS256")
+    assert fail(verifier, forged).reason == "jwt-bad-signature"
+
+
+@pytest.mark.parametrize(("settings", "problem"), [
+    ({"algorithms": ["HS256"], "audiences": ["a"]},
+     "issuer: required: the exact `iss` value of this issuer's tokens; for tokens that "
+     "carry no `iss`, write check_issuer: false instead"),
+    ({"issuer": "x", "check_issuer": False, "algorithms": ["HS256"], "audiences": ["a"]},
+     "issuer: is never compared with check_issuer: false; remove one"),
+    ({"issuer": "x", "algorithms": ["HS256"]},
+     "audiences: required: a token minted for another API must not be accepted here (RFC "
+     "7519 4.1.3); list this API's audience(s), or, for tokens that carry no `aud`, write "
+     "check_audience: false"),
+    ({"issuer": "x", "check_audience": False, "audiences": ["a"], "algorithms": ["HS256"]},
+     "audiences: are never compared with check_audience: false; remove one"),
+    ({"issuer": "x", "audiences": ["a"], "algorithms": ["HS256"], "required_claims": ["exp"]},
+     "max_lifetime: needs iat in every token to measure exp - iat: add it to "
+     "required_claims, or write max_lifetime: null for tokens without it"),
+    ({"issuer": "x", "audiences": ["a"], "algorithms": ["RS256"], "keys": ["k.pem"],
+      "allow_weak_secret": True},
+     "allow_weak_secret: only applies to an HS* shared_secret"),
+    ({"check_issuer": False, "audiences": ["a"], "algorithms": ["RS256"], "discovery": True},
+     "check_issuer: false applies to JWTs verified with static keys, a jwks_url or a shared "
+     "secret: introspection and discovery need `issuer`"),
+])
+def test_relaxed_checks_must_be_written_and_consistent(settings: dict[str, Any],
+                                                       problem: str) -> None:
+    base = {"shared_secret": {"env": "UNUSED"}} if settings["algorithms"] == ["HS256"] else {}
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict({"contract": "c.yaml", "auth": {"issuers": {"app": {
+            **base, **settings}}}}, source_dir=Path("."))
+    assert caught.value.problems == [f"auth.issuers.app.{problem}"]
 
 
 def test_claims_mapping(issuer: IssuerServer, tmp_path: Path) -> None:
@@ -306,8 +411,8 @@ async def test_time_claims(issuer: IssuerServer, verifier: TokenVerifier) -> Non
                 now).reason == "jwt-issued-in-future"
     too_long = issuer.mint("ES256", iat=n, exp=n + 86400 + 60)
     assert fail(verifier, too_long, now).reason == "jwt-lifetime-too-long"
-    assert fail(verifier, issuer.mint("ES256", exp=None), now).reason == "jwt-missing-claim"
-    assert fail(verifier, issuer.mint("ES256", iat=None), now).reason == "jwt-missing-claim"
+    assert fail(verifier, issuer.mint("ES256", exp=None), now).reason == "jwt-missing-claim:exp"
+    assert fail(verifier, issuer.mint("ES256", iat=None), now).reason == "jwt-missing-claim:iat"
     assert fail(verifier, issuer.mint("ES256", exp="tomorrow"), now).reason == "jwt-malformed"
     assert fail(verifier, issuer.mint("ES256", exp=True), now).reason == "jwt-malformed"
     # the same token is judged by the caller's clock
@@ -321,7 +426,7 @@ async def test_wrong_issuer(issuer: IssuerServer, verifier: TokenVerifier) -> No
                 issuer.issuer[:-1], [issuer.issuer], 42):
         token = signed(issuer, "ES256", issuer.claims(iss=iss))
         assert fail(verifier, token).reason == "jwt-wrong-issuer"
-    assert fail(verifier, issuer.mint("ES256", iss=None)).reason == "jwt-missing-claim"
+    assert fail(verifier, issuer.mint("ES256", iss=None)).reason == "jwt-missing-claim:iss"
 
 
 async def test_non_string_iss_is_a_wrong_issuer_with_several_issuers(
@@ -346,7 +451,7 @@ async def test_wrong_audience(issuer: IssuerServer, verifier: TokenVerifier) -> 
                 AUDIENCE + "/", [AUDIENCE.upper()], [1, 2]):
         assert fail(verifier, issuer.mint("ES256", aud=aud)).reason == "jwt-wrong-audience"
     assert verifier.verify(issuer.mint("ES256", aud=["other", AUDIENCE]), time.time())
-    assert fail(verifier, issuer.mint("ES256", aud=None)).reason == "jwt-missing-claim"
+    assert fail(verifier, issuer.mint("ES256", aud=None)).reason == "jwt-missing-claim:aud"
 
 
 async def test_psychic_signature(issuer: IssuerServer, verifier: TokenVerifier) -> None:

@@ -84,7 +84,9 @@ class BearerAuthenticator:
         self,
         name: str,
         realm: str,
-        verifiers: dict[str, IssuerEntry],  # `iss` value -> its issuer
+        # `iss` value -> its issuer; None: the issuer with check_issuer: false, for tokens
+        # whose `iss` names no configured issuer (or that carry none)
+        verifiers: dict[str | None, IssuerEntry],
         introspectors: list[Introspector],  # opaque tokens
         cache: TokenCache,
     ) -> None:
@@ -134,7 +136,8 @@ class BearerAuthenticator:
         issuer = payload.get("iss")
         # a non-string `iss` (unhashable when a list or an object) names no issuer
         entry = self.only_verifier or (
-            self.verifiers.get(issuer) if isinstance(issuer, str) else None)
+            self.verifiers.get(issuer) if isinstance(issuer, str) else None
+        ) or self.verifiers.get(None)
         if entry is None:
             raise self._fail(token, AuthFailure("jwt-wrong-issuer"), now)
         issuer_name, verifier, refresh = entry

@@ -42,8 +42,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from apishield.auth.jwa import HMAC_SIZES, PublicKey, UnknownKey, VerifyKey, key_fits
+from apishield.auth.jwa import PublicKey, UnknownKey, VerifyKey, key_fits
 from apishield.auth.principal import AuthFailure
+from apishield.auth.weak_secrets import weakness
+from apishield.config import ConfigError
 from apishield.observe.metrics import METRICS
 
 if TYPE_CHECKING:
@@ -270,15 +272,20 @@ class StaticKeys:
         entries: list[KeyEntry] = []
         for file in settings.keys:
             entries.extend(self._load_file(label, (Path(source_dir) / file).resolve()))
+        self.weak: str | None = None  # why the shared secret is weak, when allowed
         if settings.shared_secret is not None:
             secret = read_secret(settings.shared_secret, source_dir,
                                  what=f"{label}: shared_secret")
-            for alg in settings.algorithms:
-                need = HMAC_SIZES.get(alg)
-                if need is not None and len(secret) < need:
-                    raise ValueError(
-                        f"{label}: shared_secret is {len(secret)} bytes; {alg} needs at least "
-                        f"{need} (the hash output size, RFC 7518 3.2)")
+            where = f"auth.issuers.{name}.shared_secret" if name else f"{label}: shared_secret"
+            weak = weakness(secret, settings.algorithms)
+            if weak is not None and not settings.allow_weak_secret:
+                # located at the issuer's key, not at the scheme that uses it (issue 16)
+                raise ConfigError([
+                    f"{where}: {weak}: anyone who guesses it can mint tokens. Use 32+ "
+                    "random bytes (python -c 'import secrets; print(secrets.token_urlsafe("
+                    "48))'); if the app's secret cannot change yet, write "
+                    "allow_weak_secret: true on the issuer (logged and reported by audit)"])
+            self.weak = weak
             try:  # PyJWT refuses PEM/DER-looking HMAC secrets: say so now, not per request
                 jwt.algorithms.HMACAlgorithm(jwt.algorithms.HMACAlgorithm.SHA256).prepare_key(
                     secret)
@@ -466,7 +473,7 @@ class KeySource:
                  ssl_context: ssl.SSLContext | None = None, name: str | None = None) -> None:
         self.settings = settings
         self.label = f"issuer {name!r}" if name else f"issuer {settings.issuer!r}"
-        self.metric_label = name or settings.issuer  # config names: bounded
+        self.metric_label = name or settings.issuer or "-"  # config names: bounded
         self.on_removed = on_removed
         self.context = ssl_context if ssl_context is not None else ssl.create_default_context()
         # an explicit jwks_url wins: discovery would only find it again, one request later
@@ -474,7 +481,7 @@ class KeySource:
             self.discovery_url: str | None = None
         elif settings.discovery:
             self.discovery_url = discovery_url or (
-                settings.issuer.rstrip("/") + "/.well-known/openid-configuration")
+                (settings.issuer or "").rstrip("/") + "/.well-known/openid-configuration")
         else:
             raise ValueError(f"{self.label}: a KeySource needs jwks_url or discovery")
         for url in (self.discovery_url, settings.jwks_url):

@@ -225,7 +225,7 @@ class TokenVerifier:
                  *, source_dir: str | Path = ".") -> None:
         if not settings.algorithms:
             raise ValueError(f"issuer {name!r}: no JWS algorithms configured")
-        if not settings.audiences:
+        if settings.check_audience and not settings.audiences:
             raise ValueError(f"issuer {name!r}: audiences are required (RFC 7519 4.1.3)")
         if keys is None:
             keys = StaticKeys(settings, source_dir, name=name)
@@ -235,8 +235,8 @@ class TokenVerifier:
         self.keys = keys
         # `none` cannot be configured (config/) and is refused here again, in any case
         self._algorithms = frozenset(a for a in settings.algorithms if a.lower() != "none")
-        self._issuer = settings.issuer
-        self._audiences = list(settings.audiences)
+        self._issuer = settings.issuer if settings.check_issuer else None
+        self._audiences = list(settings.audiences)  # empty: check_audience is false
         self._leeway = float(settings.leeway)
         self._max_lifetime = settings.max_lifetime
         required = list(dict.fromkeys(settings.required_claims))
@@ -307,13 +307,14 @@ class TokenVerifier:
             raise AuthFailure("jwt-issued-in-future", subject=subject)
         if self._max_lifetime is not None:
             if exp is None or iat is None:
-                raise AuthFailure("jwt-missing-claim", subject=subject)
+                missing = "exp" if exp is None else "iat"
+                raise AuthFailure(f"jwt-missing-claim:{missing}", subject=subject)
             if exp - iat > self._max_lifetime:
                 # A3: a stolen token is useful until `exp`; an issuer minting year-long
                 # tokens is refused even though it signed them.
                 raise AuthFailure("jwt-lifetime-too-long", subject=subject)
         if subject is None:
-            raise AuthFailure("jwt-missing-claim")
+            raise AuthFailure(f"jwt-missing-claim:{self._subject_claim}")
 
         return Principal(
             scheme=self.scheme,
@@ -327,26 +328,34 @@ class TokenVerifier:
 
     def _check_claims(self, claims: dict[str, Any]) -> None:
         """Presence of the required claims, `iss`, `aud`, and the types RFC 7519 gives
-        `sub` and `jti` (the semantics of PyJWT's checks, which the tests pin down)."""
+        `sub` and `jti` (the semantics of PyJWT's checks, which the tests pin down). A
+        missing claim is named in the reason (`jwt-missing-claim:aud`): the security event
+        says what the issuer left out; the client still sees the same 401."""
         for name in self._required:
             if claims.get(name) is None:
-                raise AuthFailure("jwt-missing-claim")
-        iss = claims.get("iss")
-        if iss is None:
-            raise AuthFailure("jwt-missing-claim")
-        # RFC 7519 4.1.1 / OIDC Core 3.1.3.7: exact string comparison (no prefix, no case
-        # folding, no trailing-slash normalization, not "contained in")
-        if not isinstance(iss, str) or iss != self._issuer:
-            raise AuthFailure("jwt-wrong-issuer")
+                raise AuthFailure(f"jwt-missing-claim:{name}")
+        if self._issuer is not None:  # None: check_issuer is false (RFC 7519 4.1.1:
+            iss = claims.get("iss")  # the use of iss is application specific)
+            if iss is None:
+                raise AuthFailure("jwt-missing-claim:iss")
+            # RFC 7519 4.1.1 / OIDC Core 3.1.3.7: exact string comparison (no prefix, no
+            # case folding, no trailing-slash normalization, not "contained in")
+            if not isinstance(iss, str) or iss != self._issuer:
+                raise AuthFailure("jwt-wrong-issuer")
         aud = claims.get("aud")
-        if not aud:
-            raise AuthFailure("jwt-missing-claim")
-        # RFC 7519 4.1.3: a string or an array of strings; one of them must be ours
-        audiences = [aud] if isinstance(aud, str) else aud
-        if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
-            raise AuthFailure("jwt-wrong-audience")
-        if not any(a in audiences for a in self._audiences):
-            raise AuthFailure("jwt-wrong-audience")
+        if self._audiences or aud is not None:
+            # With check_audience: false a token may carry no `aud`; one that does is still
+            # refused unless it names us (RFC 7519 4.1.3: MUST be rejected), and with no
+            # audiences configured none can.
+            if not aud:
+                raise AuthFailure("jwt-missing-claim:aud")
+            # RFC 7519 4.1.3: a string or an array of strings; one of them must be ours
+            audiences = [aud] if isinstance(aud, str) else aud
+            if not isinstance(audiences, list) or not all(isinstance(a, str)
+                                                          for a in audiences):
+                raise AuthFailure("jwt-wrong-audience")
+            if not any(a in audiences for a in self._audiences):
+                raise AuthFailure("jwt-wrong-audience")
         for name in ("sub", "jti"):  # RFC 7519 4.1.2, 4.1.7: StringOrURI / string
             if name in claims and not isinstance(claims[name], str):
                 raise AuthFailure("jwt-malformed")

@@ -87,6 +87,8 @@ class AuthService:
         self._pepper = b""
         self._tasks: list[asyncio.Task[None]] = []
         self.started = False
+        # issuer -> why its shared secret is weak (loaded with allow_weak_secret: true)
+        self.weak_secrets: dict[str, str] = {}
         problems: list[str] = []
         self.authenticators = self._build_authenticators(problems)
         self.plans: dict[str, Plan | str] = {
@@ -143,6 +145,8 @@ class AuthService:
                         f"{where}: http scheme {scheme.get('scheme')!r} is not supported "
                         "(apishield verifies bearer tokens, API keys and client "
                         "certificates); use one of those")
+            except ConfigError as exc:  # located already (auth.issuers.<name>...)
+                problems.extend(p for p in exc.problems if p not in problems)
             except (ValueError, OSError) as exc:
                 problems.append(f"{where}: {exc}")
         return built
@@ -156,7 +160,7 @@ class AuthService:
 
         cache = TokenCache()
         self.caches.append(cache)
-        verifiers: dict[str, IssuerEntry] = {}
+        verifiers: dict[str | None, IssuerEntry] = {}
         introspectors = []
         for issuer_name, issuer in issuers.items():
             if issuer.algorithms:
@@ -174,7 +178,17 @@ class AuthService:
                     refresh = keys.refresh_for_unknown
                 verifier = TokenVerifier(issuer_name, issuer, keys, name,
                                          source_dir=self.source_dir)
+                if issuer.issuer in verifiers:
+                    same = (f"issuer {issuer.issuer!r}" if issuer.issuer is not None
+                            else "check_issuer: false")
+                    raise ValueError(
+                        f"issuers {verifiers[issuer.issuer][0]!r} and {issuer_name!r} both "
+                        f"have {same}, so a token could not say which one signed it; tell "
+                        f"them apart, or give one `schemes` without {name}")
                 verifiers[issuer.issuer] = (issuer_name, verifier, refresh)
+                weak = getattr(verifier.keys, "weak", None)  # StaticKeys of a shared secret
+                if weak is not None:
+                    self.weak_secrets[issuer_name] = weak
             if issuer.introspection is not None:
                 introspector = Introspector(issuer_name, issuer, name, self.source_dir)
                 introspectors.append(introspector)

@@ -155,6 +155,11 @@ def security_warnings(pipeline: Pipeline) -> list[str]:
         for operation in contract.operations
         if pipeline.auth.plans.get(operation.pointer) == NOT_PUBLIC
     ]
+    for issuer_name, weak in pipeline.auth.weak_secrets.items():
+        found.append(
+            f"auth.issuers.{issuer_name}.shared_secret: {weak}; accepted because "
+            "allow_weak_secret: true, but anyone who guesses it can mint any token (A1): "
+            "move the app to a random 32+ byte secret, or to an asymmetric algorithm")
     for issuer_name, issuer in pipeline.config.auth.issuers.items():
         for key, url in (("jwks_url", issuer.jwks_url), ("introspection.url",
                          issuer.introspection.url if issuer.introspection else None)):

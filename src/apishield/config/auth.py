@@ -67,11 +67,20 @@ class Introspection(Model):
 
 class Issuer(Model):
     """A token issuer: how its JWTs are verified (A1, A3) or its opaque tokens introspected
-    (A2), and where scopes and roles are found in its claims."""
+    (A2), and where scopes and roles are found in its claims.
 
-    issuer: str  # the exact `iss` value
+    Strict by default (iss, aud, exp and iat required and checked, HMAC secrets at least as
+    long as the hash); each check can be relaxed for tokens real apps issue, but only by
+    writing so, because a token checked with a weak key is still far better than an
+    operation marked public to get it through (issue 16)."""
+
+    issuer: str | None = None  # the exact `iss` value (required unless check_issuer: false)
     schemes: tuple[str, ...] = ()  # securitySchemes it serves; () = every bearer/oauth2/OIDC one
     audiences: tuple[str, ...] = ()
+    # Legacy tokens (apps that sign only `sub`/`exp`): each check is off only when written.
+    check_issuer: bool = True
+    check_audience: bool = True
+    allow_weak_secret: bool = False  # a short or well-known HS* secret (logged at start)
     algorithms: tuple[str, ...] = ()
     discovery: bool = False  # OIDC discovery from the scheme's openIdConnectUrl or the issuer
     jwks_url: str | None = None
@@ -79,7 +88,7 @@ class Issuer(Model):
     shared_secret: Secret | None = None  # HS* only
     leeway: Leeway = 30.0
     max_lifetime: Seconds | None = 86400.0  # refuse a JWT whose exp - iat is longer (A3)
-    required_claims: tuple[str, ...] = ("exp",)
+    required_claims: tuple[str, ...] = ("exp", "iat")  # iat: max_lifetime needs it
     subject_claim: str = "sub"
     scope_claims: tuple[str, ...] = ("scope", "scp")
     role_claims: tuple[str, ...] = ("roles",)  # dotted paths: realm_access.roles
@@ -124,9 +133,28 @@ class Issuer(Model):
         if asymmetric and not has_public:
             raise at("algorithms", f"{asymmetric[0]} needs public keys: set jwks_url, "
                      "discovery: true, or keys")
-        if self.algorithms and not self.audiences:
+        if self.check_issuer and self.issuer is None:
+            raise at("issuer", "required: the exact `iss` value of this issuer's tokens; "
+                     "for tokens that carry no `iss`, write check_issuer: false instead")
+        if not self.check_issuer and self.issuer is not None:
+            raise at("issuer", "is never compared with check_issuer: false; remove one")
+        if not self.check_issuer and (self.introspection is not None or self.discovery):
+            raise at("check_issuer", "false applies to JWTs verified with static keys, a "
+                     "jwks_url or a shared secret: introspection and discovery need `issuer`")
+        if self.algorithms and self.check_audience and not self.audiences:
             raise at("audiences", "required: a token minted for another API must not be "
-                     "accepted here (RFC 7519 4.1.3); list this API's audience(s)")
+                     "accepted here (RFC 7519 4.1.3); list this API's audience(s), or, "
+                     "for tokens that carry no `aud`, write check_audience: false")
+        if not self.check_audience and self.audiences:
+            raise at("audiences", "are never compared with check_audience: false; remove one")
+        if self.algorithms and self.max_lifetime is not None and \
+                not {"iat", "exp"} <= set(self.required_claims):
+            missing = sorted({"iat", "exp"} - set(self.required_claims))
+            raise at("max_lifetime", f"needs {' and '.join(missing)} in every token to "
+                     "measure exp - iat: add it to required_claims, or write "
+                     "max_lifetime: null for tokens without it")
+        if self.allow_weak_secret and self.shared_secret is None:
+            raise at("allow_weak_secret", "only applies to an HS* shared_secret")
         if self.jwks_url is not None and urlsplit(self.jwks_url).scheme not in ("http", "https"):
             raise at("jwks_url", f"{self.jwks_url!r} must be an http:// or https:// URL")
         return self
