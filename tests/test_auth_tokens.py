@@ -445,6 +445,31 @@ async def test_non_string_iss_is_a_wrong_issuer_with_several_issuers(
         assert reason(excinfo) == "jwt-wrong-issuer"
 
 
+async def test_a_token_without_iss_goes_to_the_issuer_that_does_not_check_it(
+        issuer: IssuerServer, verifier: TokenVerifier, tmp_path: Path) -> None:
+    secret = secrets.token_bytes(32)
+    (tmp_path / "hs.key").write_bytes(secret)
+    legacy = TokenVerifier("legacy", Issuer.model_validate({
+        "algorithms": ["HS256"], "shared_secret": {"file": "hs.key"}, "check_issuer": False,
+        "check_audience": False, "required_claims": ["exp"], "max_lifetime": None}),
+        None, "bearer", source_dir=tmp_path)
+    bearer = BearerAuthenticator("bearer", "api", {
+        issuer.issuer: ("idp", verifier, None),
+        None: ("legacy", legacy, None),
+    }, [], TokenCache())
+    exchange = Exchange(Request("GET", b"/", b"", [], "127.0.0.1"))
+    n = int(time.time())
+    no_iss = sign_raw({"alg": "HS256"}, {"sub": "old-app-user", "exp": n + 60}, secret, "HS256")
+    assert bearer.authenticate(no_iss, exchange).issuer == "legacy"
+    assert bearer.authenticate(issuer.mint("ES256"), exchange).issuer == "idp"
+    # the configured issuer's `iss` never falls back: a token naming it is judged by it
+    spoof = sign_raw({"alg": "HS256"}, {"sub": "x", "exp": n + 60, "iss": issuer.issuer},
+                     secret, "HS256")
+    with pytest.raises(AuthFailure) as excinfo:
+        bearer.authenticate(spoof, exchange)
+    assert reason(excinfo) == "jwt-alg-not-allowed"
+
+
 async def test_wrong_audience(issuer: IssuerServer, verifier: TokenVerifier) -> None:
     # a token the same issuer minted for another API
     for aud in ("https://other-api.example.test", ["https://other-api.example.test"],
