@@ -25,7 +25,8 @@ def test_steps_run_in_the_documented_order():
                          cors={"allow_origins": ["https://app.example"]},
                          operations={"cachePrivate": {"require": {"roles": ["admin"]},
                                                       "ip": {"allow": ["10.0.0.0/8"]}},
-                                     "echoPost": {"owner": {"param": "body.owner"}}},
+                                     "echoPost": {"public": False,
+                                                  "owner": {"param": "body.owner"}}},
                          rate_limiting={
                              "limits": [{"name": "a", "rate": "5/s"},
                                         {"name": "b", "rate": "5/s", "pre_auth": True}],

@@ -155,6 +155,13 @@ def security_warnings(pipeline: Pipeline) -> list[str]:
         for operation in contract.operations
         if pipeline.auth.plans.get(operation.pointer) == NOT_PUBLIC
     ]
+    for operation in contract.operations:
+        secured = operation.security is not None and any(operation.security)
+        if operation.policy.public is True and secured:
+            found.append(
+                f"{name}#{operation.pointer}: public: true overrides the contract's security "
+                "requirement, so anyone can call it without a credential; remove public: "
+                "true if callers must authenticate")
     for issuer_name, weak in pipeline.auth.weak_secrets.items():
         found.append(
             f"auth.issuers.{issuer_name}.shared_secret: {weak}; accepted because "

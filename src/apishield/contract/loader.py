@@ -448,7 +448,7 @@ def _compile_operation(
         problems.add(file, location + "/security", "must be a list of requirement objects")
         security = None
     policy = _operation_policy(raw, operation_id, location, file, problems, config)
-    return Operation(
+    operation = Operation(
         method=method.upper(),
         path=template,
         operation_id=operation_id,
@@ -462,6 +462,19 @@ def _compile_operation(
         bodies=tuple(bodies),
         responses=tuple(_responses(raw.get("responses"), file, resolver)),
     )
+    if operation.public and (policy.require is not None or policy.owner is not None):
+        # rules about the caller on an operation nobody authenticates for: every request
+        # would be a 401 credentials-missing (a trap new users fell into, issue 16)
+        rules = " and ".join(name for name, rule in (("require", policy.require),
+                                                     ("owner", policy.owner)) if rule)
+        source = (f"operations.{operation_id}" if operation_id and operation_id in
+                  config.operations else "x-apishield")
+        why = "public: true" if policy.public else "security: []"
+        problems.add(file, location, f"is public ({why}) but {source} sets {rules}, which "
+                     "needs an authenticated caller: every request would be refused 401. Remove "
+                     f"{rules} to keep it public, or give it a security requirement (and "
+                     "no public: true) so callers authenticate")
+    return operation
 
 
 def _responses(raw: Any, file: Path, resolver: RefResolver) -> list[tuple[str, str, Any, Path]]:
