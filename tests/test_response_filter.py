@@ -103,6 +103,12 @@ def test_demo_password_hash_never_reaches_clients(tmp_path, demo_upstream):
         through = httpx.get(f"http://127.0.0.1:{port}/users/1").json()
         assert "password_hash" not in through  # ... the gateway does not
         assert through == {k: v for k, v in direct.items() if k != "password_hash"}
+        # the crash the getting-started table shows reaches the upstream and is masked
+        assert "SELECT id" in httpx.get(f"{demo_upstream}/orders/13").text
+        crash = httpx.get(f"http://127.0.0.1:{port}/orders/13")
+        assert crash.status_code == 500
+        assert crash.headers["content-type"] == "application/problem+json"
+        assert "SELECT" not in crash.text and "Traceback" not in crash.text
     finally:
         process.terminate()
         process.wait(10)

@@ -254,8 +254,9 @@ Try:
   curl -i -X POST {base}/pets -H 'content-type: application/json' \
        -d '{{"name": "rex", "admin": true}}'                            # undeclared field: 422
   curl -i '{base}/pets/..%2fadmin'           # path trick: 400
-  curl -i {base}/pets -H 'content-type: application/json' \\
-       --data-binary @/dev/zero -H 'content-length: 10000000'        # 413 before reading it
+  head -c 10000000 /dev/zero | curl -i {base}/pets \\
+       -H 'content-type: application/json' --data-binary @-          # 413 before reading it
+  curl -i {base}/orders/13                   # the API crashes: its traceback stays in the log
 
 Access log: {args.access_log if args.access_log != '-' else 'standard output'}. Ctrl-C stops.
 """,

@@ -1,7 +1,7 @@
 """A deliberately naive pets/users/orders JSON service for `apishield demo`.
 
 It is the "before" picture: it trusts its input, leaks an undeclared `password_hash`
-field, answers `GET /orders/0` with a traceback that names an SQL statement, and
+field, answers `GET /orders/13` with a traceback that names an SQL statement, and
 advertises its stack in `Server`/`X-Powered-By`. Put the gateway in front of it and each
 of those disappears. Standard library only, so the demo needs nothing extra to run.
 """
@@ -253,9 +253,10 @@ class DemoHandler(BaseHTTPRequestHandler):
             return 201, dict(order)
 
     def get_order(self, m: re.Match[str], q: JsonObj, body: bytes) -> Response:
-        """Order 0 "crashes" with a traceback body, to show the gateway's error masking."""
+        """Order 13 "crashes" with a traceback body, to show the gateway's error masking
+        (an id the contract allows: a 0 would be refused before it got here)."""
         order_id = int(m["id"])
-        if order_id == 0:
+        if order_id == 13:
             return 500, FAKE_TRACEBACK
         store = self.server.store
         with store.lock:
