@@ -14,6 +14,7 @@ touching a reader.
 - `validation`: request validation bounds, payload detection
 - `responses`: security headers, CORS, response filtering
 - `observe`: access log
+- `reload`: live reload (file watch)
 - `auth`: issuers, secrets, API keys, roles, per-operation `require` and `owner`
 - `rate_limiting`: rate limits, quotas, concurrency, IP lists, bans
 - `root`: `Config` (the whole file) and `OperationPolicy` (the per-operation override)
@@ -50,6 +51,7 @@ from apishield.config.rate_limiting import (
     RateLimit,
     RateLimiting,
 )
+from apishield.config.reload import Reload
 from apishield.config.responses import Cors, ResponseMode, Responses, SecurityHeaders
 from apishield.config.root import Config, OperationPolicy
 from apishield.config.transport import (
@@ -109,6 +111,7 @@ __all__ = [
     "Rate",
     "RateLimit",
     "RateLimiting",
+    "Reload",
     "Require",
     "ResponseMode",
     "Responses",
