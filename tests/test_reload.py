@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import RunningGateway, free_port, wait_for_port
+from tests.conftest import RunningGateway, free_port, start_gateway, wait_for_port
+from tests.issuer_server import AUDIENCE, start_issuer, stop_issuer
 
 DOCS = Path(__file__).parent.parent / "docs"
 
@@ -270,3 +271,58 @@ def test_the_documented_file_watch_reloads_a_changed_config(make_gateway):
     stderr = wait_for_log(gw, "reload (watch) succeeded", timeout=6)
     assert "changed rate_limiting" in stderr
     assert [status_of(gw.port, "/echo/1") for _ in range(2)] == [200, 429]
+
+
+AUTH_CONTRACT = """\
+openapi: 3.0.3
+info: {title: reload auth, version: "1"}
+components:
+  securitySchemes:
+    bearer: {type: http, scheme: bearer, bearerFormat: JWT}
+paths:
+  /echo:
+    get: {operationId: echoGet, security: [{bearer: []}], responses: {"200": {description: ok}}}
+"""
+
+
+def test_a_reload_keeps_the_jwks_key_set_unless_auth_changes(tmp_path, upstream_url):
+    issuer = start_issuer()
+    contract = tmp_path / "auth.yaml"
+    contract.write_text(AUTH_CONTRACT)
+    auth = {"issuers": {"corp": {"issuer": issuer.issuer, "jwks_url": f"{issuer.url}/jwks.json",
+                                 "audiences": [AUDIENCE], "algorithms": ["RS256"]}}}
+    gw = start_gateway(tmp_path, upstream_url, {"auth": auth}, contract=contract)
+    try:
+        token = issuer.mint("RS256")
+
+        def status(path: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=5)
+            conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            return response.status
+
+        assert status("/echo") == 200
+        fetched = issuer.count("/jwks.json")
+        assert fetched >= 1
+        # a new operation, the same auth: key set and token cache carried over
+        contract.write_text(AUTH_CONTRACT + '  /hop:\n    get: {operationId: hop, security: '
+                            '[{bearer: []}], responses: {"200": {description: ok}}}\n')
+        (tmp_path / "contract.yaml").write_text(contract.read_text())  # the one served
+        gw.process.send_signal(signal.SIGHUP)
+        line = wait_for_log(gw, "reload (SIGHUP) succeeded").splitlines()[-1]
+        assert "changed contract" in line and "auth" in line.split("kept")[1].split(";")[0]
+        assert status("/hop") == 200 and status("/echo") == 200
+        assert issuer.count("/jwks.json") == fetched  # not fetched again
+        # auth changes: a new service, which fetches the keys before it is swapped in
+        auth["issuers"]["corp"]["leeway"] = "5s"
+        write_config(gw, auth=auth)
+        gw.process.send_signal(signal.SIGHUP)
+        line = wait_for_log(gw, "reload (SIGHUP) succeeded", count=2).splitlines()[-1]
+        assert "auth" in line.split("replaced")[1]
+        assert issuer.count("/jwks.json") == fetched + 1
+        assert status("/echo") == 200
+    finally:
+        gw.stop()
+        stop_issuer(issuer)
