@@ -243,3 +243,33 @@ def test_check_warns_of_an_admin_api_on_the_network(tmp_path: Any) -> None:
     assert ("warning: admin.host: 0.0.0.0 serves the admin API over plain HTTP to other "
             "hosts") in result.stderr
     assert TOKEN not in result.stderr
+
+
+def test_post_reload_applies_the_file_and_counts_the_outcome(make_gateway: Any) -> None:
+    import yaml
+
+    port = free_port()
+    gateway = make_gateway({"admin": {"port": port}})
+    admin = f"http://127.0.0.1:{port}"
+    unchanged = httpx.post(f"{admin}/reload")
+    assert unchanged.status_code == 200
+    assert unchanged.json()["outcome"] == "unchanged"
+    config = yaml.safe_load(gateway.config_path.read_text())
+    config["limits"] = {"max_body_bytes": 10}
+    gateway.config_path.write_text(yaml.safe_dump(config))
+    done = httpx.post(f"{admin}/reload").json()
+    assert done["outcome"] == "succeeded" and done["trigger"] == "admin"
+    assert done["changed"] == ["limits"]
+    assert len(done["config_hash"]) == 64
+    assert httpx.post(f"{gateway.url}/echo", content=b"x" * 11,
+                      headers={"content-type": "application/json"}).status_code == 413
+    assert httpx.get(f"{admin}/config").json()["limits"]["max_body_bytes"] == 10
+    gateway.config_path.write_text("contract: [not a path\n")
+    failed = httpx.post(f"{admin}/reload")
+    assert failed.status_code == 422
+    assert failed.json()["outcome"] == "failed"
+    assert "invalid YAML" in failed.json()["problems"][0]
+    samples = scrape(admin)
+    for outcome in ("unchanged", "succeeded", "failed"):
+        assert value(samples, "apishield_config_reloads_total", outcome=outcome) == 1
+    assert httpx.get(f"{gateway.url}/echo").status_code == 200  # still serving

@@ -14,14 +14,21 @@ Forwarding rules (RFC 9110 7.6, RFC 9112):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import signal
 import ssl
+import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
-from apishield.admin.app import AdminApp, read_token
+from apishield.admin.app import AdminApp, ReloadReport, read_token
 from apishield.admin.listener import AdminListener
 from apishield.auth.identity import identity_headers
 from apishield.config import Config, ConfigError
@@ -39,7 +46,8 @@ from apishield.http.upstream import (
     UpstreamResponse,
     problem_for,
 )
-from apishield.pipeline import Pipeline
+from apishield.observe.metrics import METRICS
+from apishield.pipeline import CARRIED_PARTS, Pipeline
 from apishield.steps.response_cutter import Cutter
 
 logger = logging.getLogger("apishield")
@@ -104,6 +112,28 @@ class Gateway:
         self.tls = tls
         self.pipeline = Pipeline(config, contract, tls=tls is not None)
         self.connections: set[HttpConnection] = set()
+        self._set_upstream(config, upstream_tls)
+        self.pool: UpstreamPool | None = None
+        # responses held whole to be filtered, all connections (HttpConnection._reserve_buffer)
+        self.buffered_bytes = 0
+        self.max_buffered_bytes = config.responses.max_buffered_bytes
+        self.cutter = Cutter()
+        self.admin_token = admin_token
+        # set by start_pool(), which serve() calls before any connection is accepted
+        self.loop: asyncio.AbstractEventLoop
+        # live reload (`reload`): where the config comes from, set by `reload_from`
+        self.source: Path | None = None
+        self._load: Callable[[], Config] | None = None
+        self._fingerprint = ""  # of the config file and the contract's files, as running
+        self._contract_hash = ""
+        self.reload_counts: Counter[str] = Counter()  # by outcome, for the metrics
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()  # replaced pipelines draining
+        self._draining_pools: set[UpstreamPool] = set()
+
+    def _set_upstream(self, config: Config, upstream_tls: ssl.SSLContext | None) -> None:
+        """Where requests go (at start, and at a reload that changed `upstream`)."""
+        assert config.upstream is not None
         upstream = urlsplit(config.upstream.url)
         self.upstream_host = upstream.hostname or ""
         self.upstream_tls = upstream.scheme == "https"
@@ -120,20 +150,15 @@ class Gateway:
             host if self.upstream_port == default_port else f"{host}:{self.upstream_port}"
         ).encode()
         self.preserve_host = config.upstream.host_header == "client"
-        self.pool: UpstreamPool | None = None
-        # responses held whole to be filtered, all connections (HttpConnection._reserve_buffer)
-        self.buffered_bytes = 0
-        self.max_buffered_bytes = config.responses.max_buffered_bytes
-        self.cutter = Cutter()
-        self.admin_token = admin_token
-        # set by start_pool(), which serve() calls before any connection is accepted
-        self.loop: asyncio.AbstractEventLoop
 
     def start_pool(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.pool = self._new_pool()
+
+    def _new_pool(self) -> UpstreamPool:
         upstream = self.config.upstream
         assert upstream is not None
-        self.pool = UpstreamPool(
+        return UpstreamPool(
             self.upstream_host,
             self.upstream_port,
             tls=self.upstream_context if self.upstream_tls else None,
@@ -144,10 +169,12 @@ class Gateway:
         )
 
     def serialize_request(
-        self, exchange: Exchange, framing: tuple[bytes, bytes] | None = None
+        self, exchange: Exchange, framing: tuple[bytes, bytes] | None = None,
+        pipeline: Pipeline | None = None,
     ) -> bytes:
         """The request for the upstream. With `framing` (a streamed body), only the head,
-        carrying that framing header; else head and the whole body."""
+        carrying that framing header; else head and the whole body. `pipeline`: the one
+        the request runs on (after a reload, maybe not the gateway's current one)."""
         request = exchange.request
         target = self.upstream_prefix + request.raw_path
         if request.query:
@@ -156,7 +183,7 @@ class Gateway:
         dropped = REQUEST_OWNED
         if request.connection_tokens:
             dropped = dropped | request.connection_tokens
-        if self.pipeline.filters_operation(exchange):
+        if (pipeline or self.pipeline).filters_operation(exchange):
             # its JSON responses are filtered: ask for them unencoded (identity)
             dropped = dropped | {b"accept-encoding"}
         client_host = b""
@@ -202,23 +229,23 @@ class Gateway:
             request.method.encode(), target, b"\r\n".join([b": ".join(h) for h in kept]), body
         )
 
-    async def forward(self, exchange: Exchange) -> Reply:
+    async def forward(self, exchange: Exchange, pipeline: Pipeline | None = None) -> Reply:
         assert self.pool is not None
-        payload = self.serialize_request(exchange)
+        payload = self.serialize_request(exchange, None, pipeline)
         response = await self.pool.request(payload, exchange.request.method,
                                            exchange.client_ip)
         return self.reply_from(response)
 
     async def forward_streaming(
         self, exchange: Exchange, framing: tuple[bytes, bytes],
-        connected: Callable[[UpstreamConnection], None],
+        connected: Callable[[UpstreamConnection], None], pipeline: Pipeline | None = None,
     ) -> Reply:
         """Send the head now and let the front end write the body as it arrives
         (`connected` is called with the connection before the response is awaited).
         Not retried: the body cannot be replayed."""
         assert self.pool is not None
         conn = await self.pool.acquire(exchange.client_ip)
-        head = self.serialize_request(exchange, framing)
+        head = self.serialize_request(exchange, framing, pipeline)
         try:
             conn.start(head, head_only=False)
             connected(conn)
@@ -229,14 +256,15 @@ class Gateway:
             raise problem_for(exc) from None
         return self.reply_from(response)
 
-    def forward_nowait(self, exchange: Exchange, on_ready: Ready) -> bool:
+    def forward_nowait(self, exchange: Exchange, on_ready: Ready,
+                       pipeline: Pipeline | None = None) -> bool:
         """Send on a pooled connection in callback mode; False if none is idle."""
         assert self.pool is not None
         conn = self.pool.take_idle(exchange.client_ip)
         if conn is None:
             return False
         conn.send_nowait(
-            self.serialize_request(exchange),
+            self.serialize_request(exchange, None, pipeline),
             head_only=exchange.request.method == "HEAD",
             on_ready=on_ready,
         )
@@ -257,7 +285,11 @@ class Gateway:
     def admin_app(self) -> AdminApp:
         """The admin API over this gateway (it reads the pipeline in force at each call)."""
         return AdminApp(config=lambda: self.config, readiness=self.readiness,
-                        gauges=self.gauges, reload=None, token=self.admin_token)
+                        gauges=self.gauges, reload=self._admin_reload, token=self.admin_token)
+
+    async def _admin_reload(self, trigger: str) -> ReloadReport:
+        result = await self.reload(trigger)
+        return ReloadReport(result.outcome, result.as_dict())
 
     async def readiness(self) -> list[str]:
         """What keeps the gateway from serving well (`GET /readyz`), each `part: why`."""
@@ -276,12 +308,296 @@ class Gateway:
         """Values read when Prometheus scrapes."""
         return {"apishield_bans_active": float(self.pipeline.bans.active())}
 
+    def upstream_busy(self) -> list[UpstreamConnection]:
+        """Upstream connections in use, also those of pools a reload replaced (their
+        deadlines still fire)."""
+        busy = [*self.pool.busy] if self.pool is not None else []
+        for pool in self._draining_pools:
+            busy.extend(pool.busy)
+        return busy
+
     async def close(self) -> None:
+        for task in list(self._retiring):  # replaced pipelines: closed now, drained or not
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         self.cutter.close()
         if self.pool is not None:
             self.pool.close()
         await self.pipeline.stop()
         self.pipeline.close()
+
+    # -- live reload ------------------------------------------------------------------------
+
+    def reload_from(self, path: str | Path, load: Callable[[], Config]) -> None:
+        """Make `reload` possible: `path` is the config file, `load` reads it into the
+        effective config (the CLI's `--host`/`--port` applied again each time)."""
+        self.source = Path(path)
+        self._load = load
+        self._contract_hash = _fingerprint(b"", self.contract)[1]
+        try:
+            self._fingerprint = _fingerprint(self.source.read_bytes(), self.contract)[1]
+        except OSError:
+            self._fingerprint = ""
+
+    async def reload(self, trigger: str) -> ReloadResult:
+        """Read the config file and the contract again and swap the new pipeline in
+        between requests (SIGHUP, the admin API's `POST /reload`, the file watch).
+
+        Compiled in a worker thread, started on the loop, then swapped: a request keeps
+        the pipeline it started on, and the replaced one is stopped once those are done.
+        Parts whose config did not change are carried over (`Pipeline.kept`, the upstream
+        pool, the response cutter). A broken file keeps everything as it runs. Reloads run
+        one at a time: a second caller waits, then reads the files again itself (usually
+        `unchanged`). Never raises: a bug is a `failed` outcome, never a stopped gateway."""
+        async with self._reload_lock:
+            started = time.perf_counter()
+            try:
+                result = await self._reload(trigger)
+            except Exception as exc:
+                logger.exception("reload (%s) failed: internal error", trigger)
+                result = ReloadResult(trigger, "failed", "",
+                                      problems=(f"internal error: {type(exc).__name__}",))
+            result.duration = time.perf_counter() - started
+            self.reload_counts[result.outcome] += 1
+            METRICS.config_reload(result.outcome)
+            _log_reload(result)
+            return result
+
+    async def _reload(self, trigger: str) -> ReloadResult:
+        if self.source is None or self._load is None:
+            return ReloadResult(trigger, "failed", "", problems=(
+                "reload: this gateway was not started from a config file",))
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(None, self._prepare, trigger)
+        if isinstance(prepared, ReloadResult):
+            return prepared
+        new = prepared.pipeline
+        try:
+            await new.start()  # what needs the loop: JWKS fetch, key store, housekeeping
+        except Exception as exc:
+            new.abandon()
+            await new.stop()
+            new.close()
+            problems = exc.problems if isinstance(exc, ConfigError) else [
+                f"starting the new pipeline: {type(exc).__name__}: {exc}"]
+            return ReloadResult(trigger, "failed", prepared.result.config_hash,
+                                problems=tuple(problems))
+        old, old_pool = self.pipeline, None
+        # the swap: between two requests, as nothing else runs on the loop meanwhile
+        self.pipeline = new
+        self.config = new.config
+        self.contract = new.contract
+        self.max_buffered_bytes = new.config.responses.max_buffered_bytes
+        if prepared.upstream_changed:
+            old_pool = self.pool
+            self._set_upstream(new.config, prepared.upstream_context)
+            self.pool = self._new_pool()
+            if old_pool is not None:
+                self._draining_pools.add(old_pool)
+        old.hand_over(new)
+        self._fingerprint, self._contract_hash = prepared.fingerprint, prepared.contract_hash
+        task = loop.create_task(self._retire(old, old_pool), name="retire pipeline")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return prepared.result
+
+    def _prepare(self, trigger: str) -> _Prepared | ReloadResult:
+        """In a worker thread: read, validate and compile; never touches the running
+        gateway except to read it."""
+        assert self.source is not None and self._load is not None
+        running = self.config
+        try:
+            data = self.source.read_bytes()
+        except OSError as exc:
+            return ReloadResult(trigger, "failed", "", problems=(
+                f"{self.source}: cannot read: {exc.strerror or exc}",))
+        config_hash, fingerprint = _fingerprint(data, self.contract)
+        if fingerprint == self._fingerprint:  # (the running contract's files, read now)
+            return ReloadResult(trigger, "unchanged", config_hash)
+        problems: list[str] = []
+        try:
+            config = self._load()
+        except ConfigError as exc:  # located in the file: `apishield.yaml: timeouts.header: ...`
+            name = self.source.name
+            return ReloadResult(trigger, "failed", config_hash, problems=tuple(
+                problem if problem.startswith((name, str(self.source))) else f"{name}: {problem}"
+                for problem in exc.problems))
+        if config.upstream is None:
+            problems.append("upstream: required key is missing (write e.g. upstream: "
+                            "{url: http://127.0.0.1:9000})")
+        contract = None
+        try:
+            contract = load_contract(config)
+        except ConfigError as exc:
+            problems += exc.problems
+        client_tls = self.upstream_context if self.upstream_tls else None
+        upstream_changed = config.upstream != running.upstream
+        if upstream_changed and config.upstream is not None:
+            try:
+                client_tls = upstream_context(config)
+            except ConfigError as exc:
+                problems += exc.problems
+        if problems or contract is None:
+            return ReloadResult(trigger, "failed", config_hash, problems=tuple(problems))
+        warnings = [f"{name}: changed in {self.source.name}, but the running listener "
+                    "keeps its settings: restart to apply"
+                    for name in RESTART_ONLY if getattr(config, name) != getattr(running, name)]
+        # what cannot change live stays as it runs, so `config` says what is in effect
+        config = config.model_copy(update={name: getattr(running, name)
+                                           for name in RESTART_ONLY})
+        try:
+            pipeline = Pipeline(config, contract, tls=self.tls is not None,
+                                previous=self.pipeline)
+        except ConfigError as exc:
+            return ReloadResult(trigger, "failed", config_hash, problems=tuple(exc.problems))
+        changed = [name for name in type(config).model_fields
+                   if getattr(config, name) != getattr(running, name)]
+        contract_hash = _fingerprint(b"", contract)[1]
+        if contract_hash != self._contract_hash:
+            changed.append("contract")
+        kept = [*(part for part in CARRIED_PARTS if part in pipeline.kept), "response_cutter"]
+        if not upstream_changed:
+            kept.append("upstream_pool")
+        replaced = [part for part in (*CARRIED_PARTS, "upstream_pool") if part not in kept
+                    and (part != "access_log" or config.access_log.enabled)]
+        result = ReloadResult(trigger, "succeeded", config_hash, changed=tuple(changed),
+                              kept=tuple(kept), replaced=tuple(replaced),
+                              warnings=tuple(warnings))
+        return _Prepared(pipeline, result, fingerprint, contract_hash, upstream_changed,
+                         client_tls)
+
+    async def _retire(self, old: Pipeline, pool: UpstreamPool | None) -> None:
+        """Stop the replaced pipeline once the requests that started on it are done (its
+        access log stays open for their lines); close its upstream pool with it."""
+        try:
+            while old.in_flight > 0:  # noqa: ASYNC110 - a poll, bounded by the requests
+                await asyncio.sleep(0.05)
+        finally:
+            try:
+                await old.stop()
+            finally:
+                old.close()
+                if pool is not None:
+                    pool.close()
+                    self._draining_pools.discard(pool)
+
+    async def watch_files(self) -> None:
+        """`reload.watch`: poll the config file and the contract's files; reload once a
+        change has stayed put for one interval. Reads `self.config` every round, so a
+        reload can turn the watch on or off and change its interval."""
+        seen = stamp = self._stamp()
+        while True:
+            await asyncio.sleep(self.config.reload.interval)
+            if not self.config.reload.watch:
+                seen = stamp = self._stamp()
+                continue
+            now = self._stamp()
+            if now == stamp:
+                seen = now
+                continue
+            if now != seen:
+                seen = now  # still being written: look again next round
+                continue
+            await self.reload("watch")
+            seen = stamp = self._stamp()
+
+    def _stamp(self) -> tuple[object, ...]:
+        """What changes when the config or a contract file is rewritten or swapped."""
+        paths = [self.source, *_contract_files(self.contract)] if self.source else []
+        stamps: list[object] = []
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
+
+
+# Settings the running listener was built from: a reload that changes them keeps them
+# (and says "restart to apply"). The TLS certificate files themselves are read again by
+# SIGHUP and the certificate watcher.
+RESTART_ONLY = ("listen", "tls")
+
+
+@dataclass(slots=True)
+class ReloadResult:
+    """What a reload did; the admin API answers it as JSON (`as_dict`)."""
+
+    trigger: str  # "SIGHUP", "admin", "watch"
+    outcome: Literal["succeeded", "failed", "unchanged"]
+    config_hash: str  # sha256 of the config file's bytes ("" when it could not be read)
+    problems: tuple[str, ...] = ()  # a failed reload: each `location: message`
+    changed: tuple[str, ...] = ()  # top-level config sections, and "contract"
+    kept: tuple[str, ...] = ()  # stateful parts carried over as they ran
+    replaced: tuple[str, ...] = ()  # stateful parts built anew
+    warnings: tuple[str, ...] = ()  # changes that need a restart
+    duration: float = field(default=0.0)  # seconds
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "trigger": self.trigger, "outcome": self.outcome, "config_hash": self.config_hash,
+            "duration_ms": round(self.duration * 1000, 1), "problems": list(self.problems),
+            "changed": list(self.changed), "kept": list(self.kept),
+            "replaced": list(self.replaced), "warnings": list(self.warnings),
+        }
+
+
+@dataclass(slots=True)
+class _Prepared:
+    pipeline: Pipeline
+    result: ReloadResult
+    fingerprint: str
+    contract_hash: str
+    upstream_changed: bool
+    upstream_context: ssl.SSLContext | None
+
+
+def _contract_files(contract: Contract) -> list[Path]:
+    """Every file the contract was read from (the root and the files its $refs name)."""
+    if contract.resolver is None:
+        return [contract.source]
+    return sorted(contract.resolver.docs)
+
+
+def _fingerprint(config_bytes: bytes, contract: Contract) -> tuple[str, str]:
+    """(sha256 of the config file, sha256 of it and of every contract file): equal
+    fingerprints mean a reload has nothing to do."""
+    config_hash = hashlib.sha256(config_bytes).hexdigest()
+    digest = hashlib.sha256(config_bytes)
+    for path in _contract_files(contract):
+        digest.update(str(path).encode() + b"\0")
+        with contextlib.suppress(OSError):
+            digest.update(path.read_bytes())
+    return config_hash, digest.hexdigest()
+
+
+def _log_reload(result: ReloadResult) -> None:
+    """One line per reload; a failed one also logs each problem with its location."""
+    fields = {"event": "reload", **result.as_dict()}
+    if result.outcome == "failed":
+        for problem in result.problems:
+            logger.error("reload (%s) problem: %s", result.trigger, problem,
+                         extra={"event": "reload-problem", "trigger": result.trigger,
+                                "problem": problem})
+        logger.error("reload (%s) failed in %.0f ms: %d problem(s), the running config is "
+                     "kept (config sha256 %s)", result.trigger, result.duration * 1000,
+                     len(result.problems), result.config_hash[:12] or "-", extra=fields)
+        return
+    for warning in result.warnings:
+        logger.warning("reload (%s): %s", result.trigger, warning,
+                       extra={"event": "reload-warning", "trigger": result.trigger,
+                              "warning": warning})
+    if result.outcome == "unchanged":
+        logger.info("reload (%s) unchanged in %.0f ms: the files are as running (config "
+                    "sha256 %s)", result.trigger, result.duration * 1000,
+                    result.config_hash[:12], extra=fields)
+        return
+    logger.info("reload (%s) succeeded in %.0f ms (config sha256 %s): changed %s; kept %s; "
+                "replaced %s", result.trigger, result.duration * 1000, result.config_hash[:12],
+                ", ".join(result.changed) or "nothing", ", ".join(result.kept) or "nothing",
+                ", ".join(result.replaced) or "nothing", extra=fields)
 
 
 def build_gateway(config: Config) -> Gateway:
@@ -322,10 +638,12 @@ IGNORED_SIGNALS = ("SIGUSR1", "SIGUSR2")
 
 
 def _handle_signals(
-    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, tls: ServerTls | None
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, tls: ServerTls | None,
+    on_reload: Callable[[], None] | None = None,
 ) -> list[signal.Signals]:
     """Install the process's signal handlers; return those installed (none when not on
-    the main thread, as in tests that serve in a thread, or on Windows)."""
+    the main thread, as in tests that serve in a thread, or on Windows). `on_reload`:
+    what SIGHUP starts besides the certificate reload (the config and contract reload)."""
 
     def stopping(name: str) -> None:
         if not stop.is_set():
@@ -336,8 +654,12 @@ def _handle_signals(
         done = "no TLS listener to reload"
         if tls is not None:  # tls.reload logs what it loaded, or why it kept the old chain
             done = "TLS certificate reloaded" if tls.reload("SIGHUP") else "TLS certificate kept"
-        logger.info("SIGHUP: %s; other settings are read at start only (restart to "
-                    "change them)", done)
+        if on_reload is None:
+            logger.info("SIGHUP: %s; other settings are read at start only (restart to "
+                        "change them)", done)
+            return
+        logger.info("SIGHUP: %s; reloading the config and the contract", done)
+        on_reload()
 
     def ignored(name: str) -> None:
         logger.info("%s received: ignored", name)
@@ -379,7 +701,7 @@ async def serve(
     await gateway.pipeline.start()
     pool = gateway.pool
     assert pool is not None
-    sweeper = Sweeper(lambda: [*gateway.connections, *pool.busy])
+    sweeper = Sweeper(lambda: [*gateway.connections, *gateway.upstream_busy()])
     tls = gateway.tls
     if tls is None:
         server = await loop.create_server(
@@ -408,7 +730,16 @@ async def serve(
             server.close()
             raise
     stop = stop or asyncio.Event()
-    handled = _handle_signals(loop, stop, tls)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def reload_on_signal() -> None:
+        task: asyncio.Task[object] = loop.create_task(gateway.reload("SIGHUP"))
+        reloads.add(task)  # held: the loop keeps only weak references
+        task.add_done_callback(reloads.discard)
+
+    handled = _handle_signals(loop, stop, tls,
+                              reload_on_signal if gateway.source is not None else None)
+    file_watch = loop.create_task(gateway.watch_files()) if gateway.source else None
     watcher: asyncio.Task[None] | None = None
     if tls is not None:
         watcher = loop.create_task(tls.watch())
@@ -447,6 +778,11 @@ async def serve(
             watcher.cancel()
         if admin is not None:
             admin.close()
+        if file_watch is not None:
+            file_watch.cancel()
+        for task in list(reloads):
+            task.cancel()
+        await asyncio.gather(*reloads, *(t for t in (file_watch,) if t), return_exceptions=True)
         for sig in handled:
             loop.remove_signal_handler(sig)
         for connection in list(gateway.connections):

@@ -48,6 +48,7 @@ from apishield.observe.metrics import METRICS, UNMATCHED
 from apishield.observe.redact import MAX_LOGGED, SCANNED, redact
 from apishield.observe.usage import USAGE
 from apishield.problems import Problem, render_problem
+from apishield.state.counters import Counters
 from apishield.state.open import open_counters
 from apishield.steps import (
     authenticate,
@@ -101,23 +102,36 @@ def _enabled(plan: Phase[_Step]) -> list[_Step]:
 
 
 class Pipeline:
-    def __init__(self, config: Config, contract: Contract, *, tls: bool = False) -> None:
+    def __init__(self, config: Config, contract: Contract, *, tls: bool = False,
+                 previous: Pipeline | None = None) -> None:
+        """`previous`: the running pipeline this one replaces (a live reload); its stateful
+        parts whose config is unchanged are carried over (`kept`, see `carried_over`)."""
         self.config = config
         self.contract = contract
+        # what this pipeline took over from `previous`, and what it gave to a successor
+        self.kept = carried_over(previous, config, contract)
+        self._given: frozenset[str] = frozenset()
+        self.in_flight = 0  # requests the gateway runs on this pipeline (drained at reload)
         self.router = Router(contract.operations, config.base_path)
         parameters, body = validate.build(contract, config.validation)
         self.cors = cors.build(config.cors, self.router)
-        self.auth = AuthService(config, contract)
+        kept = self.kept
+        self.auth: AuthService = AuthService(config, contract, previous=previous.auth
+                                if previous is not None and "auth" in kept else None)
         self.authorize = authorize.AuthorizeStep(config, contract)
         limiting = config.rate_limiting
-        self.counters = open_counters(config)
-        self.bans = BanGate(config)
+        self.counters: Counters = (previous.counters if previous is not None and "counters" in kept
+                         else open_counters(config))
+        self.bans: BanGate = (previous.bans if previous is not None and "bans" in kept
+                     else BanGate(config))
         pre_auth = rate_limit.RateLimitStep("pre_auth_limit", limiting, contract,
                                             self.counters, pre_auth=True)
         post_auth = rate_limit.RateLimitStep("rate_limit", limiting, contract, self.counters,
                                              pre_auth=False, bans=self.bans)
         operation_ip = ip_filter.OperationIpStep(contract)
-        self.concurrency = concurrency.build(limiting.concurrency)
+        self.concurrency: concurrency.ConcurrencyStep | None = (
+            previous.concurrency if previous is not None and "concurrency" in kept
+            else concurrency.build(limiting.concurrency))
         # The order of the steps is written here only: each phase is a list of
         # (name, step or None when off); `order` and the docs test derive from it.
         head: Phase[HeadStep] = [
@@ -154,7 +168,9 @@ class Pipeline:
         self._body_step = body
         self.response_steps = _enabled(response)
         self._response_calls = [s.on_response for s in self.response_steps]
-        self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
+        self.access_log: AccessLog | None = (
+            previous.access_log if previous is not None and "access_log" in kept
+            else AccessLog(config.access_log.path) if config.access_log.enabled else None)
         self.metrics = METRICS if config.metrics.enabled else None
         self.mask_errors = config.responses.mask_errors
         self.response_filter = response_filter.ResponseFilter(contract, config.responses)
@@ -239,8 +255,9 @@ class Pipeline:
     async def start(self) -> None:
         """Background work that needs the event loop (JWKS fetch and refresh, key-store
         revocation poll); called once the loop runs."""
-        await self.auth.start()
-        await self.bans.start()
+        await self.auth.start()  # a carried-over service is started already: a no-op
+        if "bans" not in self.kept:
+            await self.bans.start()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
 
     async def _housekeeping(self) -> None:
@@ -266,9 +283,23 @@ class Pipeline:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        await self.auth.close()
-        await self.bans.close()
-        await self.counters.close()
+        given = self._given  # what a successor runs on now is closed by that successor
+        if "auth" not in given:
+            await self.auth.close()
+        if "bans" not in given:
+            await self.bans.close()
+        if "counters" not in given:
+            await self.counters.close()
+
+    def hand_over(self, successor: Pipeline) -> None:
+        """`successor` replaced this pipeline: what it carried over is its own now, so
+        `stop()` and `close()` leave it open."""
+        self._given = self._given | successor.kept
+
+    def abandon(self) -> None:
+        """This pipeline never ran (its reload failed): `stop()` and `close()` must close
+        only what it opened, not what it borrowed from the running one."""
+        self._given = self._given | self.kept
 
     def on_response(self, exchange: Exchange, status: int, headers: Headers) -> Headers:
         for call in self._response_calls:
@@ -394,9 +425,40 @@ class Pipeline:
         return []
 
     def close(self) -> None:
-        if self.access_log is not None:
+        if self.access_log is not None and "access_log" not in self._given:
             self.access_log.close()
 
+
+
+# What `carried_over` may keep, in the order the reload log line lists them.
+CARRIED_PARTS = ("counters", "bans", "auth", "concurrency", "access_log")
+
+
+def carried_over(previous: Pipeline | None, config: Config, contract: Contract) -> frozenset[str]:
+    """The stateful parts of `previous` a pipeline for `config` and `contract` takes over
+    as they are, because what they were built from did not change:
+    - `counters` (rate-limit budgets): the same store (`state`, `lease_fraction`). Kept
+      even when limits change: a budget is keyed by the limit's name and a GCRA state is
+      valid under any rate, so a reload never hands every client a fresh budget;
+    - `bans`: the same store and `rate_limiting.bans` rules (offense windows kept);
+    - `auth`: the same `auth` section, state, mTLS setting and contract security schemes
+      (JWKS key sets and their refresh, token caches, the API-key store; the per-operation
+      plans are always compiled again from the new contract);
+    - `concurrency`: the same limits (slots held by requests still running are counted);
+    - `access_log`: the same settings (one file handle, lines in order)."""
+    if previous is None:
+        return frozenset()
+    old = previous.config
+    limiting, old_limiting = config.rate_limiting, old.rate_limiting
+    same_state = old.state == config.state and old.source_dir == config.source_dir
+    kept = {
+        "counters": same_state and old_limiting.lease_fraction == limiting.lease_fraction,
+        "bans": same_state and old_limiting.bans == limiting.bans,
+        "auth": previous.auth.serves(config, contract),
+        "concurrency": old_limiting.concurrency == limiting.concurrency,
+        "access_log": old.access_log == config.access_log,
+    }
+    return frozenset(name for name in CARRIED_PARTS if kept[name])
 
 
 def _outcome(exchange: Exchange, problem: Problem | None) -> str:

@@ -167,8 +167,8 @@ class AdminApp:
                             "This front end cannot reload its config: restart it.")
         report = await self._reload("admin")
         status = 422 if report.outcome == "failed" else 200
-        return AdminResponse(status, orjson.dumps({"outcome": report.outcome,
-                                                   **report.details}))
+        return AdminResponse(status, orjson.dumps({**report.details,
+                                                   "outcome": report.outcome}))
 
 
     async def _usage(self, call: Call) -> AdminResponse:

@@ -74,8 +74,17 @@ def used_schemes(contract: Contract) -> dict[str, list[str]]:
     return used
 
 
+def _client_certificates(config: Config) -> bool:
+    return config.tls is not None and config.tls.client_cert != "none"
+
+
 class AuthService:
-    def __init__(self, config: Config, contract: Contract) -> None:
+    def __init__(self, config: Config, contract: Contract, *,
+                 previous: AuthService | None = None) -> None:
+        """`previous` (a live reload, when `previous.serves(config, contract)`): take over
+        its authenticators with their JWKS key sets, token caches and API-key store, and
+        compile only the per-operation plans again. The service that built them (the
+        `_owner`) keeps running their background work; whoever holds them last closes."""
         self.config = config
         self.contract = contract
         self.source_dir = Path(config.source_dir)
@@ -89,13 +98,32 @@ class AuthService:
         self.started = False
         # issuer -> why its shared secret is weak (loaded with allow_weak_secret: true)
         self.weak_secrets: dict[str, str] = {}
+        self._owner: AuthService = self
+        self.authenticators: dict[str, Authenticator]
         problems: list[str] = []
-        self.authenticators = self._build_authenticators(problems)
+        if previous is not None:
+            owner = self._owner = previous._owner
+            self.key_sources, self.introspectors = owner.key_sources, owner.introspectors
+            self.caches = owner.caches
+            self.authenticators = previous.authenticators
+            self.weak_secrets = previous.weak_secrets
+        else:
+            self.authenticators = self._build_authenticators(problems)
         self.plans: dict[str, Plan | str] = {
             operation.pointer: self._plan(operation) for operation in contract.operations
         }
         if problems:
             raise ConfigError(problems)
+
+    def serves(self, config: Config, contract: Contract) -> bool:
+        """Whether the authenticators built here are exactly those `config` and `contract`
+        would build (then a reload keeps them, with their caches and key sets)."""
+        old = self.config
+        return (old.auth == config.auth and old.state == config.state
+                and old.source_dir == config.source_dir
+                and _client_certificates(old) == _client_certificates(config)
+                and self.contract.security_schemes == contract.security_schemes
+                and used_schemes(self.contract).keys() == used_schemes(contract).keys())
 
     # -- compile ------------------------------------------------------------------------
 
@@ -248,6 +276,9 @@ class AuthService:
 
     async def start(self) -> None:
         """Fetch remote keys and start the background refresh and revocation poll."""
+        if self._owner is not self:
+            await self._owner.start()  # started already when it ran before the reload
+            return
         if self.started:
             return
         self.started = True
@@ -276,6 +307,9 @@ class AuthService:
                     verifier.clear()
 
     async def close(self) -> None:
+        if self._owner is not self:
+            await self._owner.close()
+            return
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

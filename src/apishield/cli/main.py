@@ -195,6 +195,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         gateway = _load_and_compile(args.config, args.host, args.port)
     except ConfigError as exc:
         return _report(exc, args.config)
+    # SIGHUP, POST /reload and reload.watch read the same file, with the same overrides
+    gateway.reload_from(args.config, lambda: _load(args.config, args.host, args.port))
     _setup_logging()
     for warning in config_warnings(gateway):
         logging.getLogger("apishield").warning("%s", warning)

@@ -15,6 +15,7 @@ touching a reader.
 - `responses`: security headers, CORS, response filtering
 - `observe`: access log
 - `admin`: the admin listener and metrics
+- `reload`: live reload (file watch)
 - `auth`: issuers, secrets, API keys, roles, per-operation `require` and `owner`
 - `rate_limiting`: rate limits, quotas, concurrency, IP lists, bans
 - `root`: `Config` (the whole file) and `OperationPolicy` (the per-operation override)
@@ -52,6 +53,7 @@ from apishield.config.rate_limiting import (
     RateLimit,
     RateLimiting,
 )
+from apishield.config.reload import Reload
 from apishield.config.responses import Cors, ResponseMode, Responses, SecurityHeaders
 from apishield.config.root import Config, OperationPolicy
 from apishield.config.transport import (
@@ -113,6 +115,7 @@ __all__ = [
     "Rate",
     "RateLimit",
     "RateLimiting",
+    "Reload",
     "Require",
     "ResponseMode",
     "Responses",

@@ -19,6 +19,7 @@ from apishield.config.auth import Auth, Owner, Require
 from apishield.config.errors import at
 from apishield.config.observe import AccessLog
 from apishield.config.rate_limiting import IpLists, RateLimiting
+from apishield.config.reload import Reload
 from apishield.config.responses import Cors, ResponseMode, Responses, SecurityHeaders
 from apishield.config.transport import Limits, Listen, OperationLimits, Timeouts, Tls, Upstream
 from apishield.config.units import Cidrs, Model
@@ -60,6 +61,7 @@ class Config(Model):
     operations: dict[str, OperationPolicy] = {}
     auth: Auth = Auth()
     rate_limiting: RateLimiting = RateLimiting()
+    reload: Reload = Reload()  # gateway only: watch the files (SIGHUP always reloads)
     # where shared state lives: a path = the embedded SQLite file (API keys, bans; counters
     # in memory), relative to the config file; redis:// or rediss:// = a Redis server
     # shared by every gateway instance (counters, bans, API keys); redis+sentinel://

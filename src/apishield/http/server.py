@@ -43,7 +43,7 @@ from apishield.http.upstream import (
     UpstreamResponse,
     problem_for,
 )
-from apishield.pipeline import REASONS
+from apishield.pipeline import REASONS, Pipeline
 from apishield.problems import (
     BadGateway,
     BadRequest,
@@ -99,11 +99,15 @@ class _StopParsing(Exception):
 class _Message:
     """A parsed request waiting for its turn, with what the connection needs to answer."""
 
-    __slots__ = ("done", "exchange", "keep_alive", "length", "parts", "size", "streaming",
-                 "upstream")
+    __slots__ = ("done", "exchange", "keep_alive", "length", "parts", "pipeline", "size",
+                 "streaming", "upstream")
 
-    def __init__(self, exchange: Exchange, keep_alive: bool) -> None:
+    def __init__(self, exchange: Exchange, keep_alive: bool, pipeline: Pipeline) -> None:
         self.exchange = exchange
+        # The pipeline this request started on: it ends on it, even if a reload swaps the
+        # gateway's in between (`Pipeline.in_flight` tells the reload when it is drained).
+        self.pipeline = pipeline
+        pipeline.in_flight += 1
         self.keep_alive = keep_alive
         self.parts: list[bytes] = []
         self.size = 0
@@ -116,7 +120,6 @@ class _Message:
 class HttpConnection(HasDeadline, asyncio.Protocol):
     def __init__(self, gateway: Gateway, *, scheme: str = "http") -> None:
         self.gateway = gateway
-        self.pipeline = gateway.pipeline
         config = gateway.config
         self.max_url = config.limits.max_url_length
         self.max_header_bytes = config.limits.max_header_bytes
@@ -185,6 +188,12 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self._release_buffer()
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)  # the writer sees `closed` and stops
+        current = self.current
+        if current is not None and not current.streaming:  # (a streamed one has its task)
+            # a request cut off mid-body is never answered nor recorded; its pipeline must
+            # not wait for it to drain at a reload
+            self.current = None
+            current.pipeline.in_flight -= 1
         self._drop_queue()
 
     def _drop_queue(self) -> None:
@@ -193,9 +202,11 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         recorded, which releases what its head phase took (concurrency slots), as 499."""
         self.held = False
         while self.queue:
-            exchange = self.queue.popleft().exchange
+            message = self.queue.popleft()
+            exchange = message.exchange
             exchange.reason = exchange.reason or "client-closed"
-            self.pipeline.record(exchange, CLIENT_CLOSED)
+            message.pipeline.record(exchange, CLIENT_CLOSED)
+            message.pipeline.in_flight -= 1
 
     def pause_writing(self) -> None:
         """Unsent bytes passed the high-water mark: from now the client has
@@ -394,9 +405,10 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         if self.client_identity:
             request.client_identity = self.client_identity
         exchange = Exchange(request)
-        message = _Message(exchange, parser.should_keep_alive())
+        pipeline = self.gateway.pipeline
+        message = _Message(exchange, parser.should_keep_alive(), pipeline)
         self.current = message
-        self.pipeline.on_head(exchange)
+        pipeline.on_head(exchange)
         if parser.should_upgrade():
             exchange.problem = Forbidden("upgrade-not-allowed", close=True)
         problem = exchange.problem
@@ -421,7 +433,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             if expect is not None and expect.lower() == b"100-continue" and self.transport:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             if (self._content_length > STREAM_MIN and exchange.suspended is None
-                    and not self.pipeline.needs_body(exchange)):
+                    and not pipeline.needs_body(exchange)):
                 # A chunked body is read whole (under its limit) and sent with a length,
                 # as nginx does by default: many upstreams cannot read chunked requests.
                 self._start_streaming(message)
@@ -463,7 +475,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         if parts:
             exchange.request.body = parts[0] if len(parts) == 1 else b"".join(parts)
         if exchange.problem is None:
-            self.pipeline.on_body(exchange)
+            message.pipeline.on_body(exchange)
         self._complete(message)
 
     # -- answering, in order ----------------------------------------------------------------
@@ -486,7 +498,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         if message is None:
             # nothing usable was parsed: the access log shows method "-" (as nginx does)
             request = Request("-", b"/", b"", [], self.peer_ip, self.scheme)
-            message = _Message(Exchange(request), False)
+            message = _Message(Exchange(request), False, self.gateway.pipeline)
         message.exchange.problem = problem
         self._complete(message)
         self.closing = True
@@ -578,7 +590,8 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 exchange.problem is None
                 and exchange.suspended is None
                 and self.gateway.forward_nowait(
-                    exchange, lambda conn, error: self._on_upstream(message, conn, error)
+                    exchange, lambda conn, error: self._on_upstream(message, conn, error),
+                    message.pipeline,
                 )
             ):
                 return  # the fast path: answered from `_on_upstream`, no task
@@ -609,7 +622,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             exchange.problem = problem_for(error)
         elif conn.complete:
             reply = self.gateway.reply_from(UpstreamResponse(conn))
-            pipeline = self.pipeline
+            pipeline = message.pipeline
             status = reply.status
             try:
                 if status >= 500 and pipeline.mask_errors:
@@ -632,6 +645,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 self._write(self._head(status, headers, False, message) + body)
                 keep_alive = False
             pipeline.record(exchange, status)
+            pipeline.in_flight -= 1
             if not keep_alive:
                 self.closing = True
             self._next()
@@ -642,7 +656,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
 
     async def _answer(self, message: _Message, response: UpstreamResponse | None = None) -> None:
         exchange = message.exchange
-        pipeline = self.pipeline
+        pipeline = message.pipeline
         status = 500
         keep_alive = message.keep_alive
         try:
@@ -653,7 +667,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 if message.streaming:
                     framing = (b"content-length", b"%d" % message.length)
                     reply = await self.gateway.forward_streaming(
-                        exchange, framing, lambda conn: self._attach(message, conn)
+                        exchange, framing, lambda conn: self._attach(message, conn), pipeline
                     )
                     if not message.done:  # answered before the body ended: cannot resync
                         keep_alive = False
@@ -662,7 +676,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                         await pipeline.on_request(exchange)
                         if exchange.problem is not None:
                             raise exchange.problem
-                    reply = await self.gateway.forward(exchange)
+                    reply = await self.gateway.forward(exchange, pipeline)
                 else:
                     reply = self.gateway.reply_from(response)
                 status = reply.status
@@ -676,7 +690,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 else:
                     shape = pipeline.filter_shape(exchange, status, reply.headers)
                     if shape is not None:
-                        await self._buffer_reply(reply)
+                        await self._buffer_reply(reply, pipeline.max_filter_bytes)
                         precut = None
                         if len(reply.body) > CUT_ELSEWHERE and shape.cuts:
                             precut = await self.gateway.cutter.cut(reply.body, shape.shape)
@@ -703,11 +717,12 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             keep_alive = False
         finally:
             pipeline.record(exchange, status)
+            pipeline.in_flight -= 1
         if not keep_alive:
             self.closing = True
         self._next()
 
-    async def _buffer_reply(self, reply: Reply) -> None:
+    async def _buffer_reply(self, reply: Reply, limit: int) -> None:
         """Read a streamed upstream body whole (it must be filtered) under the cap."""
         stream = reply.stream
         if stream is None:
@@ -721,7 +736,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 if not piece:
                     break
                 size += len(piece)
-                if size > self.pipeline.max_filter_bytes:
+                if size > limit:
                     raise BadGateway("response-too-large-to-filter")
                 self._reserve_buffer(len(piece))
                 parts.append(piece)
