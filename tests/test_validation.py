@@ -151,7 +151,7 @@ async def test_valid_body_passes(client, app):
     ({"name": "pen", "count": "12999"}, "/body/count", "type"),          # no lax coercion
     ({"name": "pen", "active": "yes"}, "/body/active", "type"),
     ({"name": "pen", "count": 2**40}, "/body/count", "maximum"),         # int32
-    ({"name": "pen", "role": "admin"}, "/body", "unevaluated-properties"),  # mass assignment
+    ({"name": "pen", "role": "admin"}, "/body/role", "additional-property"),  # mass assignment
     ({"name": "pen", "id": 5}, "/body/id", "false-schema"),              # readOnly
     ({"price": 2}, "/body", "required"),
     ({"name": "x" * 33}, "/body/name", "max-length"),
@@ -246,7 +246,7 @@ async def test_valid_form_passes_untouched(client, app):
     (b"name=x&agree=yes", "/body/agree", "type"),
     (b"name=x&name=y", "/body/name", "repeated"),
     (b"age=3", "/body", "required"),
-    (b"name=x&role=admin", "/body", "unevaluated-properties"),
+    (b"name=x&role=admin", "/body/role", "additional-property"),
     (b"name=x&tags=toolongvalue", "/body/tags/0", "max-length"),
 ])
 async def test_invalid_form_is_422(client, app, body, pointer, reason):
@@ -373,3 +373,26 @@ def test_gateway_validates_before_forwarding(gateway, upstream):
                       headers={"content-type": "application/json"})
     assert body.status_code == 400
     assert upstream.request_count == before + 1
+
+
+def test_undeclared_properties_are_named_but_long_names_are_not(tmp_path):
+    """A 422 names each undeclared property (`/body/admin`), never its value; a name too
+    long to be a field (an attacker's payload in a key) is not repeated."""
+    import jsonschema_rs
+
+    from apishield.contract.schema import MAX_NAMED, error_entries
+
+    validator = jsonschema_rs.validator_for({
+        "type": "object", "properties": {"a": {"type": "object", "properties": {}}},
+        "unevaluatedProperties": False})
+    for document, entries in (
+        ({"admin": "secret-value", "x/y": 1},
+         [{"pointer": "/body/admin", "reason": "additional-property"},
+          {"pointer": "/body/x~1y", "reason": "additional-property"}]),
+        ({"k" * (MAX_NAMED + 1): 1},
+         [{"pointer": "/body", "reason": "unevaluated-properties"}]),
+    ):
+        found = [entry for error in validator.iter_errors(document)
+                 for entry in error_entries("/body", error)]
+        assert found == entries
+        assert "secret-value" not in str(found)

@@ -261,3 +261,22 @@ def error_reason(error: jsonschema_rs.ValidationError) -> str:
 
 def error_pointer(prefix: str, error: jsonschema_rs.ValidationError) -> str:
     return prefix + "".join("/" + escape_pointer(str(part)) for part in error.instance_path)
+
+
+MAX_NAMED = 100  # characters of an undeclared property's name a 422 may repeat
+
+
+def error_entries(prefix: str, error: jsonschema_rs.ValidationError) -> list[dict[str, str]]:
+    """The client-facing entries of one validation error: a pointer and a reason, never a
+    submitted value. An undeclared property (mass assignment) is named by its pointer,
+    `/body/admin` with reason `additional-property`: its name is part of the request's
+    shape, and the client needs it to fix the request; a name longer than `MAX_NAMED`
+    (or with nothing to name) keeps the object's pointer and `additional-properties`."""
+    base = error_pointer(prefix, error)
+    unexpected = getattr(error.kind, "unexpected", None)
+    if isinstance(error.kind, (jsonschema_rs.ValidationErrorKind.AdditionalProperties,
+                               jsonschema_rs.ValidationErrorKind.UnevaluatedProperties)) \
+            and unexpected and all(len(str(name)) <= MAX_NAMED for name in unexpected):
+        return [{"pointer": f"{base}/{escape_pointer(str(name))}",
+                 "reason": "additional-property"} for name in unexpected]
+    return [{"pointer": base, "reason": error_reason(error)}]

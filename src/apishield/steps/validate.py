@@ -37,7 +37,7 @@ from apishield.config import Validation
 from apishield.contract import multipart as multipart_body
 from apishield.contract.loader import Contract, Operation, Parameter, escape_pointer
 from apishield.contract.multipart import MULTIPART, MultipartError
-from apishield.contract.schema import Caps, SchemaCompiler, SchemaError, error_pointer, error_reason
+from apishield.contract.schema import Caps, SchemaCompiler, SchemaError, error_entries
 from apishield.contract.shapes import Builder, Shape
 from apishield.exchange import Exchange, media_type
 from apishield.problems import (
@@ -326,9 +326,9 @@ class ParametersStep:
         if item.validator is None:
             return
         for error in item.validator.iter_errors(value):
-            errors.append({"pointer": error_pointer(prefix + item.param.name, error),
-                           "reason": error_reason(error)})
+            errors.extend(error_entries(prefix + item.param.name, error))
             if len(errors) >= self.max_errors:
+                del errors[self.max_errors:]
                 return
 
 
@@ -555,9 +555,9 @@ class BodyStep:
             document = self.parse(request.body, content_type)
         errors: list[dict[str, str]] = []
         for error in validator.iter_errors(document):
-            errors.append({"pointer": error_pointer("/body", error),
-                           "reason": error_reason(error)})
+            errors.extend(error_entries("/body", error))
             if len(errors) >= self.max_errors:
+                del errors[self.max_errors:]
                 break
         if errors:
             problem = InvalidBody("body-schema")
