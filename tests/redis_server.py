@@ -35,7 +35,8 @@ def _free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
+        self.password = password  # --requirepass: clients must AUTH
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.workdir = workdir
@@ -45,7 +46,8 @@ class RedisServer:
         self.process = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-             "--protected-mode", "yes"],
+             "--protected-mode", "yes",
+             *(("--requirepass", self.password) if self.password else ())],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -60,6 +62,10 @@ class RedisServer:
     def ping(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                if self.password:
+                    sock.sendall(f"AUTH {self.password}\r\n".encode())
+                    if not sock.recv(16).startswith(b"+OK"):
+                        return False
                 sock.sendall(b"PING\r\n")
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
@@ -77,8 +83,8 @@ class RedisServer:
 
 
 @contextmanager
-def running_redis(workdir: Path) -> Iterator[RedisServer]:
-    server = RedisServer(workdir)
+def running_redis(workdir: Path, password: str | None = None) -> Iterator[RedisServer]:
+    server = RedisServer(workdir, password)
     server.start()
     try:
         yield server

@@ -450,7 +450,8 @@ def carried_over(previous: Pipeline | None, config: Config, contract: Contract) 
         return frozenset()
     old = previous.config
     limiting, old_limiting = config.rate_limiting, old.rate_limiting
-    same_state = old.state == config.state and old.source_dir == config.source_dir
+    same_state = (old.state == config.state and old.state_password == config.state_password
+                  and old.source_dir == config.source_dir)
     kept = {
         "counters": same_state and old_limiting.lease_fraction == limiting.lease_fraction,
         "bans": same_state and old_limiting.bans == limiting.bans,

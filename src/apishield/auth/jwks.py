@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import http.client
 import logging
-import os
 import random
 import re
 import ssl
@@ -46,10 +45,11 @@ from apishield.auth.jwa import PublicKey, UnknownKey, VerifyKey, key_fits
 from apishield.auth.principal import AuthFailure
 from apishield.auth.weak_secrets import weakness
 from apishield.config import ConfigError
+from apishield.config.secrets import read_secret
 from apishield.observe.metrics import METRICS
 
 if TYPE_CHECKING:
-    from apishield.config import Issuer, Secret
+    from apishield.config import Issuer
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
@@ -235,30 +235,6 @@ def parse_jwks(document: Any) -> tuple[list[KeyEntry], list[str]]:
         elif len(entries) < MAX_KEYS:
             entries.append(entry)
     return entries, skipped
-
-
-def read_secret(secret: Secret, source_dir: str | Path, *, what: str) -> bytes:
-    """A secret's bytes, from an environment variable or a file (relative paths against
-    the config file's folder). One trailing newline of a file is dropped (`echo x > f`).
-    Errors name the variable or the file, never the value."""
-    if secret.env is not None:
-        value = os.environ.get(secret.env)
-        if not value:
-            raise ValueError(f"{what}: environment variable {secret.env} is not set or empty")
-        return value.encode("utf-8")
-    assert secret.file is not None  # Secret validates exactly one source
-    path = (Path(source_dir) / secret.file).resolve()
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
-    if data.endswith(b"\r\n"):
-        data = data[:-2]
-    elif data.endswith(b"\n"):
-        data = data[:-1]
-    if not data:
-        raise ValueError(f"{what}: {path} is empty")
-    return data
 
 
 class StaticKeys:

@@ -120,6 +120,7 @@ class AuthService:
         would build (then a reload keeps them, with their caches and key sets)."""
         old = self.config
         return (old.auth == config.auth and old.state == config.state
+                and old.state_password == config.state_password
                 and old.source_dir == config.source_dir
                 and _client_certificates(old) == _client_certificates(config)
                 and self.contract.security_schemes == contract.security_schemes

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, quote, unquote
 
 if TYPE_CHECKING:
     import redis
@@ -177,6 +177,22 @@ def parse_state_url(url: str) -> StateUrl:
         options.append((name, value))
     return StateUrl(url=url, mode=mode, tls=tls, hosts=hosts, service=service, db=db,
                     username=username, password=password, options=tuple(options))
+
+
+def with_password(url: str, password: str) -> str:
+    """`url` with `password` (from `state_password`) in its userinfo, a user name kept
+    (`redis://app:@host` -> `redis://app:<password>@host`). A URL that already holds a
+    password is refused: two sources for one secret is one too many."""
+    scheme, sep, rest = url.partition("://")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    user, colon, secret = userinfo.partition(":")
+    if at and (secret or not colon):  # `x@host` is a password written as a user name
+        raise StateUrlError(f"{redact_url(url)} holds a password and state_password gives "
+                            "one too; keep only state_password (write user:@host for a "
+                            "user name)")
+    return f"{scheme}{sep}{user}:{quote(password, safe='')}@{hosts}{tail}"
 
 
 def cluster_namespace(url: str, namespace: str) -> str:

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from apishield.config.admin import Admin, Metrics
-from apishield.config.auth import Auth, Owner, Require
+from apishield.config.auth import Auth, Owner, Require, Secret
 from apishield.config.errors import at
 from apishield.config.observe import AccessLog
 from apishield.config.rate_limiting import IpLists, RateLimiting
@@ -68,6 +68,9 @@ class Config(Model):
     # host:26379,.../<service>[/<db>] = its master through Sentinel; redis+cluster://
     # host:port,.../ = a Redis Cluster (rediss+... for TLS; config/redis_urls.py)
     state: str = "apishield-state.db"
+    # the Redis password, read from an environment variable or a file (C4: never written
+    # in the config file); put into the `state` URL when apishield connects
+    state_password: Secret | None = None
     # Set by the loader, not by users: the folder relative paths are resolved against.
     source_dir: str = Field(default=".", exclude=True)
 
@@ -85,6 +88,21 @@ class Config(Model):
                 # not chained: pydantic would show the input (with its password)
                 raise ValueError(str(exc)) from None
         return value
+
+    @model_validator(mode="after")
+    def _check_state_password(self) -> Config:
+        if self.state_password is None:
+            return self
+        if "://" not in self.state:
+            raise at("state_password", "only applies to a Redis `state` URL; the embedded "
+                     "SQLite file has no password")
+        from apishield.config.redis_urls import StateUrlError, with_password
+
+        try:
+            with_password(self.state, "checked")
+        except StateUrlError as exc:
+            raise at("state", str(exc)) from None
+        return self
 
     @field_validator("base_path")
     @classmethod

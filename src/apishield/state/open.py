@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from apishield.config import Config, ConfigError
-from apishield.config.redis_urls import StateUrlError, is_redis_url, redact_url
+from apishield.config.redis_urls import StateUrlError, is_redis_url, redact_url, with_password
+from apishield.config.secrets import read_secret
 from apishield.state.bans import BanStore
 from apishield.state.counters import Counters, MemoryCounters
 from apishield.state.keys import KeyStore
@@ -40,11 +41,24 @@ def describe_state(config: Config) -> str:
     return str(config.resolve(config.state))
 
 
+def state_url(config: Config) -> str:
+    """The Redis URL to connect with: `state`, with the password of `state_password` when
+    one is configured (read now, from its variable or file: never logged)."""
+    if config.state_password is None:
+        return config.state
+    try:
+        password = read_secret(config.state_password, config.source_dir,
+                               what="state_password")
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+    return with_password(config.state, password.decode("utf-8"))
+
+
 def _redis_client(config: Config) -> SyncClient:  # imported lazily: SQLite needs none
     from apishield.state.redis_store import connect
 
     try:
-        return connect(config.state)
+        return connect(state_url(config))
     except StateUrlError as exc:  # its message names the URL, redacted
         raise ConfigError([f"state: {exc}"]) from None
     except ValueError as exc:
@@ -68,7 +82,8 @@ def open_key_store(config: Config, *, background: bool = True) -> KeyStore:
             "secrets; print(secrets.token_urlsafe(32))')"])
     from apishield.state.redis_store import RedisKeyStore
 
-    return RedisKeyStore(config.state, background=background, client=_redis_client(config))
+    return RedisKeyStore(state_url(config), background=background,
+                         client=_redis_client(config))
 
 
 def open_ban_store(config: Config, *, background: bool = True) -> BanStore:
@@ -79,7 +94,8 @@ def open_ban_store(config: Config, *, background: bool = True) -> BanStore:
         return SqliteBanStore(config.resolve(config.state))
     from apishield.state.redis_store import RedisBanStore
 
-    return RedisBanStore(config.state, background=background, client=_redis_client(config))
+    return RedisBanStore(state_url(config), background=background,
+                         client=_redis_client(config))
 
 
 def open_counters(config: Config) -> Counters:
@@ -87,5 +103,6 @@ def open_counters(config: Config) -> Counters:
     if is_redis(config):
         from apishield.state.redis_counters import RedisCounters
 
-        return RedisCounters(config.state, lease_fraction=config.rate_limiting.lease_fraction)
+        return RedisCounters(state_url(config),
+                             lease_fraction=config.rate_limiting.lease_fraction)
     return MemoryCounters()
