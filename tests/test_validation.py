@@ -17,7 +17,7 @@ from apishield import ApiShieldMiddleware
 from apishield.config import ConfigError, config_from_dict, load_config
 from apishield.contract.loader import load_contract
 from apishield.exchange import Exchange, Request
-from apishield.problems import InvalidBody
+from apishield.problems import InjectionSuspected, InvalidBody
 from apishield.steps import validate
 
 DATA = Path(__file__).parent / "data" / "validation"
@@ -311,6 +311,37 @@ async def test_detection_off_per_operation(client, app):
     assert response.json()["type"].endswith("invalid-body")
     del tree["note"]
     assert (await client.post("/trees", json=tree)).status_code == 200
+
+
+def test_secrets_and_write_only_values_are_never_scanned(tmp_path):
+    """A password may hold `'` and `--`: it is hashed, never run (issue 16). Declared
+    properties named like a secret and writeOnly ones are not scanned; free text is."""
+    config = load_config(_contract(tmp_path, {
+        "type": "object", "properties": {
+            "new_password": {"type": "string"}, "apiKey": {"type": "string"},
+            "recovery": {"type": "string", "writeOnly": True},
+            "comment": {"type": "string"}, "spinner": {"type": "string"}}}))
+    contract = load_contract(config)
+    _, body = validate.build(contract, config.validation)
+    payload = "p4ss' OR '1'='1' --"
+
+    def check(document: dict) -> list[dict[str, str]]:
+        exchange = Exchange(Request("POST", b"/x", b"", [
+            (b"content-type", b"application/json")], "127.0.0.1"))
+        exchange.operation = contract.operations[0]
+        exchange.request.body = json.dumps(document).encode()
+        try:
+            body.on_body(exchange)
+        except InjectionSuspected as refused:
+            return refused.errors
+        return []
+
+    assert check({"new_password": payload, "apiKey": payload, "recovery": payload}) == []
+    assert check({"comment": payload}) == [{"pointer": "/body/comment",
+                                            "reason": "sql-injection"}]
+    # a word inside a longer one is not a secret's name
+    assert check({"spinner": payload}) == [{"pointer": "/body/spinner",
+                                            "reason": "sql-injection"}]
 
 
 # -- compile-time refusals ------------------------------------------------------------------

@@ -8,7 +8,9 @@ nodes, so a recursive schema is a cycle in the tree, not an infinite expansion.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,20 @@ from apishield.contract.loader import RefError, RefResolver
 
 _COMPOSITION = ("allOf", "anyOf", "oneOf")
 _STRING_CONSTRAINTS = ("enum", "const", "pattern", "format")
+# Property names of secrets: `password`, `new_password`, `passwordConfirm`, `apiKey`,
+# `client_secret`, `otp`: one of these words (or word pairs) in the name, split at
+# `_ - .` and camelCase humps (`spinner`, `tokenizer`, `secretary` are not secrets).
+_SECRET_WORDS = frozenset({"password", "passwords", "passwd", "passphrase", "pwd", "secret",
+                           "secrets", "token", "tokens", "apikey", "apikeys", "pin", "otp",
+                           "credential", "credentials", "privatekey"})
+_SECRET_PAIRS = frozenset({("api", "key"), ("api", "keys"), ("private", "key")})
+_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+
+
+def is_secret_name(name: str) -> bool:
+    words = [word.lower() for word in _WORDS.findall(name)]
+    return any(word in _SECRET_WORDS for word in words) or any(
+        pair in _SECRET_PAIRS for pair in pairwise(words))
 
 
 @dataclass(eq=False)
@@ -24,6 +40,9 @@ class Shape:
     open: bool = True  # undeclared properties are kept
     items: Shape | None = None
     write_only: set[str] = field(default_factory=set)
+    # declared properties whose strings are never scanned for payloads: writeOnly ones and
+    # those named like a secret (a password may hold `'` or `--`; it is hashed, not run)
+    unscanned: set[str] = field(default_factory=set)
     # a string here may hold anything: no enum, const, pattern or format narrows it
     free_string: bool = True
 
@@ -66,6 +85,9 @@ class Builder:
                 shape.properties[name] = self.build(sub, file)
                 if isinstance(sub, dict) and self._write_only(sub, file):
                     shape.write_only.add(name)
+                    shape.unscanned.add(name)
+                elif is_secret_name(str(name)):
+                    shape.unscanned.add(name)
         items = node.get("items")
         if isinstance(items, dict):
             shape.items = self.build(items, file)
@@ -80,6 +102,7 @@ class Builder:
                 for name, child in part.properties.items():
                     shape.properties.setdefault(name, child)
                 shape.write_only |= part.write_only
+                shape.unscanned |= part.unscanned
                 closed = closed or (bool(part.properties) and not part.open)
                 if shape.items is None:
                     shape.items = part.items

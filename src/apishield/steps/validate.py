@@ -585,8 +585,9 @@ class BodyStep:
                     found.append({"pointer": "/body" + pointer, "reason": kind})
         elif isinstance(value, dict):
             properties = shape.properties if shape is not None else None
+            unscanned = shape.unscanned if shape is not None else ()
             for key, item in value.items():
-                if isinstance(item, str | dict | list):
+                if isinstance(item, str | dict | list) and key not in unscanned:
                     path.append(key)
                     self._scan(item, properties.get(key) if properties is not None else None,
                                path, found)
