@@ -50,11 +50,11 @@ WORKDIR /etc/apishield
 # 8080: the gateway (listen.port); 9901: the admin listener (admin.port: /healthz,
 # /readyz, /metrics). Both must match the config the container is given.
 EXPOSE 8080 9901
-# No curl in a slim image: Python's urllib asks the admin listener's /healthz (a non-2xx
-# answer or no answer raises, so the command exits 1). The bearer token is sent when
-# APISHIELD_ADMIN_TOKEN is set; APISHIELD_HEALTHCHECK_URL overrides the address. Proxy
-# variables are ignored: the check is always local.
+# No curl in a slim image: Python's urllib asks the admin listener's /healthz, which
+# answers without a token (it tells nothing), so no secret is sent; a non-2xx answer or no
+# answer raises, and the command exits 1. APISHIELD_HEALTHCHECK_URL overrides the
+# address. Proxy variables are ignored: the check is always local.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; t = os.environ.get('APISHIELD_ADMIN_TOKEN'); u.build_opener(u.ProxyHandler({})).open(u.Request(os.environ.get('APISHIELD_HEALTHCHECK_URL', 'http://127.0.0.1:9901/healthz'), headers={'Authorization': 'Bearer ' + t} if t else {}), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open(os.environ.get('APISHIELD_HEALTHCHECK_URL', 'http://127.0.0.1:9901/healthz'), timeout=4)"]
 ENTRYPOINT ["apishield"]
 CMD ["serve", "--config", "/etc/apishield/apishield.yaml"]
