@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from typing import Any, TypedDict
 
+from apishield.cli.config_option import config_parent
 from apishield.cli.keys import (
     EXIT_OK,
     CliError,
@@ -222,17 +223,13 @@ def _target(parser: argparse.ArgumentParser) -> None:
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `bans` and its subcommands to the `apishield` parser (see cli.build_parser)."""
-    config_option = argparse.ArgumentParser(add_help=False)
-    config_option.add_argument("--config", "-c", default=argparse.SUPPRESS,
-                               help="the config file (default apishield.yaml); bans live in "
-                               "its `state`")
+    # `--config` is accepted before or after the subcommand (cli/config_option.py).
+    config_option = config_parent(inherited=True)
 
     bans_cmd = commands.add_parser(
-        "bans", help="list, add and remove temporary bans",
+        "bans", parents=[config_parent()], help="list, add and remove temporary bans",
         description="See and change the bans in the config's `state` (SQLite file or "
         "Redis); running gateways apply changes within about a second.")
-    bans_cmd.add_argument("--config", "-c", default="apishield.yaml",
-                          help="the config file (default apishield.yaml)")
     sub = bans_cmd.add_subparsers(dest="bans_command", required=True)
 
     listing = sub.add_parser("list", parents=[config_option], help="the bans in force")

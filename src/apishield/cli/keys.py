@@ -38,6 +38,7 @@ from apishield.auth.apikeys import (
     parse_key,
 )
 from apishield.auth.principal import AuthFailure
+from apishield.cli.config_option import config_parent
 from apishield.config import Config, ConfigError, _parse_duration, load_config
 from apishield.state.keys import KeyRecord, KeyState, KeyStore, KeyStoreError
 from apishield.state.open import describe_state, open_key_store, state_exists
@@ -315,19 +316,13 @@ def cmd_rotate(args: argparse.Namespace, config: Config) -> int:
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `keys` and its subcommands to the `apishield` parser (see cli.build_parser)."""
-    # `--config` is accepted before or after the subcommand; SUPPRESS keeps a value given
-    # to `keys` from being reset by the subcommand's default.
-    config_option = argparse.ArgumentParser(add_help=False)
-    config_option.add_argument("--config", "-c", default=argparse.SUPPRESS,
-                               help="the config file (default apishield.yaml); keys live in "
-                               "its `state` file")
+    # `--config` is accepted before or after the subcommand (cli/config_option.py).
+    config_option = config_parent(inherited=True)
 
     keys_cmd = commands.add_parser(
-        "keys", help="create, list, rotate and revoke API keys",
+        "keys", parents=[config_parent()], help="create, list, rotate and revoke API keys",
         description="Manage the API keys stored in the config's `state` file. New keys are "
         "printed once, alone on standard output.")
-    keys_cmd.add_argument("--config", "-c", default="apishield.yaml",
-                          help="the config file (default apishield.yaml)")
     sub = keys_cmd.add_subparsers(dest="keys_command", required=True)
 
     create = sub.add_parser("create", parents=[config_option], help="issue a new key",

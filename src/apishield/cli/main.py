@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from apishield import __version__
 from apishield.auth.service import NOT_PUBLIC
+from apishield.cli.config_option import config_parent
 from apishield.config import Config, ConfigError, config_from_dict, load_config, read_yaml
 from apishield.contract.loader import load_contract
 from apishield.gateway import Gateway, build_gateway, serve
@@ -280,16 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Contract-first API security gateway: what the OpenAPI document does "
         "not declare is refused.",
     )
+    parser.add_argument("--version", action="version", version=f"apishield {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve_cmd = commands.add_parser("serve", help="run the gateway in front of an upstream")
-    serve_cmd.add_argument("--config", "-c", default="apishield.yaml")
+    serve_cmd = commands.add_parser("serve", parents=[config_parent()],
+                                    help="run the gateway in front of an upstream")
     serve_cmd.add_argument("--host", help="listen address (overrides listen.host)")
     serve_cmd.add_argument("--port", type=int, help="listen port (overrides listen.port)")
     serve_cmd.set_defaults(func=cmd_serve)
 
-    check_cmd = commands.add_parser("check", help="load and compile everything; report problems")
-    check_cmd.add_argument("--config", "-c", default="apishield.yaml")
+    check_cmd = commands.add_parser("check", parents=[config_parent()],
+                                    help="load and compile everything; report problems")
     check_cmd.set_defaults(func=cmd_check)
 
     demo_cmd = commands.add_parser("demo", help="the bundled demo API behind the gateway")
