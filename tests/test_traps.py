@@ -53,3 +53,39 @@ def test_public_true_over_a_secured_operation_is_a_check_warning(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert ("warning: contract.yaml#/paths/~1echo/get: public: true overrides the contract's "
             "security requirement, so anyone can call it without a credential") in result.stderr
+
+
+def test_an_explicitly_open_body_in_strict_mode_is_reported_once(tmp_path: Path) -> None:
+    from apishield.contract.review import open_in_strict_mode
+
+    document = {
+        "openapi": "3.1.0", "info": {"title": "t", "version": "1"}, "security": [],
+        "components": {"schemas": {"Profile": {
+            "type": "object", "properties": {"bio": {"type": "string"}},
+            "additionalProperties": True}}},
+        "paths": {
+            "/a": {"post": {"operationId": "a", "responses": {"200": {"description": "ok"}},
+                            "requestBody": {"content": {"application/json": {"schema": {
+                                "type": "object", "properties": {
+                                    "profile": {"$ref": "#/components/schemas/Profile"}}}}}}}},
+            "/b": {"post": {"operationId": "b", "responses": {"200": {"description": "ok"}},
+                            "requestBody": {"content": {"application/json": {"schema": {
+                                "$ref": "#/components/schemas/Profile"}}}}}},
+            "/c": {"post": {"operationId": "c", "responses": {"200": {"description": "ok"}},
+                            "x-apishield": {"strict": False},
+                            "requestBody": {"content": {"application/json": {"schema": {
+                                "type": "object", "unevaluatedProperties": True}}}}}},
+        },
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(document))
+    config = config_from_dict({"contract": "c.yaml"}, source_dir=tmp_path)
+    found = open_in_strict_mode(load_contract(config), config)
+    # the shared schema once (not once per operation); /c said strict: false itself
+    assert found == [
+        "c.yaml#/components/schemas/Profile: additionalProperties: true keeps undeclared "
+        "properties although strict mode is on (mass assignment stays possible here); "
+        "remove it to close the object, or write strict: false on the operations that rely "
+        "on it (x-apishield or operations.<operationId>) to say so"]
+    relaxed = config_from_dict({"contract": "c.yaml", "validation": {"strict": False}},
+                               source_dir=tmp_path)
+    assert open_in_strict_mode(load_contract(relaxed), relaxed) == []

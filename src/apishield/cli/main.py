@@ -24,6 +24,7 @@ from apishield.auth.service import NOT_PUBLIC
 from apishield.cli.config_option import config_parent
 from apishield.config import Config, ConfigError, config_from_dict, load_config, read_yaml
 from apishield.contract.loader import load_contract
+from apishield.contract.review import open_in_strict_mode
 from apishield.gateway import Gateway, build_gateway, serve
 from apishield.pipeline import Pipeline
 
@@ -164,6 +165,7 @@ def security_warnings(pipeline: Pipeline) -> list[str]:
                 f"{name}#{operation.pointer}: public: true overrides the contract's security "
                 "requirement, so anyone can call it without a credential; remove public: "
                 "true if callers must authenticate")
+    found += open_in_strict_mode(contract, pipeline.config)
     for issuer_name, weak in pipeline.auth.weak_secrets.items():
         found.append(
             f"auth.issuers.{issuer_name}.shared_secret: {weak}; accepted because "
