@@ -163,3 +163,33 @@ def test_compositions_keep_the_union_and_open_schemas_keep_all(tmp_path):
                 "open": {"a": 1, "b": 2}, "free": {"anything": True}, "extra": 0}
     assert prune(document, shape) == {"both": {"id": 1, "name": "n"},
                                       "open": {"a": 1, "b": 2}, "free": {"anything": True}}
+
+
+def test_an_object_where_an_array_is_declared_is_logged_once_a_minute(tmp_path, caplog):
+    """Filter mode cannot cut an object the contract says is an array: it passes, and the
+    log says so (rate-limited), instead of nothing (issue 16)."""
+    import logging
+
+    from apishield.exchange import Exchange, Request
+
+    flt = _filter(tmp_path, {}, {"type": "array", "items": {
+        "type": "object", "properties": {"id": {"type": "integer"}}}})
+    config = config_from_dict({"contract": "c.yaml"}, source_dir=tmp_path)
+    operation = load_contract(config).operations[0]
+    caplog.set_level(logging.WARNING, logger="apishield")
+
+    def send(body: bytes) -> bytes:
+        exchange = Exchange(Request("GET", b"/x", b"", [], "127.0.0.1"))
+        exchange.operation = operation
+        plan = flt.plan_for(exchange, 200, [(b"content-type", b"application/json")])
+        assert plan is not None
+        return flt.apply(exchange, plan, body)
+
+    assert send(b' {"id": 1, "secret": "s"}') == b' {"id": 1, "secret": "s"}'
+    assert send(b'{"id": 2}') == b'{"id": 2}'
+    assert send(b'[{"id": 3, "secret": "s"}]') == b'[{"id":3}]'  # an array: cut as declared
+    lines = [r.getMessage() for r in caplog.records if "where the contract declares" in
+             r.getMessage()]
+    assert len(lines) == 1  # the second object is counted, not logged
+    assert "is a JSON object where the contract declares an array: passed as it is" in \
+        lines[0]

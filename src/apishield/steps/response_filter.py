@@ -187,8 +187,8 @@ class ResponseFilter:
         # operations whose JSON response bodies are read (filtered or validated): the
         # gateway asks the upstream for them unencoded
         self.reads_bodies: set[str] = set()
-        self._quiet_until: dict[tuple[str, int], float] = {}
-        self._quieted: dict[tuple[str, int], int] = {}
+        self._quiet_until: dict[tuple[str, int | str], float] = {}
+        self._quieted: dict[tuple[str, int | str], int] = {}
         for op in contract.operations:
             mode = op.policy.responses or config.mode
             plan = _OperationPlan(
@@ -264,6 +264,7 @@ class ResponseFilter:
             logger.warning("response to %s declared JSON but is not; refused", exchange.id)
             raise BadGateway("response-not-json") from None
         if plan.validator is None:
+            self._shape_mismatch(exchange, plan, body)
             if cut is None:
                 return body  # nothing undeclared: the upstream's bytes as they were
             exchange.reason = exchange.reason or "response-filtered"
@@ -289,14 +290,45 @@ class ResponseFilter:
         exchange.reason = exchange.reason or "response-status-undeclared"
         operation = exchange.operation
         assert operation is not None
-        key = (operation.pointer, status)
-        now = time.monotonic()
-        if now < self._quiet_until.get(key, 0.0):
-            self._quieted[key] = self._quieted.get(key, 0) + 1
+        quieted = self._quieted_since((operation.pointer, status))
+        if quieted is None:
             return
-        self._quiet_until[key] = now + UNDECLARED_LOG_INTERVAL
-        quieted = self._quieted.pop(key, 0)
         logger.warning(
             "response status %d is not declared for operation %s (request %s, mode %s)%s",
             status, plan.name, exchange.id, plan.mode,
+            f"; {quieted} more since the last such line" if quieted else "")
+
+    def _quieted_since(self, key: tuple[str, int | str]) -> int | None:
+        """None while `key` was logged less than a minute ago (counted); else how many
+        times it was quieted since its last line (the caller logs now)."""
+        now = time.monotonic()
+        if now < self._quiet_until.get(key, 0.0):
+            self._quieted[key] = self._quieted.get(key, 0) + 1
+            return None
+        self._quiet_until[key] = now + UNDECLARED_LOG_INTERVAL
+        return self._quieted.pop(key, 0)
+
+    def _shape_mismatch(self, exchange: Exchange, plan: Plan, body: bytes) -> None:
+        """Filter mode cuts what an object or an array does not declare, but a body of
+        the other kind (an object where the contract declares an array) passes as it is:
+        say so, at most once a minute per operation (issue 16). Read from the body's first
+        byte: no second parse."""
+        shape = plan.shape
+        if shape is None:
+            return
+        declared = ("array" if shape.items is not None and not shape.properties else
+                    "object" if shape.properties and shape.items is None else None)
+        first = body.lstrip()[:1]
+        sent = {b"{": "object", b"[": "array"}.get(first)
+        if declared is None or sent is None or sent == declared:
+            return
+        operation = exchange.operation
+        assert operation is not None
+        quieted = self._quieted_since((operation.pointer, "shape"))
+        if quieted is None:
+            return
+        logger.warning(
+            "response to request %s (operation %s, status %d) is a JSON %s where the "
+            "contract declares an %s: passed as it is, not filtered%s", exchange.id,
+            self.plans[operation.pointer].name, plan.status, sent, declared,
             f"; {quieted} more since the last such line" if quieted else "")
