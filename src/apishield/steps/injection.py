@@ -5,9 +5,9 @@ A contract that says `format: uuid`, `enum` or `pattern` already excludes payloa
 free-text string does not, so apishield looks at those with libinjection (the C library
 behind ModSecurity's `@detectSQLi`/`@detectXSS`, via its Python binding): tokenizers and
 fingerprints, not a regex list, so it costs microseconds and does not backtrack. Shell
-payloads have no such library; a single linear regex looks for a command separator or
-substitution followed by a well-known command (`; cat /etc/passwd`, `$(curl ...)`,
-`` `id` ``, `| sh`).
+payloads have no such library; `shell_payload` reads the word at each command position
+(after a separator, inside a substitution) as a shell would and decides whether it runs a
+program (`; cat /etc/passwd`, `;e''cho`, `;/bin/echo`, `$(curl ...)`, `` `id` ``).
 
 The trade-off (documented in docs/validation.md): a detector can refuse a legitimate
 value (a tutorial about SQL in a comment field). Per operation it can be switched off
@@ -23,12 +23,95 @@ import libinjection
 
 from apishield.config import Injection
 
-_SHELL = re.compile(
-    r"(?:[;&|\n]|\$\(|`)\s*(?:sudo\s+)?"
-    r"(?:sh|bash|zsh|dash|ksh|rm|cat|curl|wget|nc|ncat|netcat|python[0-9.]*|perl|php|ruby|"
-    r"chmod|chown|echo|id|whoami|uname|ls|ping|nslookup|powershell|cmd)\b"
-    r"|\$\{IFS\}"
-)
+# Shell payloads (issue 16: `;e''cho`, `;/bin/echo` and `;printf` went through a list of
+# a few command names). A command position is what follows a separator (`; & | newline`)
+# or opens a substitution (`$(`, a backtick); the word there is read as a shell reads it,
+# quotes and backslashes removed. It is a payload when that word
+# - was obfuscated (quotes or backslashes inside it: no one writes `e''cho` by accident),
+# - is a path to a program (`/bin/echo`, `/usr/bin/id`),
+# - is a command that is not also an English word (`whoami`, `curl`, `printf`, ...), or
+# - is a command that is also a word (`cat`, `id`, `echo`, `sleep`) used as one: at the
+#   end, before another separator, or before an argument that looks like a shell's (a
+#   flag, a path, a number, a quote, a variable): `; cat /etc/passwd`, `;id;`, `| sleep 5`
+#   but not `Tom & Jerry; cat videos`.
+# `$(` before a word, `${IFS}`, shellshock's `() {` and SSI's `<!--#exec` are payloads as
+# such. Measured in tests/test_injection_corpus.py against a payload corpus and a corpus of
+# ordinary text (tests/data/injection/).
+_COMMAND_POSITION = re.compile(r"(?:[;&|\n]|\$\(|`)[ \t]*")
+_WRAPPERS = frozenset({"sudo", "env", "nohup", "exec", "command", "busybox", "nice", "time",
+                       "timeout", "xargs"})
+_PROGRAMS = frozenset(
+    "sh bash zsh dash ksh csh tcsh fish curl wget nc ncat netcat socat telnet ssh scp tftp "
+    "ftp python python2 python3 perl php ruby node nodejs lua powershell pwsh cmd "
+    "whoami uname chmod chown chgrp ifconfig ipconfig netstat nslookup dig traceroute "
+    "sysinfo netsh printf base64 xxd hexdump openssl useradd usermod passwd crontab systemctl "
+    "iptables killall pkill wmic certutil bitsadmin rundll32 regsvr32 mshta cscript "
+    "wscript nmap gcc awk sed grep egrep fgrep mkfifo tee dd strings".split())
+_COMMON_WORDS = frozenset(
+    "cat id ls echo ping sleep dir pwd rm cp mv kill net route reg type set head tail "
+    "sort find more less touch date who w env uptime ps top df du file which whereis "
+    "hostname exit eval source unset export alias history mail mkdir rmdir ln tar zip "
+    "unzip gzip".split())
+# common words that are a command before these words (`; net user hacker /ADD`)
+_SUBCOMMANDS = {"net": re.compile(r"[ \t]+(?:user|localgroup|group|view|share|use|start|stop)\b",
+                                  re.IGNORECASE)}
+_TOKEN_END = re.compile(r"[\s;&|`)<>]")
+_SHELL_ARGUMENT = re.compile(r"[ \t]+(?:-|/|~|\$|'|\"|\d|\\|\.{1,2}/|[a-z]:\\)",
+                             re.IGNORECASE)
+_SHELL_ALWAYS = re.compile(r"\$\{?IFS\b|\(\)\s*\{|<!--\s*#\s*exec", re.IGNORECASE)
+_QUOTES = re.compile(r"['\"\\]")
+
+
+def _command_at(text: str, start: int) -> bool:
+    """Whether the word at `start` (a command position) runs a program."""
+    wrapped = False
+    for _ in range(4):  # a wrapper and its flags (`sudo -u x`, `env -i`) may come first
+        match = _TOKEN_END.search(text, start, start + 256)
+        end = match.start() if match else min(len(text), start + 256)
+        raw = text[start:end]
+        if raw.startswith("{"):  # brace expansion: {cat,/etc/passwd} runs cat
+            raw = raw[1:].split(",", 1)[0]
+        if not raw:
+            return False
+        word = _QUOTES.sub("", raw).lower()
+        if (word in _WRAPPERS or (wrapped and word.startswith("-"))) and \
+                end < len(text) and text[end] in " \t":
+            wrapped = True
+            start = end + 1
+            while start < len(text) and text[start] in " \t":
+                start += 1
+            continue
+        if word != raw.lower() and word.isascii() and word[:1].isalpha():
+            return True  # quotes or backslashes inside a command word: obfuscation
+        if word.startswith("/") and word.count("/") >= 2 and word[1:2].isalpha():
+            return True  # /bin/echo, /usr/bin/id
+        name = word.rsplit("/", 1)[-1]
+        if name in _PROGRAMS or name.rstrip("0123456789.") in _PROGRAMS:
+            return True
+        if name in _COMMON_WORDS:
+            if end >= len(text) or text[end] in ";&|`)\n<>":
+                return True
+            if _SHELL_ARGUMENT.match(text, end) is not None:
+                return True
+            following = _SUBCOMMANDS.get(name)
+            return following is not None and following.match(text, end) is not None
+        return wrapped  # `sudo anything`, `env -i anything`
+    return False
+
+
+def shell_payload(text: str) -> bool:
+    """Whether `text` holds a shell command injection (see the comment above)."""
+    if _SHELL_ALWAYS.search(text):
+        return True
+    for match in _COMMAND_POSITION.finditer(text):
+        opener = match.group()[0]
+        start = match.end()
+        if opener == "$" and start < len(text) and (text[start].isalpha()
+                                                    or text[start] in "/`"):
+            return True  # $(command ...)
+        if _command_at(text, start):
+            return True
+    return False
 
 
 # Every SQL injection libinjection can fingerprint needs a quote, an operator, a comment
@@ -43,7 +126,7 @@ _SQL_WORDS = frozenset(
 )
 _WORD = re.compile(r"[a-z_]+")
 _XSS_CHARS = re.compile(r"[<>&=:(\\]")
-_SHELL_CHARS = re.compile(r"[;&|\n`$]")
+_SHELL_CHARS = re.compile(r"[;&|\n`$<]")
 _SPACE = re.compile(r"\s")
 
 
@@ -68,6 +151,6 @@ class Detector:
             return "sql-injection"
         if self.xss and _XSS_CHARS.search(value) and libinjection.is_xss(value)["is_xss"]:
             return "xss"
-        if self.shell and _SHELL_CHARS.search(value) and _SHELL.search(value):
+        if self.shell and _SHELL_CHARS.search(value) and shell_payload(value):
             return "shell-injection"
         return None
