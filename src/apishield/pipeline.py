@@ -112,7 +112,7 @@ class Pipeline:
         self.kept = carried_over(previous, config, contract)
         self._given: frozenset[str] = frozenset()
         self.in_flight = 0  # requests the gateway runs on this pipeline (drained at reload)
-        self.router = Router(contract.operations, config.base_path)
+        self.router = Router(contract.operations, contract.base_path)
         parameters, body = validate.build(contract, config.validation)
         self.cors = cors.build(config.cors, self.router)
         kept = self.kept

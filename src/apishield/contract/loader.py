@@ -96,6 +96,9 @@ class Contract:
     resolver: RefResolver | None = field(default=None, repr=False, compare=False)
     # components.securitySchemes, $refs followed: name -> Security Scheme Object
     security_schemes: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    # the prefix of every path: `base_path` when the config writes it, else the path the
+    # `servers` share (contract/servers.py)
+    base_path: str = ""
 
     @property
     def openapi30(self) -> bool:
@@ -222,10 +225,20 @@ def load_contract(config: Config) -> Contract:
     _check_config_operations(config, operations, problems)
     schemes = _security_schemes(doc, resolver, problems)
     _check_security(path, operations, schemes, problems)
+    base_path = config.base_path
+    if "base_path" not in config.model_fields_set:
+        from apishield.contract.servers import AmbiguousServers, servers_base_path
+
+        try:
+            base_path = servers_base_path(doc.get("servers"))
+        except AmbiguousServers as exc:
+            problems.add(path, "/servers", f"{exc}, so the prefix of the paths is unclear: "
+                         "write base_path in the config (the one this gateway serves, e.g. "
+                         "base_path: /v1, or base_path: \"\" for none)")
     if problems.items:
         raise ConfigError(problems.items)
     return Contract(source=path, version=version, operations=tuple(operations),
-                    resolver=resolver, security_schemes=schemes)
+                    resolver=resolver, security_schemes=schemes, base_path=base_path)
 
 
 _SCHEME_TYPES = ("apiKey", "http", "oauth2", "openIdConnect", "mutualTLS")
