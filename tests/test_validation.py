@@ -361,13 +361,51 @@ def _contract(tmp_path, schema: dict) -> Path:
     return tmp_path / "a.yaml"
 
 
-def test_backtracking_pattern_is_refused_at_load(tmp_path):
-    config = load_config(_contract(tmp_path, {"type": "string", "pattern": "(?=a)b"}))
+def test_lookaround_and_backreferences_run_on_the_bounded_engine(tmp_path):
+    """ECMA-262 lookaround and backreferences are valid in a contract (issue 16): they
+    compile with the backtracking engine, bounded, instead of refusing the document."""
+    config = load_config(_contract(tmp_path, {"type": "object", "properties": {
+        "name": {"type": "string", "pattern": "^(?!admin$)[a-z]+$"},
+        "twice": {"type": "string", "pattern": "^(\\w+) \\1$"}}}))
+    contract = load_contract(config)
+    _, body = validate.build(contract, config.validation)
+
+    def errors(document: dict) -> list[dict[str, str]]:
+        exchange = Exchange(Request("POST", b"/x", b"", [
+            (b"content-type", b"application/json")], "127.0.0.1"))
+        exchange.operation = contract.operations[0]
+        exchange.request.body = json.dumps(document).encode()
+        try:
+            body.on_body(exchange)
+        except InvalidBody as refused:
+            return refused.errors
+        return []
+
+    assert errors({"name": "bob", "twice": "go go"}) == []
+    assert errors({"name": "admin"}) == [{"pointer": "/body/name", "reason": "pattern"}]
+    assert errors({"twice": "go on"}) == [{"pointer": "/body/twice", "reason": "pattern"}]
+
+
+def test_a_pattern_that_cannot_compile_is_reported_once_at_its_pointer(tmp_path):
+    document = {
+        "openapi": "3.1.0", "info": {"title": "t", "version": "1"}, "security": [],
+        "components": {"schemas": {"Code": {"type": "string", "pattern": "a{1000}{1000}"}}},
+        "paths": {f"/{name}": {"post": {
+            "operationId": name,
+            "requestBody": {"content": {"application/json": {"schema": {
+                "type": "object", "properties": {"code": {"$ref": "#/components/schemas/Code"}}}}}},
+            "responses": {"200": {"description": "ok"}},
+        }} for name in ("a", "b", "c")},
+    }
+    (tmp_path / "c.json").write_text(json.dumps(document))
+    (tmp_path / "a.yaml").write_text("contract: c.json\n")
+    config = load_config(tmp_path / "a.yaml")
     with pytest.raises(ConfigError) as info:
         validate.build(load_contract(config), config.validation)
-    [problem] = info.value.problems
-    assert problem.startswith("c.json#/paths/~1x/post/requestBody/content/application~1json/")
-    assert "linear-time" in problem
+    assert info.value.problems == [
+        "c.json#/components/schemas/Code/pattern: pattern 'a{1000}{1000}' cannot be "
+        "compiled: it is not a valid ECMA-262 regular expression, or it compiles to more "
+        "than 10 MiB; fix or simplify it"]
 
 
 def test_redos_pattern_runs_in_linear_time(tmp_path):

@@ -23,6 +23,7 @@ The conversion is also where the contract's silence becomes "no" (checklist B2, 
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,50 @@ class Caps:
     max_array_items: int
 
 
+BACKTRACK_LIMIT = 100_000  # steps of the backtracking engine per match (lookaround only)
+REGEX_SIZE_LIMIT = 10 * 1024 * 1024  # bytes of one compiled pattern (the engine's default)
+# lookahead, lookbehind, a numbered or named backreference (ECMA-262 22.2)
+_BACKTRACKING_SYNTAX = re.compile(r"\(\?<?[=!]|\\[1-9]|\\k<")
+_NOT_A_REGEX = re.compile(r'^"(.*)" is not a "regex"', re.DOTALL)
+
+
+class _NotRegex(Exception):
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+
+
+def _validator(document: dict[str, Any], options: Any) -> jsonschema_rs.Validator:
+    try:
+        return jsonschema_rs.Draft202012Validator(
+            document, validate_formats=True, formats={"email": _is_email},
+            pattern_options=options)
+    except jsonschema_rs.ValidationError as exc:
+        found = _NOT_A_REGEX.match(exc.message)
+        if found is not None:
+            try:
+                pattern = json.loads(f'"{found.group(1)}"')
+            except ValueError:
+                pattern = found.group(1)
+            raise _NotRegex(pattern) from None
+        raise SchemaError(f"invalid schema: {exc.message}") from None
+    except (ValueError, jsonschema_rs.ReferencingError) as exc:
+        raise SchemaError(f"invalid schema: {exc}") from None
+
+
 class SchemaError(ValueError):
     """A schema that cannot be compiled; the message says what and how to fix it."""
+
+
+class PatternError(SchemaError):
+    """A `pattern` neither engine compiles: not a regular expression, or larger than the
+    compiled-size limit. Reported once per pattern, at the pattern's own pointer."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__(
+            f"pattern {pattern!r} cannot be compiled: it is not a valid ECMA-262 regular "
+            f"expression, or it compiles to more than {REGEX_SIZE_LIMIT // (1024 * 1024)} "
+            "MiB; fix or simplify it")
+        self.pattern = pattern
 
 
 class SchemaCompiler:
@@ -80,22 +123,20 @@ class SchemaCompiler:
         validator = self._validators.get(key)
         if validator is None:
             try:
-                validator = jsonschema_rs.Draft202012Validator(
-                    document,
-                    validate_formats=True,
-                    formats={"email": _is_email},
-                    pattern_options=jsonschema_rs.RegexOptions(),
-                )
-            except jsonschema_rs.ValidationError as exc:
-                if "regex" in exc.message:
-                    raise SchemaError(
-                        "a `pattern` needs a backtracking regex engine (lookaround or "
-                        "backreferences); apishield only runs linear-time patterns, so "
-                        "rewrite it without them"
-                    ) from None
-                raise SchemaError(f"invalid schema: {exc.message}") from None
-            except (ValueError, jsonschema_rs.ReferencingError) as exc:
-                raise SchemaError(f"invalid schema: {exc}") from None
+                validator = _validator(document, jsonschema_rs.RegexOptions())
+            except _NotRegex as linear:
+                # ECMA-262 lookaround or backreferences (valid in a contract): the
+                # backtracking engine, bounded. A value that would need more steps than
+                # BACKTRACK_LIMIT is refused (fail closed), never matched for seconds.
+                # Anything else the linear engine refuses (too large, invalid) stays
+                # refused: the backtracking engine would only defer the size problem.
+                if not _BACKTRACKING_SYNTAX.search(linear.pattern):
+                    raise PatternError(linear.pattern) from None
+                try:
+                    validator = _validator(document, jsonschema_rs.FancyRegexOptions(
+                        backtrack_limit=BACKTRACK_LIMIT, size_limit=REGEX_SIZE_LIMIT))
+                except _NotRegex as exc:
+                    raise PatternError(exc.pattern) from None
             self._validators[key] = validator
         return validator, converted
 
@@ -280,3 +321,40 @@ def error_entries(prefix: str, error: jsonschema_rs.ValidationError) -> list[dic
         return [{"pointer": f"{base}/{escape_pointer(str(name))}",
                  "reason": "additional-property"} for name in unexpected]
     return [{"pointer": base, "reason": error_reason(error)}]
+
+
+def pattern_location(node: Any, file: Path, pointer: str, resolver: RefResolver,
+                     pattern: str, seen: set[tuple[Path, str]] | None = None
+                     ) -> tuple[Path, str] | None:
+    """Where `pattern` is written in a raw schema (following `$ref`s): (file, pointer)."""
+    seen = set() if seen is None else seen
+    if (file, pointer) in seen or not isinstance(node, dict | list):
+        return None
+    seen.add((file, pointer))
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            found = pattern_location(item, file, f"{pointer}/{index}", resolver, pattern, seen)
+            if found is not None:
+                return found
+        return None
+    if node.get("pattern") == pattern:
+        return file, f"{pointer}/pattern"
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        try:
+            target, target_file = resolver.resolve_ref(ref, file)
+        except RefError:
+            target = None
+        if target is not None:
+            found = pattern_location(target, target_file, "/" + ref.partition("#/")[2],
+                                     resolver, pattern, seen)
+            if found is not None:
+                return found
+    for key, value in node.items():
+        if isinstance(value, dict | list) and key not in ("enum", "const", "examples",
+                                                           "example", "default"):
+            found = pattern_location(value, file, f"{pointer}/{escape_pointer(str(key))}",
+                                     resolver, pattern, seen)
+            if found is not None:
+                return found
+    return None

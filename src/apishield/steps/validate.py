@@ -37,7 +37,14 @@ from apishield.config import Validation
 from apishield.contract import multipart as multipart_body
 from apishield.contract.loader import Contract, Operation, Parameter, escape_pointer
 from apishield.contract.multipart import MULTIPART, MultipartError
-from apishield.contract.schema import Caps, SchemaCompiler, SchemaError, error_entries
+from apishield.contract.schema import (
+    Caps,
+    PatternError,
+    SchemaCompiler,
+    SchemaError,
+    error_entries,
+    pattern_location,
+)
 from apishield.contract.shapes import Builder, Shape
 from apishield.exchange import Exchange, media_type
 from apishield.problems import (
@@ -179,6 +186,10 @@ class ParametersStep:
             if param.schema is not None:
                 try:
                     validator, _ = compiler.compile(param.schema, param.file)
+                except PatternError as exc:
+                    _pattern_problem(exc, param.schema, param.file, param.pointer + "/schema",
+                                     compiler.resolver, problems)
+                    continue
                 except SchemaError as exc:
                     problems.append(f"{param.file.name}#{param.pointer}/schema: {exc}")
                     continue
@@ -505,6 +516,8 @@ class BodyStep:
                     continue
                 try:
                     per_media[media], _ = compiler.compile(schema, file)
+                except PatternError as exc:
+                    _pattern_problem(exc, schema, file, pointer, compiler.resolver, problems)
                 except SchemaError as exc:
                     problems.append(f"{file.name}#{pointer}: {exc}")
                 if media == FORM:
@@ -815,6 +828,16 @@ def _api_key_query_names(contract: Contract, op: Operation) -> frozenset[str]:
             if scheme.get("type") == "apiKey" and scheme.get("in") == "query":
                 names.add(str(scheme.get("name")))
     return frozenset(names)
+
+
+def _pattern_problem(exc: PatternError, schema: Any, file: Any, pointer: str,
+                     resolver: Any, problems: list[str]) -> None:
+    """A pattern that cannot compile, reported once at the pattern itself, however many
+    operations use it (a shared component used 40 times was 40 lines)."""
+    where = pattern_location(schema, file, pointer, resolver, exc.pattern) or (file, pointer)
+    line = f"{where[0].name}#{where[1]}: {exc}"
+    if line not in problems:
+        problems.append(line)
 
 
 def build(contract: Contract, config: Validation) -> tuple[ParametersStep, BodyStep]:
