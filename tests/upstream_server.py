@@ -29,6 +29,12 @@ TRACEBACK_BODY = (
 
 
 # Bodies `/respond/<any>/<status>/<kind>` answers with, for the response-mode tests.
+THINGS = {
+    "alpha": {"title": "alpha", "owner": "alice", "secret": "alice's note"},
+    "beta": {"title": "beta", "owner": "bob", "secret": "bob's note"},
+    "gamma": {"title": "gamma", "owner": "alice", "secret": "alice's other note"},
+}
+
 CANNED: dict[str, Any] = {
     "conforming": {"id": 1, "name": "ann"},
     "extra": {"id": 1, "name": "ann", "is_admin": True},
@@ -245,6 +251,18 @@ class UpstreamHandler(BaseHTTPRequestHandler):
                 self._send(404, {"error": "not found"})
             else:
                 self._send(int(code), CANNED[kind])
+        elif path.startswith("/things"):
+            # found by title, not by owner: only the answer says whose it is (BOLA on the
+            # response side, issue 16)
+            title = path.removeprefix("/things").strip("/")
+            if not title:
+                self._send(200, {"items": [dict(t) for t in THINGS.values()], "total": 3})
+            elif title == "not-json":
+                self._send(200, b"owner=alice", "text/plain")
+            elif title in THINGS:
+                self._send(200, dict(THINGS[title]))
+            else:
+                self._send(404, {"error": "not found"})
         elif path == "/server-error-json":
             self._send(500, {"detail": "db password is hunter2"})
         else:

@@ -60,6 +60,7 @@ from apishield.steps import (
     limits,
     rate_limit,
     response_filter,
+    response_owner,
     route,
     security_headers,
     validate,
@@ -174,6 +175,7 @@ class Pipeline:
         self.metrics = METRICS if config.metrics.enabled else None
         self.mask_errors = config.responses.mask_errors
         self.response_filter = response_filter.ResponseFilter(contract, config.responses)
+        self.response_owner = response_owner.ResponseOwnership(contract)
         self.max_filter_bytes = config.responses.max_filter_bytes
         self.global_log_only = config.mode == "log-only"
         self._tasks: list[asyncio.Task[None]] = []
@@ -329,7 +331,14 @@ class Pipeline:
         """What must happen to this response's body before it is sent (cut to its shape,
         checked against its schema, or refused), or None: pass it as it is. The front
         ends hold the body whole only for a plan. An undeclared status is logged here."""
-        return self.response_filter.plan_for(exchange, status, headers)
+        plan = self.response_filter.plan_for(exchange, status, headers)
+        if self.response_owner.rules and self.response_owner.applies(exchange, status,
+                                                                     headers):
+            if plan is None:
+                plan = response_filter.Plan(status)
+            plan.owner = True
+            plan.headers = headers
+        return plan
 
     def filter_body(self, exchange: Exchange, plan: response_filter.Plan, body: bytes,
                     precut: tuple[bytes | None] | None = None) -> bytes:
@@ -337,6 +346,13 @@ class Pipeline:
         its schema, undeclared status in validate mode) is a 502. In log-only mode the
         body always passes untouched and the access log says what would have happened.
         `precut`: the cut already computed elsewhere (`response_filter.cut_json`)."""
+        if plan.owner and plan.refuse is None:
+            try:
+                body = self.response_owner.apply(exchange, plan.status, body,
+                                                 plan.headers or [])
+            except Problem as problem:
+                if not self._shadow(exchange, problem):
+                    raise
         try:
             result = self.response_filter.apply(exchange, plan, body, precut)
         except problems.BadGateway as problem:
@@ -355,7 +371,8 @@ class Pipeline:
         """Whether this operation's JSON responses are read (filtered or validated): the
         gateway then asks the upstream for them unencoded."""
         operation = exchange.operation
-        return operation is not None and operation.pointer in self.response_filter.reads_bodies
+        return operation is not None and (operation.pointer in self.response_filter.reads_bodies
+                                          or operation.pointer in self.response_owner.rules)
 
     def mask_upstream_error(
         self, exchange: Exchange, status: int, sample: bytes

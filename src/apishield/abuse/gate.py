@@ -56,6 +56,8 @@ def event_of(exchange: Exchange, status: int) -> str | None:
         return None
     if isinstance(problem, problems.Unauthorized) and problem.reason == "credentials-missing":
         return None  # a first request without credentials is how clients learn the scheme
+    if problem.reason in ("owner-mismatch", "owner-unverifiable"):
+        return "authz-denied"  # a response-side ownership refusal (a 404 or a 403)
     for kind, event in _EVENTS:
         if isinstance(problem, kind):
             return event

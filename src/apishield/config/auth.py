@@ -11,6 +11,7 @@ half, used from `OperationPolicy`.
 from __future__ import annotations
 
 import re
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import field_validator, model_validator
@@ -188,21 +189,57 @@ _OWNER_SOURCE = re.compile(r"^(path|query|header|body)\.(.+)$")
 _OWNER_TARGET = re.compile(r"^(subject|key_id|claim\..+)$")
 
 
-class Owner(Model):
-    """Object-level authorization (A6, OWASP API1 BOLA): a request value must equal the
-    caller's identity, unless the caller holds a bypass role."""
+_OWNER_RESPONSE = re.compile(r"^body((?:\.[^.\[\]]+)*)(\[\])?((?:\.[^.\[\]]+)*)$")
 
-    param: str  # path.user_id | query.owner | header.x-account | body.owner_id (JSON pointer-ish)
+
+class Owner(Model):
+    """Object-level authorization (A6, OWASP API1 BOLA): a value of the request (`param`)
+    or of the response (`response`) must equal the caller's identity, unless the caller
+    holds a bypass role. The response side is for APIs that find objects by something
+    other than their owner (`GET /things/{title}`): only the answer says whose it is."""
+
+    param: str | None = None  # path.user_id | query.owner | header.x-account | body.owner_id
+    # body.owner (one object), body[].owner or body.items[].owner (a list: others dropped)
+    response: str | None = None
     equals: str = "subject"  # subject | key_id | claim.<dotted path>
     bypass_roles: tuple[str, ...] = ()
+    on_mismatch: Literal[404, 403] = 404  # response side: 404 says nothing of existence
 
     @field_validator("param")
     @classmethod
-    def _check_param(cls, value: str) -> str:
-        if not _OWNER_SOURCE.match(value):
+    def _check_param(cls, value: str | None) -> str | None:
+        if value is not None and not _OWNER_SOURCE.match(value):
             raise ValueError(f"{value!r} must be path.NAME, query.NAME, header.NAME or "
                              "body.FIELD (body.a.b for a nested field)")
         return value
+
+    @field_validator("response")
+    @classmethod
+    def _check_response(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        found = _OWNER_RESPONSE.match(value)
+        if found is None or not (found.group(1) or found.group(3)) or (
+                found.group(2) and not found.group(3)):
+            raise ValueError(f"{value!r} must be body.FIELD (body.a.b nested) for one "
+                             "object, or body[].FIELD / body.items[].FIELD for a list")
+        return value
+
+    @model_validator(mode="after")
+    def _one_side(self) -> Owner:
+        if (self.param is None) == (self.response is None):
+            raise ValueError("give exactly one of `param` (a value of the request) or "
+                             "`response` (a field of the answer)")
+        return self
+
+    def response_path(self) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+        """(path to the value, or to the list; path inside each item, or None)."""
+        assert self.response is not None
+        found = _OWNER_RESPONSE.match(self.response)
+        assert found is not None
+        head = tuple(found.group(1).split(".")[1:])
+        tail = tuple(found.group(3).split(".")[1:])
+        return (head, tail) if found.group(2) else (head + tail, None)
 
     @field_validator("equals")
     @classmethod

@@ -55,11 +55,21 @@ def _claim(principal: Principal, dotted: str) -> Any:
     return value
 
 
-def _text(value: Any) -> str | None:
+def owned_text(value: Any) -> str | None:
     """A scalar as the string a URL or header would carry; objects never match."""
     if isinstance(value, bool) or value is None or isinstance(value, dict | list):
         return None
     return str(value)
+
+
+def identity_for(principal: Principal, equals: str) -> str | None:
+    """What an ownership rule compares a value with: `subject`, `key_id` or
+    `claim.<dotted path>` of the caller, as text."""
+    if equals == "subject":
+        return principal.subject
+    if equals == "key_id":
+        return principal.key_id
+    return owned_text(_claim(principal, equals[len("claim."):]))
 
 
 class AuthorizeStep:
@@ -72,11 +82,13 @@ class AuthorizeStep:
         for operation in contract.operations:
             require: Require | None = operation.policy.require
             owner: Owner | None = operation.policy.owner
+            if owner is not None and owner.param is None:
+                owner = None  # the response side: steps/response_owner.py
             if require is None and owner is None:
                 continue
             source = ""
             path: tuple[str, ...] = ()
-            if owner is not None:
+            if owner is not None and owner.param is not None:
                 source, _, rest = owner.param.partition(".")
                 path = tuple(rest.split(".")) if source == "body" else (rest,)
             self.rules[operation.pointer] = _Rule(
@@ -139,7 +151,7 @@ class AuthorizeStep:
                 value = None
             for part in rule.owner_path:
                 value = value.get(part) if isinstance(value, dict) else None
-        self._check_owner(exchange, rule, principal, _text(value))
+        self._check_owner(exchange, rule, principal, owned_text(value))
 
     def _head_value(self, exchange: Exchange, rule: _Rule) -> str | None:
         name = rule.owner_path[0]
@@ -162,12 +174,7 @@ class AuthorizeStep:
             return
         owner = rule.owner
         assert owner is not None
-        if owner.equals == "subject":
-            expected: str | None = principal.subject
-        elif owner.equals == "key_id":
-            expected = principal.key_id
-        else:
-            expected = _text(_claim(principal, owner.equals[len("claim."):]))
+        expected = identity_for(principal, owner.equals)
         if value is None or expected is None or value != expected:
             self._deny(exchange, "not-owner")
 

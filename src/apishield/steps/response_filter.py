@@ -97,11 +97,13 @@ class Plan:
     shape: Shape | None = None
     validator: jsonschema_rs.Validator | None = None
     refuse: str | None = None
+    owner: bool = False  # the owner of the answer is checked first (steps/response_owner)
+    headers: Headers | None = None  # the response head, when `owner` needs its media type
 
     @property
     def cuts(self) -> bool:
         """Whether applying it is `cut_json` alone (so it may run elsewhere)."""
-        return self.validator is None and self.refuse is None
+        return self.validator is None and self.refuse is None and not self.owner
 
 
 @dataclass(slots=True)
@@ -255,6 +257,8 @@ class ResponseFilter:
         `precut`: `cut_json`'s result, when the front end computed it elsewhere."""
         if plan.refuse is not None:
             raise BadGateway(plan.refuse)
+        if plan.shape is None and plan.validator is None:
+            return body  # only read for its owner
         try:
             if plan.validator is None:
                 cut = precut[0] if precut is not None else cut_json(body, plan.shape)
