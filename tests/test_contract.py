@@ -133,7 +133,9 @@ def test_no_top_level_security_means_unset(tmp_path):
 def test_swagger_2_is_refused_with_how_to_convert(tmp_path):
     assert problems(tmp_path, {"contract.yaml": {"swagger": "2.0", "paths": {}}}) == [
         "contract.yaml#/swagger: Swagger/OpenAPI 2.0 is not supported; convert the document "
-        "to OpenAPI 3 first (for example with swagger2openapi)"
+        "to OpenAPI 3 first, e.g. `npx swagger2openapi contract.yaml -o openapi3.yaml` (the "
+        "maintained converter; Python has none that works offline), then point `contract` "
+        "at the result"
     ]
 
 

@@ -210,7 +210,9 @@ def load_contract(config: Config) -> Contract:
         raise ConfigError(
             [
                 f"{path.name}#/swagger: Swagger/OpenAPI 2.0 is not supported; convert the "
-                "document to OpenAPI 3 first (for example with swagger2openapi)"
+                "document to OpenAPI 3 first, e.g. `npx swagger2openapi "
+                f"{path.name} -o openapi3.yaml` (the maintained converter; Python has none "
+                "that works offline), then point `contract` at the result"
             ]
         )
     version = str(doc.get("openapi", ""))
