@@ -37,6 +37,7 @@ from apishield.http.upstream import (
     UpstreamResponse,
     problem_for,
 )
+from apishield.observe.logjson import fields
 from apishield.pipeline import Pipeline
 from apishield.steps.response_cutter import Cutter
 
@@ -296,7 +297,8 @@ def _handle_signals(
 
     def stopping(name: str) -> None:
         if not stop.is_set():
-            logger.info("%s received: shutting down", name)
+            logger.info("%s received: shutting down", name, extra=fields(
+                "lifecycle", event="signal", signal=name, action="stop"))
         stop.set()
 
     def reload() -> None:
@@ -304,10 +306,12 @@ def _handle_signals(
         if tls is not None:  # tls.reload logs what it loaded, or why it kept the old chain
             done = "TLS certificate reloaded" if tls.reload("SIGHUP") else "TLS certificate kept"
         logger.info("SIGHUP: %s; other settings are read at start only (restart to "
-                    "change them)", done)
+                    "change them)", done, extra=fields(
+                        "lifecycle", event="reload", signal="SIGHUP", result=done))
 
     def ignored(name: str) -> None:
-        logger.info("%s received: ignored", name)
+        logger.info("%s received: ignored", name, extra=fields(
+            "lifecycle", event="signal", signal=name, action="ignored"))
 
     actions: list[tuple[str, Callable[..., object], tuple[object, ...]]] = [
         *((name, stopping, (name,)) for name in STOPPING_SIGNALS),
@@ -380,19 +384,27 @@ async def serve(
     if tls is not None:
         watcher = loop.create_task(tls.watch())
         logger.info("listening on https://%s:%d (%s profile; %s)", address[0], address[1],
-                    tls.settings.profile, tls.info.describe())
+                    tls.settings.profile, tls.info.describe(), extra=fields(
+                        "lifecycle", event="start", listener="https", host=address[0],
+                        port=address[1], tls_profile=tls.settings.profile))
     else:
-        logger.info("listening on http://%s:%d", address[0], address[1])
+        logger.info("listening on http://%s:%d", address[0], address[1], extra=fields(
+            "lifecycle", event="start", listener="http", host=address[0], port=address[1]))
     if plain is not None and responder is not None:
         plain_address = plain.sockets[0].getsockname()
         logger.info("plain http on http://%s:%d: %s", plain_address[0], plain_address[1],
-                    "redirected to https" if responder.mode == "redirect" else "refused")
+                    "redirected to https" if responder.mode == "redirect" else "refused",
+                    extra=fields("lifecycle", event="start", listener="plain_http",
+                                 host=plain_address[0], port=plain_address[1],
+                                 plain_http=responder.mode))
     if ready is not None:
         ready.set_result((address[0], address[1]))
     try:
         await stop.wait()
     finally:
-        logger.info("shutting down: no new connections, finishing in-flight requests")
+        logger.info("shutting down: no new connections, finishing in-flight requests",
+                    extra=fields("lifecycle", event="stopping",
+                                 reason="requested" if stop.is_set() else "cancelled"))
         server.close()
         if plain is not None and responder is not None:
             plain.close()
@@ -411,4 +423,5 @@ async def serve(
                 connection.transport.abort()
         sweeper.stop()
         await gateway.close()
-        logger.info("stopped")
+        logger.info("stopped", extra=fields(
+            "lifecycle", event="stop", reason="requested" if stop.is_set() else "cancelled"))

@@ -83,7 +83,8 @@ class AuthenticateStep:
                     break
                 principals.append(principal)
             else:
-                exchange.principal = _merge(principals)
+                exchange.principal = principal = _merge(principals)
+                events.authenticated(principal)  # counted; summarised per identity (F1)
                 return
         if denied is not None:
             principal, scopes = denied
