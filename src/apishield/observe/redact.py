@@ -68,6 +68,17 @@ _JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n"
                  "t": "\t"}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# what masking wrote: a value that is only these (or a password `***` as `redact_url`
+# writes it) is not masked again, so text redacted twice (an upstream body, then the log
+# line holding it) keeps what the first pass left readable
+_LABELS = re.compile(r"<redacted(?:-jwt|-api-key)?>")
+_MASKED_USERINFO = re.compile(r"[^:]*:\*+")
+
+
+def _masked(value: str) -> bool:
+    """Whether a secret's value is only what masking already wrote."""
+    return (not _LABELS.sub("", value).strip(" \"'")
+            or _MASKED_USERINFO.fullmatch(value) is not None)
 
 _configured: frozenset[str] = frozenset()
 _extra: tuple[tuple[re.Pattern[str], int, str], ...] = ()
@@ -160,7 +171,7 @@ def _secret_spans(text: str) -> list[tuple[int, int, str]]:
         for pattern, group, label in (*_PATTERNS, *_extra):
             for match in pattern.finditer(view.text):
                 start, end = match.span(group)
-                if start < end:
+                if start < end and not _masked(view.text[start:end]):
                     spans.append((view.lo[start], view.hi[end - 1], label))
     return spans
 
