@@ -42,6 +42,13 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 
     raise RuntimeError(f"gateway did not listen on {port} within {timeout}s")
 
 
+def json_lines(text: str, kind: str | None = None) -> list[dict[str, Any]]:
+    """The apishield log lines (one JSON object each) in `text`, of `kind` if given; a
+    CLI's stderr also holds messages for people, which are not log lines."""
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return [line for line in lines if kind is None or line["kind"] == kind]
+
+
 @dataclass
 class RunningGateway:
     url: str
@@ -63,7 +70,7 @@ class RunningGateway:
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
             for entry in self.log_lines():
-                if entry["id"] == request_id:
+                if entry["request_id"] == request_id:
                     return entry
         raise AssertionError(f"no access-log line for request {request_id}")
 

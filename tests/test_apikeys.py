@@ -33,6 +33,7 @@ from apishield.auth.principal import AuthFailure
 from apishield.config import Config, ConfigError, load_config
 from apishield.state.keys import DuplicateKeyId, KeyRecord
 from apishield.state.sqlite import SCHEMA_VERSION, SqliteKeyStore
+from tests.conftest import json_lines
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 PEPPER = b"p" * 32
@@ -408,8 +409,7 @@ def test_cli_create_prints_only_the_key_and_audits(config_file, config, store):
     key = lines[0]
     key_id = parse_key(key)
     assert key not in result.stderr and key[17:] not in result.stderr
-    audit = [json.loads(line.split("apishield.audit: ", 1)[1])
-             for line in result.stderr.splitlines() if "apishield.audit" in line]
+    audit = json_lines(result.stderr, "audit")
     assert [(a["event"], a["key_id"], a["name"]) for a in audit] == [
         ("api-key-created", key_id, "billing")]
     record = store.get(key_id)
@@ -510,7 +510,7 @@ def test_cli_errors_and_exit_codes(config_file, tmp_path):
     key = created.stdout.strip()
     revoked = keys(config_file, "revoke", key)  # the whole key is accepted too
     assert revoked.returncode == 0, revoked.stderr
-    assert "apishield.audit" in revoked.stderr and '"event": "api-key-revoked"' in revoked.stderr
+    assert [a["event"] for a in json_lines(revoked.stderr, "audit")] == ["api-key-revoked"]
     assert key not in revoked.stderr and key[17:] not in revoked.stderr
     twice = keys(config_file, "revoke", parse_key(key))
     assert twice.returncode == 0 and "already revoked" in twice.stderr

@@ -206,13 +206,8 @@ def seen(response: httpx.Response) -> dict[str, str]:
 
 def security_events(gateway: RunningGateway, kind: str) -> list[dict[str, Any]]:
     """The JSON security events the gateway logged on stderr (`apishield.security`)."""
-    found = []
-    for line in gateway.stderr().splitlines():
-        if " apishield.security: " in line:
-            event = json.loads(line.split(" apishield.security: ", 1)[1])
-            if event["event"] == kind:
-                found.append(event)
-    return found
+    lines = [json.loads(line) for line in gateway.stderr().splitlines()]
+    return [line for line in lines if line["kind"] == "security" and line["event"] == kind]
 
 
 def token_header(token: str) -> dict[str, Any]:

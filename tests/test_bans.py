@@ -26,6 +26,7 @@ from apishield.state.open import open_ban_store
 from apishield.state.redis_store import RedisBanStore, redact_url
 from apishield.state.sqlite import SqliteKeyStore
 from apishield.state.sqlite_bans import SCHEMA_VERSION, SqliteBanStore
+from tests.conftest import json_lines
 from tests.redis_server import RedisServer, running_redis
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -448,8 +449,7 @@ def bans(config_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def audit_lines(stderr: str) -> list[dict[str, Any]]:
-    return [json.loads(line.split("apishield.audit: ", 1)[1])
-            for line in stderr.splitlines() if "apishield.audit: " in line]
+    return json_lines(stderr, "audit")
 
 
 def test_cli_add_list_remove_seen_by_an_open_store(tmp_path):
@@ -464,7 +464,7 @@ def test_cli_add_list_remove_seen_by_an_open_store(tmp_path):
     added = bans(config_file, "add", "--ip", "203.0.113.0/24", "--duration", "1h",
                  "--reason", "scraper")
     assert added.returncode == 0, added.stderr
-    assert [(a["event"], a["kind"], a["value"], a["reason"]) for a in
+    assert [(a["event"], a["target"], a["value"], a["reason"]) for a in
             audit_lines(added.stderr)] == [("ban-added", "ip", "203.0.113.0/24", "scraper")]
 
     config = load_config(config_file)

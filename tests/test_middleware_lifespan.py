@@ -117,7 +117,7 @@ def test_every_request_logged_when_signalled_at_the_end(tmp_path, factory, sig, 
     if lifespan != "off":
         assert "Application shutdown complete" in log, log
     lines = [json.loads(line) for line in access_log.read_text().splitlines()]
-    assert [line["id"] for line in lines] == ids  # every request, once, in order
+    assert [line["request_id"] for line in lines] == ids  # every request, once, in order
     assert [line["status"] for line in lines] == statuses
     if factory == "fastapi_app":
         expected = [] if lifespan == "off" else ["startup", "shutdown"]

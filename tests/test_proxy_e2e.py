@@ -298,8 +298,9 @@ def test_access_log_has_no_secrets(gateway):
     assert "SECRET" not in text
     for line in text.splitlines():
         entry = json.loads(line)
-        assert set(entry) == {"id", "method", "route", "operation", "status", "duration_ms",
-                              "client_ip", "outcome", "reason", "ts"}
+        assert set(entry) == {"ts", "level", "kind", "logger", "msg", "request_id", "method",
+                              "route", "operation", "status", "duration_ms", "client_ip",
+                              "outcome", "reason"}
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])

@@ -191,3 +191,31 @@ def test_only_the_logged_prefix_is_scanned_and_the_cut_is_marked():
     out = redact("x" * 100 + " password=hunter2-S3cret", limit=20)
     assert out == "x" * 20 + "...(truncated)"
     assert redact("a" * 70, limit=20).endswith("...(truncated)")  # cut before the scan too
+
+
+@pytest.mark.parametrize("text", [
+    "upstream failed: x-api-key%3A%20ask_abcdefghijkl_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abc",
+    "store redis://user:***@127.0.0.1:6379/0 is unavailable",
+    'form: token=abc123456 "password": "x y z" cookie: a=b; c=d',
+    "Authorization%3A%20Basic dXNlcjpwYXNzd29yZA== then postgres://u:pw@db/x",
+])
+def test_redacting_twice_changes_nothing(text):
+    """A log line holding already-redacted text (an upstream body in a message that the
+    JSON formatter redacts again) keeps what the first pass left readable."""
+    once = redact(text)
+    assert redact(once) == once
+    assert "<redacted" in once or "***" in once
+
+
+def test_configured_field_names_are_masked_in_every_encoding():
+    from apishield.observe.redact import protect, protected
+
+    name = "x-test-only-field"  # the set only grows in a process: a name no other test uses
+    assert redact(f"{name}: v4lue-one") == f"{name}: v4lue-one"
+    protect([name.upper()])
+    assert name in protected()
+    for text in (f"{name}: v4lue-one", f'{{"{name}": "v4lue-one"}}',
+                 f"{name}%3Dv4lue-one", f"a&{name}=v4lue-one&b=1"):
+        out = redact(text)
+        assert "v4lue-one" not in out and "<redacted>" in out, text
+    assert redact(f"not-{name}x: keep") == f"not-{name}x: keep"  # the name stands alone

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from apishield import ApiShieldMiddleware
 from apishield.config import config_from_dict
+from tests.conftest import json_lines
 from tests.upstream_server import CANNED
 
 DATA = Path(__file__).parent / "data" / "responses"
@@ -34,7 +35,9 @@ def canned(kind: str) -> bytes:
 
 
 def warnings_for(stderr: str, needle: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "WARNING" in line and needle in line]
+    """The messages of the warning lines holding `needle`."""
+    return [line["msg"] for line in json_lines(stderr)
+            if line["level"] == "warning" and needle in line["msg"]]
 
 
 def wait_for_log(gw, needle: str, count: int = 1) -> list[str]:

@@ -23,7 +23,7 @@ def test_contract_refusals_are_logged_not_enforced(make_gateway, upstream):
     leaky = httpx.get(f"{gw.url}/users?n=1")
     assert "password_hash" in leaky.text  # would have been filtered
     assert upstream.request_count == before + 3
-    entries = {e["id"]: e for e in gw.log_lines()}
+    entries = {e["request_id"]: e for e in gw.log_lines()}
     first = entries[undeclared.headers["x-request-id"]]
     assert first["outcome"] == "shadowed" and first["reason"] == "route-not-declared"
     assert entries[bad_param.headers["x-request-id"]]["reason"] == "parameters-invalid"

@@ -33,7 +33,14 @@ from cryptography.hazmat.primitives import serialization
 from apishield.config import config_from_dict
 from apishield.http.plain_http import redirect_host
 from apishield.http.tls import ServerTls, cert_info, client_identity
-from tests.conftest import DATA, RunningGateway, free_port, raw_exchange, wait_for_port
+from tests.conftest import (
+    DATA,
+    RunningGateway,
+    free_port,
+    json_lines,
+    raw_exchange,
+    wait_for_port,
+)
 from tests.upstream_server import UpstreamServer, stop
 
 pytestmark = pytest.mark.timeout(60)
@@ -638,7 +645,8 @@ def test_https_upstream_verify_false_works_and_warns(make_gateway, tls_upstream)
     url = upstream_url_of(tls_upstream)
     gw = make_gateway({"upstream": {"url": url, "tls": {"verify": False}}}, upstream=url)
     assert httpx.get(f"{gw.url}/echo", timeout=5).status_code == 200
-    assert "WARNING apishield: upstream.tls.verify: false" in gw.stderr()
+    assert any(line["level"] == "warning" and line["msg"].startswith("upstream.tls.verify: false")
+               for line in json_lines(gw.stderr()))
     result = run_cli("check", "--config", str(gw.config_path))
     assert result.returncode == 0
     assert "warning: upstream.tls.verify: false" in result.stderr

@@ -46,6 +46,7 @@ from apishield.http.upstream import (
     UpstreamResponse,
     problem_for,
 )
+from apishield.observe.logjson import fields
 from apishield.observe.metrics import METRICS
 from apishield.pipeline import CARRIED_PARTS, Pipeline
 from apishield.steps.response_cutter import Cutter
@@ -575,29 +576,27 @@ def _fingerprint(config_bytes: bytes, contract: Contract) -> tuple[str, str]:
 
 def _log_reload(result: ReloadResult) -> None:
     """One line per reload; a failed one also logs each problem with its location."""
-    fields = {"event": "reload", **result.as_dict()}
+    summary = fields("lifecycle", None, event="reload", **result.as_dict())
     if result.outcome == "failed":
         for problem in result.problems:
-            logger.error("reload (%s) problem: %s", result.trigger, problem,
-                         extra={"event": "reload-problem", "trigger": result.trigger,
-                                "problem": problem})
+            logger.error("reload (%s) problem: %s", result.trigger, problem, extra=fields(
+                "lifecycle", event="reload-problem", trigger=result.trigger, problem=problem))
         logger.error("reload (%s) failed in %.0f ms: %d problem(s), the running config is "
                      "kept (config sha256 %s)", result.trigger, result.duration * 1000,
-                     len(result.problems), result.config_hash[:12] or "-", extra=fields)
+                     len(result.problems), result.config_hash[:12] or "-", extra=summary)
         return
     for warning in result.warnings:
-        logger.warning("reload (%s): %s", result.trigger, warning,
-                       extra={"event": "reload-warning", "trigger": result.trigger,
-                              "warning": warning})
+        logger.warning("reload (%s): %s", result.trigger, warning, extra=fields(
+            "lifecycle", event="reload-warning", trigger=result.trigger, warning=warning))
     if result.outcome == "unchanged":
         logger.info("reload (%s) unchanged in %.0f ms: the files are as running (config "
                     "sha256 %s)", result.trigger, result.duration * 1000,
-                    result.config_hash[:12], extra=fields)
+                    result.config_hash[:12], extra=summary)
         return
     logger.info("reload (%s) succeeded in %.0f ms (config sha256 %s): changed %s; kept %s; "
                 "replaced %s", result.trigger, result.duration * 1000, result.config_hash[:12],
                 ", ".join(result.changed) or "nothing", ", ".join(result.kept) or "nothing",
-                ", ".join(result.replaced) or "nothing", extra=fields)
+                ", ".join(result.replaced) or "nothing", extra=summary)
 
 
 def build_gateway(config: Config) -> Gateway:
@@ -647,7 +646,8 @@ def _handle_signals(
 
     def stopping(name: str) -> None:
         if not stop.is_set():
-            logger.info("%s received: shutting down", name)
+            logger.info("%s received: shutting down", name, extra=fields(
+                "lifecycle", event="signal", signal=name, action="stop"))
         stop.set()
 
     def reload() -> None:
@@ -656,13 +656,16 @@ def _handle_signals(
             done = "TLS certificate reloaded" if tls.reload("SIGHUP") else "TLS certificate kept"
         if on_reload is None:
             logger.info("SIGHUP: %s; other settings are read at start only (restart to "
-                        "change them)", done)
+                        "change them)", done, extra=fields(
+                            "lifecycle", event="reload", signal="SIGHUP", result=done))
             return
-        logger.info("SIGHUP: %s; reloading the config and the contract", done)
+        logger.info("SIGHUP: %s; reloading the config and the contract", done, extra=fields(
+            "lifecycle", event="signal", signal="SIGHUP", action="reload", result=done))
         on_reload()
 
     def ignored(name: str) -> None:
-        logger.info("%s received: ignored", name)
+        logger.info("%s received: ignored", name, extra=fields(
+            "lifecycle", event="signal", signal=name, action="ignored"))
 
     actions: list[tuple[str, Callable[..., object], tuple[object, ...]]] = [
         *((name, stopping, (name,)) for name in STOPPING_SIGNALS),
@@ -744,13 +747,19 @@ async def serve(
     if tls is not None:
         watcher = loop.create_task(tls.watch())
         logger.info("listening on https://%s:%d (%s profile; %s)", address[0], address[1],
-                    tls.settings.profile, tls.info.describe())
+                    tls.settings.profile, tls.info.describe(), extra=fields(
+                        "lifecycle", event="start", listener="https", host=address[0],
+                        port=address[1], tls_profile=tls.settings.profile))
     else:
-        logger.info("listening on http://%s:%d", address[0], address[1])
+        logger.info("listening on http://%s:%d", address[0], address[1], extra=fields(
+            "lifecycle", event="start", listener="http", host=address[0], port=address[1]))
     if plain is not None and responder is not None:
         plain_address = plain.sockets[0].getsockname()
         logger.info("plain http on http://%s:%d: %s", plain_address[0], plain_address[1],
-                    "redirected to https" if responder.mode == "redirect" else "refused")
+                    "redirected to https" if responder.mode == "redirect" else "refused",
+                    extra=fields("lifecycle", event="start", listener="plain_http",
+                                 host=plain_address[0], port=plain_address[1],
+                                 plain_http=responder.mode))
     admin: AdminListener | None = None
     if gateway.config.admin is not None:
         admin = AdminListener(gateway.admin_app())
@@ -763,13 +772,17 @@ async def serve(
                 plain.close()
             raise
         logger.info("admin API on http://%s:%d (%s)", admin_address[0], admin_address[1],
-                    "bearer token required" if gateway.admin_token else "loopback, no token")
+                    "bearer token required" if gateway.admin_token else "loopback, no token",
+                    extra=fields("lifecycle", event="start", listener="admin",
+                                 host=admin_address[0], port=admin_address[1]))
     if ready is not None:
         ready.set_result((address[0], address[1]))
     try:
         await stop.wait()
     finally:
-        logger.info("shutting down: no new connections, finishing in-flight requests")
+        logger.info("shutting down: no new connections, finishing in-flight requests",
+                    extra=fields("lifecycle", event="stopping",
+                                 reason="requested" if stop.is_set() else "cancelled"))
         server.close()
         if plain is not None and responder is not None:
             plain.close()
@@ -795,4 +808,5 @@ async def serve(
                 connection.transport.abort()
         sweeper.stop()
         await gateway.close()
-        logger.info("stopped")
+        logger.info("stopped", extra=fields(
+            "lifecycle", event="stop", reason="requested" if stop.is_set() else "cancelled"))

@@ -27,6 +27,12 @@ ignored here.
 - An exception from the app before it started its response becomes a generic 500
   problem, with the traceback logged under the request id; after, it propagates so the
   server aborts the connection (the only honest signal once a status was sent).
+- Logging: the host's logging configuration is never changed. If no handler would receive
+  the `apishield` loggers' records (neither they nor the root logger have one: a bare
+  uvicorn), one JSON handler on stderr is added to the `apishield` logger, so the
+  middleware writes the same line schema as the gateway (docs/logging.md);
+  `log_handler=False` never adds it. Either way a filter on the `apishield` loggers masks
+  secrets in messages and tracebacks before any handler, the host's included, sees them.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from apishield.auth.identity import identity_headers
 from apishield.config import Config, load_config
 from apishield.contract.loader import load_contract
 from apishield.exchange import Exchange, Headers, Request
+from apishield.observe.logjson import attach_if_unconfigured, fields, redact_records
 from apishield.pipeline import Pipeline
 from apishield.problems import (
     BadGateway,
@@ -72,9 +79,13 @@ def _spoofs_gateway_header(name: bytes) -> bool:
 
 
 class ApiShieldMiddleware:
-    def __init__(self, app: ASGIApp, config: str | Path | Config = "apishield.yaml") -> None:
+    def __init__(self, app: ASGIApp, config: str | Path | Config = "apishield.yaml", *,
+                 log_handler: bool = True) -> None:
         self.app = app
         self.config = config if isinstance(config, Config) else load_config(config)
+        redact_records()  # before anything is logged, whoever formats it
+        if log_handler:
+            attach_if_unconfigured()
         self.contract = load_contract(self.config)
         self.pipeline = self._new_pipeline()
         self._started = False
@@ -336,7 +347,8 @@ class ApiShieldMiddleware:
             await refuse(problem)
         except Exception as exc:
             if started:
-                logger.error("response to %s broken", exchange.id, exc_info=exc)
+                logger.error("response to %s broken", exchange.id, exc_info=exc,
+                             extra=fields("error", exchange.id))
                 exchange.reason = "response-broken"
                 raise
             status, headers, body = pipeline.internal_error(exchange, exc)

@@ -38,14 +38,16 @@ from typing import Protocol, TypeVar
 
 from apishield import problems
 from apishield.abuse.gate import BanGate
-from apishield.auth.service import AuthService
+from apishield.auth.service import PUBLIC, AuthService
 from apishield.config import Config
 from apishield.contract.loader import Contract
 from apishield.contract.router import Router
 from apishield.exchange import Exchange, Headers, Suspend
+from apishield.observe import events, redact
 from apishield.observe.accesslog import AccessLog
+from apishield.observe.logjson import fields
 from apishield.observe.metrics import METRICS, UNMATCHED
-from apishield.observe.redact import MAX_LOGGED, SCANNED, redact
+from apishield.observe.redact import MAX_LOGGED, SCANNED
 from apishield.observe.usage import USAGE
 from apishield.problems import Problem, render_problem
 from apishield.state.counters import Counters
@@ -173,6 +175,7 @@ class Pipeline:
             previous.access_log if previous is not None and "access_log" in kept
             else AccessLog(config.access_log.path) if config.access_log.enabled else None)
         self.metrics = METRICS if config.metrics.enabled else None
+        redact.protect(config.redact.fields)  # compiled once, here (F6)
         self.mask_errors = config.responses.mask_errors
         self.response_filter = response_filter.ResponseFilter(contract, config.responses)
         self.response_owner = response_owner.ResponseOwnership(contract)
@@ -304,6 +307,10 @@ class Pipeline:
         self._given = self._given | self.kept
 
     def on_response(self, exchange: Exchange, status: int, headers: Headers) -> Headers:
+        if status == 401 or status == 403:  # the upstream's (or a refusal: ignored there)
+            operation = exchange.operation
+            events.login_refusal(exchange, status, operation is not None
+                                 and self.auth.plans.get(operation.pointer) is PUBLIC)
         for call in self._response_calls:
             headers = call(exchange, status, headers)
         return headers
@@ -382,7 +389,8 @@ class Pipeline:
             "upstream answered %d to request %s; body masked: %s", status, exchange.id,
             # all redact() scans: a secret cut short at a shorter sample's end could be too
             # short for its pattern and then be logged once masking shortened the text
-            redact(sample[:MAX_LOGGED * SCANNED].decode("utf-8", "replace")),
+            redact.redact(sample[:MAX_LOGGED * SCANNED].decode("utf-8", "replace")),
+            extra=fields("error", exchange.id, status=status),
         )
         problem = problems.UpstreamFailure("upstream-5xx-masked")
         problem.status = status
@@ -390,7 +398,8 @@ class Pipeline:
 
     def internal_error(self, exchange: Exchange, exc: BaseException) -> tuple[int, Headers, bytes]:
         """A bug or an unexpected failure: traceback to the log with the id, generic 500 out."""
-        logger.error("internal error in request %s", exchange.id, exc_info=exc)
+        logger.error("internal error in request %s", exchange.id, exc_info=exc,
+                     extra=fields("error", exchange.id))
         problem = problems.InternalError(f"exception:{type(exc).__name__}")
         return self.problem_response(exchange, problem)
 
@@ -442,6 +451,7 @@ class Pipeline:
         return []
 
     def close(self) -> None:
+        events.flush()  # the successes counted since the last summary line
         if self.access_log is not None and "access_log" not in self._given:
             self.access_log.close()
 

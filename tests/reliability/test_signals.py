@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from tests.conftest import json_lines
+
 
 def drive(port: int, stop: threading.Event, answered: list[str], failures: list[str]) -> None:
     """Sequential requests on keep-alive connections until told to stop."""
@@ -59,7 +61,7 @@ def test_sighup_under_load_neither_stops_nor_breaks_a_plain_gateway(make_gateway
     assert gw.stderr().count("SIGHUP: no TLS listener to reload") == 3
     # every answered request is in the access log
     assert gw.stop() == 0
-    logged = {entry["id"] for entry in gw.log_lines()}
+    logged = {entry["request_id"] for entry in gw.log_lines()}
     assert set(answered) <= logged
 
 
@@ -79,8 +81,8 @@ def test_a_stopping_signal_is_logged_and_the_access_log_flushed(make_gateway, na
     assert gw.process.wait(15) == 0
     stderr = gw.stderr()
     assert f"{name} received: shutting down" in stderr
-    assert stderr.rstrip().endswith("stopped")
-    logged = {entry["id"] for entry in gw.log_lines()}
+    assert json_lines(stderr)[-1]["event"] == "stop"  # the last line: it stopped
+    logged = {entry["request_id"] for entry in gw.log_lines()}
     assert set(answered) <= logged
 
 

@@ -18,21 +18,17 @@ at its next housekeeping tick, so operator bans work without rules too.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING
 
-import orjson
-
 from apishield import problems
 from apishield.config import Config
+from apishield.observe import events
 
 if TYPE_CHECKING:
     from apishield.abuse.bans import BanRules
     from apishield.exchange import Exchange
     from apishield.state.bans import BanRecord, BanStore
-
-security_log = logging.getLogger("apishield.security")
 
 _EVENTS: tuple[tuple[type[problems.Problem], str], ...] = (
     (problems.Unauthorized, "authn-failure"),
@@ -107,11 +103,7 @@ class BanGate:
         else:  # e.g. an expired but well-signed token: the account is known
             subject = getattr(exchange.problem, "subject", None)
         for ban in rules.observe_all(event, exchange.client_ip, subject, time.time()):
-            security_log.warning("%s", orjson.dumps({
-                "event": "ban", "ts": round(time.time(), 3), "request_id": exchange.id,
-                "kind": ban.kind, "value": ban.value, "rule": ban.rule,
-                "until": round(ban.until, 3), "offense": ban.offense,
-            }).decode())
+            events.ban(exchange, ban)
 
     def active(self) -> int:
         """Bans in force now (a metric, read at scrape time)."""

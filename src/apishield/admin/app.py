@@ -27,6 +27,7 @@ import orjson
 from prometheus_client.exposition import choose_encoder
 
 from apishield.config import Config, ConfigError
+from apishield.observe.logjson import fields
 from apishield.observe.metrics import Gauges, registry
 from apishield.observe.usage import USAGE
 
@@ -116,8 +117,10 @@ class AdminApp:
                       accept: bytes, client: str, query: str) -> AdminResponse:
         routes = self._routes.get(path)
         if path != "/healthz" and not self._authorized(authorization):
-            security_log.warning("admin API: %s from %s on %s",
-                                 "bad token" if authorization else "no token", client, path)
+            why = "bad-token" if authorization else "no-token"
+            security_log.warning("admin API: %s from %s on %s", why.replace("-", " "), client,
+                                 path, extra=fields("security", event="admin-unauthorized",
+                                                    client_ip=client, reason=why, path=path))
             return _problem(401, "unauthorized", "Unauthorized",
                             "The admin API needs Authorization: Bearer <token>.",
                             [(b"www-authenticate", b'Bearer realm="apishield-admin"')])

@@ -33,6 +33,7 @@ import orjson
 from apishield.auth.principal import AuthFailure, Principal
 from apishield.exchange import Exchange, Request, Suspend
 from apishield.observe import events
+from apishield.observe.logjson import fields
 from apishield.problems import ServiceUnavailable
 from apishield.state.keys import KeyStoreError
 
@@ -252,7 +253,8 @@ class ApiKeyAuthenticator:
             return self.verifier().verify(credential, time.time())
         except KeyStoreError:
             # the store cannot answer: fail closed, but say it is us, not the caller
-            logger.exception("API key store unavailable (request %s)", exchange.id)
+            logger.exception("API key store unavailable (request %s)", exchange.id,
+                             extra=fields("error", exchange.id))
             raise ServiceUnavailable("key-store-unavailable") from None
 
 

@@ -33,6 +33,7 @@ from apishield.cli.keys import (
     cli_command,
 )
 from apishield.config import Config
+from apishield.observe.logjson import fields
 from apishield.state.bans import BanKind, BanRecord, BanStore, BanStoreError
 from apishield.state.open import describe_state, open_ban_store, state_exists
 
@@ -92,13 +93,14 @@ def _reason(text: str | None) -> str:
 
 
 def _audit(event: str, record: BanRecord, **extra: Any) -> None:
-    """One JSON line: JSON escaping keeps a hostile reason from forging log lines."""
+    """One `kind: "audit"` line (docs/logging.md); JSON escaping keeps a hostile
+    reason from forging log lines."""
     entry: dict[str, Any] = {
-        "event": event, "kind": record.kind, "value": record.value, "rule": record.rule,
+        "event": event, "target": record.kind, "value": record.value, "rule": record.rule,
         "until": _iso(record.until), "reason": record.reason, "actor": _actor(),
     }
     entry.update(extra)
-    audit.info("%s", json.dumps(entry, ensure_ascii=True))
+    audit.info("%s", event, extra=fields("audit", **entry))
 
 
 class _BanRow(TypedDict):

@@ -40,6 +40,7 @@ from apishield.auth.apikeys import (
 from apishield.auth.principal import AuthFailure
 from apishield.cli.config_option import config_parent
 from apishield.config import Config, ConfigError, _parse_duration, load_config
+from apishield.observe.logjson import configure_process, fields
 from apishield.state.keys import KeyRecord, KeyState, KeyStore, KeyStoreError
 from apishield.state.open import describe_state, open_key_store, state_exists
 
@@ -106,21 +107,20 @@ def _actor() -> str | None:
 
 
 def _audit(event: str, record: KeyRecord, **extra: Any) -> None:
-    """One JSON line: JSON escaping keeps a hostile name from forging log lines."""
+    """One `kind: "audit"` line (docs/logging.md); JSON escaping keeps a hostile name
+    from forging log lines."""
     entry: dict[str, Any] = {
         "event": event, "key_id": record.id, "name": record.name,
         "scopes": list(record.scopes), "roles": list(record.roles),
         "expires_at": _iso(record.expires_at), "actor": _actor(),
     }
     entry.update(extra)
-    audit.info("%s", json.dumps(entry, ensure_ascii=True))
+    audit.info("%s", event, extra=fields("audit", **entry))
 
 
 def _setup_logging() -> None:
-    """The audit line must reach stderr even though the CLI configures no logging else."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """The audit line reaches stderr as JSON, as every apishield line (docs/logging.md)."""
+    configure_process(logging.INFO)
 
 
 def _say(message: str) -> None:

@@ -26,6 +26,7 @@ from apishield.config import Config, ConfigError, config_from_dict, load_config,
 from apishield.contract.loader import load_contract
 from apishield.contract.review import open_in_strict_mode
 from apishield.gateway import Gateway, build_gateway, serve
+from apishield.observe.logjson import configure_process
 from apishield.pipeline import Pipeline
 
 EXIT_CONFIG = 2
@@ -33,11 +34,8 @@ DEMO_DIR = Path(__file__).parent.parent / "demo"
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """Every line the process logs is one JSON object on stderr (docs/logging.md)."""
+    configure_process(logging.INFO)
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:

@@ -41,7 +41,7 @@ from apishield.config.auth import (
 )
 from apishield.config.errors import ConfigError, at, format_validation_error
 from apishield.config.loading import config_from_dict, load_config, read_yaml
-from apishield.config.observe import AccessLog
+from apishield.config.observe import AccessLog, Redact
 from apishield.config.rate_limiting import (
     BanEvent,
     BanRule,
@@ -115,6 +115,7 @@ __all__ = [
     "Rate",
     "RateLimit",
     "RateLimiting",
+    "Redact",
     "Reload",
     "Require",
     "ResponseMode",

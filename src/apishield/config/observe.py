@@ -1,4 +1,5 @@
-"""What the gateway records: the access log (and, as they land, metrics, alerts, audit).
+"""What the gateway records: the access log and redaction (and, as they land, metrics,
+alerts, audit).
 
 Its own module because observability keys are read by `apishield.observe`, not by any
 pipeline step, and the next features of that layer add their models here rather than to
@@ -7,9 +8,36 @@ the transport or response modules.
 
 from __future__ import annotations
 
+import re
+
+from pydantic import field_validator
+
 from apishield.config.units import Model
+
+# a header name or a JSON / form field name as people write them (RFC 9110 5.1 tokens
+# are wider, but a quote or a separator would be mistaken for the value's start)
+_FIELD_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 class AccessLog(Model):
     enabled: bool = True
     path: str = "-"  # "-" = standard output
+
+
+class Redact(Model):
+    """`redact: {fields: [ssn, x-internal-token]}`: body field and header names whose
+    values are masked in every log line, on top of the built-in secrets (passwords,
+    tokens, API keys, cookies, authorization headers, URL passwords). Matched without
+    regard to case; compiled once, when the config is loaded."""
+
+    fields: tuple[str, ...] = ()
+
+    @field_validator("fields")
+    @classmethod
+    def _check_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for index, name in enumerate(value):
+            if not _FIELD_NAME.match(name):
+                raise ValueError(
+                    f"item {index}: {name!r} is not a field or header name; write the bare "
+                    "name, e.g. ssn or x-internal-token (letters, digits, '-', '_', '.')")
+        return value

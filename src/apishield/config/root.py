@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from apishield.config.admin import Admin, Metrics
 from apishield.config.auth import Auth, Owner, Require, Secret
 from apishield.config.errors import at
-from apishield.config.observe import AccessLog
+from apishield.config.observe import AccessLog, Redact
 from apishield.config.rate_limiting import IpLists, RateLimiting
 from apishield.config.reload import Reload
 from apishield.config.responses import Cors, ResponseMode, Responses, SecurityHeaders
@@ -38,6 +38,9 @@ class OperationPolicy(Model):
     require: Require | None = None
     owner: Owner | None = None
     ip: IpLists | None = None  # for this operation, on top of rate_limiting.ip
+    # a login operation: the upstream's 401/403 here is a security event (a wrong
+    # password); None = guessed (public and answered 401), docs/logging.md
+    login: bool | None = None
 
 
 class Config(Model):
@@ -53,6 +56,7 @@ class Config(Model):
     access_log: AccessLog = AccessLog()
     admin: Admin | None = None  # off unless configured
     metrics: Metrics = Metrics()
+    redact: Redact = Redact()  # more names whose values never reach a log (F6)
     mode: Literal["enforce", "log-only"] = "enforce"
     cors: Cors | None = None
     validation: Validation = Validation()

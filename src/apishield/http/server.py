@@ -43,6 +43,7 @@ from apishield.http.upstream import (
     UpstreamResponse,
     problem_for,
 )
+from apishield.observe.logjson import fields
 from apishield.pipeline import REASONS, Pipeline
 from apishield.problems import (
     BadGateway,
@@ -709,7 +710,8 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 self._write(self._head(status, headers, keep_alive, message) + body)
         except Exception as exc:  # a bug: log it with the id, answer generically if we can
             if head_sent:
-                logger.error("response to %s broken", exchange.id, exc_info=exc)
+                logger.error("response to %s broken", exchange.id, exc_info=exc,
+                             extra=fields("error", exchange.id))
                 exchange.reason = exchange.reason or "response-broken"
             else:
                 status, headers, body = pipeline.internal_error(exchange, exc)

@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from apishield.config import Config, ConfigError, Tls
 from apishield.exchange import Headers
+from apishield.observe.logjson import fields
 
 logger = logging.getLogger("apishield")
 
@@ -315,12 +316,16 @@ class ServerTls:
         except ConfigError as exc:
             self._failed = stamp
             logger.error("tls: new certificate not loaded (%s), keeping the running one "
-                         "(%s): %s", trigger, self.info.describe(), "; ".join(exc.problems))
+                         "(%s): %s", trigger, self.info.describe(), "; ".join(exc.problems),
+                         extra=fields("lifecycle", event="reload", what="tls",
+                                      trigger=trigger, outcome="failed"))
             return False
         self._stamp = stamp
         self._failed = None
         self.info = info
-        logger.info("tls: certificate reloaded (%s): %s", trigger, info.describe())
+        logger.info("tls: certificate reloaded (%s): %s", trigger, info.describe(),
+                    extra=fields("lifecycle", event="reload", what="tls", trigger=trigger,
+                                 outcome="loaded"))
         return True
 
     async def watch(self, interval: float = POLL_INTERVAL) -> None:

@@ -5,6 +5,11 @@ path, no query string, no header values, so tokens, API keys and cookies cannot 
 logs (F6). A request only appends a tuple; lines are formatted and written in one batch
 at most every 100 ms and at shutdown. Formatting per request, between two syscalls, cost
 several times more than the same work done in a batch (bench/RESULTS.md).
+
+The line follows the schema of every apishield log line (docs/logging.md): the leading
+`ts`, `level`, `kind` (`access`), `logger`, `msg`, then `request_id` and the access
+fields. It is written here as bytes rather than through `logjson.JsonFormatter` for the
+cost above; `ts` is formatted the same way (`logjson.timestamp`), memoized per second.
 """
 
 from __future__ import annotations
@@ -78,10 +83,12 @@ class AccessLog:
                 who = b',"subject":%b,"key_id":%b' % (dumps(principal.subject),
                                                       dumps(principal.key_id))
             lines.append(
-                b'{"id":%b,"method":%b,"route":%b,"operation":%b,"status":%d,'
-                b'"duration_ms":%.3f,"client_ip":%b,"outcome":%b,"reason":%b%b,"ts":"%b"}\n'
-                % (dumps(rid), text(method), text(route), text(operation), status, duration,
-                   dumps(ip), text(outcome), text(reason), who, self._timestamp(ts).encode())
+                b'{"ts":"%b","level":"info","kind":"access","logger":"apishield.access",'
+                b'"msg":"request","request_id":%b,"method":%b,"route":%b,"operation":%b,'
+                b'"status":%d,"duration_ms":%.3f,"client_ip":%b,"outcome":%b,"reason":%b%b}\n'
+                % (self._timestamp(ts).encode(), dumps(rid), text(method), text(route),
+                   text(operation), status, duration, dumps(ip), text(outcome), text(reason),
+                   who)
             )
         try:
             self._stream.write(b"".join(lines))

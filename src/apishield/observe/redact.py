@@ -20,6 +20,11 @@ starts only where a run of its alphabet begins (a lookbehind, not `\\b`), its qu
 are never adjacent over the same characters, and a quoted value may stay unclosed rather
 than be retried. Only the first `SCANNED * limit` characters are looked at (no more can
 reach the log line).
+
+Operators add their own names (`redact: {fields: [ssn, x-internal-token]}`, body field
+and header names): `protect()` compiles them into one more name-value pattern of the same
+shape as the built-in one, once, when a config is loaded. The set only grows in a process
+(two middlewares with different lists both get theirs): more masking never leaks.
 """
 
 from __future__ import annotations
@@ -63,6 +68,45 @@ _JSON_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n"
                  "t": "\t"}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# what masking wrote: a value that is only these (or a password `***` as `redact_url`
+# writes it) is not masked again, so text redacted twice (an upstream body, then the log
+# line holding it) keeps what the first pass left readable
+_LABELS = re.compile(r"<redacted(?:-jwt|-api-key)?>")
+_MASKED_USERINFO = re.compile(r"[^:]*:\*+")
+
+
+def _masked(value: str) -> bool:
+    """Whether a secret's value is only what masking already wrote."""
+    return (not _LABELS.sub("", value).strip(" \"'")
+            or _MASKED_USERINFO.fullmatch(value) is not None)
+
+_configured: frozenset[str] = frozenset()
+_extra: tuple[tuple[re.Pattern[str], int, str], ...] = ()
+
+
+def _name_value(names: str) -> re.Pattern[str]:
+    """`name = value`, `name: value`, `"name": "value"` for the alternation `names`; the
+    name stands alone (no letter, digit, `_` or `-` glued to it on either side)."""
+    return re.compile(r"(?i)(?<![a-z0-9_-])(?:" + names + r")(?![a-z0-9_-])"
+                      r"\s*(?:[\"']\s*)?[=:]\s*"
+                      r"(\"(?:[^\"\\\r\n]|\\.)*\"?|'[^'\r\n]*'?|[^\s,;&\"'}]+)")
+
+
+def protect(fields: tuple[str, ...] | list[str]) -> None:
+    """Mask the values of these body field and header names too, from now on, in every
+    text `redact` sees (compiled here once; per call only when the set grows)."""
+    global _configured, _extra
+    names = _configured | {name.lower() for name in fields}
+    if names == _configured:
+        return
+    _configured = frozenset(names)
+    alternation = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    _extra = ((_name_value(alternation), 1, _REDACTED),)
+
+
+def protected() -> frozenset[str]:
+    """The configured names (lowercase) masked on top of the built-in ones."""
+    return _configured
 
 
 class _View:
@@ -124,10 +168,10 @@ def _secret_spans(text: str) -> list[tuple[int, int, str]]:
         if view.text in seen:
             continue
         seen.add(view.text)
-        for pattern, group, label in _PATTERNS:
+        for pattern, group, label in (*_PATTERNS, *_extra):
             for match in pattern.finditer(view.text):
                 start, end = match.span(group)
-                if start < end:
+                if start < end and not _masked(view.text[start:end]):
                     spans.append((view.lo[start], view.hi[end - 1], label))
     return spans
 
@@ -160,12 +204,13 @@ def _escape(match: re.Match[str]) -> str:
     return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char, f"\\x{ord(char):02x}")
 
 
-def redact(text: str, limit: int = MAX_LOGGED) -> str:
+def redact(text: str, limit: int = MAX_LOGGED, *, one_line: bool = True) -> str:
     """`text` with secrets masked (in whatever encoding they were written), cut to `limit`
     characters, on one line (control characters escaped, so an upstream cannot forge log
-    lines)."""
+    lines). `one_line=False` keeps the text's lines (a traceback inside a JSON string,
+    where the JSON escaping already keeps it on one log line)."""
     scanned = text[: SCANNED * limit]
     masked = _mask(scanned)
     if len(masked) > limit or len(scanned) < len(text):
         masked = masked[:limit] + "...(truncated)"
-    return _CONTROL.sub(_escape, masked)
+    return _CONTROL.sub(_escape, masked) if one_line else masked

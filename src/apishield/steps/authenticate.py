@@ -84,7 +84,8 @@ class AuthenticateStep:
                     break
                 principals.append(principal)
             else:
-                exchange.principal = _merge(principals)
+                exchange.principal = principal = _merge(principals)
+                events.authenticated(principal)  # counted; summarised per identity (F1)
                 METRICS.auth_attempt(alternative[0][0].name if len(alternative) == 1 else
                                      "+".join(a.name for a, _ in alternative), "success", "ok")
                 return

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 from apishield.config import Quota, RateLimit, RateLimiting
 from apishield.contract.loader import Contract
 from apishield.exchange import Exchange, Suspend
+from apishield.observe.logjson import fields
 from apishield.problems import ClientBanned, ServiceUnavailable, TooManyRequests
 from apishield.state.counters import Counters, Decision, StoreOutage, StoreUnavailable
 
@@ -219,7 +220,8 @@ class RateLimitStep:
             except StoreUnavailable:
                 pass  # the rerun finds no lease and applies on_store_error
             except Exception:
-                logger.exception("rate-limit store failed (request %s)", exchange.id)
+                logger.exception("rate-limit store failed (request %s)", exchange.id,
+                                 extra=fields("error", exchange.id))
 
         raise Suspend(wait, owner=(self, key, index))
 

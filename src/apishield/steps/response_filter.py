@@ -42,6 +42,7 @@ from apishield.contract.loader import Contract, Operation
 from apishield.contract.schema import Caps, SchemaCompiler, SchemaError, error_pointer, error_reason
 from apishield.contract.shapes import Builder, Shape
 from apishield.exchange import Exchange, Headers, media_type
+from apishield.observe.logjson import fields
 from apishield.problems import BadGateway
 from apishield.steps.validate import is_json
 
@@ -265,7 +266,8 @@ class ResponseFilter:
             else:
                 document = orjson.loads(body)
         except ValueError:  # orjson.JSONDecodeError is one
-            logger.warning("response to %s declared JSON but is not; refused", exchange.id)
+            logger.warning("response to %s declared JSON but is not; refused", exchange.id,
+                           extra=fields("log", exchange.id))
             raise BadGateway("response-not-json") from None
         if plan.validator is None:
             self._shape_mismatch(exchange, plan, body)
@@ -284,7 +286,7 @@ class ResponseFilter:
             logger.warning(
                 "response to request %s (operation %s, status %d) does not match the "
                 "contract: %s", exchange.id, self.plans[operation.pointer].name,
-                plan.status, ", ".join(errors))
+                plan.status, ", ".join(errors), extra=fields("log", exchange.id))
             raise BadGateway("response-invalid")
         return body
 
@@ -335,4 +337,5 @@ class ResponseFilter:
             "response to request %s (operation %s, status %d) is a JSON %s where the "
             "contract declares an %s: passed as it is, not filtered%s", exchange.id,
             self.plans[operation.pointer].name, plan.status, sent, declared,
-            f"; {quieted} more since the last such line" if quieted else "")
+            f"; {quieted} more since the last such line" if quieted else "",
+            extra=fields("log", exchange.id))
