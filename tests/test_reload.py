@@ -311,7 +311,8 @@ def test_a_reload_keeps_the_jwks_key_set_unless_auth_changes(tmp_path, upstream_
                             '[{bearer: []}], responses: {"200": {description: ok}}}\n')
         (tmp_path / "contract.yaml").write_text(contract.read_text())  # the one served
         gw.process.send_signal(signal.SIGHUP)
-        line = wait_for_log(gw, "reload (SIGHUP) succeeded").splitlines()[-1]
+        line = [text for text in wait_for_log(gw, "reload (SIGHUP) succeeded").splitlines()
+                if "reload (SIGHUP) succeeded" in text][-1]
         assert "changed contract" in line and "auth" in line.split("kept")[1].split(";")[0]
         assert status("/hop") == 200 and status("/echo") == 200
         assert issuer.count("/jwks.json") == fetched  # not fetched again
@@ -319,7 +320,8 @@ def test_a_reload_keeps_the_jwks_key_set_unless_auth_changes(tmp_path, upstream_
         auth["issuers"]["corp"]["leeway"] = "5s"
         write_config(gw, auth=auth)
         gw.process.send_signal(signal.SIGHUP)
-        line = wait_for_log(gw, "reload (SIGHUP) succeeded", count=2).splitlines()[-1]
+        line = [text for text in wait_for_log(gw, "reload (SIGHUP) succeeded", count=2)
+                .splitlines() if "reload (SIGHUP) succeeded" in text][-1]
         assert "auth" in line.split("replaced")[1]
         assert issuer.count("/jwks.json") == fetched + 1
         assert status("/echo") == 200

@@ -165,10 +165,11 @@ def security_warnings(pipeline: Pipeline) -> list[str]:
                 "true if callers must authenticate")
     found += open_in_strict_mode(contract, pipeline.config)
     for issuer_name, weak in pipeline.auth.weak_secrets.items():
+        # worded without `secret: value` pairs: logged by `serve`, such a pair is masked
         found.append(
-            f"auth.issuers.{issuer_name}.shared_secret: {weak}; accepted because "
-            "allow_weak_secret: true, but anyone who guesses it can mint any token (A1): "
-            "move the app to a random 32+ byte secret, or to an asymmetric algorithm")
+            f"auth.issuers.{issuer_name}: its shared secret {weak}; accepted because the "
+            "issuer sets allow_weak_secret, but anyone who guesses it can mint any token "
+            "(A1): move the app to a random 32+ byte secret, or to an asymmetric algorithm")
     for issuer_name, issuer in pipeline.config.auth.issuers.items():
         for key, url in (("jwks_url", issuer.jwks_url), ("introspection.url",
                          issuer.introspection.url if issuer.introspection else None)):
