@@ -12,7 +12,9 @@ as a floor.
 
 Measured in `--repeat` alternating rounds; figures are medians over rounds (us per call),
 each minus an empty loop calling a function with the same arguments (the call overhead
-that `record` pays anyway is not the metrics' cost).
+that `record` pays anyway is not the metrics' cost). For comparison, the same counter and
+histogram as prometheus_client objects with `.labels()` per request (what
+observe/metrics.py avoids).
 
     .venv/bin/python bench/metrics_hotpath.py [--repeat 7] [--number 300000]
 """
@@ -24,7 +26,11 @@ import statistics
 import time
 from collections.abc import Callable
 
-from apishield.observe.metrics import Histogram, Metrics
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Histogram as PromHistogram
+
+from apishield.observe.metrics import DURATION_BUCKETS, Histogram, Metrics
 from apishield.observe.usage import Usage
 
 OPERATION = "GET /item"
@@ -76,12 +82,26 @@ def loop_record_block(number: int) -> None:
     principal test, the usage count with its `time.time()`)."""
     metrics, usage = Metrics(), Usage()
     now = time.time
-    principal = None
+    principal: str | None = None
+    outcome: str = "allowed"
     for _ in range(number):
         label = OPERATION
-        metrics.request(label, "GET", 200, "allowed", 0.0012, None)
+        metrics.request(label, "GET", 200, outcome, 0.0012, None)
         usage.count(None if principal is None else principal, label or "unmatched",
-                    "allowed" == "refused", now())
+                    outcome == "refused", now())
+
+
+def loop_prometheus_client(number: int) -> None:
+    """What metrics.py's docstring compares with: the same counter and histogram as
+    prometheus_client objects, `.labels()` on every request."""
+    registry = CollectorRegistry()
+    counter = PromCounter("requests", "", ["operation", "method", "status", "outcome"],
+                          registry=registry)
+    histogram = PromHistogram("duration", "", ["operation"], buckets=DURATION_BUCKETS,
+                              registry=registry)
+    for _ in range(number):
+        counter.labels(OPERATION, "GET", 200, "allowed").inc()
+        histogram.labels(OPERATION).observe(0.0012)
 
 
 def main() -> None:
@@ -94,6 +114,8 @@ def main() -> None:
         "USAGE.count (with time.time())": (loop_usage, loop_empty),
         "record()'s metrics block (both, as in pipeline.py)": (loop_record_block, loop_empty),
         "upstream_duration.observe": (loop_observe1, loop_empty1),
+        "for comparison: prometheus_client Counter + Histogram": (loop_prometheus_client,
+                                                                   loop_empty),
     }
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeat):
