@@ -54,6 +54,15 @@ Redis ones next to the in-memory one too; one limit keyed by [ip] per target:
                          request takes its token from Redis (concurrent ones share a trip)
   rl_refusing            rate 100/s, in memory: most requests answered 429
 
+and, only when asked for (`--only metrics`), the cost of counting for Prometheus (issue 13),
+each next to `metrics_off` measured in the same round; all with the pass-through contract:
+
+  metrics_off            `metrics: {enabled: false}` (otherwise = apishield_passthrough)
+  metrics_off_twin       the same config in another process: the A/A control
+  metrics_on             metrics on (the default), nothing scrapes
+  metrics_scraped        metrics on, an admin listener, and a harness thread fetching
+                         GET /metrics once a second during each measured run (as Prometheus)
+
 Every target is driven with `wrk -t1 -c50 --latency`; rounds alternate between targets
 (round 1: A,B,C,D; round 2: A,B,C,D; ...) and the figures reported are medians, ratios
 being medians of per-round ratios. Proxies run on CPU 0, upstream and wrk on CPU 1
@@ -129,9 +138,17 @@ RATELIMIT_BASELINE = {t: "rl_passthrough" for t in RATELIMIT_TARGETS if t != "rl
 # The issue's own ratio: the Redis mode against the in-memory mode, same round.
 RATELIMIT_VS_MEMORY = {"rl_redis": "rl_memory", "rl_redis_small_burst": "rl_memory"}
 RATELIMIT_TARGET_RATIO = 0.8  # issue 5: rl_redis / rl_memory >= 0.8
-ALL_TARGETS = TARGETS + TLS_TARGETS + VALIDATION_TARGETS + AUTH_TARGETS + RATELIMIT_TARGETS
+# Not in a default run either: what counting for /metrics costs (issue 13), each against
+# the pass-through with counting off, measured in the same round.
+# metrics_off_twin is metrics_off again, in its own process: the A/A control, i.e. how far
+# two identical gateways differ here (memory layout, hash seeds, scheduling).
+METRICS_TARGETS = ("metrics_off", "metrics_off_twin", "metrics_on", "metrics_scraped")
+METRICS_BASELINE = {t: "metrics_off" for t in METRICS_TARGETS if t != "metrics_off"}
+METRICS_GOAL_COST = 0.03  # issue 13: metrics on costs under 3% of the pass-through rps
+ALL_TARGETS = (TARGETS + TLS_TARGETS + VALIDATION_TARGETS + AUTH_TARGETS + RATELIMIT_TARGETS
+               + METRICS_TARGETS)
 APISHIELD_TARGETS = ("apishield_passthrough", "apishield_demo", "apishield_tls",
-                     *VALIDATION_TARGETS, *AUTH_TARGETS, *RATELIMIT_TARGETS)
+                     *VALIDATION_TARGETS, *AUTH_TARGETS, *RATELIMIT_TARGETS, *METRICS_TARGETS)
 # The Mozilla intermediate TLS 1.2 suites apishield uses (src/apishield/tls.py), for nginx.
 TLS_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
                "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
@@ -159,6 +176,8 @@ ALIASES = {
     "ratelimit": RATELIMIT_TARGETS,
     "rl_redis_all": ("rl_redis", "rl_redis_small_burst"),
     **{t: (t,) for t in RATELIMIT_TARGETS},
+    "metrics": METRICS_TARGETS,
+    **{t: (t,) for t in METRICS_TARGETS},
 }
 
 
@@ -1437,6 +1456,178 @@ def check_ratelimit_load(services: dict[str, Service], load: Load) -> dict:
     return checks
 
 
+# -- metrics targets (issue 13) ------------------------------------------------------------
+
+# What Prometheus 2.x sends: the gateway answers OpenMetrics to it (the costlier encoder).
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,"
+                     "application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+METRICS_SCRAPE_INTERVAL_S = 1.0  # a short Prometheus scrape_interval (the default is 60 s)
+METRICS_CHECK_SECONDS = 2.0  # the load run of the check before measuring
+REQUESTS_TOTAL = "apishield_requests_total"
+# Per target, the config beside the pass-through's (`admin` gets its port at start).
+METRICS_CONFIGS: dict[str, dict] = {
+    "metrics_off": {"metrics": {"enabled": False}},
+    "metrics_off_twin": {"metrics": {"enabled": False}},
+    "metrics_on": {},  # metrics: {enabled: true} is the default
+    "metrics_scraped": {"admin": {"host": HOST}},
+}
+
+
+def metrics_config(target: str, admin_port: int | None) -> dict:
+    extra = json.loads(json.dumps(METRICS_CONFIGS[target]))
+    if "admin" in extra:
+        assert admin_port is not None
+        extra["admin"]["port"] = admin_port
+    return extra
+
+
+def scrape(port: int, timeout: float = 5.0) -> tuple[int, dict, bytes, float]:
+    """One GET /metrics as Prometheus sends it: status, headers, body, seconds taken."""
+    t0 = time.perf_counter()
+    status, headers, body = http_get(port, "/metrics", timeout=timeout,
+                                     headers={"Accept": PROMETHEUS_ACCEPT})
+    return status, headers, body, time.perf_counter() - t0
+
+
+_SAMPLE = re.compile(rb"^" + REQUESTS_TOTAL.encode() + rb"(\{[^}]*\})?\s+(\S+)", re.M)
+
+
+def requests_total(body: bytes) -> tuple[float, int]:
+    """The sum of `apishield_requests_total` over its series, and the number of series
+    (text format 0.0.4 and OpenMetrics write the samples alike)."""
+    values = [float(m.group(2)) for m in _SAMPLE.finditer(body)]
+    return sum(values), len(values)
+
+
+class Scraper:
+    """A thread fetching /metrics every `interval` seconds while a measured run lasts,
+    as a Prometheus server would: the scrapes are served by the gateway's own process, so
+    their cost lands in the proxy CPU and throughput of the run."""
+
+    def __init__(self, port: int, interval: float = METRICS_SCRAPE_INTERVAL_S) -> None:
+        self.port = port
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.samples: list[dict] = []  # per scrape: t (monotonic), status, ms, bytes, total
+        self.failures: list[str] = []
+        self.thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self.stop_event.is_set():
+            t = time.monotonic()
+            try:
+                status, _, body, seconds = scrape(self.port)
+                total, _series = requests_total(body)
+                self.samples.append({"t": t, "status": status, "ms": 1000 * seconds,
+                                     "bytes": len(body), "total": total})
+                if status != 200:
+                    self.failures.append(f"status {status}: {body[:200]!r}")
+            except OSError as exc:
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+            next_at += self.interval
+            self.stop_event.wait(max(0.0, next_at - time.monotonic()))
+
+    def __enter__(self) -> Scraper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join(10)
+
+    def report(self, wrk_rps: float) -> dict:
+        """Scrapes made, their latency and size, and how many requests the counter grew by
+        per request wrk saw between the first and the last scrape (~1 if every request is
+        counted)."""
+        ok = [x for x in self.samples if x["status"] == 200]
+        out: dict = {
+            "scrapes": len(self.samples),
+            "scrape_failures": len(self.failures),
+            "scrape_failure_examples": self.failures[:3],
+            "scrape_ms_median": median([x["ms"] for x in ok], 3),
+            "scrape_ms_max": round(max(x["ms"] for x in ok), 3) if ok else None,
+            "scrape_bytes_median": median([x["bytes"] for x in ok], 0),
+        }
+        if len(ok) >= 2 and wrk_rps > 0:
+            span = ok[-1]["t"] - ok[0]["t"]
+            grown = ok[-1]["total"] - ok[0]["total"]
+            out["requests_total_grown"] = grown
+            out["counted_per_request"] = round(grown / (wrk_rps * span), 4) if span > 0 else None
+        return out
+
+
+def verify_metrics(name: str, svc: Service, failures: list[str]) -> dict:
+    """200 and the upstream body on GET /item; on the scraped target, /metrics answers 200
+    with the documented counter."""
+    entry: dict = {}
+    try:
+        status, _, body = http_get(svc.port, PATH)
+    except OSError as exc:
+        failures.append(f"{name}: GET {PATH} failed: {exc}")
+        return entry
+    entry.update(status=status, body_bytes=len(body))
+    if status != 200 or body != UPSTREAM_BODY.encode():
+        failures.append(f"{name}: GET {PATH} answered {status}: {body[:300]!r}")
+    admin_port = svc.extra.get("admin_port")
+    if admin_port is None:
+        return entry
+    try:
+        status, headers, body, seconds = scrape(admin_port)
+    except OSError as exc:
+        failures.append(f"{name}: GET /metrics on the admin port {admin_port} failed: {exc}")
+        return entry
+    total, series = requests_total(body)
+    entry["metrics"] = {"status": status, "content_type": headers.get("content-type"),
+                        "bytes": len(body), "ms": round(1000 * seconds, 3),
+                        "requests_total": total, "requests_total_series": series}
+    if status != 200:
+        failures.append(f"{name}: GET /metrics answered {status}: {body[:300]!r}")
+    elif series == 0 or total < 1:
+        failures.append(f"{name}: GET /metrics has no {REQUESTS_TOTAL} sample counting the "
+                        f"GET {PATH} just sent: {body[:600]!r}")
+    return entry
+
+
+def check_metrics_load(services: dict[str, Service], load: Load) -> dict:
+    """Before measuring: the scraped target's request counter must grow by what wrk sent
+    (so the scraped run measures counting that happens), and its scrapes under load must
+    answer 200."""
+    out: dict = {}
+    failures: list[str] = []
+    for name, svc in services.items():
+        admin_port = svc.extra.get("admin_port")
+        if name not in METRICS_TARGETS or admin_port is None:
+            continue
+        before, _ = requests_total(scrape(admin_port)[2])
+        with Scraper(admin_port, interval=0.5) as scraper:
+            res, _ = load.run(svc.port, METRICS_CHECK_SECONDS)
+        time.sleep(0.3)  # requests still in flight when wrk stopped are recorded by now
+        status, _, body, _ = scrape(admin_port)
+        after, series = requests_total(body)
+        grown = after - before
+        sent = res.get("requests", 0)
+        entry = {"wrk_requests": sent, "requests_total_before": before,
+                 "requests_total_after": after, "grown": grown, "series": series,
+                 "scrapes_during_load": len(scraper.samples),
+                 "scrape_statuses": sorted({x["status"] for x in scraper.samples}),
+                 "scrape_failures": scraper.failures[:3]}
+        out[name] = entry
+        # wrk counts completed responses; the gateway also records the <= -c requests wrk
+        # cut off at the end, so the counter may exceed wrk's count by up to that
+        if status != 200 or not sent or not sent <= grown <= sent + load.connections:
+            failures.append(f"{name}: {REQUESTS_TOTAL} grew by {grown:g} while wrk completed "
+                            f"{sent} requests (expected {sent} to {sent + load.connections}); "
+                            f"final /metrics status {status}")
+        if scraper.failures or not scraper.samples:
+            failures.append(f"{name}: scrapes under load failed: {scraper.failures[:3]} "
+                            f"({len(scraper.samples)} answered)")
+    if failures:
+        raise BenchError("metrics check under load failed:\n  " + "\n  ".join(failures))
+    return out
+
+
 # --------------------------------------------------------------------------- wrk
 
 
@@ -1628,6 +1819,9 @@ def verify(services: dict[str, Service], upstream: Service | None = None) -> dic
         if name in RATELIMIT_TARGETS:
             checks[name] = verify_ratelimit(name, svc, failures)
             continue
+        if name in METRICS_TARGETS:
+            checks[name] = verify_metrics(name, svc, failures)
+            continue
         scheme = svc.extra.get("scheme", "http")
         try:
             status, headers, body = http_get(svc.port, PATH, scheme=scheme)
@@ -1682,7 +1876,8 @@ def summarize(rounds: list[dict], targets: list[str]) -> dict:
             summary[t]["access_log_bytes_per_request_median"] = median(logb)
         summary[t]["errors_total"] = sum(x["errors"] for x in runs)
         for k in ("refused_share", "admitted_rps", "redis_script_calls_per_request",
-                  "redis_server_us_per_request", "redis_cpu_pct", "proxy_cpu_us_per_request"):
+                  "redis_server_us_per_request", "redis_cpu_pct", "proxy_cpu_us_per_request",
+                  "scrapes", "scrape_ms_median", "scrape_bytes_median", "counted_per_request"):
             vals = [x.get(k) for x in runs]
             if any(v is not None for v in vals):
                 summary[t][f"{k}_median"] = median(vals, 5)
@@ -1691,6 +1886,9 @@ def summarize(rounds: list[dict], targets: list[str]) -> dict:
             summary[t]["verifications_per_request_median"] = median(vpr)
             summary[t]["authn_failure_events_total"] = sum(
                 x.get("authn_failure_events", 0) for x in runs)
+        if any("scrapes" in x for x in runs):
+            summary[t]["scrape_failures_total"] = sum(x.get("scrape_failures", 0) for x in runs)
+            summary[t]["scrape_ms_max"] = max((x.get("scrape_ms_max") or 0) for x in runs)
     return summary
 
 
@@ -1705,6 +1903,27 @@ def ratio_series(rounds: list[dict], num: str, den: str) -> list[float]:
 
 def fmt_num(v, spec: str = ",.0f", none: str = "-") -> str:
     return none if v is None else format(v, spec)
+
+
+def goal_lines(goal: dict, how: str) -> list[str]:
+    out = []
+    for t in ("metrics_on", "metrics_scraped"):
+        g = goal.get(t) or {}
+        if g.get("cost_pct") is None:
+            continue
+        if g["met"] is None:
+            verdict = (f"UNRESOLVED (per-round costs {g['range_pct'][0]:.1f} to "
+                       f"{g['range_pct'][1]:.1f}%, IQR {g['iqr_pct']:.1f} points)"
+                       if g.get("iqr_pct") is not None else "n/a")
+        else:
+            verdict = "MET" if g["met"] else "NOT MET"
+        out.append(f"  issue 13 goal ({how}), {t}: cost {g['cost_pct']:.2f}% "
+                   f"(goal < {goal['goal_pct']:g}%): {verdict}")
+    return out
+
+
+def fmt_pct(v) -> str:
+    return "-" if v is None else f"{v:.1f}%"
 
 
 def render_table(result: dict) -> str:
@@ -1827,6 +2046,53 @@ def render_table(result: dict) -> str:
                      "in the gateway's access log;")
         lines.append("  redis calls/req = EVALSHA calls on the target's redis-server (INFO "
                      "commandstats) / requests.")
+    mt = (result.get("metrics") or {}).get("targets") or {}
+    if mt:
+        lines.append("")
+        lines.append("metrics cost (median of per-round figures against metrics_off measured "
+                     "in the same round):")
+        lines.append(f"  {'target':<{w}}{'ratio':>8}{'cost':>8}{'+us/req':>9}{'+cpu us':>9}"
+                     f"{'cpu us/req':>12}{'cpu cost':>10}{'scrapes/run':>13}{'scrape ms':>11}"
+                     f"{'counted/req':>13}")
+        for t, v in mt.items():
+            c = v.get("vs_metrics_off") or {}
+            sc = v.get("scraping") or {}
+            cost = v.get("cost_pct")
+            lines.append(
+                f"  {t:<{w}}{fmt_num(c.get('ratio'), '.3f'):>8}"
+                f"{(fmt_num(cost, '.1f') + '%') if cost is not None else '-':>8}"
+                f"{fmt_num(c.get('added_us_per_request'), '.1f'):>9}"
+                f"{fmt_num(c.get('added_cpu_us_per_request'), '.1f'):>9}"
+                f"{fmt_num(v.get('proxy_cpu_us_per_request_median'), '.1f'):>12}"
+                f"{fmt_pct(v.get('cpu_cost_pct')):>10}"
+                f"{fmt_num(sc.get('scrapes_per_run_median'), '.0f'):>13}"
+                f"{fmt_num(sc.get('scrape_ms_median'), '.2f'):>11}"
+                f"{fmt_num(sc.get('counted_per_request_median'), '.4f'):>13}")
+        lines.extend(goal_lines(result["metrics"]["issue_goal"], "sequential"))
+        lines.append("  cost = 1 - ratio; cpu cost = proxy CPU per request / the base's - 1; "
+                     "counted/req = growth of")
+        lines.append("  apishield_requests_total between the first and last scrape / (wrk rps "
+                     "x time between them).")
+        tg = result["metrics"].get("together")
+        if tg:
+            lines.append("")
+            lines.append("metrics cost, all targets at once (each its own wrk; once per round; "
+                         "medians of per-round figures):")
+            lines.append(f"  {'target':<{w}}{'rps':>9}{'ratio':>8}{'cost':>8}{'+cpu us':>9}"
+                         f"{'cpu cost':>10}  cost per round %")
+            for t, rps_t in tg["rps_median"].items():
+                c = tg["targets"].get(t, {})
+                cost = c.get("cost_pct")
+                lines.append(
+                    f"  {t:<{w}}{fmt_num(rps_t):>9}{fmt_num(c.get('ratio'), '.3f'):>8}"
+                    f"{(fmt_num(cost, '.1f') + '%') if cost is not None else '-':>8}"
+                    f"{fmt_num(c.get('added_cpu_us_per_request'), '.1f'):>9}"
+                    f"{fmt_pct(c.get('cpu_cost_pct')):>10}  "
+                    + " ".join(f"{x:.1f}" for x in c.get("cost_pct_per_round", [])))
+            lines.append(f"  proxy CPU of all gateways together: "
+                         f"{fmt_num(tg['proxy_cpu_pct_sum_median'], '.0f')}% (median)")
+            lines.extend(goal_lines({"goal_pct": result["metrics"]["issue_goal"]["goal_pct"],
+                                     **tg["issue_goal"]}, "all at once"))
     flagged = [t for t in result["targets"] if s[t]["flagged"]]
     if flagged:
         lines.append("")
@@ -1900,11 +2166,17 @@ def measure(name: str, svc: Service, load: Load, duration: float, warmup: float,
     stderr_at = svc.stderr_path.stat().st_size if count_events else 0
     cpu0 = proc_tree_cpu_seconds(svc.proc.pid)
     up0 = proc_tree_cpu_seconds(upstream.proc.pid)
+    admin_port: int | None = svc.extra.get("admin_port")
     t0 = time.monotonic()
-    res, _text = load.run(svc.port, duration, scheme, script)
+    with Scraper(admin_port) if admin_port is not None else contextlib.nullcontext() as scraper:
+        res, _text = load.run(svc.port, duration, scheme, script)
     wall = time.monotonic() - t0
     cpu1 = proc_tree_cpu_seconds(svc.proc.pid)
     up1 = proc_tree_cpu_seconds(upstream.proc.pid)
+    if scraper is not None:
+        res.update(scraper.report(res["rps"]))
+        if scraper.failures or not scraper.samples:  # a failed scrape makes the run suspect
+            res["errors"] += max(1, len(scraper.failures))
     if redis_svc is not None:
         rcpu1 = proc_tree_cpu_seconds(redis_svc.proc.pid)
         calls1, usec1 = redis_script_calls(redis_svc.port)
@@ -1973,6 +2245,7 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
     val_ports = dict(zip(VALIDATION_TARGETS, free_ports(len(VALIDATION_TARGETS)), strict=True))
     auth_ports = dict(zip(AUTH_TARGETS, free_ports(len(AUTH_TARGETS)), strict=True))
     rl_ports = dict(zip(RATELIMIT_TARGETS, free_ports(len(RATELIMIT_TARGETS)), strict=True))
+    metrics_ports = dict(zip(METRICS_TARGETS, free_ports(len(METRICS_TARGETS)), strict=True))
     upstream = start_nginx(procs, "upstream", tmp / "upstream",
                            nginx_upstream_conf(tmp / "upstream", up_port), up_port,
                            pin.prefix("load"))
@@ -2015,6 +2288,8 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
         plans += [(t, val_ports[t], validation_contract(t), t, None) for t in VALIDATION_TARGETS]
         plans += [(t, auth_ports[t], auth_contract(t), t, None) for t in AUTH_TARGETS]
         plans += [(t, rl_ports[t], passthrough_contract(), t, None) for t in RATELIMIT_TARGETS]
+        plans += [(t, metrics_ports[t], passthrough_contract(), t, None)
+                  for t in METRICS_TARGETS]
         # One redis-server per Redis target (its own keys and INFO counters), on the load
         # CPU: the proxy CPU stays the gateway's alone, as a remote Redis would leave it.
         redis_urls: dict[str, str] = {}
@@ -2043,6 +2318,9 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
                 extra = auth_config(t)
             elif t in RATELIMIT_TARGETS:
                 extra = ratelimit_config(t, redis_urls.get(t))
+            elif t in METRICS_TARGETS:
+                admin_port = free_ports(1)[0] if "admin" in METRICS_CONFIGS[t] else None
+                extra = metrics_config(t, admin_port)
             else:
                 extra = None
             config_path, access_log = write_apishield_config(
@@ -2057,6 +2335,8 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
                 api_key = create_api_key(base, config_path, d)  # before the gateway starts
             services[t] = start_apishield(procs, t, d, base, config_path, access_log, port,
                                           pin.prefix("proxy"))
+            services[t].extra["start"] = (d, base, config_path, access_log, port,
+                                          pin.prefix("proxy"))
             if tls_section is not None:
                 services[t].extra["scheme"] = "https"
             if t in VALIDATION_REQUESTS:
@@ -2070,6 +2350,11 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
                 if t in redis_urls:
                     services[t].extra["redis"] = redis_svcs[t]
                 services[t].extra["count_events"] = True
+            if t in METRICS_TARGETS and extra and "admin" in extra:
+                services[t].extra["admin_port"] = extra["admin"]["port"]
+                admin = Service(f"{t}-admin", services[t].proc, extra["admin"]["port"],
+                                services[t].stderr_path, None)
+                wait_port(admin, 15)  # the admin listener may open after the main one
     if "direct" in targets:
         services["direct"] = upstream
     return upstream, services
@@ -2150,6 +2435,147 @@ def ratelimit_block(rounds: list[dict], targets: list[str], summary: dict, args)
     return out
 
 
+def restart_apishield(procs: Processes, name: str, svc: Service) -> Service:
+    """The same gateway (config, ports, CPU) in a fresh process: a new memory layout and
+    new hash seeds, so a round's figures are not one process's luck repeated."""
+    procs.procs = [(n, pr) for n, pr in procs.procs if pr is not svc.proc]
+    Processes.stop(name, svc.proc)
+    new = start_apishield(procs, name, *svc.extra["start"])
+    new.extra = {**svc.extra, "dir": new.extra["dir"]}
+    admin_port = svc.extra.get("admin_port")
+    if admin_port is not None:
+        wait_port(Service(f"{name}-admin", new.proc, admin_port, new.stderr_path, None), 15)
+    # one request through each listener before the warm-up, as after the first start
+    status = http_get(new.port, PATH)[0]
+    if status != 200:
+        raise BenchError(f"{name}: GET {PATH} answered {status} after its restart")
+    if admin_port is not None and scrape(admin_port)[0] != 200:
+        raise BenchError(f"{name}: GET /metrics failed after its restart")
+    return new
+
+
+def measure_together(names: list[str], services: dict[str, Service], load: Load,
+                     duration: float, warmup: float, upstream: Service) -> dict:
+    """Every target at once, each with its own wrk, warm-up and measured window aligned:
+    the gateways share the proxy CPU and whatever else runs on the machine at that moment,
+    so a burst of noise hits them alike and their rps ratio is the ratio of their costs.
+    On a machine shared with other work the sequential runs of a round can land in
+    different noise; this is the pairing that cancels it."""
+    results: dict[str, dict] = {}
+    errors: list[BaseException] = []
+
+    def one(name: str) -> None:
+        try:
+            results[name] = measure(name, services[name], load, duration, warmup, upstream)
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(n,), name=f"together-{n}") for n in names]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def cpu_cost_pct(rounds: list[dict], t: str, base: str) -> tuple[float | None, list[float]]:
+    """Median over rounds of the proxy CPU per request against the base's, in % more
+    (with rps, the cost the issue asks about; less swayed by the machine's other work,
+    which takes CPU time away from the gateway but does not add to its CPU per request)."""
+    per_round = []
+    for r in rounds:
+        a, b = r["results"].get(t, {}), r["results"].get(base, {})
+        x, y = a.get("proxy_cpu_us_per_request"), b.get("proxy_cpu_us_per_request")
+        if x and y:
+            per_round.append(round(100 * (x / y - 1), 2))
+    return median(per_round, 2), per_round
+
+
+def goal_verdict(entry: dict) -> dict:
+    """The issue's goal for one target: its cost, the interquartile range of its per-round
+    costs, and `met` (None when the rounds disagree by more than the goal: a median inside
+    such a spread says nothing about a 3% effect)."""
+    cost, rounds = entry.get("cost_pct"), entry.get("cost_pct_per_round") or []
+    if cost is None or len(rounds) < 2:
+        return {"cost_pct": cost, "iqr_pct": None, "met": None}
+    q1, _, q3 = statistics.quantiles(rounds, n=4)
+    iqr = round(q3 - q1, 2)
+    return {"cost_pct": cost, "iqr_pct": iqr, "range_pct": [min(rounds), max(rounds)],
+            "met": None if iqr > 100 * METRICS_GOAL_COST else cost < 100 * METRICS_GOAL_COST}
+
+
+def metrics_block(rounds: list[dict], targets: list[str], summary: dict) -> dict:
+    """Issue 13: each metrics target against metrics_off measured in the same round (median
+    of per-round ratios, added time and CPU per request), the cost as 1 - ratio, and the
+    issue's goal (metrics_on under 3%)."""
+    if not any(t in METRICS_TARGETS for t in targets):
+        return {}
+    costs = validation_costs(rounds, targets, METRICS_BASELINE)
+    out: dict = {"targets": {}}
+    for t in METRICS_TARGETS:
+        if t not in targets:
+            continue
+        x = summary[t]
+        entry: dict = {
+            "config": METRICS_CONFIGS[t],
+            "rps_median": x["rps_median"],
+            "proxy_cpu_us_per_request_median": x.get("proxy_cpu_us_per_request_median"),
+        }
+        if t in costs:
+            c = costs[t]
+            entry["vs_metrics_off"] = c
+            entry["cost_pct"] = None if c["ratio"] is None else round(100 * (1 - c["ratio"]), 2)
+            entry["cost_pct_per_round"] = [round(100 * (1 - r), 2)
+                                           for r in c["ratios_per_round"]]
+            entry["cpu_cost_pct"], entry["cpu_cost_pct_per_round"] = cpu_cost_pct(
+                rounds, t, METRICS_BASELINE[t])
+        if "scrapes_median" in x:
+            entry["scraping"] = {
+                "interval_s": METRICS_SCRAPE_INTERVAL_S,
+                "accept": PROMETHEUS_ACCEPT,
+                "scrapes_per_run_median": x["scrapes_median"],
+                "scrape_ms_median": x.get("scrape_ms_median_median"),
+                "scrape_ms_max": x.get("scrape_ms_max"),
+                "scrape_bytes_median": x.get("scrape_bytes_median_median"),
+                "scrape_failures_total": x.get("scrape_failures_total"),
+                "counted_per_request_median": x.get("counted_per_request_median"),
+            }
+        out["targets"][t] = entry
+    out["issue_goal"] = {"what": "1 - rps / rps(metrics_off), median of per-round ratios; "
+                                 "met is null (unresolved) when the per-round costs' "
+                                 "interquartile range is wider than the goal",
+                         "goal_pct": 100 * METRICS_GOAL_COST,
+                         **{t: goal_verdict(out["targets"].get(t, {}))
+                            for t in ("metrics_on", "metrics_scraped")}}
+    together = [{"round": r["round"], "results": r["together"]} for r in rounds
+                if r.get("together")]
+    if together:
+        tc = validation_costs(together, targets, METRICS_BASELINE)
+        out["together"] = {
+            "what": "all metrics targets run at once (each its own wrk), once per round after "
+                    "the sequential runs: same noise for all; medians of per-round figures",
+            "targets": {t: {**c, "cost_pct": None if c["ratio"] is None
+                            else round(100 * (1 - c["ratio"]), 2),
+                            "cost_pct_per_round": [round(100 * (1 - r), 2)
+                                                   for r in c["ratios_per_round"]],
+                            "cpu_cost_pct": cpu_cost_pct(together, t, METRICS_BASELINE[t])[0],
+                            "cpu_cost_pct_per_round": cpu_cost_pct(
+                                together, t, METRICS_BASELINE[t])[1]}
+                        for t, c in tc.items()},
+            "issue_goal": {},
+            "proxy_cpu_pct_sum_median": median([sum(x.get("proxy_cpu_pct", 0)
+                                                    for x in r["results"].values())
+                                                for r in together], 1),
+            "rps_median": {t: median([r["results"][t]["rps"] for r in together], 1)
+                           for t in targets if t in METRICS_TARGETS},
+        }
+        out["together"]["issue_goal"] = {t: goal_verdict(out["together"]["targets"].get(t, {}))
+                                         for t in ("metrics_on", "metrics_scraped")}
+    return out
+
+
 def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
     targets = parse_targets(args.only)
     load = Load(args.threads, args.connections, pin.prefix("load"))
@@ -2161,11 +2587,22 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
         log(f"checking the rate-limit targets under load ({RL_CHECK_SECONDS:g} s each) ...")
         for t, entry in check_ratelimit_load(services, load).items():
             checks[t]["under_load"] = entry
+    if any(t in METRICS_TARGETS for t in targets):
+        log(f"checking that /metrics counts the load ({METRICS_CHECK_SECONDS:g} s) ...")
+        for t, entry in check_metrics_load(services, load).items():
+            checks[t]["under_load"] = entry
+            log(f"  {t}: wrk completed {entry['wrk_requests']:,} requests, "
+                f"{REQUESTS_TOTAL} grew by {entry['grown']:,.0f}")
     machine = machine_info(pin)
     log(f"pinning: {pin.note}")
     rounds = []
+    restart = [t for t in targets if t in METRICS_TARGETS] if not args.no_restart else []
     for i in range(1, args.rounds + 1):
         entry = {"round": i, "results": {}}
+        if i > 1 and restart:
+            for t in restart:
+                services[t] = restart_apishield(procs, t, services[t])
+            entry["restarted"] = restart
         for t in targets:
             res = measure(t, services[t], load, args.duration, args.warmup, upstream)
             entry["results"][t] = res
@@ -2173,6 +2610,15 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
             log(f"  round {i}/{args.rounds} {t:<22} {res['rps']:>10,.0f} rps  "
                 f"p99 {res['latency_ms'].get('p99', float('nan')):.2f} ms  "
                 f"cpu {res.get('proxy_cpu_pct', '-')}%{flag}")
+        together = [t for t in targets if t in METRICS_TARGETS]
+        if len(together) > 1 and not args.no_together:
+            entry["together"] = measure_together(together, services, load, args.duration,
+                                                 args.warmup, upstream)
+            for t, res in entry["together"].items():
+                log(f"  round {i}/{args.rounds} together {t:<13} {res['rps']:>10,.0f} rps  "
+                    f"cpu {res.get('proxy_cpu_pct', '-')}%  "
+                    f"{res.get('proxy_cpu_us_per_request', '-')} us/req"
+                    f"{'  ERRORS' if res['errors'] else ''}")
         rounds.append(entry)
 
     summary = summarize(rounds, targets)
@@ -2206,6 +2652,7 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
     else:
         auth_info = {}
     ratelimit_info = ratelimit_block(rounds, targets, summary, args)
+    metrics_info = metrics_block(rounds, targets, summary)
 
     def rps(t):
         return summary[t]["rps_median"] if t in summary else None
@@ -2223,7 +2670,8 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
                    for t in ALL_TARGETS},
         "errors": {t: {"non2xx": summary[t]["non2xx_total"],
                        "socket_errors": summary[t]["socket_errors_total"]} for t in targets},
-        "flagged": [t for t in targets if summary[t]["flagged"]],
+        "flagged": [t for t in targets if summary[t]["flagged"]
+                    or any(r.get("together", {}).get(t, {}).get("errors") for r in rounds)],
         "targets": targets,
         "partial": targets != list(TARGETS),
         "summary": summary,
@@ -2231,6 +2679,7 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
         "validation": validation,
         "auth": auth_info,
         "ratelimit": ratelimit_info,
+        "metrics": metrics_info,
         "rounds": rounds,
         "checks": checks,
         "load": {"tool": "wrk", "threads": args.threads, "connections": args.connections,
@@ -2242,7 +2691,9 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
                               for t in targets if t in VALIDATION_REQUESTS},
                  "auth_requests": {t: AUTH_REQUESTS[t] for t in targets if t in AUTH_REQUESTS},
                  "ratelimit_limits": {t: RATELIMIT_LIMITS[t] for t in targets
-                                      if t in RATELIMIT_LIMITS}},
+                                      if t in RATELIMIT_LIMITS},
+                 "metrics_configs": {t: METRICS_CONFIGS[t] for t in targets
+                                     if t in METRICS_CONFIGS}},
         "machine": machine,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -2367,7 +2818,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(= nginx_tls,apishield_tls: HTTPS, not in a default run), validation "
                     f"(= {','.join(VALIDATION_TARGETS)}: not in a default run), auth "
                     f"(= {','.join(AUTH_TARGETS)}: not in a default run), ratelimit "
-                    f"(= {','.join(RATELIMIT_TARGETS)}: not in a default run), "
+                    f"(= {','.join(RATELIMIT_TARGETS)}: not in a default run), metrics "
+                    f"(= {','.join(METRICS_TARGETS)}: not in a default run), "
                     "direct, proxy, passthrough, demo, apishield (= proxy,passthrough,demo)")
     ap.add_argument("--apishield-cmd", help="command to run apishield (default: "
                     "<repo>/.venv/bin/apishield, else apishield on PATH)")
@@ -2382,6 +2834,10 @@ def main(argv: list[str] | None = None) -> int:
                     choices=APISHIELD_TARGETS,
                     help="the target --profile runs (default apishield_passthrough)")
     ap.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
+    ap.add_argument("--no-restart", action="store_true",
+                    help="--only metrics: keep the gateways' processes from round to round")
+    ap.add_argument("--no-together", action="store_true",
+                    help="--only metrics: skip the per-round run of all metrics targets at once")
     ap.add_argument("--max-seconds", type=float,
                     help="abort the whole run after this long (default: computed from the plan)")
     args = ap.parse_args(argv)

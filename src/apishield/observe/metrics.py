@@ -138,15 +138,20 @@ class Metrics:
         if method not in STANDARD_METHODS:
             method = "OTHER"
         key = (label, method, status, outcome)
-        requests = self.requests
-        if key in requests:
-            requests[key] += 1
-        else:
-            _add(requests, key, (label, method, status if status < 1000 else 0, OTHER))
-        histogram = self.durations.get(label)
-        if histogram is None:
+        # try/except rather than `in` + `+=`: one hash of the 4-tuple less per request. A new
+        # key raises (once, or each time once the table is full and it counts as `other`):
+        # rare, the labels being bounded
+        try:
+            self.requests[key] += 1
+        except KeyError:
+            _add(self.requests, key, (label, method, status if status < 1000 else 0, OTHER))
+        try:
+            histogram = self.durations[label]
+        except KeyError:
             histogram = self.durations[label] = Histogram()
-        histogram.observe(seconds)
+        # Histogram.observe inlined: a Python call less on every request
+        histogram.counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        histogram.sum += seconds
         if reason is not None and outcome != "allowed":
             refusals = self.refusals
             if reason in refusals:
