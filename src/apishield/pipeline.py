@@ -417,6 +417,7 @@ class Pipeline:
         operation = exchange.operation
         operation_id = operation.operation_id if operation is not None else None
         seconds = time.perf_counter() - exchange.started
+        now = time.time()  # one clock read for the usage count and the access log
         outcome = _outcome(exchange, exchange.problem)
         reason = exchange.reason or None
         if metrics is not None:
@@ -424,7 +425,7 @@ class Pipeline:
             metrics.request(label, exchange.request.method, status, outcome, seconds, reason)
             principal = exchange.principal
             USAGE.count(None if principal is None else principal.key_id or principal.subject,
-                        label or UNMATCHED, outcome == "refused", time.time())
+                        label or UNMATCHED, outcome == "refused", now)
         if access_log is None:
             return
         entry = exchange.entry
@@ -438,7 +439,7 @@ class Pipeline:
             exchange.client_ip,
             outcome,
             reason,
-            time.time(),
+            now,
             exchange.principal,
         ))
 

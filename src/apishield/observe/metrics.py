@@ -119,7 +119,6 @@ class Metrics:
     """The counts themselves. Every method is a few dict operations: safe on the hot path."""
 
     def __init__(self) -> None:
-        self.enabled = True
         self.requests: dict[tuple[str, str, int, str], int] = {}
         self.durations: dict[str, Histogram] = {}
         self.refusals: dict[str, int] = {}
