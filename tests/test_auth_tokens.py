@@ -252,7 +252,7 @@ def test_legacy_tokens_with_only_sub_and_exp(issuer: IssuerServer, tmp_path: Pat
      "allow_weak_secret: only applies to an HS* shared_secret"),
     ({"check_issuer": False, "audiences": ["a"], "algorithms": ["RS256"], "discovery": True},
      "check_issuer: false applies to JWTs verified with static keys, a jwks_url or a shared "
-     "secret: introspection and discovery need `issuer`"),
+     "secret (introspection and discovery need `issuer`)"),
 ])
 def test_relaxed_checks_must_be_written_and_consistent(settings: dict[str, Any],
                                                        problem: str) -> None:

@@ -141,7 +141,7 @@ class Issuer(Model):
             raise at("issuer", "is never compared with check_issuer: false; remove one")
         if not self.check_issuer and (self.introspection is not None or self.discovery):
             raise at("check_issuer", "false applies to JWTs verified with static keys, a "
-                     "jwks_url or a shared secret: introspection and discovery need `issuer`")
+                     "jwks_url or a shared secret (introspection and discovery need `issuer`)")
         if self.algorithms and self.check_audience and not self.audiences:
             raise at("audiences", "required: a token minted for another API must not be "
                      "accepted here (RFC 7519 4.1.3); list this API's audience(s), or, "
