@@ -199,7 +199,7 @@ def test_a_random_secret_is_not_weak() -> None:
 
 def test_legacy_tokens_with_only_sub_and_exp(issuer: IssuerServer, tmp_path: Path) -> None:
     """As two real apps issue them: HS256, `sub` and `exp` only (no iss, aud, iat)."""
-    secret = secrets.token_bytes(32)
+    secret = secrets.token_urlsafe(32).encode()  # a file secret loses one trailing newline
     (tmp_path / "hs.key").write_bytes(secret)
     strict = {"issuer": issuer.issuer, "audiences": [AUDIENCE], "algorithms": ["HS256"],
               "shared_secret": {"file": "hs.key"}}
@@ -447,7 +447,7 @@ async def test_non_string_iss_is_a_wrong_issuer_with_several_issuers(
 
 async def test_a_token_without_iss_goes_to_the_issuer_that_does_not_check_it(
         issuer: IssuerServer, verifier: TokenVerifier, tmp_path: Path) -> None:
-    secret = secrets.token_bytes(32)
+    secret = secrets.token_urlsafe(32).encode()  # a file secret loses one trailing newline
     (tmp_path / "hs.key").write_bytes(secret)
     legacy = TokenVerifier("legacy", Issuer.model_validate({
         "algorithms": ["HS256"], "shared_secret": {"file": "hs.key"}, "check_issuer": False,
