@@ -166,6 +166,7 @@ def security_warnings(pipeline: Pipeline) -> list[str]:
                 "requirement, so anyone can call it without a credential; remove public: "
                 "true if callers must authenticate")
     found += open_in_strict_mode(contract, pipeline.config)
+    found += pipeline.auth.delegated_warnings()
     for issuer_name, weak in pipeline.auth.weak_secrets.items():
         found.append(
             f"auth.issuers.{issuer_name}.shared_secret: {weak}; accepted because "
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     from apishield.cli import bans as bans_cli  # `bans list | add | remove`
 
     bans_cli.register(commands)
+    from apishield.cli import users as users_cli  # `users create | list | rotate | revoke`
+
+    users_cli.register(commands)
     return parser
 
 
