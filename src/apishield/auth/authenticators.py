@@ -280,6 +280,9 @@ class MutualTlsAuthenticator:
         return Principal(scheme=self.name, subject=credential)
 
 
+# how challenges spell the registered HTTP schemes (names are case-insensitive, RFC 9110
+# 11.1; the contract's spelling is kept for the others)
+_SCHEME_NAMES = {"basic": "Basic", "bearer": "Bearer", "digest": "Digest"}
 _BASIC_TOKEN = re.compile(rb"[A-Za-z0-9+/]+={0,2}")  # RFC 7617: token68, base64 alphabet
 
 
@@ -358,7 +361,8 @@ class DelegatedAuthenticator:
         self.name = name
         kind = scheme.get("type")
         self.reader: Callable[[Request], str | None]
-        if kind == "apiKey":
+        self.api_key = kind == "apiKey"
+        if self.api_key:
             keys = ApiKeyAuthenticator(name, realm, scheme["in"], scheme["name"],
                                        verifier=_never)
             self.challenge = keys.challenge
@@ -366,8 +370,7 @@ class DelegatedAuthenticator:
             return
         http = str(scheme.get("scheme", "bearer") if kind == "http" else "bearer")
         self.http_scheme = http.lower().encode("ascii", "replace")
-        label = "Basic" if http.lower() == "basic" else "Bearer" if http.lower() == "bearer" \
-            else http
+        label = _SCHEME_NAMES.get(http.lower(), http)
         self.challenge = f'{label} realm="{realm}"'
         self.reader = self._authorization
 
@@ -400,7 +403,7 @@ class DelegatedAuthenticator:
             if failure.reason == "credential-ambiguous":
                 raise
             raise AuthFailure("delegated-malformed") from None
-        if value is not None and self.reader is not self._authorization and not value:
+        if value is not None and self.api_key and not value:
             raise AuthFailure("delegated-malformed")  # an empty API key
         return value
 
