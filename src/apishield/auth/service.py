@@ -273,7 +273,8 @@ class AuthService:
         if operation.security is None:
             return NOT_PUBLIC
         policy = operation.policy
-        if (policy.require is not None or policy.owner is not None) and all(
+        if (policy.require is not None or policy.owner is not None) and operation.security \
+                and all(
                 requirement and all(isinstance(self.authenticators.get(name),
                                                DelegatedAuthenticator) for name in requirement)
                 for requirement in operation.security):
