@@ -273,11 +273,11 @@ class AuthService:
         if operation.security is None:
             return NOT_PUBLIC
         policy = operation.policy
-        if (policy.require is not None or policy.owner is not None) and operation.security \
-                and all(
-                requirement and all(isinstance(self.authenticators.get(name),
-                                               DelegatedAuthenticator) for name in requirement)
-                for requirement in operation.security):
+        delegated_only = bool(operation.security) and all(
+            requirement and all(isinstance(self.authenticators.get(name),
+                                           DelegatedAuthenticator) for name in requirement)
+            for requirement in operation.security)
+        if (policy.require is not None or policy.owner is not None) and delegated_only:
             rules = " and ".join(name for name, rule in (("require", policy.require),
                                                          ("owner", policy.owner)) if rule)
             names = sorted({name for requirement in operation.security for name in requirement})
