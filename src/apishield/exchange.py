@@ -140,6 +140,7 @@ class Exchange:
     __slots__ = (
         "body_limit",
         "client_ip",
+        "delegated",
         "entry",
         "forwarded_for",
         "held",
@@ -174,6 +175,9 @@ class Exchange:
         self.reason = ""  # outcome reason for the access log
         self.shadowed = False  # log-only mode: something would have been refused
         self.principal: Principal | None = None  # authenticate step: the verified caller
+        # authenticate step: the delegated scheme(s) the request was admitted with (the
+        # upstream verifies them; its 401/403 count as authentication failures)
+        self.delegated: str | None = None
         # pipeline: a step waiting for I/O (a JWKS refetch, token introspection) and where
         # to resume; `resumes` counts how often it did, so a step never waits twice
         self.suspended: (tuple[Callable[[], Awaitable[None]], list[Callable[[Exchange], None]], int]

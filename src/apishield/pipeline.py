@@ -38,6 +38,7 @@ from typing import Protocol, TypeVar
 
 from apishield import problems
 from apishield.abuse.gate import BanGate
+from apishield.auth.delegate import upstream_refused
 from apishield.auth.service import PUBLIC, AuthService
 from apishield.config import Config
 from apishield.contract.loader import Contract
@@ -408,6 +409,8 @@ class Pipeline:
         once): give back concurrency slots, feed the ban rules, write the access log."""
         if exchange.held and self.concurrency is not None:
             self.concurrency.release(exchange)
+        if exchange.delegated is not None:  # the upstream verified the credential
+            upstream_refused(exchange, status)
         if self.bans.watching:
             self.bans.observe(exchange, status)
         access_log = self.access_log

@@ -45,8 +45,8 @@ _EVENTS: tuple[tuple[type[problems.Problem], str], ...] = (
 def event_of(exchange: Exchange, status: int) -> str | None:
     problem = exchange.problem
     if problem is None:
-        if status == 401:
-            return "authn-failure"
+        if status == 401 or (status == 403 and exchange.delegated is not None):
+            return "authn-failure"  # the upstream refused a credential (auth/delegate.py)
         if status == 403:
             return "authz-denied"
         return None

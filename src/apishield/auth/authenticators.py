@@ -12,8 +12,11 @@ What each scheme type means here:
   introspected (RFC 7662, A2);
 - `apiKey`: an apishield API key (A4) in the header, query parameter or cookie the scheme
   names, verified against the key store;
-- `mutualTLS` (OpenAPI 3.1): a client certificate verified during the TLS handshake.
-Other `http` schemes (basic, digest) are refused when the contract uses them.
+- `mutualTLS` (OpenAPI 3.1): a client certificate verified during the TLS handshake;
+- `http` + `basic`: a user name and password verified against the user store (`basic`).
+Any scheme but mutualTLS may instead be delegated (`auth.schemes.<name>.mode: delegate`):
+`DelegatedAuthenticator` checks only that the credential is present and well formed, and
+the upstream verifies it. Other `http` schemes (digest, ...) must be delegated.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from apishield.state.keys import KeyStoreError
 
 if TYPE_CHECKING:
     from apishield.auth.apikey_verifier import ApiKeyVerifier
+    from apishield.auth.basic import BasicVerifier, Outcome
     from apishield.auth.introspection import Introspector
     from apishield.auth.jws import TokenVerifier
     from apishield.auth.token_cache import TokenCache
@@ -276,3 +280,138 @@ class MutualTlsAuthenticator:
 
     def authenticate(self, credential: str, exchange: Exchange) -> Principal:
         return Principal(scheme=self.name, subject=credential)
+
+
+# how challenges spell the registered HTTP schemes (names are case-insensitive, RFC 9110
+# 11.1; the contract's spelling is kept for the others)
+_SCHEME_NAMES = {"basic": "Basic", "bearer": "Bearer", "digest": "Digest"}
+_BASIC_TOKEN = re.compile(rb"[A-Za-z0-9+/]+={0,2}")  # RFC 7617: token68, base64 alphabet
+
+
+def _authorization(request: Request, scheme: bytes) -> bytes | None:
+    """The credential after `<scheme> ` in the one Authorization header; None when absent
+    or another scheme's (an alternative of the requirement may take it)."""
+    value = _only(request, b"authorization")
+    if value is None:
+        return None
+    name, _, rest = value.partition(b" ")
+    if name.lower() != scheme:
+        return None
+    return rest.strip(b" ")
+
+
+class BasicAuthenticator:
+    """HTTP Basic (RFC 7617) against the user store. A cache hit answers at once; a miss
+    suspends the request while a pool thread runs the Argon2id check (`auth.basic`)."""
+
+    kind = "basic"
+
+    def __init__(self, name: str, realm: str, verifier: Callable[[], BasicVerifier]) -> None:
+        self.name = name
+        self.challenge = f'Basic realm="{realm}", charset="UTF-8"'
+        self.verifier = verifier  # opens the user store on first use
+
+    def credential(self, request: Request) -> str | None:
+        from apishield.auth.basic import parse_basic
+
+        token = _authorization(request, b"basic")
+        if token is None:
+            return None
+        if len(token) > MAX_CREDENTIAL or not _BASIC_TOKEN.fullmatch(token):
+            raise AuthFailure("basic-malformed")
+        credential = token.decode("ascii")
+        parse_basic(credential)  # the syntax now: a malformed header never reaches a thread
+        return credential
+
+    def authenticate(self, credential: str, exchange: Exchange) -> Principal:
+        from apishield.auth.basic import Attempt, parse_basic
+
+        verifier = self.verifier()
+        key = verifier.cache_key(credential)
+        outcome: Outcome | None = verifier.cached(key, time.time())
+        first = False
+        if outcome is None:
+            waited = exchange.waited_for
+            if not (isinstance(waited, Attempt) and waited.key == key):
+                user, password = parse_basic(credential)
+                attempt = Attempt(key)
+                raise Suspend(lambda: verifier.verify(attempt, user, password), owner=attempt)
+            outcome = waited.outcome
+            first = True
+        if isinstance(outcome, Principal):
+            if first:
+                events.authn_success(exchange, outcome)
+            return outcome
+        if isinstance(outcome, AuthFailure):
+            raise AuthFailure(outcome.reason, subject=outcome.subject)
+        if outcome is None:  # cannot happen: `verify` always leaves an outcome
+            raise ServiceUnavailable("basic-check-failed")
+        raise outcome  # a 503: every thread busy, or the store cannot answer
+
+
+class DelegatedAuthenticator:
+    """A scheme the upstream verifies (`auth.schemes.<name>.mode: delegate`). apishield
+    checks that the credential is present where the scheme says and well formed, and
+    passes it on unchanged; the request carries no verified caller (`exchange.principal`
+    stays None, no identity headers) and the upstream's 401/403 are counted as
+    authentication failures (`auth/delegate.py`). `authenticate` is never called: the
+    authenticate step recognises this class."""
+
+    kind = "delegated"
+
+    def __init__(self, name: str, scheme: dict[str, Any], realm: str) -> None:
+        self.name = name
+        kind = scheme.get("type")
+        self.reader: Callable[[Request], str | None]
+        self.api_key = kind == "apiKey"
+        if self.api_key:
+            keys = ApiKeyAuthenticator(name, realm, scheme["in"], scheme["name"],
+                                       verifier=_never)
+            self.challenge = keys.challenge
+            self.reader = keys.credential
+            return
+        http = str(scheme.get("scheme", "bearer") if kind == "http" else "bearer")
+        self.http_scheme = http.lower().encode("ascii", "replace")
+        label = _SCHEME_NAMES.get(http.lower(), http)
+        self.challenge = f'{label} realm="{realm}"'
+        self.reader = self._authorization
+
+    def _authorization(self, request: Request) -> str | None:
+        token = _authorization(request, self.http_scheme)
+        if token is None:
+            return None
+        if not token or len(token) > MAX_CREDENTIAL:
+            raise AuthFailure("delegated-malformed")
+        if self.http_scheme == b"basic":
+            from apishield.auth.basic import parse_basic
+
+            if not _BASIC_TOKEN.fullmatch(token):
+                raise AuthFailure("delegated-malformed")
+            try:
+                parse_basic(token.decode("ascii"))
+            except AuthFailure:
+                raise AuthFailure("delegated-malformed") from None
+        elif self.http_scheme == b"bearer":
+            if not _B64TOKEN.fullmatch(token):
+                raise AuthFailure("delegated-malformed")
+        elif any(byte < 0x20 or byte == 0x7F for byte in token):  # digest, mutual, ...
+            raise AuthFailure("delegated-malformed")
+        return ""  # present and well formed; the value is not needed here
+
+    def credential(self, request: Request) -> str | None:
+        try:
+            value = self.reader(request)
+        except AuthFailure as failure:
+            if failure.reason == "credential-ambiguous":
+                raise
+            raise AuthFailure("delegated-malformed") from None
+        if value is not None and self.api_key and not value:
+            raise AuthFailure("delegated-malformed")  # an empty API key
+        return value
+
+    def authenticate(self, credential: str, exchange: Exchange) -> Principal:
+        raise AssertionError(f"{self.name} is delegated: the upstream verifies it")
+
+
+def _never() -> ApiKeyVerifier:
+    raise AssertionError("a delegated API key is never verified here")

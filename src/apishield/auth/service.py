@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 from apishield.auth.authenticators import (
     ApiKeyAuthenticator,
     Authenticator,
+    BasicAuthenticator,
     BearerAuthenticator,
+    DelegatedAuthenticator,
     MutualTlsAuthenticator,
 )
 from apishield.config import Config, ConfigError, Issuer
@@ -28,12 +30,14 @@ from apishield.config import Config, ConfigError, Issuer
 if TYPE_CHECKING:
     from apishield.auth.apikey_verifier import ApiKeyVerifier
     from apishield.auth.authenticators import IssuerEntry
+    from apishield.auth.basic import BasicVerifier, PasswordPool
     from apishield.auth.introspection import Introspector
     from apishield.auth.jwks import KeySource
     from apishield.auth.jws import KeyProvider
     from apishield.auth.token_cache import TokenCache
     from apishield.contract.loader import Contract, Operation
     from apishield.state.keys import KeyStore
+    from apishield.state.users import UserStore
 
 logger = logging.getLogger("apishield")
 
@@ -93,6 +97,9 @@ class AuthService:
         self.caches: list[TokenCache] = []
         self._api_key_verifiers: dict[str, ApiKeyVerifier] = {}
         self._store: KeyStore | None = None
+        self._user_store: UserStore | None = None
+        self._pool: PasswordPool | None = None
+        self._basic_verifiers: dict[str, BasicVerifier] = {}
         self._pepper = b""
         self._tasks: list[asyncio.Task[None]] = []
         self.started = False
@@ -110,7 +117,8 @@ class AuthService:
         else:
             self.authenticators = self._build_authenticators(problems)
         self.plans: dict[str, Plan | str] = {
-            operation.pointer: self._plan(operation) for operation in contract.operations
+            operation.pointer: self._plan(operation, problems)
+            for operation in contract.operations
         }
         if problems:
             raise ConfigError(problems)
@@ -132,6 +140,13 @@ class AuthService:
         auth = self.config.auth
         schemes = self.contract.security_schemes
         used = used_schemes(self.contract)
+        delegated = {name for name, settings in auth.schemes.items()
+                     if settings.mode == "delegate"}
+        problems.extend(
+            f"auth.schemes.{scheme_name}: the contract's components.securitySchemes "
+            f"declares no scheme named {scheme_name!r} (it declares: "
+            f"{', '.join(sorted(schemes)) or 'none'})"
+            for scheme_name in auth.schemes if scheme_name not in schemes)
         for issuer_name, issuer in auth.issuers.items():
             for scheme_name in issuer.schemes:
                 scheme = schemes.get(scheme_name)
@@ -140,13 +155,26 @@ class AuthService:
                         f"auth.issuers.{issuer_name}.schemes: {scheme_name!r} is not a bearer, "
                         "oauth2 or openIdConnect scheme of the contract's "
                         "components.securitySchemes")
+                elif scheme_name in delegated:
+                    problems.append(
+                        f"auth.issuers.{issuer_name}.schemes: {scheme_name!r} is delegated "
+                        f"(auth.schemes.{scheme_name}.mode: delegate), so no issuer verifies "
+                        "it here; remove it from one of the two")
         built: dict[str, Authenticator] = {}
         for name, scheme in schemes.items():
             where = f"components.securitySchemes.{name}"
             kind = scheme.get("type")
             count = len(used.get(name, ()))
             try:
-                if _is_bearer(scheme):
+                if name in delegated:
+                    if kind == "mutualTLS":
+                        problems.append(
+                            f"auth.schemes.{name}.mode: a mutualTLS scheme cannot be delegated: "
+                            "the TLS connection ends at apishield, so the upstream never sees "
+                            "the client certificate; verify it here (tls.client_ca)")
+                        continue
+                    built[name] = DelegatedAuthenticator(name, scheme, auth.realm)
+                elif _is_bearer(scheme):
                     issuers = {key: value for key, value in auth.issuers.items()
                                if not value.schemes or name in value.schemes}
                     if not issuers:
@@ -154,7 +182,9 @@ class AuthService:
                             problems.append(
                                 f"{where}: used by {count} operation(s) but no issuer in "
                                 "auth.issuers serves it; add one (with `schemes: "
-                                f"[{name}]` if several issuers are configured)")
+                                f"[{name}]` if several issuers are configured), or let the "
+                                f"upstream verify it: auth.schemes.{name}: "
+                                "{mode: delegate}")
                         continue
                     built[name] = self._bearer(name, scheme, issuers)
                 elif kind == "apiKey":
@@ -169,11 +199,17 @@ class AuthService:
                             "tls.client_ca and tls.client_cert (optional or required)")
                         continue
                     built[name] = MutualTlsAuthenticator(name)
+                elif kind == "http" and str(scheme.get("scheme", "")).lower() == "basic":
+                    built[name] = BasicAuthenticator(
+                        name, auth.realm, functools.partial(self._basic, name))
                 elif count:
                     problems.append(
-                        f"{where}: http scheme {scheme.get('scheme')!r} is not supported "
-                        "(apishield verifies bearer tokens, API keys and client "
-                        "certificates); use one of those")
+                        f"{where}: apishield cannot verify the {kind} scheme "
+                        f"{scheme.get('scheme')!r} (it verifies bearer tokens, API keys, HTTP "
+                        "basic and client certificates) and it is used by "
+                        f"{count} operation(s). To let the upstream verify it, write "
+                        f"auth.schemes.{name}: {{mode: delegate}}: apishield then only "
+                        "checks that the credential is present and passes it on")
             except ConfigError as exc:  # located already (auth.issuers.<name>...)
                 problems.extend(p for p in exc.problems if p not in problems)
             except (ValueError, OSError) as exc:
@@ -231,11 +267,25 @@ class AuthService:
                 cache.evict_kids(issuer_name, kids)
         return evict
 
-    def _plan(self, operation: Operation) -> Plan | str:
+    def _plan(self, operation: Operation, problems: list[str]) -> Plan | str:
         if operation.public:
             return PUBLIC
         if operation.security is None:
             return NOT_PUBLIC
+        policy = operation.policy
+        delegated_only = bool(operation.security) and all(
+            requirement and all(isinstance(self.authenticators.get(name),
+                                           DelegatedAuthenticator) for name in requirement)
+            for requirement in operation.security)
+        if (policy.require is not None or policy.owner is not None) and delegated_only:
+            rules = " and ".join(name for name, rule in (("require", policy.require),
+                                                         ("owner", policy.owner)) if rule)
+            names = sorted({name for requirement in operation.security for name in requirement})
+            problems.append(
+                f"{self.contract.source.name}#{operation.pointer}: sets {rules}, which needs a "
+                f"verified caller, but every scheme it accepts is delegated "
+                f"({', '.join(names)}: the upstream verifies them, so apishield never knows "
+                f"who calls); remove {rules}, or accept a scheme apishield verifies")
         alternatives = []
         anonymous = False
         challenges: list[str] = []
@@ -273,6 +323,34 @@ class AuthService:
             self._api_key_verifiers[scheme] = verifier
         return verifier
 
+    # -- Basic users: the store and the thread pool are opened on first use too
+
+    def _basic(self, scheme: str) -> BasicVerifier:
+        verifier = self._basic_verifiers.get(scheme)
+        if verifier is None:
+            from apishield.auth.basic import BasicVerifier, PasswordPool
+            from apishield.state.open import open_user_store
+
+            if self._user_store is None:
+                self._user_store = open_user_store(self.config)  # SQLite file or Redis
+            if self._pool is None:
+                self._pool = PasswordPool(self.config.auth.basic)
+            verifier = BasicVerifier(self._user_store, self._pool, self.config.auth.basic,
+                                     scheme)
+            self._basic_verifiers[scheme] = verifier
+        return verifier
+
+    def delegated_warnings(self) -> list[str]:
+        """For `apishield check` and `serve`: each delegated scheme an operation uses."""
+        used = used_schemes(self.contract)
+        return [
+            f"components.securitySchemes.{name}: delegated (auth.schemes.{name}.mode: "
+            f"delegate): the upstream verifies it; apishield only checks it is present "
+            f"({len(used[name])} operation(s))"
+            for name, authenticator in self.authenticators.items()
+            if isinstance(authenticator, DelegatedAuthenticator) and name in used
+        ]
+
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -289,23 +367,29 @@ class AuthService:
                        if isinstance(a, ApiKeyAuthenticator)]
         for name in key_schemes:
             self._api_keys(name)  # open the store now: a bad pepper or file stops the start
-        if key_schemes:
+        basic_schemes = [name for name, a in self.authenticators.items()
+                         if isinstance(a, BasicAuthenticator)]
+        for name in basic_schemes:
+            self._basic(name)
+        if key_schemes or basic_schemes:
             self._tasks.append(asyncio.create_task(self._poll_keys()))
 
     async def _poll_keys(self) -> None:
         while True:
             await asyncio.sleep(POLL_EVERY)
-            store = self._store
-            if store is None:
-                continue
-            try:
-                changed = store.changed()  # one read for every scheme sharing the store
-            except Exception:
-                changed = True  # cannot tell: forget what was verified (fail closed)
-                logger.exception("API key store poll failed")
-            if changed:
-                for verifier in self._api_key_verifiers.values():
-                    verifier.clear()
+            for store, verifiers, what in (
+                    (self._store, self._api_key_verifiers, "API key"),
+                    (self._user_store, self._basic_verifiers, "user")):
+                if store is None:
+                    continue
+                try:
+                    changed = store.changed()  # one read for every scheme sharing the store
+                except Exception:
+                    changed = True  # cannot tell: forget what was verified (fail closed)
+                    logger.exception("%s store poll failed", what)
+                if changed:
+                    for verifier in verifiers.values():
+                        verifier.clear()
 
     async def close(self) -> None:
         if self._owner is not self:
@@ -323,3 +407,10 @@ class AuthService:
             self._store.close()
             self._store = None
             self._api_key_verifiers.clear()
+        if self._user_store is not None:
+            self._user_store.close()
+            self._user_store = None
+            self._basic_verifiers.clear()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None

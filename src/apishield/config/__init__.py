@@ -31,12 +31,15 @@ from __future__ import annotations
 from apishield.config.admin import Admin, Metrics, is_loopback
 from apishield.config.auth import (
     ApiKeys,
+    Argon2,
     Auth,
+    Basic,
     Introspection,
     Issuer,
     Jwks,
     Owner,
     Require,
+    Scheme,
     Secret,
 )
 from apishield.config.errors import ConfigError, at, format_validation_error
@@ -86,10 +89,12 @@ __all__ = [
     "AccessLog",
     "Admin",
     "ApiKeys",
+    "Argon2",
     "Auth",
     "BanEvent",
     "BanRule",
     "Bans",
+    "Basic",
     "Bytes",
     "Cidrs",
     "Concurrency",
@@ -120,6 +125,7 @@ __all__ = [
     "Require",
     "ResponseMode",
     "Responses",
+    "Scheme",
     "Seconds",
     "Secret",
     "SecurityHeaders",

@@ -14,7 +14,7 @@ import re
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from apishield.config.errors import at
 from apishield.config.units import Leeway, Model, Seconds
@@ -169,11 +169,54 @@ class ApiKeys(Model):
     default_expires_in: Seconds | None = 90 * 86400.0  # `keys create` without --expires-in
 
 
+class Argon2(Model):
+    """The Argon2id cost of new password hashes (RFC 9106). The defaults are OWASP's
+    minimum for Argon2id (19 MiB, 2 passes, 1 lane): about 25 ms on one core, memory-hard
+    so a GPU gains little. Every hash carries its own parameters (PHC string), so raising
+    them later needs no migration: old hashes keep verifying, and `apishield users rotate`
+    hashes the new password with the values configured then."""
+
+    time_cost: int = Field(default=2, ge=1, le=50)
+    memory_kib: int = Field(default=19456, ge=8192, le=4 * 1024 * 1024)
+    parallelism: int = Field(default=1, ge=1, le=64)
+
+
+class Basic(Model):
+    """HTTP Basic users (RFC 7617) verified against apishield's user store (issue 16).
+
+    A password check is deliberately slow, so it runs on worker threads, never on the event
+    loop, at most `max_concurrent` at a time; `max_waiting` more may wait for a thread,
+    and past that an attempt is answered 503 with Retry-After (the gateway's capacity is
+    spent, not this caller's quota). Results are remembered in memory, keyed by an HMAC
+    of the header, so a client repeating the same header costs one check per `cache_ttl`
+    and repeating a wrong one costs one per `failure_ttl`."""
+
+    cache_ttl: Seconds = 5.0  # longest a verified password is trusted from memory
+    failure_ttl: Seconds = 5.0  # how long a refused header is refused without a new check
+    max_concurrent: int = Field(default=2, ge=1, le=64)  # verifications (threads) at once
+    max_waiting: int = Field(default=32, ge=0, le=10_000)  # queued for a thread; then 503
+    default_expires_in: Seconds | None = None  # `users create` without --expires-in
+    argon2: Argon2 = Argon2()
+
+
+class Scheme(Model):
+    """What apishield does with one security scheme of the contract. `verify` (the default):
+    apishield checks the credential itself. `delegate`: the upstream does; apishield only
+    checks that the credential is there and well formed, passes it on unchanged, and
+    counts the upstream's 401/403 answers as authentication failures (bans, security
+    events). For schemes apishield cannot verify (HTTP digest, mutual, oauth, ...) or
+    should not (the app keeps its own password database)."""
+
+    mode: Literal["verify", "delegate"] = "verify"
+
+
 class Auth(Model):
     """Authentication and authorization (checklist A1-A8)."""
 
     issuers: dict[str, Issuer] = {}
     api_keys: ApiKeys = ApiKeys()
+    basic: Basic = Basic()
+    schemes: dict[str, Scheme] = {}  # by the name in components.securitySchemes
     roles: dict[str, tuple[str, ...]] = {}  # role -> the permissions it grants
     realm: str = "api"  # WWW-Authenticate realm
 

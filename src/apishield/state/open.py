@@ -1,5 +1,5 @@
-"""The key store, the ban store and the counters the config asks for: `state: <path>` is
-the embedded SQLite file (relative to the config file), `state: redis://...` or
+"""The key store, the user store, the ban store and the counters the config asks for:
+`state: <path>` is the embedded SQLite file (relative to the config file), `state: redis://...` or
 `rediss://...` a Redis server shared by every gateway instance and the CLI (or `redis+sentinel://`,
 `redis+cluster://` and their `rediss+` forms: see `redis_urls`).
 
@@ -19,6 +19,7 @@ from apishield.config.secrets import read_secret
 from apishield.state.bans import BanStore
 from apishield.state.counters import Counters, MemoryCounters
 from apishield.state.keys import KeyStore
+from apishield.state.users import UserStore
 
 if TYPE_CHECKING:
     from apishield.state.redis_store import SyncClient
@@ -84,6 +85,19 @@ def open_key_store(config: Config, *, background: bool = True) -> KeyStore:
 
     return RedisKeyStore(state_url(config), background=background,
                          client=_redis_client(config))
+
+
+def open_user_store(config: Config, *, background: bool = True) -> UserStore:
+    """The store of HTTP Basic users (the `users` table of the SQLite file, or Redis).
+    Argon2id salts every hash, so unlike API keys no pepper is needed."""
+    if not is_redis(config):
+        from apishield.state.sqlite_users import SqliteUserStore
+
+        return SqliteUserStore(config.resolve(config.state))
+    from apishield.state.redis_store import RedisUserStore
+
+    return RedisUserStore(state_url(config), background=background,
+                          client=_redis_client(config))
 
 
 def open_ban_store(config: Config, *, background: bool = True) -> BanStore:

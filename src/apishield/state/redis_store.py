@@ -8,7 +8,8 @@ The mirrors are small (one record per issued key, one per active ban) and change
 
 - Layout, under a namespace (default `apishield`): `<ns>:keys` a hash id -> JSON record,
   `<ns>:keys:version` a counter; `<ns>:bans` a hash `kind|value` -> JSON record,
-  `<ns>:bans:history` a hash `kind|value` -> the ban times of the last 30 days
+  `<ns>:users` a hash name -> JSON record (Basic users, with a record version `v`) and
+  `<ns>:users:version`; `<ns>:bans:history` a hash `kind|value` -> the ban times of the last 30 days
   (space-separated), `<ns>:bans:version` a counter. Every write increments the counter in
   the same transaction, so "did anything change?" is one GET, and a full reload is one
   MULTI (a consistent snapshot). Floats go through Python's JSON (repr), so timestamps
@@ -47,7 +48,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Literal
+from typing import ClassVar, Generic, Literal, Self, TypeVar
 
 import redis
 
@@ -61,8 +62,9 @@ from apishield.state.bans import (
     canonical_value,
 )
 from apishield.state.keys import DuplicateKeyId, KeyRecord, KeyStoreError
+from apishield.state.users import DuplicateUser, UserRecord, UserStoreError
 
-__all__ = ["RedisBanStore", "RedisKeyStore", "connect", "redact_url"]
+__all__ = ["RedisBanStore", "RedisKeyStore", "RedisUserStore", "connect", "redact_url"]
 
 logger = logging.getLogger("apishield.state")
 
@@ -72,6 +74,7 @@ SOCKET_TIMEOUT = 2.0  # a hung server costs the background thread (or the CLI) t
 CAS_ATTEMPTS = 20  # WATCH retries when another writer touched the key hash meanwhile
 MAX_PENDING = 10_000  # ban writes queued during an outage (oldest dropped past this)
 PRUNE_EVERY = 60.0  # seconds between deletions of expired bans from Redis
+USER_SCHEMA_VERSION = 1  # the `v` of a user record (a newer one is refused, not misread)
 PRUNE_BATCH = 500  # hash fields checked per prune script (keeps each script short)
 
 # KEYS: bans, history, version; ARGV: field, record JSON, created_at, history cutoff
@@ -109,6 +112,8 @@ end
 return n
 """
 
+
+R = TypeVar("R")
 
 SyncClient = redis.Redis | redis.RedisCluster  # what `redis_urls.sync_client` returns
 
@@ -190,11 +195,28 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class RedisKeyStore:
-    """`KeyStore` on Redis, with the reads served from memory (see the module docstring).
+class _MirroredHash(Generic[R]):
+    """Records in one Redis hash (id -> JSON) with a version counter, served from an
+    in-memory mirror (see the module docstring): the machinery the key store and the user
+    store share. A subclass names its hash (`SUFFIX`), its error and how a record is
+    encoded, decoded and identified.
 
     `changed()` is True after a write by another process or connection was loaded (its
     own writes are not news, as with SQLite's data_version)."""
+
+    SUFFIX: ClassVar[str]  # `<ns>:<SUFFIX>` and `<ns>:<SUFFIX>:version`
+    LABEL: ClassVar[str]  # for messages: "key store"
+    WHAT: ClassVar[str]  # for the outage warning: "API keys"
+    ERROR: ClassVar[type[Exception]]
+
+    def _encode(self, record: R) -> str:
+        raise NotImplementedError
+
+    def _decode(self, ident: str, raw: bytes | str) -> R:
+        raise NotImplementedError
+
+    def _ident(self, record: R) -> str:
+        raise NotImplementedError
 
     def __init__(self, url: str, *, namespace: str = DEFAULT_NAMESPACE, background: bool = True,
                  poll_interval: float = POLL_INTERVAL, client: SyncClient | None = None
@@ -203,10 +225,10 @@ class RedisKeyStore:
         self.background = background
         self._client = client if client is not None else connect(url)
         namespace = cluster_namespace(url, namespace)  # Cluster: `{ns}`, one hash slot
-        self._hash = f"{namespace}:keys"
-        self._version_key = f"{namespace}:keys:version"
+        self._hash = f"{namespace}:{self.SUFFIX}"
+        self._version_key = f"{namespace}:{self.SUFFIX}:version"
         self._lock = threading.Lock()
-        self._records: dict[str, KeyRecord] | None = None  # None: never loaded
+        self._records: dict[str, R] | None = None  # None: never loaded
         self._version: int | None = None
         self._dirty = False  # a write of ours was interleaved with someone else's
         self._news = False
@@ -217,14 +239,14 @@ class RedisKeyStore:
         except redis.RedisError as exc:
             if not background:
                 self._client.close()
-                raise KeyStoreError(f"key store {self.where}: {exc}") from None
+                raise self.ERROR(f"{self.LABEL} {self.where}: {exc}") from None
             failing = True
-            logger.warning("state: %s is unreachable (%s); API keys cannot be verified "
-                           "until it answers", self.where, exc)
+            logger.warning("state: %s is unreachable (%s); %s cannot be verified "
+                           "until it answers", self.where, exc, self.WHAT)
         self._news = False
         if background:
-            self._follower = _Follower("apishield-redis-keys", self.where, self._poll,
-                                       poll_interval, failing=failing)
+            self._follower = _Follower(f"apishield-redis-{self.SUFFIX}", self.where,
+                                       self._poll, poll_interval, failing=failing)
 
     # -- mirror --------------------------------------------------------------------------
 
@@ -233,8 +255,8 @@ class RedisKeyStore:
             pipe.get(self._version_key)
             pipe.hgetall(self._hash)
             raw_version, raw_records = pipe.execute()
-        records = {_text(key_id): _decode_key(_text(key_id), raw)
-                   for key_id, raw in raw_records.items()}
+        records = {_text(ident): self._decode(_text(ident), raw)
+                   for ident, raw in raw_records.items()}
         with self._lock:
             self._records = records
             self._version = int(raw_version or 0)
@@ -256,27 +278,26 @@ class RedisKeyStore:
             try:
                 self._poll()
             except redis.RedisError as exc:
-                raise KeyStoreError(f"key store {self.where}: {exc}") from None
+                raise self.ERROR(f"{self.LABEL} {self.where}: {exc}") from None
 
-    def _loaded(self) -> dict[str, KeyRecord]:
+    def _loaded(self) -> dict[str, R]:
         records = self._records
         if records is None:
-            raise KeyStoreError(f"key store {self.where}: not loaded yet (Redis has not "
-                                "answered since the gateway started)")
+            raise self.ERROR(f"{self.LABEL} {self.where}: not loaded yet (Redis has not "
+                             "answered since the gateway started)")
         return records
 
-    def _wrote(self, version: int, record: KeyRecord) -> None:
+    def _wrote(self, version: int, record: R) -> None:
         with self._lock:
             if self._records is not None and self._version is not None \
                     and version == self._version + 1:
-                self._records[record.id] = record  # only ours since the last load
+                self._records[self._ident(record)] = record  # only ours since the last load
                 self._version = version
             else:
                 self._dirty = True  # someone else wrote too: the next poll reloads
 
-    def _compare_and_set(self, key_id: str,
-                         update: Callable[[KeyRecord | None], KeyRecord | None]
-                         ) -> KeyRecord | None:
+    def _compare_and_set(self, key_id: str, update: Callable[[R | None], R | None]
+                         ) -> R | None:
         """Apply `update` to the current record atomically (WATCH/MULTI, retried when
         another writer got in between); None when `update` declined."""
         try:
@@ -285,12 +306,12 @@ class RedisKeyStore:
                     try:
                         pipe.watch(self._hash)
                         raw = pipe.hget(self._hash, key_id)
-                        new = update(None if raw is None else _decode_key(key_id, raw))
+                        new = update(None if raw is None else self._decode(key_id, raw))
                         if new is None:
                             pipe.unwatch()
                             return None
                         pipe.multi()
-                        pipe.hset(self._hash, key_id, _encode_key(new))
+                        pipe.hset(self._hash, key_id, self._encode(new))
                         pipe.incr(self._version_key)
                         _, version = pipe.execute()
                     except redis.WatchError:
@@ -298,8 +319,59 @@ class RedisKeyStore:
                     self._wrote(int(version), new)
                     return new
         except redis.RedisError as exc:
-            raise KeyStoreError(f"key store {self.where}: {exc}") from None
-        raise KeyStoreError(f"key store {self.where}: {key_id} kept changing; try again")
+            raise self.ERROR(f"{self.LABEL} {self.where}: {exc}") from None
+        raise self.ERROR(f"{self.LABEL} {self.where}: {key_id} kept changing; try again")
+
+    def get(self, ident: str) -> R | None:
+        self._sync()
+        return self._loaded().get(ident)
+
+    def changed(self) -> bool:
+        if not self.background:
+            try:
+                self._poll()
+            except redis.RedisError as exc:
+                raise self.ERROR(f"{self.LABEL} {self.where}: {exc}") from None
+        with self._lock:
+            news, self._news = self._news, False
+        return news
+
+    def poll_now(self) -> None:
+        """One background poll, now (tests; a caller that cannot wait for the thread)."""
+        if self._follower is not None:
+            self._follower.step()
+        else:
+            self._sync()
+
+    def close(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+            self._follower = None
+        self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class RedisKeyStore(_MirroredHash[KeyRecord]):
+    """`KeyStore` on Redis, with the reads served from memory (see the module docstring)."""
+
+    SUFFIX = "keys"
+    LABEL = "key store"
+    WHAT = "API keys"
+    ERROR = KeyStoreError
+
+    def _encode(self, record: KeyRecord) -> str:
+        return _encode_key(record)
+
+    def _decode(self, ident: str, raw: bytes | str) -> KeyRecord:
+        return _decode_key(ident, raw)
+
+    def _ident(self, record: KeyRecord) -> str:
+        return record.id
 
     # -- KeyStore ------------------------------------------------------------------------
 
@@ -307,10 +379,6 @@ class RedisKeyStore:
         if self._compare_and_set(record.id, lambda current: record if current is None
                                  else None) is None:
             raise DuplicateKeyId(f"an API key with id {record.id} exists")
-
-    def get(self, key_id: str) -> KeyRecord | None:
-        self._sync()
-        return self._loaded().get(key_id)
 
     def list(self) -> builtins.list[KeyRecord]:
         self._sync()
@@ -333,34 +401,80 @@ class RedisKeyStore:
 
         return self._compare_and_set(key_id, update) is not None
 
-    def changed(self) -> bool:
-        if not self.background:
-            try:
-                self._poll()
-            except redis.RedisError as exc:
-                raise KeyStoreError(f"key store {self.where}: {exc}") from None
-        with self._lock:
-            news, self._news = self._news, False
-        return news
 
-    def poll_now(self) -> None:
-        """One background poll, now (tests; a caller that cannot wait for the thread)."""
-        if self._follower is not None:
-            self._follower.step()
-        else:
-            self._sync()
+# -- Basic users ----------------------------------------------------------------------------
 
-    def close(self) -> None:
-        if self._follower is not None:
-            self._follower.stop()
-            self._follower = None
-        self._client.close()
+def _encode_user(record: UserRecord) -> str:
+    return json.dumps({
+        "v": USER_SCHEMA_VERSION, "hash": record.hash, "scopes": list(record.scopes),
+        "roles": list(record.roles), "created_at": record.created_at,
+        "expires_at": record.expires_at, "revoked_at": record.revoked_at,
+        "changed_at": record.changed_at,
+    }, separators=(",", ":"))
 
-    def __enter__(self) -> RedisKeyStore:
-        return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+def _decode_user(name: str, raw: bytes | str) -> UserRecord:
+    data = json.loads(raw)
+    if data.get("v", 1) > USER_SCHEMA_VERSION:
+        raise UserStoreError(f"user {name!r} was written by a newer apishield (record "
+                             f"version {data['v']}, this one knows {USER_SCHEMA_VERSION}); "
+                             "upgrade apishield")
+    return UserRecord(
+        name=name, hash=data["hash"], scopes=tuple(data["scopes"]),
+        roles=tuple(data["roles"]), created_at=data["created_at"],
+        expires_at=data["expires_at"], revoked_at=data["revoked_at"],
+        changed_at=data["changed_at"],
+    )
+
+
+class RedisUserStore(_MirroredHash[UserRecord]):
+    """`UserStore` on Redis (`<ns>:users`, name -> JSON record with a version field `v`),
+    read from memory like the key store."""
+
+    SUFFIX = "users"
+    LABEL = "user store"
+    WHAT = "Basic users"
+    ERROR = UserStoreError
+
+    def _encode(self, record: UserRecord) -> str:
+        return _encode_user(record)
+
+    def _decode(self, ident: str, raw: bytes | str) -> UserRecord:
+        return _decode_user(ident, raw)
+
+    def _ident(self, record: UserRecord) -> str:
+        return record.name
+
+    def create(self, record: UserRecord) -> None:
+        def update(current: UserRecord | None) -> UserRecord | None:
+            if current is not None and current.revoked_at is None:
+                return None
+            return record  # new, or replacing a revoked user of the same name
+
+        if self._compare_and_set(record.name, update) is None:
+            raise DuplicateUser(f"a user named {record.name!r} exists")
+
+    def list(self) -> builtins.list[UserRecord]:
+        self._sync()
+        return sorted(self._loaded().values(), key=lambda record: (record.created_at,
+                                                                   record.name))
+
+    def set_password(self, name: str, password_hash: str, at: float,
+                     expires_at: float | None) -> bool:
+        def update(current: UserRecord | None) -> UserRecord | None:
+            if current is None or current.revoked_at is not None:
+                return None
+            return replace(current, hash=password_hash, changed_at=at, expires_at=expires_at)
+
+        return self._compare_and_set(name, update) is not None
+
+    def revoke(self, name: str, at: float) -> bool:
+        def update(current: UserRecord | None) -> UserRecord | None:
+            if current is None or current.revoked_at is not None:
+                return None
+            return replace(current, revoked_at=at)
+
+        return self._compare_and_set(name, update) is not None
 
 
 # -- bans -----------------------------------------------------------------------------------

@@ -12,10 +12,16 @@ An optional requirement (`{}` in the list) admits anonymous callers, but a crede
 is presented and invalid is still refused: a caller who meant to authenticate must learn
 that it did not work, and a probe with stolen tokens must not look like success.
 Operations with no `security` that are not marked public are refused (fail safe, A7).
+
+A delegated scheme (`auth.schemes.<name>.mode: delegate`) passes when its credential is
+present and well formed; its scopes are the upstream's to check. An alternative made only
+of delegated schemes admits the request without a principal, and `exchange.delegated`
+names the schemes, so the upstream's 401/403 count as authentication failures.
 """
 
 from __future__ import annotations
 
+from apishield.auth.authenticators import DelegatedAuthenticator
 from apishield.auth.principal import AuthFailure, Principal
 from apishield.auth.service import NOT_PUBLIC, PUBLIC, AuthService, Plan
 from apishield.exchange import Exchange
@@ -68,11 +74,15 @@ class AuthenticateStep:
         denied: tuple[Principal, frozenset[str]] | None = None
         for alternative in plan.alternatives:
             principals: list[Principal] = []
+            delegated: list[str] = []
             for authenticator, scopes in alternative:
                 try:
                     credential = authenticator.credential(request)
                     if credential is None:
                         break
+                    if isinstance(authenticator, DelegatedAuthenticator):
+                        delegated.append(authenticator.name)
+                        continue
                     principal = authenticator.authenticate(credential, exchange)
                 except AuthFailure as error:
                     if failure is None:
@@ -84,10 +94,14 @@ class AuthenticateStep:
                     break
                 principals.append(principal)
             else:
-                exchange.principal = principal = _merge(principals)
-                events.authenticated(principal)  # counted; summarised per identity (F1)
+                if delegated:
+                    exchange.delegated = "+".join(delegated)
+                if principals:
+                    exchange.principal = principal = _merge(principals)
+                    events.authenticated(principal)  # counted; summarised per identity (F1)
                 METRICS.auth_attempt(alternative[0][0].name if len(alternative) == 1 else
-                                     "+".join(a.name for a, _ in alternative), "success", "ok")
+                                     "+".join(a.name for a, _ in alternative), "success",
+                                     "ok" if principals else "delegated")
                 return
         if denied is not None:
             principal, scopes = denied
