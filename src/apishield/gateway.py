@@ -286,7 +286,8 @@ class Gateway:
     def admin_app(self) -> AdminApp:
         """The admin API over this gateway (it reads the pipeline in force at each call)."""
         return AdminApp(config=lambda: self.config, readiness=self.readiness,
-                        gauges=self.gauges, reload=self._admin_reload, token=self.admin_token)
+                        gauges=self.gauges, reload=self._admin_reload, token=self.admin_token,
+                        pipeline=lambda: self.pipeline)
 
     async def _admin_reload(self, trigger: str) -> ReloadReport:
         result = await self.reload(trigger)

@@ -107,7 +107,8 @@ class ApiShieldMiddleware:
         app = AdminApp(config=lambda: self.config, readiness=self._readiness,
                        gauges=lambda: {
                            "apishield_bans_active": float(self.pipeline.bans.active())},
-                       reload=None, token=read_token(self.config))
+                       reload=None, token=read_token(self.config),
+                       pipeline=lambda: self.pipeline)
         return AdminMount(app, admin.path, protected=admin.protected)
 
     async def _readiness(self) -> list[str]:

@@ -7,6 +7,7 @@
     GET  /config    the effective config, secrets masked
     POST /reload    re-read config and contract now (the same as SIGHUP)
     GET  /usage     requests and refusals per identity and operation (`?top=N`)
+    GET  /policy    the effective policy per operation, as enforced (`?operation=ID`)
 
 Errors are RFC 9457 problem documents. With a token configured every path but `/healthz`
 needs `Authorization: Bearer <token>`, compared in constant time; a failed attempt is a
@@ -20,7 +21,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import orjson
@@ -30,6 +31,9 @@ from apishield.config import Config, ConfigError
 from apishield.observe.logjson import fields
 from apishield.observe.metrics import Gauges, registry
 from apishield.observe.usage import USAGE
+
+if TYPE_CHECKING:
+    from apishield.pipeline import Pipeline
 
 logger = logging.getLogger("apishield.admin")
 security_log = logging.getLogger("apishield.security")
@@ -85,15 +89,18 @@ class AdminApp:
         gauges: Gauges,
         reload: Reload | None,
         token: bytes | None,
+        pipeline: Callable[[], Pipeline] | None = None,
     ) -> None:
         """`config`: the config now in force (it changes on reload); `readiness`: the
         failing parts, none when ready; `gauges`: values read at scrape time; `reload`:
         None where the front end cannot reload; `token`: the bearer token, or None on a
-        loopback listener without one."""
+        loopback listener without one; `pipeline`: the pipeline in force (`GET /policy`
+        reads its compiled plans), None where the front end has none to show."""
         self._config = config
         self._readiness = readiness
         self._reload = reload
         self._token = token
+        self._pipeline = pipeline
         self._registry = registry(gauges=gauges)
         self._routes: dict[str, dict[str, Callable[[Call], Awaitable[AdminResponse]]]] = {
             "/healthz": {"GET": self._healthz},
@@ -102,6 +109,7 @@ class AdminApp:
             "/config": {"GET": self._config_view},
             "/reload": {"POST": self._reload_now},
             "/usage": {"GET": self._usage},
+            "/policy": {"GET": self._policy},
         }
 
     async def handle(self, method: str, path: str, authorization: bytes | None,
@@ -126,8 +134,8 @@ class AdminApp:
                             [(b"www-authenticate", b'Bearer realm="apishield-admin"')])
         if routes is None:
             return _problem(404, "not-found", "Not Found", f"No admin endpoint {path}; "
-                            "there are /healthz, /readyz, /metrics, /config, /reload and "
-                            "/usage.")
+                            "there are /healthz, /readyz, /metrics, /config, /reload, "
+                            "/usage and /policy.")
         handler = routes.get(method) or (routes.get("GET") if method == "HEAD" else None)
         if handler is None:
             return _problem(405, "method-not-allowed", "Method Not Allowed",
@@ -173,7 +181,6 @@ class AdminApp:
         return AdminResponse(status, orjson.dumps({**report.details,
                                                    "outcome": report.outcome}))
 
-
     async def _usage(self, call: Call) -> AdminResponse:
         top = 100
         for name, value in parse_qsl(call.query):
@@ -183,6 +190,23 @@ class AdminApp:
                                     "top must be a whole number from 1 to 10000.")
                 top = int(value)
         return AdminResponse(200, orjson.dumps(USAGE.report(top)))
+
+    async def _policy(self, call: Call) -> AdminResponse:
+        if self._pipeline is None:
+            return _problem(501, "policy-unavailable", "Not Implemented",
+                            "This front end does not expose its policy.")
+        from apishield.admin.policy import effective_policy
+
+        wanted = None
+        for name, value in parse_qsl(call.query):
+            if name == "operation":
+                wanted = value
+        policy = effective_policy(self._pipeline(), wanted)
+        if wanted is not None and not policy["operations"]:
+            return _problem(404, "no-such-operation", "Not Found",
+                            "No operation with this operationId (or METHOD /path) in the "
+                            "contract.")
+        return AdminResponse(200, orjson.dumps(policy))
 
 
 def read_token(config: Config) -> bytes | None:
