@@ -50,7 +50,7 @@ from apishield.observe.logjson import fields
 from apishield.observe.metrics import METRICS, UNMATCHED
 from apishield.observe.redact import MAX_LOGGED, SCANNED
 from apishield.observe.usage import USAGE
-from apishield.problems import Problem, render_problem
+from apishield.problems import Problem, ProblemRenderer
 from apishield.state.counters import Counters
 from apishield.state.open import open_counters
 from apishield.steps import (
@@ -178,6 +178,7 @@ class Pipeline:
         self.metrics = METRICS if config.metrics.enabled else None
         redact.protect(config.redact.fields)  # compiled once, here (F6)
         self.mask_errors = config.responses.mask_errors
+        self._render_problem = ProblemRenderer(config.responses.problem_docs).render
         self.response_filter = response_filter.ResponseFilter(contract, config.responses)
         self.response_owner = response_owner.ResponseOwnership(contract)
         self.max_filter_bytes = config.responses.max_filter_bytes
@@ -323,7 +324,7 @@ class Pipeline:
         if isinstance(problem, problems.PreflightAccepted):
             return problem.status, self.on_response(exchange, problem.status,
                                                     list(problem.headers)), b""
-        body = render_problem(problem, exchange.id)
+        body = self._render_problem(problem, exchange.id)
         headers: Headers = [
             (b"content-type", problems.PROBLEM_CONTENT_TYPE),
             (b"content-length", str(len(body)).encode()),

@@ -318,16 +318,57 @@ ALL_PROBLEMS: tuple[type[Problem], ...] = (
 )
 
 
+class ProblemRenderer:
+    """Renders refusals with the documentation link of their type (G5: teaching).
+
+    RFC 9457 3.2 allows extension members: `docs` is `<responses.problem_docs>#<slug>`,
+    the page (an anchor of docs/problems.md, wherever the operator publishes it) that says
+    what the type means, the practice it enforces and how to fix its cause. The URN `type`
+    stays as it is: clients that match on it keep working.
+
+    On the refusal hot path (a flood of 429s renders one body each), so everything but the
+    request id and `errors` is serialized once per (class, status) and kept as bytes; the
+    cache holds at most one entry per problem class and status (UpstreamFailure's 5xx
+    range bounds it)."""
+
+    __slots__ = ("_docs", "_parts")
+
+    def __init__(self, docs: str | None = None) -> None:
+        self._docs = docs
+        self._parts: dict[tuple[type[Problem], int], tuple[bytes, bytes]] = {}
+
+    def _compile(self, problem: Problem) -> tuple[bytes, bytes]:
+        """(what comes before the request id, what comes after it), as bytes."""
+        members: dict[str, object] = {
+            "type": TYPE_PREFIX + problem.slug,
+            "title": problem.title,
+            "status": problem.status,
+            "detail": problem.detail,
+            "instance": "urn:apishield:request:",
+            "practice": problem.practice,
+        }
+        if self._docs is not None:
+            members["docs"] = f"{self._docs}#{problem.slug}"
+        document = orjson.dumps(members)
+        cut = document.index(b'urn:apishield:request:"') + len(b"urn:apishield:request:")
+        return document[:cut], document[cut:]
+
+    def render(self, problem: Problem, request_id: str) -> bytes:
+        """The body every refusal gets: RFC 9457 members plus `practice` and `docs`."""
+        parts = self._parts.get((type(problem), problem.status))
+        if parts is None:
+            parts = self._parts[(type(problem), problem.status)] = self._compile(problem)
+        head, tail = parts
+        # request ids are hex from exchange.new_request_id: nothing in them needs escaping
+        if problem.errors:
+            return b"%s%s%s,\"errors\":%s}" % (head, request_id.encode(), tail[:-1],
+                                                 orjson.dumps(problem.errors))
+        return head + request_id.encode() + tail
+
+
+_PLAIN = ProblemRenderer()
+
+
 def render_problem(problem: Problem, request_id: str) -> bytes:
-    """The body every refusal gets: RFC 9457 members plus `practice` (G5)."""
-    document: dict[str, object] = {
-        "type": TYPE_PREFIX + problem.slug,
-        "title": problem.title,
-        "status": problem.status,
-        "detail": problem.detail,
-        "instance": "urn:apishield:request:" + request_id,
-        "practice": problem.practice,
-    }
-    if problem.errors:
-        document["errors"] = problem.errors
-    return orjson.dumps(document)
+    """A refusal without a documentation link (the plain-HTTP listener's answers)."""
+    return _PLAIN.render(problem, request_id)

@@ -70,6 +70,22 @@ class Responses(Model):
     # filter: drop undeclared and writeOnly properties from JSON responses; validate: a
     # response that breaks its schema (or an undeclared status) becomes a 502; off: untouched
     mode: ResponseMode = "filter"
+    # where docs/problems.md is published: refusals carry `docs: <this>#<type slug>`.
+    # None (the default): no link, as apishield has no published site of its own to
+    # point at, and a link to a host the operator does not control would send clients
+    # to a page neither party controls
+    problem_docs: str | None = None
+
+    @field_validator("problem_docs")
+    @classmethod
+    def _check_problem_docs(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^\s#?\"\\]+$", value):
+            raise ValueError(f"{value!r} is not a base URL; write the address of the page "
+                             "that publishes docs/problems.md, e.g. "
+                             "https://docs.example.com/problems (no `#`, no query)")
+        return value
 
     @model_validator(mode="before")
     @classmethod
