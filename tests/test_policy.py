@@ -135,3 +135,16 @@ def test_admin_api_serves_the_same_policy(make_gateway: Any) -> None:
     missing = httpx.get(f"{admin}/policy", params={"operation": "nope"}, timeout=5)
     assert missing.status_code == 404
     assert missing.headers["content-type"] == "application/problem+json"
+
+
+async def test_the_middleware_serves_its_policy_under_the_admin_path(tmp_path: Any) -> None:
+    from tests.middleware_app import create_app
+    from tests.test_middleware_admin import write_config
+
+    app = create_app(write_config(tmp_path, "{path: /_ops}"))
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        response = await client.get("/_ops/policy", params={"operation": "getItem"})
+        assert response.status_code == 200, response.text
+        (item,) = response.json()["operations"]
+        assert (item["operation"], item["method"]) == ("getItem", "GET")
