@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     from apishield.cli import users as users_cli  # `users create | list | rotate | revoke`
 
     users_cli.register(commands)
+    from apishield.cli import audit as audit_cli  # `audit CONTRACT [--config] [--format]`
+
+    audit_cli.add_parser(commands)
     return parser
 
 
