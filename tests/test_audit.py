@@ -159,6 +159,10 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any] | None, bool]] = [
     ("sensitive-response-property", op(responses={"200": {"content": {"application/json": {
         "schema": {"properties": {"password": {"type": "string", "writeOnly": True}}}}}}}),
      None, False),
+    ("sensitive-response-property", extra("/oauth/token", "post", {
+        "operationId": "issueToken", "security": [], "responses": {"200": {"content": {
+            "application/json": {"schema": {"properties": {"access_token": {
+                "type": "string"}}}}}}}}), None, False),
     ("undeclared-error-response", op(responses={"401": None}), None, True),
     ("undeclared-error-response", op(responses={"401": None, "4XX": {"description": "x"}}),
      None, False),
@@ -381,6 +385,17 @@ def test_a_large_contract_is_audited(tmp_path, capsys):
     assert len(pointers) == len(set(pointers)) > 1000
     assert all(f["location"]["line"] is None for f in report["findings"])  # JSON: no lines
     assert report["summary"]["low"] > 0
+
+
+@pytest.mark.parametrize(("text", "credential"), [
+    ("/login", True), ("/auth/token", True), ("createSession", True), ("/users/sign-in", True),
+    ("resetPassword", True), ("/oauth2/token", True), ("/v1/logIn", True),
+    ("/authors", False), ("createAuthor", False), ("/tokenizer-stats", False),
+    ("/blogs", False), ("signature", False)])
+def test_credential_endpoints_are_recognised_by_words(text, credential):
+    from apishield.audit.access import credential_like
+
+    assert credential_like(text) is credential
 
 
 def test_every_rule_is_documented():

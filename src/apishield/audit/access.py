@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterator
+from itertools import pairwise
 from urllib.parse import urlsplit
 
 from apishield.audit.context import AuditContext
@@ -19,8 +20,23 @@ Found = Iterator[tuple[Location, str]]
 ID_PARAMETER = re.compile(r"(^id$|^uuid$|^guid$|[a-z0-9](Id|ID|Uuid|UUID)$|[_-](id|uuid)$)")
 ADMIN_PATH = re.compile(r"/(admin|administration|internal|manage|management|superuser|"
                         r"staff|ops|debug)(/|$|\{)", re.IGNORECASE)
-LOGIN_LIKE = re.compile(r"(log-?in|sign-?in|signon|auth(enticate)?|token|password|passwd|"
-                        r"reset|forgot|otp|mfa|2fa|verify|session)", re.IGNORECASE)
+_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+[a-z]*")
+# words of a path or an operationId (camelCase and separators split) that name a
+# credential check: `/auth/token`, `createSession`, `reset-password`, not `/authors`
+CREDENTIAL_WORDS = frozenset({
+    "login", "logon", "signin", "auth", "authenticate", "authentication", "oauth", "token",
+    "tokens", "password", "passwords", "passwd", "reset", "forgot", "otp", "mfa", "2fa",
+    "session", "sessions"})
+_CREDENTIAL_PAIRS = frozenset({("log", "in"), ("sign", "in"), ("log", "on")})
+
+
+def credential_like(text: str) -> bool:
+    """Whether a path or operationId reads like login, token or password reset."""
+    words = [word.lower() for word in _WORD.findall(text)]
+    return bool(CREDENTIAL_WORDS.intersection(words)) or any(
+        pair in _CREDENTIAL_PAIRS for pair in pairwise(words))
+
+
 MAX_LIFETIME = 86400.0
 
 

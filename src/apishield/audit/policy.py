@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from apishield.audit.access import LOGIN_LIKE, is_loopback
+from apishield.audit.access import credential_like, is_loopback
 from apishield.audit.context import AuditContext
 from apishield.audit.findings import Location, Severity, rule
 from apishield.contract.loader import Operation, escape_pointer
@@ -43,8 +43,8 @@ def credential_endpoint(ctx: AuditContext) -> Found:
     for operation in ctx.contract.operations:
         if operation.method not in ("POST", "PUT", "PATCH"):
             continue
-        if not (LOGIN_LIKE.search(operation.path) or
-                LOGIN_LIKE.search(operation.operation_id or "") or operation.policy.login):
+        if not (credential_like(operation.path) or
+                credential_like(operation.operation_id or "") or operation.policy.login):
             continue
         if not _rate_limited(ctx, operation):
             yield ctx.at_operation(operation), (

@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from apishield.audit.access import credential_like
 from apishield.audit.context import AuditContext, SchemaNode
 from apishield.audit.findings import Location, Severity, rule
 from apishield.contract.loader import Operation, escape_pointer
@@ -17,6 +18,7 @@ Found = Iterator[tuple[Location, str]]
 
 SENSITIVE = re.compile(r"(password|passwd|secret|token|ssn|social_?security|card_?number|"
                        r"cardnumber|^card$|cvv|cvc|pin_?code)", re.IGNORECASE)
+TOKEN_NAME = re.compile(r"token", re.IGNORECASE)
 # a group holding a quantifier, itself quantified: (a+)+, (\w*)*, (.+){2,}
 NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*](?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,\d*\})")
 
@@ -125,7 +127,11 @@ def sensitive_response(ctx: AuditContext) -> Found:
         properties = item.node.get("properties")
         if not isinstance(properties, dict):
             continue
+        issues_tokens = credential_like(item.operation.path) or credential_like(
+            item.operation.operation_id or "")
         for name, sub in properties.items():
+            if issues_tokens and TOKEN_NAME.search(str(name)):
+                continue  # a token endpoint answers with its token: that is its purpose
             if SENSITIVE.search(str(name)) and not (
                     isinstance(sub, dict) and sub.get("writeOnly") is True
                     and _response_mode(ctx, item.operation) != "off"):
