@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("auth", "abuse"),  # who the caller is and what it may do; bans
     ("steps",),  # one module per pipeline step
     ("pipeline",),  # runs the steps in order
-    ("admin",),  # the admin API (health, metrics, config, reload) both front ends serve
+    ("admin", "audit"),  # the admin API both front ends serve; the contract+policy review
     ("http", "middleware"),  # the gateway's transport; the ASGI front end
     ("gateway",),  # the gateway front end: listener + pipeline + upstream pool
     ("cli", "demo", "__main__", ""),  # the command line, the demo, the package root

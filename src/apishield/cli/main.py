@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     from apishield.cli import policy as policy_cli  # `policy show`
 
     policy_cli.register(commands)
+    from apishield.cli import audit as audit_cli  # `audit CONTRACT [--config] [--format]`
+
+    audit_cli.add_parser(commands)
     return parser
 
 
