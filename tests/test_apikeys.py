@@ -135,7 +135,13 @@ def make_malformed() -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("presented", make_malformed())
+MALFORMED = make_malformed()
+
+
+# ids by position: the values hold a key generated at collection, and pytest-xdist needs
+# every worker to collect the same test ids
+@pytest.mark.parametrize("presented", MALFORMED,
+                         ids=[f"malformed-{index}" for index in range(len(MALFORMED))])
 def test_malformed_keys_refused_without_store_access(presented):
     verifier = ApiKeyVerifier(ForbiddenStore(), PEPPER, 60.0, "apiKey")  # type: ignore[arg-type]
     error = failure(verifier, presented, time.time())
