@@ -31,6 +31,7 @@ from apishield.cli.keys import (
     _iso,
     _say,
     cli_command,
+    print_table,
 )
 from apishield.config import Config
 from apishield.observe.logjson import fields
@@ -158,10 +159,7 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
          row["reason"] or "-")
         for row in rows
     ]
-    widths = [max(len(line[column]) for line in table) for column in range(len(header) - 1)]
-    for line in table:
-        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
-        print("  ".join([*cells, line[-1]]))
+    print_table(table)
     return EXIT_OK
 
 

@@ -24,7 +24,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypedDict, overload
@@ -242,11 +242,17 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
          ",".join(row["scopes"]) or "-", ",".join(row["roles"]) or "-")
         for row in rows
     ]
-    widths = [max(len(line[column]) for line in table) for column in range(len(header) - 1)]
+    print_table(table)
+    return EXIT_OK
+
+
+def print_table(table: Sequence[tuple[str, ...]]) -> None:
+    """Rows as aligned columns (the first row is the header); the last column is not
+    padded, so no line ends in spaces. Shared by `keys list`, `bans list`, `users list`."""
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]) - 1)]
     for line in table:
         cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
         print("  ".join([*cells, line[-1]]))
-    return EXIT_OK
 
 
 def _get(store: KeyStore | None, key_id: str) -> KeyRecord:

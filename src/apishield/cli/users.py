@@ -30,7 +30,16 @@ from typing import Any, TypedDict
 from apishield.auth.apikeys import check_labels
 from apishield.auth.basic import check_password, check_user_name, generate_password, hash_password
 from apishield.cli.config_option import config_parent
-from apishield.cli.keys import EXIT_OK, CliError, _actor, _duration, _iso, _say, cli_command
+from apishield.cli.keys import (
+    EXIT_OK,
+    CliError,
+    _actor,
+    _duration,
+    _iso,
+    _say,
+    cli_command,
+    print_table,
+)
 from apishield.config import Config
 from apishield.observe.logjson import fields
 from apishield.state.open import describe_state, open_user_store, state_exists
@@ -159,10 +168,7 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
          ",".join(row["roles"]) or "-")
         for row in rows
     ]
-    widths = [max(len(line[column]) for line in table) for column in range(len(header) - 1)]
-    for line in table:
-        cells = [cell.ljust(width) for cell, width in zip(line, widths, strict=False)]
-        print("  ".join([*cells, line[-1]]))
+    print_table(table)
     return EXIT_OK
 
 
