@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,17 @@ def json_lines(text: str, kind: str | None = None) -> list[dict[str, Any]]:
     return [line for line in lines if kind is None or line["kind"] == kind]
 
 
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll `predicate` every 50 ms until it returns something true; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    return predicate()
+
+
 @dataclass
 class RunningGateway:
     url: str
@@ -76,6 +87,11 @@ class RunningGateway:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+    def security_events(self, event: str) -> list[dict[str, Any]]:
+        """The security events of this kind the gateway logged so far (docs/logging.md)."""
+        return [line for line in json_lines(self.stderr(), "security")
+                if line["event"] == event]
 
     def stop(self) -> int:
         if self.process.poll() is None:

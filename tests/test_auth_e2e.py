@@ -204,12 +204,6 @@ def seen(response: httpx.Response) -> dict[str, str]:
     return {k.lower(): v for k, v in response.json()["headers"]}
 
 
-def security_events(gateway: RunningGateway, kind: str) -> list[dict[str, Any]]:
-    """The JSON security events the gateway logged on stderr (`apishield.security`)."""
-    lines = [json.loads(line) for line in gateway.stderr().splitlines()]
-    return [line for line in lines if line["kind"] == "security" and line["event"] == kind]
-
-
 def token_header(token: str) -> dict[str, Any]:
     import base64
 
@@ -299,7 +293,7 @@ def test_every_invalid_token_gets_the_same_answer_and_a_precise_private_reason(
         assert entry["reason"] == expected, (expected, entry)
     assert upstream.request_count == before
     assert len({json.dumps(b, sort_keys=True) for b in bodies.values()}) == 1  # no oracle
-    events = security_events(auth_gateway, "authn-failure")
+    events = auth_gateway.security_events("authn-failure")
     assert {e["reason"] for e in events} >= set(cases)
     assert all(good not in line for line in auth_gateway.stderr().splitlines())
 
@@ -369,7 +363,7 @@ def test_token_cache_serves_repeat_requests(auth_gateway, issuer):
         for _ in range(20):
             headers = seen(client.get(f"{auth_gateway.url}/echo/token", headers=bearer(token)))
             assert headers["x-apishield-subject"] == "cached"
-    events = [e for e in security_events(auth_gateway, "authn-success")
+    events = [e for e in auth_gateway.security_events("authn-success")
               if e["subject"] == "cached"]
     assert len(events) == 1  # verified once, then served from the cache
 

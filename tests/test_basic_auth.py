@@ -32,7 +32,7 @@ from apishield.config import Argon2, Basic, config_from_dict
 from apishield.problems import ServiceUnavailable
 from apishield.state.sqlite_users import SqliteUserStore
 from apishield.state.users import DuplicateUser, UserRecord
-from tests.conftest import RunningGateway, json_lines
+from tests.conftest import RunningGateway, json_lines, wait_for
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 FAST = Argon2(time_cost=1, memory_kib=8192, parallelism=1)  # unit tests: a few ms a check
@@ -83,21 +83,6 @@ def create_user(config: Path, name: str, *extra: str) -> str:
     password = done.stdout.strip()
     assert len(password) == 32 and "\n" not in password
     return password
-
-
-def security_events(gateway: RunningGateway, kind: str) -> list[dict[str, Any]]:
-    return [line for line in json_lines(gateway.stderr(), "security")
-            if line["event"] == kind]
-
-
-def wait_for(predicate: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
 
 
 def start(make_gateway: Any, tmp_path: Path, overrides: dict[str, Any] | None = None,
@@ -344,8 +329,8 @@ def test_basic_is_one_alternative_of_several(make_gateway: Any, tmp_path: Path) 
     bodies = [{k: v for k, v in a.json().items() if k != "instance"} for a in answers]
     assert bodies[0] == bodies[1] == bodies[2]  # the same answer for every reason
     assert len({a.headers["www-authenticate"] for a in answers}) == 1
-    failures = wait_for(lambda: len(security_events(gateway, "authn-failure")) >= 3 and
-                        security_events(gateway, "authn-failure"))
+    failures = wait_for(lambda: len(gateway.security_events("authn-failure")) >= 3 and
+                        gateway.security_events("authn-failure"))
     by_reason = {e["reason"]: e for e in failures}
     assert set(by_reason) == {"basic-wrong-password", "basic-unknown-user", "basic-malformed"}
     assert by_reason["basic-wrong-password"]["subject"] == "alice"
@@ -376,7 +361,7 @@ def test_revoke_and_rotate_reach_a_running_gateway(make_gateway: Any, tmp_path: 
     listed = json.loads(users_cli(config, "list", "--json").stdout)
     assert [(u["name"], u["state"]) for u in listed] == [("bob", "revoked")]
     assert listed[0]["expires_at"] is not None  # rotation kept the 30-day lifetime
-    reasons = [e["reason"] for e in security_events(gateway, "authn-failure")]
+    reasons = [e["reason"] for e in gateway.security_events("authn-failure")]
     assert reasons[-1] == "basic-revoked"
 
 
@@ -444,7 +429,7 @@ def test_bans_stop_an_ip_guessing_passwords(make_gateway: Any, tmp_path: Path) -
         assert banned  # even the right password: the address is banned
         assert client.get("/echo", headers=basic("alice", password)
                           ).json()["type"].endswith("client-banned")
-    bans = wait_for(lambda: [e for e in security_events(gateway, "ban")])
+    bans = wait_for(lambda: [e for e in gateway.security_events("ban")])
     assert bans[0]["rule"] == "guessing" and bans[0]["target"] == "ip"
 
 

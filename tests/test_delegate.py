@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 from apishield.config import ConfigError, config_from_dict
 from apishield.contract.loader import load_contract
 from apishield.pipeline import Pipeline
-from tests.conftest import RunningGateway, json_lines
+from tests.conftest import RunningGateway, wait_for
 
 CONTRACT = """
 openapi: 3.0.3
@@ -50,21 +49,6 @@ paths:
 
 DELEGATED = {"legacyDigest": {"mode": "delegate"}, "appBasic": {"mode": "delegate"},
              "partnerKey": {"mode": "delegate"}}
-
-
-def security_events(gateway: RunningGateway, kind: str) -> list[dict[str, Any]]:
-    return [line for line in json_lines(gateway.stderr(), "security")
-            if line["event"] == kind]
-
-
-def wait_for(predicate: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
 
 
 def start(make_gateway: Any, tmp_path: Path, overrides: dict[str, Any] | None = None
@@ -167,7 +151,7 @@ def test_presence_and_syntax_are_checked_and_the_credential_passes_unchanged(
             {"X-Partner-Key": "k" * 9000},
         )]
     assert [m.status_code for m in malformed] == [401] * 4
-    reasons = [e["reason"] for e in security_events(gateway, "authn-failure")]
+    reasons = [e["reason"] for e in gateway.security_events("authn-failure")]
     assert reasons.count("delegated-malformed") == 4
 
 
@@ -181,12 +165,12 @@ def test_upstream_refusals_count_as_authentication_failures_and_ban(
         refused = [client.get(f"/status/{code}", headers=wrong) for code in (401, 403, 401)]
         assert [r.status_code for r in refused] == [401, 403, 401]  # the upstream's answers
         assert wait_for(lambda: client.get("/public").status_code == 403)  # banned
-    events = wait_for(lambda: len(security_events(gateway, "authn-failure")) >= 3
-                      and security_events(gateway, "authn-failure"))
+    events = wait_for(lambda: len(gateway.security_events("authn-failure")) >= 3
+                      and gateway.security_events("authn-failure"))
     assert [(e["reason"], e["scheme"]) for e in events[:3]] == [
         ("upstream-401", "partnerKey"), ("upstream-403", "partnerKey"),
         ("upstream-401", "partnerKey")]
-    assert security_events(gateway, "ban")[0]["rule"] == "upstream-says-no"
+    assert gateway.security_events("ban")[0]["rule"] == "upstream-says-no"
 
 
 @pytest.mark.parametrize("scheme", ["mutual", "oauth", "digest"])
