@@ -79,7 +79,7 @@ def no_security(ctx: AuditContext) -> Found:
           "says what is enforced.")
 def public_overrides(ctx: AuditContext) -> Found:
     for operation in ctx.contract.operations:
-        if operation.policy.public is True and operation.security and any(operation.security):
+        if operation.public_over_security:
             yield ctx.at_operation(operation), (
                 f"{operation.label}: public: true overrides its security requirement")
 

@@ -156,13 +156,11 @@ def security_warnings(pipeline: Pipeline) -> list[str]:
         for operation in contract.operations
         if pipeline.auth.plans.get(operation.pointer) == NOT_PUBLIC
     ]
-    for operation in contract.operations:
-        secured = operation.security is not None and any(operation.security)
-        if operation.policy.public is True and secured:
-            found.append(
-                f"{name}#{operation.pointer}: public: true overrides the contract's security "
-                "requirement, so anyone can call it without a credential; remove public: "
-                "true if callers must authenticate")
+    found += [
+        f"{name}#{operation.pointer}: public: true overrides the contract's security "
+        "requirement, so anyone can call it without a credential; remove public: true if "
+        "callers must authenticate"
+        for operation in contract.operations if operation.public_over_security]
     found += open_in_strict_mode(contract, pipeline.config)
     found += pipeline.auth.delegated_warnings()
     for issuer_name, weak in pipeline.auth.weak_secrets.items():

@@ -81,6 +81,13 @@ class Operation:
         return self.operation_id or f"{self.method} {self.path}"
 
     @property
+    def public_over_security(self) -> bool:
+        """`public: true` written over a security requirement the contract declares: the
+        policy opens what the contract says is protected (a `check` warning, an `audit`
+        finding)."""
+        return self.policy.public is True and any(self.security or ())
+
+    @property
     def public(self) -> bool:
         """Explicitly public: `security: []` or `x-apishield: {public: true}`."""
         if self.policy.public is not None:
