@@ -249,23 +249,38 @@ async def test_unspent_tokens_are_given_back(server: RedisServer) -> None:
 async def test_saturated_key_costs_few_round_trips(counters: RedisCounters) -> None:
     """At saturation a gateway waits for ~10 ms of the rate (100 tokens here) before
     asking again, so a hot key costs ~100 round trips a second, not one per admitted
-    request (10,000 a second here) nor one per round-trip time."""
+    request (10,000 a second here) nor one per round-trip time.
+
+    The bucket is emptied by taking until a refusal, not for a fixed time: on a loaded
+    machine (CI runs two test workers on two cores) half a second of hammering may not
+    spend 10,000 tokens plus the refill, and the measured half second then admitted the
+    rest of the burst too (7,236 instead of ~5,000 in one CI run)."""
     key, interval, burst = f"sat|{uuid.uuid4().hex}", 0.0001, 10000
-    start = time.time()
-    await hammer_key(counters, key, interval, burst, start + 0.5)  # bucket emptied
-    before, start = counters.round_trips, time.time()
-    admitted = await hammer_key(counters, key, interval, burst, start + 0.5)
-    assert admitted == pytest.approx(0.5 / interval, rel=0.05)
+    deadline = time.monotonic() + 10
+    while (await take(counters, key, interval, burst)).allowed:
+        assert time.monotonic() < deadline, "the bucket never emptied"
+        await asyncio.sleep(0)
+    before, start = counters.round_trips, time.monotonic()
+    admitted, attempts = await hammer_key(counters, key, interval, burst, start + 0.5)
+    rate_allows = (time.monotonic() - start) / interval
+    # The module docstring's bound for one gateway: within L + least of an exact GCRA,
+    # n = floor(burst * 0.02) = 200, L = n + n // 2 = 300, least = ceil(10 ms / T) = 100.
+    slack = 300 + 100
+    assert admitted <= rate_allows + slack, (admitted, rate_allows)
+    assert admitted >= min(attempts, rate_allows) - slack, (admitted, attempts)
     assert counters.round_trips - before < 80, counters.round_trips - before
 
 
 async def hammer_key(counters: RedisCounters, key: str, interval: float, burst: int,
-                     until: float) -> int:
-    admitted = 0
-    while time.time() < until:
+                     until: float) -> tuple[int, int]:
+    """Takes from one key as fast as one coroutine can until `until` (monotonic s);
+    returns (admitted, attempts)."""
+    admitted = attempts = 0
+    while time.monotonic() < until:
         admitted += (await take(counters, key, interval, burst)).allowed
+        attempts += 1
         await asyncio.sleep(0)
-    return admitted
+    return admitted, attempts
 
 
 async def test_held_leases_bound_the_burst(server: RedisServer) -> None:
