@@ -24,8 +24,7 @@ from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 from apishield.observe.alert_feed import ALERT_FEED
-from apishield.observe.history import HISTORY, History, quantile
-from apishield.observe.metrics import METRICS
+from apishield.observe.history import HISTORY, History, quantile, totals
 from apishield.observe.refusers import REFUSERS
 
 if TYPE_CHECKING:
@@ -79,16 +78,16 @@ def snapshot(pipeline: Pipeline | None, history: History = HISTORY,
     for sample in samples[1:]:
         for reason, moved in sample.reasons.items():
             recent[reason] = recent.get(reason, 0) + moved
-    totals = sorted(dict(METRICS.refusals).items(), key=lambda item: (-item[1], item[0]))
-    last = samples[-1]
+    by_reason = sorted(dict(history.metrics.refusals).items(),
+                       key=lambda item: (-item[1], item[0]))
+    requests, refused, errors = totals(history.metrics)  # now, not at the last sample
     return {
         "now": now,
         "interval": history.interval,
-        "totals": {"requests": last.requests, "refused": last.refused,
-                   "errors": last.errors},
+        "totals": {"requests": requests, "refused": refused, "errors": errors},
         "rate": series,
         "refusals": [{"reason": reason, "total": total, "recent": recent.get(reason, 0)}
-                     for reason, total in totals[:TOP_REASONS]],
+                     for reason, total in by_reason[:TOP_REASONS]],
         "recent_since": samples[0].at,
         "refusers": [entry.as_dict() for entry in REFUSERS.top(TOP_REFUSERS)],
         "bans": _bans(pipeline, now),
@@ -116,7 +115,7 @@ def _latency(history: History) -> dict[str, Any]:
     quantiles in milliseconds (None where nothing was observed)."""
     since = history.latency_since()
     rows: list[dict[str, Any]] = []
-    for operation, histogram in list(METRICS.durations.items()):
+    for operation, histogram in list(history.metrics.durations.items()):
         counts = list(histogram.counts)
         total_seconds = histogram.sum
         if since is not None and operation in since.histograms:

@@ -69,18 +69,12 @@ class History:
         return True
 
     def _read(self, now: float) -> Sample:
-        requests = refused = errors = 0
-        for key, count in list(self.metrics.requests.items()):
-            requests += count
-            if key[3] == "refused":
-                refused += count
-            elif key[3] == "error":
-                errors += count
-        totals = dict(self.metrics.refusals)
+        requests, refused, errors = totals(self.metrics)
+        by_reason = dict(self.metrics.refusals)
         before = self._reasons
-        moved = {reason: total - before.get(reason, 0) for reason, total in totals.items()
+        moved = {reason: total - before.get(reason, 0) for reason, total in by_reason.items()
                  if total != before.get(reason, 0)} if self.samples else {}  # first: a base
-        self._reasons = totals
+        self._reasons = by_reason
         return Sample(now, requests, refused, errors, moved)
 
     def _copy_latency(self, now: float) -> LatencyCopy:
@@ -91,6 +85,18 @@ class History:
     def latency_since(self) -> LatencyCopy | None:
         """The oldest histogram copy kept (None before the first sample)."""
         return self.latency[0] if self.latency else None
+
+
+def totals(metrics: Metrics) -> tuple[int, int, int]:
+    """Requests, refused requests and errors counted so far."""
+    requests = refused = errors = 0
+    for key, count in list(metrics.requests.items()):
+        requests += count
+        if key[3] == "refused":
+            refused += count
+        elif key[3] == "error":
+            errors += count
+    return requests, refused, errors
 
 
 def quantile(counts: list[int] | tuple[int, ...], q: float) -> float | None:

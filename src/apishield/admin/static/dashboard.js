@@ -154,7 +154,10 @@
     const svg = $("rate-chart");
     const width = 640, height = 200, left = 40, bottom = 20, top = 8;
     const points = data.rate;
-    const end = data.now, start = end - 600;
+    // the x axis spans the past the server has (at least a minute, at most ten)
+    const end = data.now;
+    const span = Math.min(600, Math.max(60, points.length ? end - points[0].at : 0));
+    const start = end - span;
     let max = 1;
     for (const p of points) max = Math.max(max, p.requests, p.refused, p.errors);
     max = niceCeiling(max);
@@ -167,10 +170,9 @@
       nodes.push(svgEl("text", { class: "axis", x: left - 4, y: y(value) + 3, "text-anchor": "end" },
         formatRate(value)));
     }
-    for (const minutesAgo of [10, 5, 0]) {
-      nodes.push(svgEl("text", { class: "axis", x: x(end - minutesAgo * 60), y: height - 4,
-        "text-anchor": minutesAgo === 10 ? "start" : minutesAgo === 0 ? "end" : "middle" },
-      minutesAgo === 0 ? "now" : `−${minutesAgo} min`));
+    for (const [ago, anchor] of [[span, "start"], [span / 2, "middle"], [0, "end"]]) {
+      nodes.push(svgEl("text", { class: "axis", x: x(end - ago), y: height - 4,
+        "text-anchor": anchor }, ago === 0 ? "now" : `−${formatSpan(ago)}`));
     }
     for (const series of ["requests", "refused", "errors"]) {
       const coords = points.filter((p) => p.at >= start)
@@ -182,6 +184,10 @@
     $("rate-now").textContent = last
       ? `now: ${formatRate(last.requests)}/s, refused ${formatRate(last.refused)}/s`
       : "first sample taken: the rate appears after the next one";
+  }
+
+  function formatSpan(seconds) {
+    return seconds < 120 ? `${Math.round(seconds)} s` : `${Math.round(seconds / 60)} min`;
   }
 
   function niceCeiling(value) {
