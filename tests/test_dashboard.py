@@ -64,6 +64,7 @@ def test_history_samples_rates_and_refusals_since_the_first_sample() -> None:
     for at in range(104, 130, 2):
         history.tick(float(at))
     assert len(history.samples) == 6  # 10 s of 2 s samples, both ends kept
+    assert history.tick(50.0)  # the wall clock was set back: sample rather than stall
 
 
 def test_quantiles_interpolate_inside_buckets() -> None:
@@ -204,24 +205,45 @@ async def test_middleware_mount_serves_the_dashboard_with_an_alert(
         response = await client.get("/_apishield/dashboard/data", headers=auth)
     assert response.status_code == 200
     data = response.json()
+    assert data["counting"] is True
     assert data["alerts"]["fired"] >= 1
     assert alert.as_dict() in data["alerts"]["recent"]
     refusers = {row["ip"]: row for row in data["refusers"]}
     assert refusers["203.0.113.77"]["last_reason"] == "route-not-declared"
 
 
+async def test_the_snapshot_says_when_nothing_is_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copy(DATA / "middleware_contract.yaml", tmp_path / "middleware_contract.yaml")
+    config = tmp_path / "middleware.yaml"
+    config.write_text("contract: middleware_contract.yaml\naccess_log: {enabled: false}\n"
+                      "metrics: {enabled: false}\nadmin: {}\n")
+    transport = httpx.ASGITransport(app=create_app(config), client=("127.0.0.1", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        response = await client.get("/_apishield/dashboard/data")
+    assert response.status_code == 200
+    assert response.json()["counting"] is False
+
+
 # --- the page in a real browser --------------------------------------------------------
+
+@pytest.fixture
+def chromium_binary() -> str:
+    """The browser, looked for before any gateway starts (a skip costs nothing)."""
+    return find_chromium()
+
 
 TABLE = """[...document.querySelectorAll('#{name}-table tbody tr')]
   .map(tr => [...tr.cells].map(td => td.textContent))"""
 
 
-def test_the_page_in_headless_chromium(dashboard_gateway: tuple[Any, str],
+@pytest.mark.timeout(180)  # a browser start on a loaded 2-core CI machine
+def test_the_page_in_headless_chromium(chromium_binary: str,
+                                       dashboard_gateway: tuple[Any, str],
                                        tmp_path: Path) -> None:
-    binary = find_chromium()
     gateway, admin = dashboard_gateway
     scripted_traffic(gateway)
-    browser = Chromium(binary, tmp_path / "chromium-profile")
+    browser = Chromium(chromium_binary, tmp_path / "chromium-profile")
     try:
         browser.navigate(f"{admin}/dashboard?poll=1")
         # no token in the tab yet: the page asks for it and shows no panel

@@ -83,6 +83,8 @@ def snapshot(pipeline: Pipeline | None, history: History = HISTORY,
     requests, refused, errors = totals(history.metrics)  # now, not at the last sample
     return {
         "now": now,
+        # `metrics.enabled: false` stops the counting everything here is read from
+        "counting": pipeline is None or pipeline.metrics is not None,
         "interval": history.interval,
         "totals": {"requests": requests, "refused": refused, "errors": errors},
         "rate": series,

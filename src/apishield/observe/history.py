@@ -61,7 +61,7 @@ class History:
         early by a few milliseconds waits for the next tick). Whether one was taken."""
         now = time.time() if now is None else now
         last = self.samples[-1].at if self.samples else None
-        if last is not None and now - last < self.interval * 0.9:
+        if last is not None and 0 <= now - last < self.interval * 0.9:  # (clock set back: take one)
             return False
         self.samples.append(self._read(now))
         if not self.latency or now - self.latency[-1].at >= LATENCY_EVERY:

@@ -126,6 +126,7 @@
   // --- the panels -----------------------------------------------------------------------
 
   function render(data) {
+    $("not-counting").hidden = data.counting !== false;
     $("total-requests").textContent = number(data.totals.requests);
     $("total-refused").textContent = number(data.totals.refused);
     $("total-errors").textContent = number(data.totals.errors);
