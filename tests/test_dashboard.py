@@ -16,7 +16,7 @@ from apishield.admin.dashboard import ASSETS, asset
 from apishield.observe.alert_feed import ALERT_FEED, FiredAlert
 from apishield.observe.history import History, quantile
 from apishield.observe.metrics import DURATION_BUCKETS, Metrics
-from apishield.observe.refusers import Refusers
+from apishield.observe.refusers import REFUSERS, Refusers
 from tests.chromium import Chromium, find_chromium
 from tests.conftest import DATA, free_port, wait_for
 from tests.middleware_app import create_app
@@ -90,6 +90,18 @@ def test_the_page_runs_no_inline_code_and_writes_data_as_text_only() -> None:
                  "new Function", "localStorage"):
         assert sink not in code, sink
     assert "sessionStorage" in code
+
+
+def test_the_assets_ship_as_package_data() -> None:
+    """An installed (not editable) apishield has its page: pyproject's package-data names
+    every asset the dashboard serves."""
+    import fnmatch
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["apishield"]
+    for name, _ in ASSETS.values():
+        assert any(fnmatch.fnmatch(f"admin/static/{name}", p) for p in patterns), name
 
 
 # --- the endpoints on a real gateway ---------------------------------------------------
@@ -189,6 +201,9 @@ async def test_middleware_mount_serves_the_dashboard_with_an_alert(
     config.write_text("contract: middleware_contract.yaml\naccess_log: {enabled: false}\n"
                       "admin: {token_env: APISHIELD_TEST_MW_DASHBOARD_TOKEN}\n")
     app = create_app(config)
+    # the table is per process: other tests' refusals must not push this client out of the
+    # top ten (monkeypatch puts them back afterwards)
+    monkeypatch.setattr(REFUSERS, "_table", {})
     alert = FiredAlert(rule="stuffing", kind="failed-auth-burst", key="203.0.113.50",
                        at=1_800_000_000.0, summary="<b>12 failed logins</b> in 1 min",
                        details={"count": 12})
