@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from tests.conftest import DATA, free_port, wait_for
 from tests.middleware_app import create_app
 
 TOKEN = "dashboard-admin-token-0123456789"
+HOSTILE = "<img src=x onerror=\"document.title='pwned'\">"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
@@ -258,6 +261,15 @@ def test_the_page_in_headless_chromium(chromium_binary: str,
                                        tmp_path: Path) -> None:
     gateway, admin = dashboard_gateway
     scripted_traffic(gateway)
+    # an account name is the caller's own input (a token's subject): ban one that is HTML
+    added = subprocess.run(
+        [sys.executable, "-m", "apishield", "bans", "add", "--subject", HOSTILE,
+         "--duration", "30m", "--config", str(gateway.config_path)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert added.returncode == 0, added.stderr
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    assert wait_for(lambda: httpx.get(f"{admin}/dashboard/data", headers=auth
+                                      ).json()["bans"]["active"] == 2)  # the next refresh
     browser = Chromium(chromium_binary, tmp_path / "chromium-profile")
     try:
         browser.navigate(f"{admin}/dashboard?poll=1")
@@ -288,8 +300,11 @@ def test_the_page_in_headless_chromium(chromium_binary: str,
         assert "192.0.2.10" not in refusers
         bans = browser.evaluate(TABLE.format(name="bans"))
         assert [(row[0], row[1], row[2]) for row in bans] == [
-            ("ip", "198.51.100.23", "probing")]
-        assert browser.evaluate("document.getElementById('total-bans').textContent") == "1"
+            ("ip", "198.51.100.23", "probing"), ("subject", HOSTILE, "manual")]
+        # shown as text: no element came out of it, its handler never ran
+        assert browser.evaluate("document.querySelectorAll('#bans-table img').length") == 0
+        assert browser.evaluate("document.title") == "apishield: live dashboard"
+        assert browser.evaluate("document.getElementById('total-bans').textContent") == "2"
         # no alert engine runs here: the empty state shows
         assert browser.evaluate("document.querySelectorAll('#alerts-list li').length") == 0
         assert browser.evaluate("document.getElementById('alerts-empty').hidden") is False
