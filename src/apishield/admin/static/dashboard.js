@@ -102,7 +102,14 @@
       schedule();
       return;
     }
-    const data = await response.json();
+    let data;
+    try {
+      data = await response.json();
+    } catch (error) {
+      setStatus(`the admin API sent no JSON (${error.message}); retrying`, true);
+      schedule();
+      return;
+    }
     $("token-form").hidden = true;
     $("panels").hidden = false;
     $("forget-token").hidden = !token;
