@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 OTHER = "other"
 ANONYMOUS = "anonymous"
@@ -58,3 +58,44 @@ class UsageStore(Protocol):
         ordered by day, identity, operation."""
 
     def close(self) -> None: ...
+
+
+REPORT_VERSION = 1  # of the JSON `apishield usage --format json` and `GET /usage?since=` give
+PERIODS = ("day", "month")
+COUNTS = ("requests", "refusals", "bytes_in", "bytes_out")
+
+
+def since_days(seconds: float) -> int:
+    """`--since 7d` / `?since=7d` as whole UTC days back, today included (at least 1)."""
+    return max(1, -int(-seconds // 86_400))
+
+
+class UsageReport(TypedDict):
+    version: int
+    by: str
+    since: str
+    rows: list[dict[str, str | int]]  # period, identity, operation and the COUNTS
+    total: dict[str, int]  # the COUNTS summed
+
+
+def report(rows: list[UsageRow], by: str, since_day: str) -> UsageReport:
+    """The rows summed per period (`day`, or `month`: `YYYY-MM`, derived from the days),
+    identity and operation, with their total: what the CLI and the admin API print."""
+    width = 10 if by == "day" else 7
+    sums: dict[tuple[str, str, str], list[int]] = {}
+    for row in rows:
+        key = (row.day[:width], row.identity, row.operation)
+        counts = sums.setdefault(key, [0, 0, 0, 0])
+        for index, value in enumerate((row.requests, row.refusals, row.bytes_in,
+                                       row.bytes_out)):
+            counts[index] += value
+    total = [sum(counts[index] for counts in sums.values()) for index in range(4)]
+    return {
+        "version": REPORT_VERSION,
+        "by": by,
+        "since": since_day,
+        "rows": [{"period": period, "identity": identity, "operation": operation,
+                  **dict(zip(COUNTS, counts, strict=True))}
+                 for (period, identity, operation), counts in sorted(sums.items())],
+        "total": dict(zip(COUNTS, total, strict=True)),
+    }
