@@ -205,7 +205,13 @@ class AdminApp:
         """`GET /usage?since=7d&identity=...&operation=...&by=day|month`: the counts the
         gateways wrote to the state store (F4), as `apishield usage --format json`."""
         from apishield.config.units import parse_duration
-        from apishield.state.usage import PERIODS, first_day, report, since_days
+        from apishield.state.usage import (
+            PERIODS,
+            UsageStoreError,
+            first_day,
+            report,
+            since_days,
+        )
 
         by = query.get("by", "day")
         if by not in PERIODS:
@@ -222,7 +228,7 @@ class AdminApp:
         try:
             rows = (None if pipeline is None else await pipeline.usage_rows(
                 since_day, query.get("identity"), query.get("operation")))
-        except Exception as exc:
+        except (UsageStoreError, ConfigError) as exc:
             logger.warning("admin /usage: the usage store failed: %s", exc)
             return _problem(503, "usage-store-unavailable", "Service Unavailable",
                             "The usage store could not be read; see the gateway's log.")
