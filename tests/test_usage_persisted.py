@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -319,3 +320,50 @@ def test_bad_usage_config_is_refused_with_its_location(usage: dict[str, Any],
         config_from_dict({"contract": "contract.yaml", "usage": usage}, source_dir=Path("."))
     assert any(problem.startswith(expected) for problem in caught.value.problems), \
         caught.value.problems
+
+
+def test_a_reload_neither_loses_nor_repeats_counts(tmp_path: Path, upstream_url: str) -> None:
+    """The old pipeline flushes at its stop, the new one takes over the same per-process
+    counts: every request is in the store exactly once."""
+    admin_port = free_port()
+    gateway = start_gateway(tmp_path, upstream_url, {"admin": {"port": admin_port},
+                                                     "usage": {"flush_interval": "1h"}})
+    try:
+        for _ in range(3):
+            assert httpx.get(f"{gateway.url}/echo").status_code == 200
+        config = yaml.safe_load(gateway.config_path.read_text())
+        config["usage"]["flush_interval"] = "30m"  # a changed config: a new pipeline
+        gateway.config_path.write_text(yaml.safe_dump(config))
+        answer = httpx.post(f"http://127.0.0.1:{admin_port}/reload", timeout=30)
+        assert answer.json()["outcome"] == "succeeded", answer.text
+        for _ in range(2):
+            assert httpx.get(f"{gateway.url}/echo").status_code == 200
+        # the old pipeline's last flush is in the store already
+        stored = wait_for(lambda: usage_json(gateway.config_path).get("rows"))
+        assert stored[0]["requests"] >= 3
+    finally:
+        assert gateway.stop() == 0
+    rows = rows_by_pair(usage_json(gateway.config_path))
+    assert rows[("anonymous", "echoGet")]["requests"] == 5
+
+
+def test_the_asgi_middleware_flushes_at_lifespan_shutdown(tmp_path: Path) -> None:
+    from tests.test_middleware_lifespan import _run_uvicorn
+
+    process, port, _, _, stderr = _run_uvicorn(tmp_path, "fastapi_app", "on")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            sizes = [len(client.get(f"/items/{i}").content) for i in range(4)]
+            assert client.get("/admin").status_code == 404
+        process.send_signal(signal.SIGINT)  # lifespan shutdown, then exit
+        process.wait(15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    assert "Traceback" not in stderr.read_text(errors="replace")
+    rows = rows_by_pair(usage_json(tmp_path / "apishield.yaml"))
+    row = rows[("anonymous", "getItem")]
+    assert (row["requests"], row["refusals"], row["bytes_in"]) == (4, 0, 0)
+    assert row["bytes_out"] == sum(sizes)  # the body bytes the app sent
+    assert rows[("anonymous", "unmatched")]["refusals"] == 1
