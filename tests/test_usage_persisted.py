@@ -367,3 +367,29 @@ def test_the_asgi_middleware_flushes_at_lifespan_shutdown(tmp_path: Path) -> Non
     assert (row["requests"], row["refusals"], row["bytes_in"]) == (4, 0, 0)
     assert row["bytes_out"] == sum(sizes)  # the body bytes the app sent
     assert rows[("anonymous", "unmatched")]["refusals"] == 1
+
+
+def test_a_flush_during_a_redis_outage_is_retried_once_redis_is_back(tmp_path: Path) -> None:
+    with running_redis(tmp_path) as server:
+        usage = DailyUsage()
+        now = time.time()
+        usage.count("k2", "op", False, 1, 2, now)
+        flusher = UsageFlusher(lambda: RedisUsageStore(server.url), Usage(), usage)
+        server.stop()
+        errors = METRICS.usage_flush_errors
+        assert asyncio.run(flusher.flush()) is False
+        assert METRICS.usage_flush_errors == errors + 1
+        server.start()
+
+        async def recover() -> bool:
+            ok = await flusher.flush()
+            await flusher.stop()
+            return ok
+
+        assert asyncio.run(recover()) is True
+        reader = RedisUsageStore(server.url)
+        try:
+            [row] = reader.query(day_of(now))
+        finally:
+            reader.close()
+        assert (row.identity, row.requests, row.bytes_in, row.bytes_out) == ("k2", 1, 1, 2)

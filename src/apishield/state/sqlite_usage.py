@@ -59,23 +59,25 @@ class SqliteUsageStore(SqliteStateFile):
     def add(self, batch: Batch, max_pairs: int, retention_days: int,
             now: float | None = None) -> None:
         oldest = first_day(time.time() if now is None else now, retention_days)
+        days: dict[str, list[tuple[str, str, list[int]]]] = {}
+        for (day, identity, operation), counts in sorted(batch.items()):
+            days.setdefault(day, []).append((identity, operation, counts))
         with self._write() as conn:
-            pairs: dict[str, int] = {}  # day -> distinct pairs stored (read once per day)
-            for (day, identity, operation), counts in sorted(batch.items()):
-                if identity != OTHER:
-                    if day not in pairs:
-                        pairs[day] = conn.execute(
-                            "SELECT count(*) FROM usage_daily WHERE day = ? AND identity != ?",
-                            (day, OTHER)).fetchone()[0]
-                    known = conn.execute(
-                        "SELECT 1 FROM usage_daily WHERE day = ? AND identity = ? "
-                        "AND operation = ?", (day, identity, operation)).fetchone()
-                    if known is None:
-                        if pairs[day] >= max_pairs:
+            for day, entries in days.items():
+                stored = conn.execute(
+                    "SELECT count(*) FROM usage_daily WHERE day = ? AND identity != ?",
+                    (day, OTHER)).fetchone()[0]
+                # far from the bound (the usual case): no pair needs looking up
+                careful = stored + len(entries) > max_pairs
+                for identity, operation, counts in entries:
+                    if careful and identity != OTHER and conn.execute(
+                            "SELECT 1 FROM usage_daily WHERE day = ? AND identity = ? "
+                            "AND operation = ?", (day, identity, operation)).fetchone() is None:
+                        if stored >= max_pairs:
                             identity = OTHER
                         else:
-                            pairs[day] += 1
-                conn.execute(_UPSERT, (day, identity, operation, *counts))
+                            stored += 1
+                    conn.execute(_UPSERT, (day, identity, operation, *counts))
             conn.execute("DELETE FROM usage_daily WHERE day < ?", (oldest,))
         batch.clear()  # committed: all of it is stored
 
