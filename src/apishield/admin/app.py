@@ -45,7 +45,6 @@ JSON = b"application/json"
 PROBLEM = b"application/problem+json"
 Headers = list[tuple[bytes, bytes]]
 PERSISTED_PARAMETERS = frozenset({"since", "identity", "operation", "by"})
-MAX_SINCE = 3660 * 86_400.0  # ten years: past any retention
 _QUIET = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: logged only when failing
 
 
@@ -206,6 +205,7 @@ class AdminApp:
         gateways wrote to the state store (F4), as `apishield usage --format json`."""
         from apishield.config.units import parse_duration
         from apishield.state.usage import (
+            MAX_SINCE,
             PERIODS,
             UsageStoreError,
             first_day,

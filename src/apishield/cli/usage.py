@@ -22,14 +22,26 @@ from apishield.cli.config_option import config_parent
 from apishield.cli.keys import EXIT_OK, CliError, _duration, _say, cli_command, print_table
 from apishield.config import Config
 from apishield.state.open import describe_state, open_usage_store, state_exists
-from apishield.state.usage import COUNTS, PERIODS, UsageStoreError, first_day, report, since_days
+from apishield.state.usage import (
+    COUNTS,
+    MAX_SINCE,
+    PERIODS,
+    UsageStoreError,
+    first_day,
+    report,
+    since_days,
+)
 
 FORMATS = ("table", "json", "csv")
 DEFAULT_SINCE = "30d"
 
 
 def cmd_usage(args: argparse.Namespace, config: Config) -> int:
-    days = since_days(_duration(args.since, "--since"))
+    seconds = _duration(args.since, "--since")
+    if seconds > MAX_SINCE:
+        raise CliError(f"--since: {args.since} reaches back more than 3660 days; no usage "
+                       "is kept that long")
+    days = since_days(seconds)
     if not state_exists(config):
         raise CliError(f"no state file at {describe_state(config)}: no gateway using this "
                        "config has written usage there yet (check --config, and the "

@@ -63,6 +63,7 @@ class UsageStore(Protocol):
 REPORT_VERSION = 1  # of the JSON `apishield usage --format json` and `GET /usage?since=` give
 PERIODS = ("day", "month")
 COUNTS = ("requests", "refusals", "bytes_in", "bytes_out")
+MAX_SINCE = 3660 * 86_400.0  # how far back a report may reach (ten years: past any retention)
 
 
 def since_days(seconds: float) -> int:
