@@ -174,6 +174,8 @@ def test_two_gateways_add_up_in_one_sqlite_file_and_the_cli_reads_it(
     # bad options are refused with a message, not a traceback
     result = cli(first.config_path, "usage", "--since", "yesterday")
     assert result.returncode == 1 and "--since" in result.stderr
+    result = cli(first.config_path, "usage", "--since", "4000d")
+    assert result.returncode == 1 and "3660 days" in result.stderr
     assert cli(first.config_path, "usage", "--format", "xml").returncode == 2
 
 

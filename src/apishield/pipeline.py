@@ -418,7 +418,8 @@ class Pipeline:
 
     def record(self, exchange: Exchange, status: int) -> None:
         """The end of every request, refused, failed or complete (each front end calls it
-        once): give back concurrency slots, feed the ban rules, write the access log."""
+        once): give back concurrency slots, feed the ban rules, count metrics and usage,
+        write the access log."""
         if exchange.held and self.concurrency is not None:
             self.concurrency.release(exchange)
         if exchange.delegated is not None:  # the upstream verified the credential
