@@ -50,10 +50,12 @@ from apishield.observe.logjson import fields
 from apishield.observe.metrics import METRICS, UNMATCHED
 from apishield.observe.redact import MAX_LOGGED, SCANNED
 from apishield.observe.refusers import REFUSERS
-from apishield.observe.usage import USAGE
+from apishield.observe.usage import DAILY, USAGE
+from apishield.observe.usage_flush import UsageFlusher
 from apishield.problems import Problem, ProblemRenderer
 from apishield.state.counters import Counters
-from apishield.state.open import open_counters
+from apishield.state.open import open_counters, open_usage_store
+from apishield.state.usage import UsageRow
 from apishield.steps import (
     authenticate,
     authorize,
@@ -177,6 +179,8 @@ class Pipeline:
             previous.access_log if previous is not None and "access_log" in kept
             else AccessLog(config.access_log.path) if config.access_log.enabled else None)
         self.metrics = METRICS if config.metrics.enabled else None
+        self.usage = config.usage if config.usage.enabled else None  # persisted counts (F4)
+        self.usage_flusher: UsageFlusher | None = None  # started by start()
         redact.protect(config.redact.fields)  # compiled once, here (F6)
         self.mask_errors = config.responses.mask_errors
         self._render_problem = ProblemRenderer(config.responses.problem_docs).render
@@ -267,6 +271,10 @@ class Pipeline:
         if "bans" not in self.kept:
             await self.bans.start()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        if self.usage is not None:
+            config = self.config
+            self.usage_flusher = UsageFlusher(lambda: open_usage_store(config), self.usage)
+            self.usage_flusher.start()
 
     async def _housekeeping(self) -> None:
         """Once a second: bans added elsewhere (CLI, other gateways); every 30 s: forget
@@ -291,6 +299,9 @@ class Pipeline:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.usage_flusher is not None:  # the last counts go to the store
+            await self.usage_flusher.stop()
+            self.usage_flusher = None
         given = self._given  # what a successor runs on now is closed by that successor
         if "auth" not in given:
             await self.auth.close()
@@ -408,7 +419,8 @@ class Pipeline:
 
     def record(self, exchange: Exchange, status: int) -> None:
         """The end of every request, refused, failed or complete (each front end calls it
-        once): give back concurrency slots, feed the ban rules, write the access log."""
+        once): give back concurrency slots, feed the ban rules, count metrics and usage,
+        write the access log."""
         if exchange.held and self.concurrency is not None:
             self.concurrency.release(exchange)
         if exchange.delegated is not None:  # the upstream verified the credential
@@ -417,7 +429,8 @@ class Pipeline:
             self.bans.observe(exchange, status)
         access_log = self.access_log
         metrics = self.metrics
-        if access_log is None and metrics is None:
+        usage = self.usage
+        if access_log is None and metrics is None and usage is None:
             return
         operation = exchange.operation
         operation_id = operation.operation_id if operation is not None else None
@@ -425,14 +438,20 @@ class Pipeline:
         now = time.time()  # one clock read for the usage count and the access log
         outcome = _outcome(exchange, exchange.problem)
         reason = exchange.reason or None
-        if metrics is not None:
+        if metrics is not None or usage is not None:
             label = operation.label if operation is not None else None
-            metrics.request(label, exchange.request.method, status, outcome, seconds, reason)
             principal = exchange.principal
-            USAGE.count(None if principal is None else principal.key_id or principal.subject,
-                        label or UNMATCHED, outcome == "refused", now)
-            if outcome == "refused":  # the dashboard's top refused clients (refusals only)
-                REFUSERS.count(exchange.client_ip, reason, now)
+            identity = None if principal is None else principal.key_id or principal.subject
+            if metrics is not None:
+                metrics.request(label, exchange.request.method, status, outcome, seconds,
+                                reason)
+                USAGE.count(identity, label or UNMATCHED, outcome == "refused", now)
+            if usage is not None:
+                DAILY.count(identity, label or UNMATCHED, outcome == "refused",
+                            exchange.bytes_in or len(exchange.request.body),
+                            exchange.bytes_out, now)
+            if outcome == "refused" and metrics is not None:  # the dashboard's top refused
+                REFUSERS.count(exchange.client_ip, reason, now)  # clients (refusals only)
         if access_log is None:
             return
         entry = exchange.entry
@@ -449,6 +468,19 @@ class Pipeline:
             now,
             exchange.principal,
         ))
+
+    async def usage_rows(self, since_day: str, identity: str | None = None,
+                         operation: str | None = None) -> list[UsageRow] | None:
+        """The persisted usage counts (`GET /usage?since=...`), read in a worker thread;
+        None when usage is off or this pipeline is not running."""
+        flusher = self.usage_flusher
+        if flusher is None:
+            return None
+
+        def read() -> list[UsageRow]:
+            return flusher.store().query(since_day, identity, operation)
+
+        return await asyncio.to_thread(read)
 
     def state_problems(self) -> list[str]:
         """The shared state store, when it is down (`GET /readyz`). Only Redis-backed

@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     from apishield.cli import bans as bans_cli  # `bans list | add | remove`
 
     bans_cli.register(commands)
+    from apishield.cli import usage as usage_cli  # `usage`
+
+    usage_cli.register(commands)
     from apishield.cli import users as users_cli  # `users create | list | rotate | revoke`
 
     users_cli.register(commands)

@@ -15,6 +15,7 @@ touching a reader.
 - `responses`: security headers, CORS, response filtering
 - `observe`: access log
 - `admin`: the admin listener and metrics
+- `usage`: usage counts per identity and operation, persisted (F4)
 - `reload`: live reload (file watch)
 - `auth`: issuers, secrets, API keys, roles, per-operation `require` and `owner`
 - `rate_limiting`: rate limits, quotas, concurrency, IP lists, bans
@@ -80,6 +81,7 @@ from apishield.config.units import (
     parse_rate,
     parse_size,
 )
+from apishield.config.usage import Usage
 from apishield.config.validation import Injection, Validation
 
 # The old single module's private name, still imported by cli/keys.py (`--expires-in`).
@@ -133,6 +135,7 @@ __all__ = [
     "Tls",
     "Upstream",
     "UpstreamTls",
+    "Usage",
     "Validation",
     "at",
     "config_from_dict",

@@ -23,6 +23,7 @@ from apishield.config.reload import Reload
 from apishield.config.responses import Cors, ResponseMode, Responses, SecurityHeaders
 from apishield.config.transport import Limits, Listen, OperationLimits, Timeouts, Tls, Upstream
 from apishield.config.units import Cidrs, Model
+from apishield.config.usage import Usage
 from apishield.config.validation import Validation
 
 
@@ -56,6 +57,7 @@ class Config(Model):
     access_log: AccessLog = AccessLog()
     admin: Admin | None = None  # off unless configured
     metrics: Metrics = Metrics()
+    usage: Usage = Usage()  # usage per identity and operation, persisted (F4)
     redact: Redact = Redact()  # more names whose values never reach a log (F6)
     mode: Literal["enforce", "log-only"] = "enforce"
     cors: Cors | None = None

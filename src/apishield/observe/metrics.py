@@ -72,6 +72,9 @@ METRIC_SPECS: dict[str, MetricSpec] = {
         ("issuer", "outcome")),
     "apishield_state_errors_total": MetricSpec(
         "counter", "Requests that found the shared state store (Redis) unavailable."),
+    "apishield_usage_flush_errors_total": MetricSpec(
+        "counter", "Usage flushes that could not write to the state store (the counts are "
+        "kept and retried by the next flush)."),
     "apishield_config_reloads_total": MetricSpec(
         "counter", "Config reloads by outcome (succeeded, failed, unchanged).", ("outcome",)),
     "apishield_build_info": MetricSpec(
@@ -128,6 +131,7 @@ class Metrics:
         self.upstream_duration = Histogram()
         self.jwks_refreshes: dict[tuple[str, str], int] = {}
         self.state_errors = 0
+        self.usage_flush_errors = 0
         self.config_reloads: dict[str, int] = {}
 
     def request(self, operation: str | None, method: str, status: int, outcome: str,
@@ -193,6 +197,9 @@ class Metrics:
     def state_error(self) -> None:
         self.state_errors += 1
 
+    def usage_flush_error(self) -> None:
+        self.usage_flush_errors += 1
+
     def config_reload(self, outcome: str) -> None:
         self.config_reloads[outcome] = self.config_reloads.get(outcome, 0) + 1
 
@@ -250,6 +257,7 @@ class MetricsCollector(Collector):
         yield upstream
         yield _counter("apishield_jwks_refresh_total", m.jwks_refreshes.items())
         yield _counter("apishield_state_errors_total", [((), m.state_errors)])
+        yield _counter("apishield_usage_flush_errors_total", [((), m.usage_flush_errors)])
         yield _counter("apishield_config_reloads_total",
                        [((k,), v) for k, v in m.config_reloads.items()])
         info = GaugeMetricFamily("apishield_build_info", METRICS_HELP["apishield_build_info"],
