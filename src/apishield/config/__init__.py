@@ -29,6 +29,7 @@ gather the rest), never this facade: no import cycle.
 from __future__ import annotations
 
 from apishield.config.admin import Admin, Metrics, is_loopback
+from apishield.config.alerts import Alerts, GeoIp, Rule, Webhook
 from apishield.config.auth import (
     ApiKeys,
     Argon2,
@@ -88,6 +89,7 @@ _parse_duration = parse_duration
 __all__ = [
     "AccessLog",
     "Admin",
+    "Alerts",
     "ApiKeys",
     "Argon2",
     "Auth",
@@ -101,6 +103,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Cors",
+    "GeoIp",
     "Injection",
     "Introspection",
     "IpLists",
@@ -125,6 +128,7 @@ __all__ = [
     "Require",
     "ResponseMode",
     "Responses",
+    "Rule",
     "Scheme",
     "Seconds",
     "Secret",
@@ -134,6 +138,7 @@ __all__ = [
     "Upstream",
     "UpstreamTls",
     "Validation",
+    "Webhook",
     "at",
     "config_from_dict",
     "format_validation_error",

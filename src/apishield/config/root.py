@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from apishield.config.admin import Admin, Metrics
+from apishield.config.alerts import Alerts
 from apishield.config.auth import Auth, Owner, Require, Secret
 from apishield.config.errors import at
 from apishield.config.observe import AccessLog, Redact
@@ -57,6 +58,7 @@ class Config(Model):
     admin: Admin | None = None  # off unless configured
     metrics: Metrics = Metrics()
     redact: Redact = Redact()  # more names whose values never reach a log (F6)
+    alerts: Alerts = Alerts()  # rules over security events and outcomes, webhooks (F3)
     mode: Literal["enforce", "log-only"] = "enforce"
     cors: Cors | None = None
     validation: Validation = Validation()
