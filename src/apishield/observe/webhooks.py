@@ -20,9 +20,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,6 @@ from apishield.observe.metrics import Metrics
 
 security_log = logging.getLogger("apishield.security")
 
-MAX_THREADS = 8
 FLUSH_TIMEOUT = 2.0  # seconds `stop()` lets queued alerts go out before cancelling
 
 
@@ -137,7 +136,6 @@ class Delivery:
         self.metrics = metrics
         self._queues: dict[str, asyncio.Queue[FiredAlert]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._pool: ThreadPoolExecutor | None = None
 
     def count(self, webhook: str, outcome: str) -> None:
         if self.metrics is not None:
@@ -146,8 +144,6 @@ class Delivery:
     async def start(self) -> None:
         if not self.targets or self._tasks:
             return
-        self._pool = ThreadPoolExecutor(max_workers=min(MAX_THREADS, len(self.targets)),
-                                        thread_name_prefix="apishield-webhook")
         for name, target in self.targets.items():
             queue: asyncio.Queue[FiredAlert] = asyncio.Queue(self.queue_size)
             self._queues[name] = queue
@@ -180,10 +176,9 @@ class Delivery:
 
     async def _deliver(self, target: Target, alert: FiredAlert) -> None:
         payload = body(alert, target.format)
-        loop = asyncio.get_running_loop()
         for attempt in range(1, target.retries + 2):
             try:
-                await loop.run_in_executor(self._pool, post, target, payload)
+                await _in_thread(target, payload)
             except Failure as failure:
                 last = attempt > target.retries or not failure.retry
                 self.count(target.name, "failed" if last else "retried")
@@ -219,6 +214,32 @@ class Delivery:
                 queue.get_nowait()
                 self.count(name, "dropped")
         self._queues.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+
+
+def _in_thread(target: Target, payload: bytes) -> asyncio.Future[int]:
+    """`post` in a daemon thread of its own; its answer (or `Failure`) as a future. A
+    cancelled wait leaves the thread to end at its timeout, unheard."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+
+    def settle(status: int | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            assert status is not None
+            future.set_result(status)
+
+    def run() -> None:
+        try:
+            status, error = post(target, payload), None
+        except BaseException as exc:  # handed to the loop, raised there
+            status, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, status, error)
+        except RuntimeError:  # the loop closed meanwhile (shutdown): nobody waits
+            pass
+
+    threading.Thread(target=run, name=f"apishield-webhook-{target.name}", daemon=True).start()
+    return future
