@@ -16,7 +16,8 @@ import mmdb_writer
 import pytest
 from netaddr import IPSet
 
-from tests.conftest import RunningGateway, free_port, wait_for
+from tests.conftest import RunningGateway, free_port, json_lines, wait_for
+from tests.test_logging import assert_schema
 from tests.webhook_server import WebhookServer, start_webhooks
 
 CONTRACT = """
@@ -322,6 +323,10 @@ def test_a_webhook_that_keeps_failing_gives_up_after_its_retries(alerting, webho
     assert len(webhooks.bodies("/flaky/99/b")) == 3
     assert [line["final"] for line in gateway.security_events("alert-delivery-failed")] == [
         False, False, True]
+    assert gateway.stop() == 0
+    lines = json_lines(gateway.stderr())
+    assert {"alert", "alert-delivery-failed"} <= {line.get("event") for line in lines}
+    assert_schema(lines)  # the alert lines are the ones docs/logging.md documents
 
 
 def test_a_webhook_url_from_a_secret_is_used_and_never_logged(alerting, webhooks,
