@@ -220,3 +220,71 @@ def test_check_accepts_a_good_alert_config(tmp_path):
                    HOOK="https://hooks.slack.example/T/B/X")
     assert result.returncode == 0, result.stderr
     assert "hooks.slack.example" not in result.stdout + result.stderr
+
+
+def test_a_reload_keeps_the_rules_state_only_when_alerts_is_unchanged():
+    from apishield.contract.loader import load_contract
+    from apishield.pipeline import Pipeline
+
+    rules = {"rules": [{"name": "burst", "kind": "failed-auth-burst", "threshold": 2}]}
+    base = {"contract": "contract.yaml", "access_log": {"enabled": False}}
+    config = config_from_dict({**base, "alerts": rules}, source_dir=DATA)
+    contract = load_contract(config)
+    first = Pipeline(config, contract)
+    same = Pipeline(config_from_dict({**base, "alerts": rules, "mode": "log-only"},
+                                     source_dir=DATA), contract, previous=first)
+    assert "alerts" in same.kept and same.alerts is first.alerts
+    changed = config_from_dict({**base, "alerts": {"rules": [
+        {"name": "burst", "kind": "failed-auth-burst", "threshold": 3}]}}, source_dir=DATA)
+    fresh = Pipeline(changed, contract, previous=same)
+    assert "alerts" not in fresh.kept and fresh.alerts is not first.alerts
+    none = Pipeline(config_from_dict(base, source_dir=DATA), contract, previous=fresh)
+    assert none.alerts is None  # no rules: nothing on the request path
+    for pipeline in (first, fresh, none):
+        pipeline.close()
+
+
+async def test_the_middleware_runs_the_same_rules(tmp_path):
+    import asyncio
+    import shutil
+
+    import httpx
+    import yaml
+
+    from tests.middleware_app import create_app
+    from tests.webhook_server import start_webhooks
+
+    shutil.copy(DATA / "middleware_contract.yaml", tmp_path)
+    hooks = start_webhooks()
+    try:
+        config = tmp_path / "apishield.yaml"
+        config.write_text(yaml.safe_dump({
+            "contract": "middleware_contract.yaml", "access_log": {"enabled": False},
+            "alerts": {"webhooks": {"ops": {"url": f"{hooks.url}/ok/middleware"}},
+                       "rules": [{"name": "spike", "kind": "refusal-spike", "threshold": 3,
+                                  "notify": ["ops"]}]}}))
+        app = create_app(config)
+        lifespan: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        await lifespan.put({"type": "lifespan.startup"})
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        running = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}},
+                                          lifespan.get, send))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            codes = [(await c.get("/nowhere")).status_code for _ in range(3)]
+        assert codes == [404] * 3
+        for _ in range(200):
+            if hooks.bodies("/ok/middleware"):
+                break
+            await asyncio.sleep(0.05)
+        [body] = hooks.bodies("/ok/middleware")
+        assert (body["rule"], body["details"]["count"]) == ("spike", 3)
+        await lifespan.put({"type": "lifespan.shutdown"})
+        await running
+        assert sent[-1] == {"type": "lifespan.shutdown.complete"}
+    finally:
+        hooks.stop()
