@@ -161,6 +161,8 @@ def test_nobody_subscribed_means_no_publishing():
      "alerts.webhooks.w: give exactly one of `url` or `url_secret`"),
     ({"webhooks": {"w": {"url": "ftp://x.example"}}},
      "alerts.webhooks.w.url: must be an http:// or https:// URL"),
+    ({"webhooks": {"w": {"url": "https://x.example", "headers": {"Authorization": "x"}}}},
+     "alerts.webhooks.w.headers.Authorization: holds a credential: move it to"),
 ])
 def test_bad_alert_config_is_refused_at_its_location(alerts, expected):
     with pytest.raises(ConfigError) as caught:

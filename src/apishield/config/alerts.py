@@ -27,6 +27,9 @@ RuleKind = Literal["failed-auth-burst", "ban", "refusal-spike", "error-ratio",
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+# headers whose values are credentials: only from `secret_headers` (C4), never in the file
+_CREDENTIAL_HEADERS = re.compile(r"(?i)^(authorization|proxy-authorization|cookie|"
+                                 r".*(token|secret|api-?key|password|signature).*)$")
 
 # The keys only some kinds read, and which: anything else set on a rule is refused.
 _ONLY_FOR: dict[str, tuple[str, ...]] = {
@@ -70,6 +73,10 @@ class Webhook(Model):
         for name in (*self.headers, *self.secret_headers):
             if not _HEADER.match(name):
                 raise at("headers", f"{name!r} is not a header name")
+        for name in self.headers:
+            if _CREDENTIAL_HEADERS.match(name):
+                raise at(f"headers.{name}", "holds a credential: move it to `secret_headers` "
+                         "({env: NAME} or {file: path}); a config file must not hold secrets")
         return self
 
 
