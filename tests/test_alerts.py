@@ -290,3 +290,32 @@ async def test_the_middleware_runs_the_same_rules(tmp_path):
         assert sent[-1] == {"type": "lifespan.shutdown.complete"}
     finally:
         hooks.stop()
+
+
+async def test_an_alert_sent_from_another_thread_is_handed_to_the_loop():
+    import asyncio
+    import threading
+
+    from apishield.config.alerts import Webhook
+    from apishield.observe.webhooks import Delivery, resolve
+    from tests.webhook_server import start_webhooks
+
+    hooks = start_webhooks()
+    metrics = Metrics()
+    delivery = Delivery({"ops": resolve("ops", Webhook(url=f"{hooks.url}/ok/thread"), ".")},
+                        10, metrics)
+    try:
+        await delivery.start()
+        alert = FiredAlert("r", "ban", "ip:198.51.100.1", 0.0, "banned")
+        thread = threading.Thread(target=delivery.send, args=(alert, ("ops",)))
+        thread.start()
+        thread.join()
+        for _ in range(200):
+            if metrics.alert_deliveries:
+                break
+            await asyncio.sleep(0.05)
+        assert metrics.alert_deliveries == {("ops", "delivered"): 1}
+        assert [body["key"] for body in hooks.bodies("/ok/thread")] == ["ip:198.51.100.1"]
+    finally:
+        await delivery.stop()
+        hooks.stop()

@@ -136,6 +136,7 @@ class Delivery:
         self.metrics = metrics
         self._queues: dict[str, asyncio.Queue[FiredAlert]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def count(self, webhook: str, outcome: str) -> None:
         if self.metrics is not None:
@@ -144,6 +145,7 @@ class Delivery:
     async def start(self) -> None:
         if not self.targets or self._tasks:
             return
+        self._loop = asyncio.get_running_loop()
         for name, target in self.targets.items():
             queue: asyncio.Queue[FiredAlert] = asyncio.Queue(self.queue_size)
             self._queues[name] = queue
@@ -151,7 +153,22 @@ class Delivery:
                                                    name=f"webhook {name}"))
 
     def send(self, alert: FiredAlert, webhooks: tuple[str, ...]) -> None:
-        """Queue `alert` for each webhook (never blocks; full or not started: dropped)."""
+        """Queue `alert` for each webhook (never blocks; full or not started: dropped).
+        Events come from the event loop; one from another thread is handed to it (an
+        asyncio queue is not thread-safe)."""
+        loop = self._loop
+        if loop is not None:
+            try:
+                current = asyncio.get_running_loop()
+            except RuntimeError:
+                current = None
+            if current is not loop:
+                try:
+                    loop.call_soon_threadsafe(self.send, alert, webhooks)
+                except RuntimeError:  # the loop is closed: shutting down
+                    for name in webhooks:
+                        self.count(name, "dropped")
+                return
         for name in webhooks:
             queue = self._queues.get(name)
             try:
@@ -214,6 +231,7 @@ class Delivery:
                 queue.get_nowait()
                 self.count(name, "dropped")
         self._queues.clear()
+        self._loop = None
 
 
 def _in_thread(target: Target, payload: bytes) -> asyncio.Future[int]:
