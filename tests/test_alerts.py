@@ -222,6 +222,20 @@ def test_check_accepts_a_good_alert_config(tmp_path):
                    HOOK="https://hooks.slack.example/T/B/X")
     assert result.returncode == 0, result.stderr
     assert "hooks.slack.example" not in result.stdout + result.stderr
+    assert "warning" not in result.stderr
+
+
+def test_check_warns_of_a_webhook_over_plain_http_to_another_host(tmp_path):
+    result = check(tmp_path, {"webhooks": {
+        "far": {"url_secret": {"env": "HOOK"}},
+        "near": {"url": "http://127.0.0.1:9/hook"}},
+        "rules": [{"name": "b", "kind": "ban", "notify": ["far", "near"]}]},
+        HOOK="http://hooks.example/T/xyzzy")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "alerts.webhooks" in line]
+    assert warnings == ["warning: alerts.webhooks.far: plain HTTP to another host: anyone on "
+                        "the path reads the alerts (and any secret header); use https://"]
+    assert "xyzzy" not in result.stdout + result.stderr
 
 
 def test_a_reload_keeps_the_rules_state_only_when_alerts_is_unchanged():

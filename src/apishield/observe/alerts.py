@@ -33,7 +33,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from apishield.config.admin import is_loopback as _loopback
 from apishield.config.alerts import Alerts, Rule
 from apishield.observe import events
 from apishield.observe.alert_feed import ALERT_FEED, FiredAlert
@@ -354,6 +356,19 @@ class AlertEngine:
             for name in rule.notify:
                 self.delivery.count(name, "rate-limited")
         return alert
+
+    def warnings(self) -> list[str]:
+        """Risky but working settings, for `apishield check`: a webhook over plain HTTP
+        to another host (the alert, and any header secret, cross the network in clear).
+        Named by the webhook, never by its URL (it may be a secret)."""
+        found = []
+        for name, target in self.delivery.targets.items():
+            parts = urlsplit(target.url)
+            if parts.scheme == "http" and not _loopback(parts.hostname or ""):
+                found.append(f"alerts.webhooks.{name}: plain HTTP to another host: anyone "
+                             "on the path reads the alerts (and any secret header); use "
+                             "https://")
+        return found
 
     # -- lifecycle ---------------------------------------------------------------------
 
