@@ -333,3 +333,19 @@ async def test_an_alert_sent_from_another_thread_is_handed_to_the_loop():
     finally:
         await delivery.stop()
         hooks.stop()
+
+
+def test_country_lookup_reads_a_maxmind_database(tmp_path):
+    from apishield.observe.geoip import CountryLookup
+    from tests.test_alerts_e2e import country_database
+
+    lookup = CountryLookup(country_database(tmp_path / "c.mmdb"))
+    try:
+        assert lookup.country("203.0.113.7") == "FR"
+        assert lookup.country("::ffff:203.0.113.7") == "FR"  # IPv4-mapped IPv6
+        assert lookup.country("198.51.100.20") == "US"
+        assert lookup.country("127.0.0.1") is None
+        assert lookup.country("2001:db8::1") is None
+        assert lookup.country("not an address") is None
+    finally:
+        lookup.close()

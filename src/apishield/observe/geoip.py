@@ -10,6 +10,7 @@ is opened when the pipeline is built: a missing or unreadable file is a ConfigEr
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,12 @@ class CountryLookup:
     def _country(self, address: str) -> str | None:
         """The ISO 3166-1 alpha-2 code of `address`'s country, or None."""
         try:
-            record = self._reader.get(address)
+            ip = ipaddress.ip_address(address)
         except ValueError:  # not an IP address
             return None
+        if ip.version == 6 and ip.ipv4_mapped is not None:  # ::ffff:203.0.113.7
+            ip = ip.ipv4_mapped
+        record = self._reader.get(ip)
         if not isinstance(record, dict):
             return None
         country = record.get("country") or record.get("registered_country")
