@@ -39,7 +39,8 @@ paths:
       operationId: status
       security: []
       parameters: [{name: code, in: path, required: true, schema: {type: integer}}]
-      responses: {"200": {description: ok}, "500": {description: failed}}
+      responses: {"200": {description: ok}, "401": {description: wrong password},
+                  "500": {description: failed}}
 components:
   securitySchemes:
     apiKey: {type: apiKey, in: header, name: X-Api-Key}
@@ -154,6 +155,20 @@ def test_failed_auth_burst_by_account_counts_across_addresses(alerting, webhooks
             "X-Api-Key": forged(key, attempt)}).status_code == 401
     posted = wait_for(lambda: webhooks.bodies("/ok/burst-account"))
     assert [(body["key"], body["details"]["by"]) for body in posted] == [(key_id, "account")]
+
+
+def test_logins_the_upstream_refuses_count_as_failed_authentications(alerting, webhooks):
+    gateway = alerting({
+        "webhooks": {"ops": {"url": "/ok/burst-upstream"}},
+        "rules": [{"name": "stuffing", "kind": "failed-auth-burst", "window": "1h",
+                   "threshold": 4, "severity": "critical", "notify": ["ops"]}]})
+    for _ in range(4):  # a public operation answered 401: a wrong password upstream
+        assert httpx.get(f"{gateway.url}/status/401",
+                         headers=client("198.51.100.30")).status_code == 401
+    [body] = wait_for(lambda: webhooks.bodies("/ok/burst-upstream"))
+    assert (body["key"], body["severity"]) == ("198.51.100.30", "critical")
+    [line] = alerts_logged(gateway, "stuffing")
+    assert line["level"] == "critical"
 
 
 def test_a_new_ban_alerts_every_configured_webhook_in_its_format(alerting, webhooks):
