@@ -1,6 +1,11 @@
 """Alerts (F3) end to end: a real gateway subprocess, the real test upstream and a real
 webhook receiver on 127.0.0.1 (tests/webhook_server.py), one rule kind per test, plus a
-webhook that hangs, one that fails then succeeds, and a URL read from a secret."""
+webhook that hangs, one that fails then succeeds, and a URL read from a secret.
+
+Counting rules use `window: 1h` where a test asserts exact counts: the sliding estimate
+is exact inside one fixed window (windows start at multiples of their length, so a test
+straddles a boundary only in the seconds around the hour). Nothing asserts a duration
+except with bounds an order of magnitude away from what is measured."""
 
 from __future__ import annotations
 
