@@ -46,6 +46,7 @@ from apishield.contract.router import Router
 from apishield.exchange import Exchange, Headers, Suspend
 from apishield.observe import events, redact
 from apishield.observe.accesslog import AccessLog
+from apishield.observe.alerts import AlertEngine
 from apishield.observe.logjson import fields
 from apishield.observe.metrics import METRICS, UNMATCHED
 from apishield.observe.redact import MAX_LOGGED, SCANNED
@@ -181,6 +182,11 @@ class Pipeline:
         self.metrics = METRICS if config.metrics.enabled else None
         self.usage = config.usage if config.usage.enabled else None  # persisted counts (F4)
         self.usage_flusher: UsageFlusher | None = None  # started by start()
+        # alert rules (F3): None when none is configured, so `record` pays one test
+        self.alerts: AlertEngine | None = (
+            previous.alerts if previous is not None and "alerts" in kept
+            else AlertEngine(config.alerts, config.source_dir, METRICS)
+            if config.alerts.rules else None)
         redact.protect(config.redact.fields)  # compiled once, here (F6)
         self.mask_errors = config.responses.mask_errors
         self._render_problem = ProblemRenderer(config.responses.problem_docs).render
@@ -275,6 +281,8 @@ class Pipeline:
             config = self.config
             self.usage_flusher = UsageFlusher(lambda: open_usage_store(config), self.usage)
             self.usage_flusher.start()
+        if self.alerts is not None:
+            await self.alerts.start()  # carried over: already started, a no-op
 
     async def _housekeeping(self) -> None:
         """Once a second: bans added elsewhere (CLI, other gateways); every 30 s: forget
@@ -309,11 +317,15 @@ class Pipeline:
             await self.bans.close()
         if "counters" not in given:
             await self.counters.close()
+        if self.alerts is not None and "alerts" not in given:
+            await self.alerts.stop()  # queued alerts flushed (briefly), workers cancelled
 
     def hand_over(self, successor: Pipeline) -> None:
         """`successor` replaced this pipeline: what it carried over is its own now, so
         `stop()` and `close()` leave it open."""
         self._given = self._given | successor.kept
+        if self.alerts is not None and "alerts" not in successor.kept:
+            self.alerts.unsubscribe()  # the successor's engine counts events from now on
 
     def abandon(self) -> None:
         """This pipeline never ran (its reload failed): `stop()` and `close()` must close
@@ -427,6 +439,13 @@ class Pipeline:
             upstream_refused(exchange, status)
         if self.bans.watching:
             self.bans.observe(exchange, status)
+        alerts = self.alerts
+        if alerts is not None:
+            principal, operation = exchange.principal, exchange.operation
+            alerts.request(status, _outcome(exchange, exchange.problem), exchange.reason or None,
+                           exchange.client_ip, None if principal is None
+                           else principal.key_id or principal.subject,
+                           None if operation is None else operation.operation_id)
         access_log = self.access_log
         metrics = self.metrics
         usage = self.usage
@@ -494,11 +513,13 @@ class Pipeline:
         events.flush()  # the successes counted since the last summary line
         if self.access_log is not None and "access_log" not in self._given:
             self.access_log.close()
+        if self.alerts is not None and "alerts" not in self._given:
+            self.alerts.close()
 
 
 
 # What `carried_over` may keep, in the order the reload log line lists them.
-CARRIED_PARTS = ("counters", "bans", "auth", "concurrency", "access_log")
+CARRIED_PARTS = ("counters", "bans", "auth", "concurrency", "access_log", "alerts")
 
 
 def carried_over(previous: Pipeline | None, config: Config, contract: Contract) -> frozenset[str]:
@@ -512,7 +533,10 @@ def carried_over(previous: Pipeline | None, config: Config, contract: Contract) 
       (JWKS key sets and their refresh, token caches, the API-key store; the per-operation
       plans are always compiled again from the new contract);
     - `concurrency`: the same limits (slots held by requests still running are counted);
-    - `access_log`: the same settings (one file handle, lines in order)."""
+    - `access_log`: the same settings (one file handle, lines in order);
+    - `alerts`: the same `alerts` section (windows, baselines, cooldowns and queued
+      deliveries go on; a changed section starts every rule afresh: a rule's state is
+      only meaningful under the rule it was counted for)."""
     if previous is None:
         return frozenset()
     old = previous.config
@@ -525,6 +549,7 @@ def carried_over(previous: Pipeline | None, config: Config, contract: Contract) 
         "auth": previous.auth.serves(config, contract),
         "concurrency": old_limiting.concurrency == limiting.concurrency,
         "access_log": old.access_log == config.access_log,
+        "alerts": old.alerts == config.alerts and old.source_dir == config.source_dir,
     }
     return frozenset(name for name in CARRIED_PARTS if kept[name])
 

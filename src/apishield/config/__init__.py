@@ -30,6 +30,7 @@ gather the rest), never this facade: no import cycle.
 from __future__ import annotations
 
 from apishield.config.admin import Admin, Metrics, is_loopback
+from apishield.config.alerts import Alerts, GeoIp, Rule, Webhook
 from apishield.config.auth import (
     ApiKeys,
     Argon2,
@@ -90,6 +91,7 @@ _parse_duration = parse_duration
 __all__ = [
     "AccessLog",
     "Admin",
+    "Alerts",
     "ApiKeys",
     "Argon2",
     "Auth",
@@ -103,6 +105,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Cors",
+    "GeoIp",
     "Injection",
     "Introspection",
     "IpLists",
@@ -127,6 +130,7 @@ __all__ = [
     "Require",
     "ResponseMode",
     "Responses",
+    "Rule",
     "Scheme",
     "Seconds",
     "Secret",
@@ -137,6 +141,7 @@ __all__ = [
     "UpstreamTls",
     "Usage",
     "Validation",
+    "Webhook",
     "at",
     "config_from_dict",
     "format_validation_error",

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from apishield.config.admin import Admin, Metrics
+from apishield.config.alerts import Alerts
 from apishield.config.auth import Auth, Owner, Require, Secret
 from apishield.config.errors import at
 from apishield.config.observe import AccessLog, Redact
@@ -59,6 +60,7 @@ class Config(Model):
     metrics: Metrics = Metrics()
     usage: Usage = Usage()  # usage per identity and operation, persisted (F4)
     redact: Redact = Redact()  # more names whose values never reach a log (F6)
+    alerts: Alerts = Alerts()  # rules over security events and outcomes, webhooks (F3)
     mode: Literal["enforce", "log-only"] = "enforce"
     cors: Cors | None = None
     validation: Validation = Validation()

@@ -77,6 +77,11 @@ METRIC_SPECS: dict[str, MetricSpec] = {
         "kept and retried by the next flush)."),
     "apishield_config_reloads_total": MetricSpec(
         "counter", "Config reloads by outcome (succeeded, failed, unchanged).", ("outcome",)),
+    "apishield_alerts_total": MetricSpec(
+        "counter", "Alerts fired by rule (after the cooldown's deduplication).", ("rule",)),
+    "apishield_alert_deliveries_total": MetricSpec(
+        "counter", "Alert deliveries by webhook and outcome (delivered, retried, failed, "
+        "dropped, rate-limited).", ("webhook", "outcome")),
     "apishield_build_info": MetricSpec(
         "gauge", "Always 1; the version of apishield that runs.", ("version",)),
 }
@@ -133,6 +138,8 @@ class Metrics:
         self.state_errors = 0
         self.usage_flush_errors = 0
         self.config_reloads: dict[str, int] = {}
+        self.alerts: dict[str, int] = {}
+        self.alert_deliveries: dict[tuple[str, str], int] = {}
 
     def request(self, operation: str | None, method: str, status: int, outcome: str,
                 seconds: float, reason: str | None) -> None:
@@ -203,6 +210,21 @@ class Metrics:
     def config_reload(self, outcome: str) -> None:
         self.config_reloads[outcome] = self.config_reloads.get(outcome, 0) + 1
 
+    def alert(self, rule: str) -> None:
+        table = self.alerts  # rule names come from the config: bounded anyway
+        if rule in table:
+            table[rule] += 1
+        else:
+            _add(table, rule, OTHER)
+
+    def alert_delivery(self, webhook: str, outcome: str) -> None:
+        key = (webhook, outcome)
+        table = self.alert_deliveries
+        if key in table:
+            table[key] += 1
+        else:
+            _add(table, key, (OTHER, outcome))
+
 
 K = TypeVar("K")
 
@@ -260,6 +282,8 @@ class MetricsCollector(Collector):
         yield _counter("apishield_usage_flush_errors_total", [((), m.usage_flush_errors)])
         yield _counter("apishield_config_reloads_total",
                        [((k,), v) for k, v in m.config_reloads.items()])
+        yield _counter("apishield_alerts_total", [((k,), v) for k, v in m.alerts.items()])
+        yield _counter("apishield_alert_deliveries_total", m.alert_deliveries.items())
         info = GaugeMetricFamily("apishield_build_info", METRICS_HELP["apishield_build_info"],
                                  labels=["version"])
         info.add_metric([_version()], 1)
