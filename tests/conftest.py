@@ -151,6 +151,11 @@ def start_gateway(
         )
     try:
         wait_for_port(port, process)
+        admin = config.get("admin")
+        if isinstance(admin, dict) and admin.get("port"):
+            # the admin listener starts after the public one: a test that calls it at once
+            # met a refused connection on a loaded machine
+            wait_for_port(int(admin["port"]), process)
     except RuntimeError as exc:
         process.kill()
         process.wait()
