@@ -20,7 +20,7 @@ from apishield.cli.init import is_login_like, starter_policy
 from apishield.cli.main import main
 from apishield.config.loading import read_yaml
 from apishield.contract.loader import Operation
-from apishield.contract.posix_classes import rewrite
+from apishield.contract.pattern_dialects import rewrite
 from tests.conftest import free_port, wait_for, wait_for_port
 
 CONTRACT: dict[str, Any] = {
@@ -173,8 +173,13 @@ def test_login_like_operations(method: str, path: str, operation_id: str | None,
     (r"^\p{LD}+$", r"^[\p{L}\p{Nd}]+$", "", ""),  # Java's letter-or-digit (Unicode)
     (r"\p{L}+", r"\p{L}+", "", ""),  # a Unicode property: ECMA-262 already
     (r"[\P{Digit}]", r"[\P{Digit}]", "", ""),  # no ECMA spelling inside a class: kept
+    # ECMA-262 Annex B: a dash beside a class escape is a literal dash
+    (r"^[\w-\/.]+$", r"^[\w\-\/.]+$", "role-a/b.c", "role a"),
+    (r"^[a-zA-Z\d-_]+$", r"^[a-zA-Z\d\-_]+$", "query-1_a", "query+1"),
+    (r"^[a-z0-9-]+$", r"^[a-z0-9-]+$", "", ""),  # an ordinary class: untouched
+    (r"[\w-]", r"[\w-]", "", ""),  # a trailing dash is literal everywhere
 ])
-def test_java_posix_classes_become_ascii_ranges(java: str, ecma: str, matches: str,
+def test_other_dialects_are_read_as_written(java: str, ecma: str, matches: str,
                                                 refuses: str) -> None:
     import re
 

@@ -406,6 +406,18 @@ def test_a_pattern_that_cannot_compile_is_reported_once_at_its_pointer(tmp_path)
         "than 10 MiB; fix or simplify it"]
 
 
+def test_a_malformed_type_is_a_located_error_not_a_crash(tmp_path):
+    """`"type": {...}` (a property named `type` written in the schema's place, as a real
+    contract has it) made `check` crash with a TypeError."""
+    config = load_config(_contract(tmp_path, {"type": "object", "properties": {
+        "item": {"type": {"type": "string", "enum": ["a", "b"]}}}}))
+    with pytest.raises(ConfigError) as info:
+        validate.build(load_contract(config), config.validation)
+    [problem] = info.value.problems
+    assert problem.startswith("c.json#/paths/~1x/post/requestBody/content/application~1json/"
+                              "schema: invalid schema: ")
+
+
 def test_redos_pattern_runs_in_linear_time(tmp_path):
     # (a+)+$ backtracks exponentially in Python's re; the linear engine is not bothered.
     config = load_config(_contract(tmp_path, {

@@ -32,7 +32,7 @@ from typing import Any
 import jsonschema_rs
 
 from apishield.contract.loader import RefError, RefResolver, escape_pointer
-from apishield.contract.posix_classes import rewrite as rewrite_posix
+from apishield.contract.pattern_dialects import rewrite as rewrite_posix
 
 INT_BOUNDS = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 _DROP_30 = frozenset({"nullable", "example", "discriminator", "xml", "externalDocs",
@@ -220,7 +220,10 @@ class SchemaCompiler:
 
     def _apply_caps(self, out: dict[str, Any]) -> None:
         types = out.get("type")
-        kinds = set(types) if isinstance(types, list) else {types}
+        # a malformed `type` (a mapping, a number) is left for the validator to report,
+        # located, as an invalid schema: found in a real contract (codat.io accounting)
+        kinds = ({kind for kind in types if isinstance(kind, str)} if isinstance(types, list)
+                 else {types} if isinstance(types, str) else set())
         if "string" in kinds and "maxLength" not in out and "enum" not in out \
                 and "const" not in out:
             out["maxLength"] = self.caps.max_string_length
