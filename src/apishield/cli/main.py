@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     from apishield.cli import audit as audit_cli  # `audit CONTRACT [--config] [--format]`
 
     audit_cli.add_parser(commands)
+    from apishield.cli import audit_log as audit_log_cli  # `audit-log verify` (the trail)
+
+    audit_log_cli.register(commands)
     return parser
 
 

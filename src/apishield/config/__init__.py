@@ -44,7 +44,7 @@ from apishield.config.auth import (
 )
 from apishield.config.errors import ConfigError, at, format_validation_error
 from apishield.config.loading import config_from_dict, load_config, read_yaml
-from apishield.config.observe import AccessLog, Redact
+from apishield.config.observe import AccessLog, AuditLog, Redact
 from apishield.config.rate_limiting import (
     BanEvent,
     BanRule,
@@ -90,6 +90,7 @@ __all__ = [
     "Admin",
     "ApiKeys",
     "Argon2",
+    "AuditLog",
     "Auth",
     "BanEvent",
     "BanRule",

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from apishield.config.admin import Admin, Metrics
 from apishield.config.auth import Auth, Owner, Require, Secret
 from apishield.config.errors import at
-from apishield.config.observe import AccessLog, Redact
+from apishield.config.observe import AccessLog, AuditLog, Redact
 from apishield.config.rate_limiting import IpLists, RateLimiting
 from apishield.config.reload import Reload
 from apishield.config.responses import Cors, ResponseMode, Responses, SecurityHeaders
@@ -54,6 +54,7 @@ class Config(Model):
     headers: SecurityHeaders = SecurityHeaders()
     trusted_proxies: Cidrs = ()
     access_log: AccessLog = AccessLog()
+    audit_log: AuditLog = AuditLog()  # the tamper-evident trail (docs/audit-trail.md)
     admin: Admin | None = None  # off unless configured
     metrics: Metrics = Metrics()
     redact: Redact = Redact()  # more names whose values never reach a log (F6)

@@ -74,6 +74,10 @@ METRIC_SPECS: dict[str, MetricSpec] = {
         "counter", "Requests that found the shared state store (Redis) unavailable."),
     "apishield_config_reloads_total": MetricSpec(
         "counter", "Config reloads by outcome (succeeded, failed, unchanged).", ("outcome",)),
+    "apishield_audit_log_records_total": MetricSpec(
+        "counter", "Records this process appended to the audit trail."),
+    "apishield_audit_log_errors_total": MetricSpec(
+        "counter", "Audit-trail records this process could not write (or dropped)."),
     "apishield_build_info": MetricSpec(
         "gauge", "Always 1; the version of apishield that runs.", ("version",)),
 }
@@ -129,6 +133,8 @@ class Metrics:
         self.jwks_refreshes: dict[tuple[str, str], int] = {}
         self.state_errors = 0
         self.config_reloads: dict[str, int] = {}
+        self.audit_records = 0
+        self.audit_errors = 0
 
     def request(self, operation: str | None, method: str, status: int, outcome: str,
                 seconds: float, reason: str | None) -> None:
@@ -196,6 +202,12 @@ class Metrics:
     def config_reload(self, outcome: str) -> None:
         self.config_reloads[outcome] = self.config_reloads.get(outcome, 0) + 1
 
+    def audit_record(self) -> None:
+        self.audit_records += 1
+
+    def audit_error(self) -> None:
+        self.audit_errors += 1
+
 
 K = TypeVar("K")
 
@@ -252,6 +264,8 @@ class MetricsCollector(Collector):
         yield _counter("apishield_state_errors_total", [((), m.state_errors)])
         yield _counter("apishield_config_reloads_total",
                        [((k,), v) for k, v in m.config_reloads.items()])
+        yield _counter("apishield_audit_log_records_total", [((), m.audit_records)])
+        yield _counter("apishield_audit_log_errors_total", [((), m.audit_errors)])
         info = GaugeMetricFamily("apishield_build_info", METRICS_HELP["apishield_build_info"],
                                  labels=["version"])
         info.add_metric([_version()], 1)
