@@ -206,11 +206,20 @@ class BackgroundAuditTrail:
         self.trail = trail
         # a record to write, an Event to set once all before it are written, None to stop
         self._queue: queue.Queue[_Job | threading.Event | None] = queue.Queue(QUEUE_LIMIT)
-        self._thread = threading.Thread(target=self._run, name="audit trail", daemon=True)
-        self._thread.start()
+        # started by the first record: a gateway built only to be checked starts none
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def _started(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="audit trail",
+                                                daemon=True)
+                self._thread.start()
 
     def submit(self, action: str, actor: str | None, **details: Any) -> None:
         check_details(details)
+        self._started()
         try:
             self._queue.put_nowait(_Job(action, actor, time.time(), details))
         except queue.Full:
@@ -229,15 +238,18 @@ class BackgroundAuditTrail:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything queued so far is written (tests, shutdown)."""
+        if self._thread is None:
+            return True
         done = threading.Event()
         self._queue.put(done, timeout=timeout)
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued (bounded by `timeout`), then stop the thread."""
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
-        self._thread.join(timeout)
+        if self._thread is not None:
+            with contextlib.suppress(queue.Full):
+                self._queue.put(None, timeout=timeout)
+            self._thread.join(timeout)
         self.trail.close()
 
 
