@@ -79,8 +79,8 @@ def test_cli_changes_are_chained_beside_the_state_file_and_hold_no_secret(tmp_pa
     created = cli(config, "keys", "create", "--name", "ci", "--scope", "pets:read")
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip()
-    key_id = json.loads([line for line in created.stderr.splitlines()
-                         if line.startswith("{")][0])["key_id"]
+    key_id = json.loads(next(line for line in created.stderr.splitlines()
+                             if line.startswith("{")))["key_id"]
     assert cli(config, "keys", "rotate", key_id, "--grace", "0").returncode == 0
     assert cli(config, "bans", "add", "--ip", "203.0.113.7", "--duration", "1h",
                "--reason", "scraping").returncode == 0
@@ -137,8 +137,8 @@ def test_a_missing_key_is_a_config_error_naming_it(tmp_path):
     config = config_from_dict({"contract": "c.yaml",
                                "audit_log": {"key": {"env": "APISHIELD_NO_SUCH_VAR"}}},
                               source_dir=tmp_path)
-    with pytest.raises(ConfigError, match="audit_log.key: environment variable "
-                       "APISHIELD_NO_SUCH_VAR is not set"):
+    with pytest.raises(ConfigError, match=r"audit_log\.key: environment variable "
+                       r"APISHIELD_NO_SUCH_VAR is not set"):
         open_audit_trail(config)
     assert open_audit_trail(config.model_copy(update={"audit_log": config.audit_log.model_copy(
         update={"enabled": False})})) is None
