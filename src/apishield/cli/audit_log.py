@@ -24,7 +24,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from apishield.cli.config_option import CONFIG_HELP
+from apishield.cli.config_option import config_parent
 from apishield.config import Config, ConfigError, load_config
 from apishield.config.auth import Secret
 from apishield.config.secrets import read_secret
@@ -110,17 +110,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _source(args: argparse.Namespace) -> tuple[Sink, bytes | None]:
     """The trail to check (FILE, else the config's) and the key (the options', else the
-    config's)."""
-    config = load_config(args.config) if args.config is not None else None
-    if args.key_env is not None or args.key_file is not None:
+    config's). With FILE the config is only read for its key, and only if it exists: a
+    copy of a trail can be checked anywhere."""
+    keyed = args.key_env is not None or args.key_file is not None
+    config = None
+    if args.file is None or (not keyed and Path(args.config).is_file()):
+        config = load_config(args.config)
+    if keyed:
         secret = Secret(env=args.key_env, file=args.key_file)
         key: bytes | None = read_secret(secret, ".", what="the audit trail key")
     else:
         key = audit_key(config) if config is not None else None
     if args.file is not None:
         return FileSink(Path(args.file)), key
-    if config is None:
-        raise ValueError("give the trail's FILE, or --config to check the configured trail")
+    assert config is not None
     return open_audit_sink(config), key
 
 
@@ -131,11 +134,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description="The audit trail of sensitive operations (docs/audit-trail.md).")
     sub = audit_log.add_subparsers(dest="audit_log_command", required=True)
     check = sub.add_parser(
-        "verify", help="check the hash chain; exit 0 intact, 1 broken, 2 unreadable",
+        "verify", parents=[config_parent()],
+        help="check the hash chain; exit 0 intact, 1 broken, 2 unreadable",
         description="Check every record's hash and its link to the one before; name the "
         "first record that was changed, removed, reordered or cut.")
-    # no default file here: FILE alone needs no config (verifying a copy elsewhere)
-    check.add_argument("--config", "-c", metavar="FILE", default=None, help=CONFIG_HELP)
     check.add_argument("file", nargs="?", metavar="FILE",
                        help="a trail file (default: the one --config names)")
     keys = check.add_mutually_exclusive_group()
