@@ -292,6 +292,7 @@ def test_redis_stream_two_writers_one_chain_and_verify(redis_server, tmp_path, c
         client.xadd("apishield:audit", values)
     code, _, err = verify(capsys, "--config", str(config))
     assert code == 1 and "(seq 1): tampered: its hash does not match" in err
+    client.close()
 
 
 def test_cli_changes_go_to_the_redis_stream(redis_server, tmp_path, capsys):
@@ -373,3 +374,18 @@ def test_the_writer_thread_counts_a_failure_instead_of_raising(tmp_path):
     assert METRICS.audit_errors == before + 1
     with pytest.raises(AuditTrailError, match="gone"):
         AuditTrail(FileSink(tmp_path / "gone" / "t.jsonl"), None).append("x", None)
+
+
+def test_a_deleted_head_key_is_reported(redis_server, tmp_path, capsys):
+    url = redis_server.url.replace("/0", "/9")
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    trail = AuditTrail(RedisAuditSink(url), None)
+    trail.append("alert-fired", "gateway", rule="failed-logins")
+    trail.close()
+    config = project(tmp_path, f"state: {url}\n")
+    assert verify(capsys, "--config", str(config))[0] == 0
+    client.delete("apishield:audit:head")
+    code, _, err = verify(capsys, "--config", str(config))
+    assert code == 1 and "head key is missing" in err
+    client.close()

@@ -11,7 +11,8 @@
 
 Errors are RFC 9457 problem documents. With a token configured every path but `/healthz`
 needs `Authorization: Bearer <token>`, compared in constant time; a failed attempt is a
-security event. Every call is logged (who, what, the status).
+security event. Every call is logged (who, what, the status); every call but the probes
+is also recorded in the audit trail when the front end has one (docs/audit-trail.md).
 """
 
 from __future__ import annotations

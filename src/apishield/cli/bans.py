@@ -8,7 +8,8 @@ shows. Manual bans count as offenses for the escalation of later automatic ones.
 
 Exit codes (as `apishield keys`): 0 done, 1 the request cannot be carried out (bad
 address or network, bad duration, no such ban, store failure), 2 the configuration is
-invalid. Every add and remove is logged as one JSON line on the `apishield.audit` logger.
+invalid. Every add and remove is logged as one JSON line on the `apishield.audit` logger
+and recorded in the audit trail (docs/audit-trail.md; not recorded = exit 1).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ standard error. The key is shown once and cannot be recovered: only its HMAC is 
 Exit codes: 0 done, 1 the request cannot be carried out (unknown id, bad duration,
 rotating a revoked key...), 2 the configuration is invalid (as for `serve` and `check`).
 Every create, rotate and revoke is logged as one JSON line on the `apishield.audit` logger
-(ids, names, scopes, expiry, the OS user; never a key or a hash).
+(ids, names, scopes, expiry, the OS user; never a key or a hash) and recorded in the audit
+trail (docs/audit-trail.md); a change the trail cannot record exits 1 (cli/audit_log.py).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ and print nothing (it is never an argument: arguments end up in shell history an
 Exit codes as for `keys`: 0 done, 1 refused (unknown user, weak password, ...), 2 the
 configuration is invalid. Every create, rotate and revoke is one JSON line on the
 `apishield.audit` logger (the user, scopes, roles, expiry, the OS user; never a password or
-a hash).
+a hash) and a record in the audit trail (docs/audit-trail.md; not recorded = exit 1).
 """
 
 from __future__ import annotations

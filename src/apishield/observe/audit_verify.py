@@ -47,6 +47,9 @@ def verify(entries: Iterable[Entry], key: bytes | None, *,
         count += 1
         if record["hash"] == expect_head:
             seen_expected = True
+    if anchor is not None and anchor.seq == 0 and head.seq > 0:
+        return Verdict(count, head, "the store's head key is missing (deleted?): records "
+                       "removed from the end could not be seen")
     if anchor is not None and anchor != head:
         return Verdict(count, head, f"truncated: the chain ends at seq {head.seq} "
                        f"({head.hash}) but the store's head says seq {anchor.seq} "
