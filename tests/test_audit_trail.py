@@ -389,3 +389,13 @@ def test_a_deleted_head_key_is_reported(redis_server, tmp_path, capsys):
     code, _, err = verify(capsys, "--config", str(config))
     assert code == 1 and "head key is missing" in err
     client.close()
+
+
+def test_check_reports_an_unreadable_audit_key_with_its_location(tmp_path):
+    config = project(tmp_path, 'upstream: {url: "http://127.0.0.1:9"}\n'
+                     "audit_log: {key: {file: no-such.key}}\n")
+    result = subprocess.run([sys.executable, "-m", "apishield", "check", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60,
+                            env=ENV, check=False)
+    assert result.returncode == 2
+    assert "audit_log.key: cannot read" in result.stderr and "no-such.key" in result.stderr
