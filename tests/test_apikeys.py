@@ -478,7 +478,9 @@ def test_cli_rotate_with_grace(config_file, config, store):
     assert new.expires_at - new.created_at == pytest.approx(30 * 86400)  # same lifetime
     assert old.expires_at == pytest.approx(new.created_at + 1, abs=0.5)
     verifier = ApiKeyVerifier(store, load_pepper(config, store), 60.0, "k")
-    now = time.time()
+    # a moment inside the grace, not the wall clock: on a loaded machine the CLI
+    # processes above may take longer than the 1 s grace
+    now = new.created_at + 0.5
     assert verifier.verify(old_key, now).key_id == old_id  # both during the grace
     assert verifier.verify(new_key, now).key_id == new.id
     later = old.expires_at + 0.01

@@ -651,7 +651,9 @@ def test_templates_differing_only_in_parameter_names_are_refused_at_load(tmp_pat
     })})
     assert found == [
         "contract.yaml#/paths/~1pets~1{b}: '/pets/{b}' and '/pets/{a}' are the same path "
-        "with different parameter names; requests could match either"
+        "with different parameter names; requests could match either (the OpenAPI Paths "
+        "Object forbids it): give both the same parameter names and merge them into one "
+        "path item"
     ]
 
 

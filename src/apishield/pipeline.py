@@ -49,6 +49,7 @@ from apishield.observe.accesslog import AccessLog
 from apishield.observe.logjson import fields
 from apishield.observe.metrics import METRICS, UNMATCHED
 from apishield.observe.redact import MAX_LOGGED, SCANNED
+from apishield.observe.refusers import REFUSERS
 from apishield.observe.usage import USAGE
 from apishield.problems import Problem, ProblemRenderer
 from apishield.state.counters import Counters
@@ -430,6 +431,8 @@ class Pipeline:
             principal = exchange.principal
             USAGE.count(None if principal is None else principal.key_id or principal.subject,
                         label or UNMATCHED, outcome == "refused", now)
+            if outcome == "refused":  # the dashboard's top refused clients (refusals only)
+                REFUSERS.count(exchange.client_ip, reason, now)
         if access_log is None:
             return
         entry = exchange.entry

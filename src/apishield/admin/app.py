@@ -8,11 +8,15 @@
     POST /reload    re-read config and contract now (the same as SIGHUP)
     GET  /usage     requests and refusals per identity and operation (`?top=N`)
     GET  /policy    the effective policy per operation, as enforced (`?operation=ID`)
+    GET  /dashboard the live dashboard (page and assets: no token; its data: the token),
+                    see admin/dashboard.py
 
 Errors are RFC 9457 problem documents. With a token configured every path but `/healthz`
-needs `Authorization: Bearer <token>`, compared in constant time; a failed attempt is a
-security event. Every call is logged (who, what, the status); every call but the probes
-is also recorded in the audit trail when the front end has one (docs/audit-trail.md).
+and the dashboard's static page and assets (they carry no data) needs `Authorization:
+Bearer <token>`, compared in constant time; a failed attempt is a security event.
+Every call is logged (who, what, the status); every call but the probes, the dashboard's
+polls and its assets is also recorded in the audit trail when the front end has one
+(docs/audit-trail.md).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from urllib.parse import parse_qsl
 import orjson
 from prometheus_client.exposition import choose_encoder
 
+from apishield.admin.dashboard import ASSETS, PAGE_HEADERS, asset, snapshot
 from apishield.config import Config, ConfigError
 from apishield.observe.logjson import fields
 from apishield.observe.metrics import Gauges, registry
@@ -43,7 +48,9 @@ security_log = logging.getLogger("apishield.security")
 JSON = b"application/json"
 PROBLEM = b"application/problem+json"
 Headers = list[tuple[bytes, bytes]]
-_QUIET = frozenset({"/healthz", "/readyz", "/metrics"})  # probes: logged only when failing
+# probes and the dashboard's polls: logged only when failing
+_QUIET = frozenset({"/healthz", "/readyz", "/metrics", "/dashboard/data"})
+_OPEN = frozenset({"/healthz", *ASSETS})  # answered without the token: they tell nothing
 
 
 @dataclass
@@ -69,6 +76,7 @@ class Call:
 
     accept: bytes
     query: str
+    path: str = ""
 
 
 Reload = Callable[[str], Awaitable[ReloadReport]]
@@ -115,7 +123,10 @@ class AdminApp:
             "/reload": {"POST": self._reload_now},
             "/usage": {"GET": self._usage},
             "/policy": {"GET": self._policy},
+            "/dashboard/data": {"GET": self._dashboard_data},
         }
+        for path in ASSETS:
+            self._routes[path] = {"GET": self._dashboard_asset}
 
     async def handle(self, method: str, path: str, authorization: bytes | None,
                      accept: bytes, client: str, query: str = "") -> AdminResponse:
@@ -124,7 +135,7 @@ class AdminApp:
         if path not in _QUIET or response.status >= 400:
             # scrapes and probes every few seconds would drown everything else
             logger.info("admin %s %s from %s: %d", method, path, client, response.status)
-        if self._audit is not None and path not in _QUIET:
+        if self._audit is not None and path not in _QUIET and path not in _OPEN:
             # refused calls too: an attempt on the admin API is what an auditor looks for
             self._audit.submit("admin-call", client, method=method[:16], path=path[:200],
                                status=response.status)
@@ -133,7 +144,7 @@ class AdminApp:
     async def _answer(self, method: str, path: str, authorization: bytes | None,
                       accept: bytes, client: str, query: str) -> AdminResponse:
         routes = self._routes.get(path)
-        if path != "/healthz" and not self._authorized(authorization):
+        if path not in _OPEN and not self._authorized(authorization):
             why = "bad-token" if authorization else "no-token"
             security_log.warning("admin API: %s from %s on %s", why.replace("-", " "), client,
                                  path, extra=fields("security", event="admin-unauthorized",
@@ -144,13 +155,13 @@ class AdminApp:
         if routes is None:
             return _problem(404, "not-found", "Not Found", f"No admin endpoint {path}; "
                             "there are /healthz, /readyz, /metrics, /config, /reload, "
-                            "/usage and /policy.")
+                            "/usage, /policy and /dashboard.")
         handler = routes.get(method) or (routes.get("GET") if method == "HEAD" else None)
         if handler is None:
             return _problem(405, "method-not-allowed", "Method Not Allowed",
                             f"{path} answers {', '.join(routes)} only.",
                             [(b"allow", ", ".join(routes).encode())])
-        return await handler(Call(accept, query))
+        return await handler(Call(accept, query, path))
 
     def _authorized(self, authorization: bytes | None) -> bool:
         if self._token is None:
@@ -216,6 +227,15 @@ class AdminApp:
                             "No operation with this operationId (or METHOD /path) in the "
                             "contract.")
         return AdminResponse(200, orjson.dumps(policy))
+
+
+    async def _dashboard_asset(self, call: Call) -> AdminResponse:
+        _, content_type = ASSETS[call.path]
+        return AdminResponse(200, asset(call.path), content_type, list(PAGE_HEADERS))
+
+    async def _dashboard_data(self, call: Call) -> AdminResponse:
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        return AdminResponse(200, orjson.dumps(snapshot(pipeline)), JSON, list(PAGE_HEADERS))
 
 
 def read_token(config: Config) -> bytes | None:

@@ -16,6 +16,7 @@ from http import HTTPStatus
 import httptools
 
 from apishield.admin.app import AdminApp, AdminResponse
+from apishield.observe.history import HISTORY, sample_forever
 
 logger = logging.getLogger("apishield.admin")
 
@@ -161,6 +162,8 @@ class AdminListener:
         self.app = app
         self.connections: set[AdminConnection] = set()
         self.server: asyncio.Server | None = None
+        # the dashboard's past: a sample of the counters every 2 s while the listener runs
+        self.sampler: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -168,9 +171,12 @@ class AdminListener:
             lambda: AdminConnection(self.app, self.connections), host, port, backlog=64,
             reuse_address=True)
         address = self.server.sockets[0].getsockname()
+        self.sampler = loop.create_task(sample_forever(HISTORY))
         return str(address[0]), int(address[1])
 
     def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.cancel()
         if self.server is not None:
             self.server.close()
         for connection in list(self.connections):

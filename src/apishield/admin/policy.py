@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from apishield.auth.authenticators import DelegatedAuthenticator
+from apishield.auth.authenticators import DelegatedAuthenticator, RefusedAuthenticator
 from apishield.auth.service import NOT_PUBLIC, PUBLIC, Plan
 from apishield.contract.loader import Operation
 from apishield.pipeline import Pipeline
@@ -37,6 +37,9 @@ def _rate(count: int, period: float) -> str:
     return f"{count}/{period:g}s"
 
 
+_MODE_NOTES = {"verify": "", "delegate": ", delegated", "refuse": ", refused: not set up"}
+
+
 def _access(pipeline: Pipeline, operation: Operation) -> dict[str, Any]:
     plan = pipeline.auth.plans.get(operation.pointer)
     declared = pipeline.contract.security_schemes
@@ -46,11 +49,13 @@ def _access(pipeline: Pipeline, operation: Operation) -> dict[str, Any]:
         access["anonymous"] = plan.anonymous
         access["alternatives"] = [
             [{"scheme": authenticator.name,
-              # a delegated scheme's own kind is "delegated": name the contract's type
+              # a delegated or refused scheme's own kind says so: name the contract's type
               "kind": (str(declared.get(authenticator.name, {}).get("type", "delegated"))
-                       if isinstance(authenticator, DelegatedAuthenticator)
+                       if isinstance(authenticator, (DelegatedAuthenticator,
+                                                     RefusedAuthenticator))
                        else authenticator.kind),
               "mode": ("delegate" if isinstance(authenticator, DelegatedAuthenticator)
+                       else "refuse" if isinstance(authenticator, RefusedAuthenticator)
                        else "verify"),
               "scopes": sorted(scopes)}
              for authenticator, scopes in alternative]
@@ -182,7 +187,7 @@ def _who(access: dict[str, Any]) -> str:
     if access["refused"]:
         return f"nobody: {access['why']}"
     options = [" + ".join(
-        f"{s['scheme']} ({s['kind']}{', delegated' if s['mode'] == 'delegate' else ''}"
+        f"{s['scheme']} ({s['kind']}{_MODE_NOTES[s['mode']]}"
         + (f"; scopes {' '.join(s['scopes'])}" if s["scopes"] else "") + ")"
         for s in alternative) for alternative in access["alternatives"]]
     if access["anonymous"]:

@@ -17,6 +17,8 @@ What each scheme type means here:
 Any scheme but mutualTLS may instead be delegated (`auth.schemes.<name>.mode: delegate`):
 `DelegatedAuthenticator` checks only that the credential is present and well formed, and
 the upstream verifies it. Other `http` schemes (digest, ...) must be delegated.
+Any scheme may be refused (`mode: refuse`): `RefusedAuthenticator` refuses every credential
+of it, the starter policy's way to fail closed on a scheme nobody has set up yet.
 """
 
 from __future__ import annotations
@@ -411,6 +413,37 @@ class DelegatedAuthenticator:
 
     def authenticate(self, credential: str, exchange: Exchange) -> Principal:
         raise AssertionError(f"{self.name} is delegated: the upstream verifies it")
+
+
+class RefusedAuthenticator:
+    """A scheme the config refuses (`auth.schemes.<name>.mode: refuse`): declared by the
+    contract, not set up here yet. A request that presents its credential is refused
+    (401, reason `scheme-refused`, a security event like any failed attempt); one that
+    presents none gets the usual 401 with the scheme's challenge. So an operation that
+    accepts this scheme or another one still works with the other, and one that accepts
+    only this scheme is closed until the operator configures it."""
+
+    kind = "refused"
+
+    def __init__(self, name: str, scheme: dict[str, Any], realm: str) -> None:
+        self.name = name
+        # a client certificate is checked in the TLS handshake, not in the request: a
+        # refused mutualTLS scheme never finds a credential (the request gets the 401)
+        self._presence = (None if scheme.get("type") == "mutualTLS"
+                          else DelegatedAuthenticator(name, scheme, realm))
+        self.challenge = self._presence.challenge if self._presence is not None else ""
+
+    def credential(self, request: Request) -> str | None:
+        if self._presence is None:
+            return None
+        try:
+            found = self._presence.credential(request)
+        except AuthFailure:
+            return ""  # malformed or ambiguous: refused all the same
+        return None if found is None else ""
+
+    def authenticate(self, credential: str, exchange: Exchange) -> Principal:
+        raise AuthFailure("scheme-refused")
 
 
 def _never() -> ApiKeyVerifier:

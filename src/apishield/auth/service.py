@@ -24,6 +24,7 @@ from apishield.auth.authenticators import (
     BearerAuthenticator,
     DelegatedAuthenticator,
     MutualTlsAuthenticator,
+    RefusedAuthenticator,
 )
 from apishield.config import Config, ConfigError, Issuer
 
@@ -142,6 +143,8 @@ class AuthService:
         used = used_schemes(self.contract)
         delegated = {name for name, settings in auth.schemes.items()
                      if settings.mode == "delegate"}
+        refused = {name for name, settings in auth.schemes.items()
+                   if settings.mode == "refuse"}
         problems.extend(
             f"auth.schemes.{scheme_name}: the contract's components.securitySchemes "
             f"declares no scheme named {scheme_name!r} (it declares: "
@@ -160,13 +163,20 @@ class AuthService:
                         f"auth.issuers.{issuer_name}.schemes: {scheme_name!r} is delegated "
                         f"(auth.schemes.{scheme_name}.mode: delegate), so no issuer verifies "
                         "it here; remove it from one of the two")
+                elif scheme_name in refused:
+                    problems.append(
+                        f"auth.issuers.{issuer_name}.schemes: {scheme_name!r} is refused "
+                        f"(auth.schemes.{scheme_name}.mode: refuse), so this issuer would "
+                        f"never verify it; remove the mode: refuse line to verify it here")
         built: dict[str, Authenticator] = {}
         for name, scheme in schemes.items():
             where = f"components.securitySchemes.{name}"
             kind = scheme.get("type")
             count = len(used.get(name, ()))
             try:
-                if name in delegated:
+                if name in refused:
+                    built[name] = RefusedAuthenticator(name, scheme, auth.realm)
+                elif name in delegated:
                     if kind == "mutualTLS":
                         problems.append(
                             f"auth.schemes.{name}.mode: a mutualTLS scheme cannot be delegated: "
@@ -349,6 +359,17 @@ class AuthService:
             f"({len(used[name])} operation(s))"
             for name, authenticator in self.authenticators.items()
             if isinstance(authenticator, DelegatedAuthenticator) and name in used
+        ]
+
+    def refused_warnings(self) -> list[str]:
+        """For `apishield check` and `serve`: each refused scheme an operation uses."""
+        used = used_schemes(self.contract)
+        return [
+            f"components.securitySchemes.{name}: refused (auth.schemes.{name}.mode: "
+            f"refuse): every credential of it is answered 401 ({len(used[name])} "
+            f"operation(s)); configure it (an issuer, or mode: delegate) and remove the line"
+            for name, authenticator in self.authenticators.items()
+            if isinstance(authenticator, RefusedAuthenticator) and name in used
         ]
 
     # -- lifecycle ----------------------------------------------------------------------

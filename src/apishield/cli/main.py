@@ -163,6 +163,7 @@ def security_warnings(pipeline: Pipeline) -> list[str]:
         for operation in contract.operations if operation.public_over_security]
     found += open_in_strict_mode(contract, pipeline.config)
     found += pipeline.auth.delegated_warnings()
+    found += pipeline.auth.refused_warnings()
     for issuer_name, weak in pipeline.auth.weak_secrets.items():
         # worded without `secret: value` pairs: logged by `serve`, such a pair is masked
         found.append(
@@ -316,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     from apishield.cli import audit as audit_cli  # `audit CONTRACT [--config] [--format]`
 
     audit_cli.add_parser(commands)
+    from apishield.cli import init as init_cli  # `init CONTRACT [--output FILE]`
+
+    init_cli.add_parser(commands)
     from apishield.cli import audit_log as audit_log_cli  # `audit-log verify` (the trail)
 
     audit_log_cli.register(commands)

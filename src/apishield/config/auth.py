@@ -205,9 +205,12 @@ class Scheme(Model):
     checks that the credential is there and well formed, passes it on unchanged, and
     counts the upstream's 401/403 answers as authentication failures (bans, security
     events). For schemes apishield cannot verify (HTTP digest, mutual, oauth, ...) or
-    should not (the app keeps its own password database)."""
+    should not (the app keeps its own password database). `refuse`: the scheme is not set
+    up yet (what `apishield init` writes for a scheme it cannot configure): every
+    credential of it is refused, so the policy loads and fails closed until the operator
+    writes an issuer (or delegates the scheme)."""
 
-    mode: Literal["verify", "delegate"] = "verify"
+    mode: Literal["verify", "delegate", "refuse"] = "verify"
 
 
 class Auth(Model):

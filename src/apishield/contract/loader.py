@@ -388,8 +388,12 @@ def _collect_operations(
         _check_template(template, root, item_pointer, problems)
         shape = _TEMPLATE_PARAM.sub("{}", template)
         if shape in shapes:
+            # OpenAPI 3.0.3 and 3.1.0, Paths Object: "Templated paths with the same
+            # hierarchy but different templated names MUST NOT exist as they are identical."
             problems.add(root, item_pointer, f"{template!r} and {shapes[shape]!r} are the same "
-                         "path with different parameter names; requests could match either")
+                         "path with different parameter names; requests could match either "
+                         "(the OpenAPI Paths Object forbids it): give both the same "
+                         "parameter names and merge them into one path item")
             continue
         shapes[shape] = template
         item_parameters = _parameters(item.get("parameters"), item_file, item_location,

@@ -32,6 +32,7 @@ from typing import Any
 import jsonschema_rs
 
 from apishield.contract.loader import RefError, RefResolver, escape_pointer
+from apishield.contract.posix_classes import rewrite as rewrite_posix
 
 INT_BOUNDS = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 _DROP_30 = frozenset({"nullable", "example", "discriminator", "xml", "externalDocs",
@@ -191,6 +192,8 @@ class SchemaCompiler:
                 out[key] = self._convert(value, file, defs)
             elif key == "items" and isinstance(value, list):  # draft-4 style tuple
                 out["prefixItems"] = [self._convert(sub, file, defs) for sub in value]
+            elif key == "pattern" and isinstance(value, str):
+                out[key] = rewrite_posix(value)  # Java's \p{Alnum} and kin
             else:
                 out[key] = value
         self._refuse_read_only(out, defs)  # before 3.0's `nullable` may wrap `out` in anyOf

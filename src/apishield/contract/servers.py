@@ -36,7 +36,21 @@ def servers_base_path(servers: Any) -> str:
     return next(iter(paths))
 
 
-def _path_of(server: dict[str, Any], index: int) -> str:
+def first_server_path(servers: Any) -> str:
+    """The first server's path, its variables at their defaults ("" when it has none or
+    cannot be read): `apishield init`'s pick when the servers disagree."""
+    if not isinstance(servers, list):
+        return ""
+    for index, server in enumerate(servers):
+        if isinstance(server, dict) and isinstance(server.get("url"), str):
+            try:
+                return _path_of(server, index, pick_default=True)
+            except AmbiguousServers:
+                return ""
+    return ""
+
+
+def _path_of(server: dict[str, Any], index: int, *, pick_default: bool = False) -> str:
     url: str = server["url"].split("?", 1)[0].split("#", 1)[0]
     variables = server.get("variables")
     if "://" in url:  # absolute: the part after the host (variables still in place)
@@ -52,7 +66,7 @@ def _path_of(server: dict[str, Any], index: int) -> str:
             raise AmbiguousServers(f"servers/{index}: variable {{{name}}} in the path has "
                                    "no default")
         enum = variable.get("enum")
-        if isinstance(enum, list) and len(enum) > 1:
+        if isinstance(enum, list) and len(enum) > 1 and not pick_default:
             raise AmbiguousServers(f"servers/{index}: the path variable {{{name}}} may be "
                                    f"any of {', '.join(map(str, enum))}")
         return str(variable["default"])
