@@ -132,6 +132,7 @@ def test_a_trail_ending_in_a_partial_record_takes_no_more(tmp_path, capsys):
     assert result.returncode == 1
     assert "ends in a partial record" in result.stderr
     assert trail.read_text() == lines[0] + lines[1][:40]  # nothing appended after it
+    assert json.loads(cli(config, "bans", "list", "--json").stdout or "[]") == []  # no ban
 
 
 def test_a_missing_key_is_a_config_error_naming_it(tmp_path):

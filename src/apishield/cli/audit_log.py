@@ -47,14 +47,15 @@ def actor() -> str | None:
 
 def check_trail(config: Config) -> None:
     """Before a change: fail now (AuditTrailError, ConfigError) if it could not be
-    recorded afterwards. Reads the key and, for a file, that its directory exists."""
+    recorded afterwards: the key readable; for a file, its folder there and its last record
+    whole."""
     if not config.audit_log.enabled:
         return
     audit_key(config)
     sink = open_audit_sink(config)
     try:
-        if isinstance(sink, FileSink) and not sink.path.parent.is_dir():
-            raise AuditTrailError(f"{sink.where}: the folder {sink.path.parent} does not exist")
+        if isinstance(sink, FileSink):
+            sink.check()
     finally:
         sink.close()
 

@@ -289,6 +289,20 @@ class FileSink:
             finally:
                 os.close(directory)
 
+    def check(self) -> None:
+        """AuditTrailError unless an append could go ahead now: the folder exists and the
+        file, if any, ends in a whole record (the CLI asks before changing anything)."""
+        if not self.path.parent.is_dir():
+            raise AuditTrailError(f"{self.where}: the folder {self.path.parent} does not exist")
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            _file_head(fd, self.where)
+        finally:
+            os.close(fd)
+
     def entries(self) -> Iterator[Entry]:
         with self.path.open("rb") as stream:
             yield from file_entries(stream)
