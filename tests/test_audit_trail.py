@@ -400,3 +400,27 @@ def test_check_reports_an_unreadable_audit_key_with_its_location(tmp_path):
                             env=ENV, check=False)
     assert result.returncode == 2
     assert "audit_log.key: cannot read" in result.stderr and "no-such.key" in result.stderr
+
+
+def test_a_gateway_with_redis_state_records_into_the_shared_stream(redis_server, make_gateway,
+                                                                  capsys, monkeypatch):
+    url = redis_server.url.replace("/0", "/10")
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    port = free_port()
+    monkeypatch.setenv("APISHIELD_TEST_PEPPER", ENV["APISHIELD_TEST_PEPPER"])  # the child's
+    gateway = make_gateway({"state": url, "admin": {"host": "127.0.0.1", "port": port},
+                            "auth": {"api_keys": {"pepper": {"env": "APISHIELD_TEST_PEPPER"}}}})
+    assert httpx.get(f"http://127.0.0.1:{port}/config").status_code == 200
+
+    def actions() -> list[str]:
+        return [json.loads(values[b"record"])["action"]
+                for _, values in client.xrange("apishield:audit")]
+
+    assert wait_for(lambda: len(actions()) >= 2)
+    assert actions() == ["gateway-started", "admin-call"]
+    assert not list(gateway.config_path.parent.glob("*.audit.jsonl"))
+    code, out, err = verify(capsys, "--config", str(gateway.config_path))
+    assert code == 0, err
+    assert out.startswith("intact: 2 record(s) in the Redis stream apishield:audit")
+    client.close()
