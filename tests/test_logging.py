@@ -37,7 +37,7 @@ LEADING = ["ts", "level", "kind", "logger", "msg"]
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
-    "array": (list,), "null": (type(None),)}
+    "array": (list,), "object": (dict,), "null": (type(None),)}
 
 
 def documented() -> dict[str, dict[str, tuple[list[str], str]]]:

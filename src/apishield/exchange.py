@@ -139,6 +139,8 @@ class Exchange:
 
     __slots__ = (
         "body_limit",
+        "bytes_in",
+        "bytes_out",
         "client_ip",
         "delegated",
         "entry",
@@ -188,6 +190,10 @@ class Exchange:
         self.rate_limit: tuple[str, Decision] | None = None
         # concurrency step: the in-flight slots this request holds (released by `record`)
         self.held: tuple[str, ...] = ()
+        # front end: request body bytes received (0: `len(request.body)` tells) and
+        # response bytes sent, for the usage counts (F4)
+        self.bytes_in = 0
+        self.bytes_out = 0
 
 
 class Suspend(Exception):

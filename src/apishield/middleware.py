@@ -263,6 +263,8 @@ class ApiShieldMiddleware:
         exchange = Exchange(request)
         status = 500
         started = False
+        if pipeline.usage is not None:  # count the response body bytes (F4)
+            send = _counting(send, exchange)
 
         async def refuse(problem: Problem) -> None:
             nonlocal status
@@ -409,3 +411,14 @@ class ApiShieldMiddleware:
         if exchange.principal is not None:
             headers.extend(identity_headers(exchange.principal))
         return {**scope, "headers": headers}
+
+
+def _counting(send: Send, exchange: Exchange) -> Send:
+    """`send`, adding every response body's size to `exchange.bytes_out` (usage counts;
+    the ASGI server writes the head, so only body bytes are known here)."""
+    async def counted(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            exchange.bytes_out += len(message.get("body", b""))
+        await send(message)
+
+    return counted

@@ -46,14 +46,17 @@ from apishield.contract.router import Router
 from apishield.exchange import Exchange, Headers, Suspend
 from apishield.observe import events, redact
 from apishield.observe.accesslog import AccessLog
+from apishield.observe.alerts import AlertEngine
 from apishield.observe.logjson import fields
 from apishield.observe.metrics import METRICS, UNMATCHED
 from apishield.observe.redact import MAX_LOGGED, SCANNED
 from apishield.observe.refusers import REFUSERS
-from apishield.observe.usage import USAGE
+from apishield.observe.usage import DAILY, USAGE
+from apishield.observe.usage_flush import UsageFlusher
 from apishield.problems import Problem, ProblemRenderer
 from apishield.state.counters import Counters
-from apishield.state.open import open_counters
+from apishield.state.open import open_counters, open_usage_store
+from apishield.state.usage import UsageRow
 from apishield.steps import (
     authenticate,
     authorize,
@@ -177,6 +180,13 @@ class Pipeline:
             previous.access_log if previous is not None and "access_log" in kept
             else AccessLog(config.access_log.path) if config.access_log.enabled else None)
         self.metrics = METRICS if config.metrics.enabled else None
+        self.usage = config.usage if config.usage.enabled else None  # persisted counts (F4)
+        self.usage_flusher: UsageFlusher | None = None  # started by start()
+        # alert rules (F3): None when none is configured, so `record` pays one test
+        self.alerts: AlertEngine | None = (
+            previous.alerts if previous is not None and "alerts" in kept
+            else AlertEngine(config.alerts, config.source_dir, METRICS)
+            if config.alerts.rules else None)
         redact.protect(config.redact.fields)  # compiled once, here (F6)
         self.mask_errors = config.responses.mask_errors
         self._render_problem = ProblemRenderer(config.responses.problem_docs).render
@@ -267,6 +277,12 @@ class Pipeline:
         if "bans" not in self.kept:
             await self.bans.start()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        if self.usage is not None:
+            config = self.config
+            self.usage_flusher = UsageFlusher(lambda: open_usage_store(config), self.usage)
+            self.usage_flusher.start()
+        if self.alerts is not None:
+            await self.alerts.start()  # carried over: already started, a no-op
 
     async def _housekeeping(self) -> None:
         """Once a second: bans added elsewhere (CLI, other gateways); every 30 s: forget
@@ -291,6 +307,9 @@ class Pipeline:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.usage_flusher is not None:  # the last counts go to the store
+            await self.usage_flusher.stop()
+            self.usage_flusher = None
         given = self._given  # what a successor runs on now is closed by that successor
         if "auth" not in given:
             await self.auth.close()
@@ -298,11 +317,15 @@ class Pipeline:
             await self.bans.close()
         if "counters" not in given:
             await self.counters.close()
+        if self.alerts is not None and "alerts" not in given:
+            await self.alerts.stop()  # queued alerts flushed (briefly), workers cancelled
 
     def hand_over(self, successor: Pipeline) -> None:
         """`successor` replaced this pipeline: what it carried over is its own now, so
         `stop()` and `close()` leave it open."""
         self._given = self._given | successor.kept
+        if self.alerts is not None and "alerts" not in successor.kept:
+            self.alerts.unsubscribe()  # the successor's engine counts events from now on
 
     def abandon(self) -> None:
         """This pipeline never ran (its reload failed): `stop()` and `close()` must close
@@ -408,16 +431,25 @@ class Pipeline:
 
     def record(self, exchange: Exchange, status: int) -> None:
         """The end of every request, refused, failed or complete (each front end calls it
-        once): give back concurrency slots, feed the ban rules, write the access log."""
+        once): give back concurrency slots, feed the ban rules, count metrics and usage,
+        write the access log."""
         if exchange.held and self.concurrency is not None:
             self.concurrency.release(exchange)
         if exchange.delegated is not None:  # the upstream verified the credential
             upstream_refused(exchange, status)
         if self.bans.watching:
             self.bans.observe(exchange, status)
+        alerts = self.alerts
+        if alerts is not None:
+            principal, operation = exchange.principal, exchange.operation
+            alerts.request(status, _outcome(exchange, exchange.problem), exchange.reason or None,
+                           exchange.client_ip, None if principal is None
+                           else principal.key_id or principal.subject,
+                           None if operation is None else operation.operation_id)
         access_log = self.access_log
         metrics = self.metrics
-        if access_log is None and metrics is None:
+        usage = self.usage
+        if access_log is None and metrics is None and usage is None:
             return
         operation = exchange.operation
         operation_id = operation.operation_id if operation is not None else None
@@ -425,14 +457,20 @@ class Pipeline:
         now = time.time()  # one clock read for the usage count and the access log
         outcome = _outcome(exchange, exchange.problem)
         reason = exchange.reason or None
-        if metrics is not None:
+        if metrics is not None or usage is not None:
             label = operation.label if operation is not None else None
-            metrics.request(label, exchange.request.method, status, outcome, seconds, reason)
             principal = exchange.principal
-            USAGE.count(None if principal is None else principal.key_id or principal.subject,
-                        label or UNMATCHED, outcome == "refused", now)
-            if outcome == "refused":  # the dashboard's top refused clients (refusals only)
-                REFUSERS.count(exchange.client_ip, reason, now)
+            identity = None if principal is None else principal.key_id or principal.subject
+            if metrics is not None:
+                metrics.request(label, exchange.request.method, status, outcome, seconds,
+                                reason)
+                USAGE.count(identity, label or UNMATCHED, outcome == "refused", now)
+            if usage is not None:
+                DAILY.count(identity, label or UNMATCHED, outcome == "refused",
+                            exchange.bytes_in or len(exchange.request.body),
+                            exchange.bytes_out, now)
+            if outcome == "refused" and metrics is not None:  # the dashboard's top refused
+                REFUSERS.count(exchange.client_ip, reason, now)  # clients (refusals only)
         if access_log is None:
             return
         entry = exchange.entry
@@ -450,6 +488,19 @@ class Pipeline:
             exchange.principal,
         ))
 
+    async def usage_rows(self, since_day: str, identity: str | None = None,
+                         operation: str | None = None) -> list[UsageRow] | None:
+        """The persisted usage counts (`GET /usage?since=...`), read in a worker thread;
+        None when usage is off or this pipeline is not running."""
+        flusher = self.usage_flusher
+        if flusher is None:
+            return None
+
+        def read() -> list[UsageRow]:
+            return flusher.store().query(since_day, identity, operation)
+
+        return await asyncio.to_thread(read)
+
     def state_problems(self) -> list[str]:
         """The shared state store, when it is down (`GET /readyz`). Only Redis-backed
         counters keep an outage (memory and SQLite cannot be unreachable)."""
@@ -462,11 +513,13 @@ class Pipeline:
         events.flush()  # the successes counted since the last summary line
         if self.access_log is not None and "access_log" not in self._given:
             self.access_log.close()
+        if self.alerts is not None and "alerts" not in self._given:
+            self.alerts.close()
 
 
 
 # What `carried_over` may keep, in the order the reload log line lists them.
-CARRIED_PARTS = ("counters", "bans", "auth", "concurrency", "access_log")
+CARRIED_PARTS = ("counters", "bans", "auth", "concurrency", "access_log", "alerts")
 
 
 def carried_over(previous: Pipeline | None, config: Config, contract: Contract) -> frozenset[str]:
@@ -480,7 +533,10 @@ def carried_over(previous: Pipeline | None, config: Config, contract: Contract) 
       (JWKS key sets and their refresh, token caches, the API-key store; the per-operation
       plans are always compiled again from the new contract);
     - `concurrency`: the same limits (slots held by requests still running are counted);
-    - `access_log`: the same settings (one file handle, lines in order)."""
+    - `access_log`: the same settings (one file handle, lines in order);
+    - `alerts`: the same `alerts` section (windows, baselines, cooldowns and queued
+      deliveries go on; a changed section starts every rule afresh: a rule's state is
+      only meaningful under the rule it was counted for)."""
     if previous is None:
         return frozenset()
     old = previous.config
@@ -493,6 +549,7 @@ def carried_over(previous: Pipeline | None, config: Config, contract: Contract) 
         "auth": previous.auth.serves(config, contract),
         "concurrency": old_limiting.concurrency == limiting.concurrency,
         "access_log": old.access_log == config.access_log,
+        "alerts": old.alerts == config.alerts and old.source_dir == config.source_dir,
     }
     return frozenset(name for name in CARRIED_PARTS if kept[name])
 

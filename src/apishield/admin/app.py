@@ -6,7 +6,9 @@
     GET  /metrics   Prometheus text format (OpenMetrics when the scraper asks for it)
     GET  /config    the effective config, secrets masked
     POST /reload    re-read config and contract now (the same as SIGHUP)
-    GET  /usage     requests and refusals per identity and operation (`?top=N`)
+    GET  /usage     requests and refusals per identity and operation in the last hours
+                    (`?top=N`); with `?since=7d&identity=..&operation=..&by=day|month`
+                    the persisted daily counts, bytes included (docs/usage.md)
     GET  /policy    the effective policy per operation, as enforced (`?operation=ID`)
     GET  /dashboard the live dashboard (page and assets: no token; its data: the token),
                     see admin/dashboard.py
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,6 +51,7 @@ security_log = logging.getLogger("apishield.security")
 JSON = b"application/json"
 PROBLEM = b"application/problem+json"
 Headers = list[tuple[bytes, bytes]]
+PERSISTED_PARAMETERS = frozenset({"since", "identity", "operation", "by"})
 # probes and the dashboard's polls: logged only when failing
 _QUIET = frozenset({"/healthz", "/readyz", "/metrics", "/dashboard/data"})
 _OPEN = frozenset({"/healthz", *ASSETS})  # answered without the token: they tell nothing
@@ -203,13 +207,56 @@ class AdminApp:
 
     async def _usage(self, call: Call) -> AdminResponse:
         top = 100
+        persisted: dict[str, str] = {}
         for name, value in parse_qsl(call.query):
             if name == "top":
                 if not value.isdigit() or not 1 <= int(value) <= 10_000:
                     return _problem(400, "bad-parameter", "Bad Request",
                                     "top must be a whole number from 1 to 10000.")
                 top = int(value)
+            elif name in PERSISTED_PARAMETERS:
+                persisted[name] = value
+        if persisted:
+            return await self._persisted_usage(persisted)
         return AdminResponse(200, orjson.dumps(USAGE.report(top)))
+
+    async def _persisted_usage(self, query: dict[str, str]) -> AdminResponse:
+        """`GET /usage?since=7d&identity=...&operation=...&by=day|month`: the counts the
+        gateways wrote to the state store (F4), as `apishield usage --format json`."""
+        from apishield.config.units import parse_duration
+        from apishield.state.usage import (
+            MAX_SINCE,
+            PERIODS,
+            UsageStoreError,
+            first_day,
+            report,
+            since_days,
+        )
+
+        by = query.get("by", "day")
+        if by not in PERIODS:
+            return _problem(400, "bad-parameter", "Bad Request", "by must be day or month.")
+        try:
+            seconds = float(parse_duration(query.get("since", "30d")))
+        except (ValueError, TypeError):
+            seconds = 0.0
+        if not 0 < seconds <= MAX_SINCE:
+            return _problem(400, "bad-parameter", "Bad Request",
+                            "since must be a duration from 1s to 3660d, e.g. 7d or 12h.")
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        since_day = first_day(time.time(), since_days(seconds))
+        try:
+            rows = (None if pipeline is None else await pipeline.usage_rows(
+                since_day, query.get("identity"), query.get("operation")))
+        except (UsageStoreError, ConfigError) as exc:
+            logger.warning("admin /usage: the usage store failed: %s", exc)
+            return _problem(503, "usage-store-unavailable", "Service Unavailable",
+                            "The usage store could not be read; see the gateway's log.")
+        if rows is None:
+            return _problem(501, "usage-unavailable", "Not Implemented",
+                            "Usage is not persisted here (usage.enabled is false, or the "
+                            "front end is not running).")
+        return AdminResponse(200, orjson.dumps(report(rows, by, since_day)))
 
     async def _policy(self, call: Call) -> AdminResponse:
         if self._pipeline is None:

@@ -164,6 +164,7 @@ def security_warnings(pipeline: Pipeline) -> list[str]:
     found += open_in_strict_mode(contract, pipeline.config)
     found += pipeline.auth.delegated_warnings()
     found += pipeline.auth.refused_warnings()
+    found += pipeline.alerts.warnings() if pipeline.alerts is not None else []
     for issuer_name, weak in pipeline.auth.weak_secrets.items():
         # worded without `secret: value` pairs: logged by `serve`, such a pair is masked
         found.append(
@@ -308,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     from apishield.cli import bans as bans_cli  # `bans list | add | remove`
 
     bans_cli.register(commands)
+    from apishield.cli import usage as usage_cli  # `usage`
+
+    usage_cli.register(commands)
     from apishield.cli import users as users_cli  # `users create | list | rotate | revoke`
 
     users_cli.register(commands)

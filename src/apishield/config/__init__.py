@@ -15,6 +15,7 @@ touching a reader.
 - `responses`: security headers, CORS, response filtering
 - `observe`: access log
 - `admin`: the admin listener and metrics
+- `usage`: usage counts per identity and operation, persisted (F4)
 - `reload`: live reload (file watch)
 - `auth`: issuers, secrets, API keys, roles, per-operation `require` and `owner`
 - `rate_limiting`: rate limits, quotas, concurrency, IP lists, bans
@@ -29,6 +30,7 @@ gather the rest), never this facade: no import cycle.
 from __future__ import annotations
 
 from apishield.config.admin import Admin, Metrics, is_loopback
+from apishield.config.alerts import Alerts, GeoIp, Rule, Webhook
 from apishield.config.auth import (
     ApiKeys,
     Argon2,
@@ -80,6 +82,7 @@ from apishield.config.units import (
     parse_rate,
     parse_size,
 )
+from apishield.config.usage import Usage
 from apishield.config.validation import Injection, Validation
 
 # The old single module's private name, still imported by cli/keys.py (`--expires-in`).
@@ -88,6 +91,7 @@ _parse_duration = parse_duration
 __all__ = [
     "AccessLog",
     "Admin",
+    "Alerts",
     "ApiKeys",
     "Argon2",
     "AuditLog",
@@ -102,6 +106,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Cors",
+    "GeoIp",
     "Injection",
     "Introspection",
     "IpLists",
@@ -126,6 +131,7 @@ __all__ = [
     "Require",
     "ResponseMode",
     "Responses",
+    "Rule",
     "Scheme",
     "Seconds",
     "Secret",
@@ -134,7 +140,9 @@ __all__ = [
     "Tls",
     "Upstream",
     "UpstreamTls",
+    "Usage",
     "Validation",
+    "Webhook",
     "at",
     "config_from_dict",
     "format_validation_error",

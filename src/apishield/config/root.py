@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from apishield.config.admin import Admin, Metrics
+from apishield.config.alerts import Alerts
 from apishield.config.auth import Auth, Owner, Require, Secret
 from apishield.config.errors import at
 from apishield.config.observe import AccessLog, AuditLog, Redact
@@ -23,6 +24,7 @@ from apishield.config.reload import Reload
 from apishield.config.responses import Cors, ResponseMode, Responses, SecurityHeaders
 from apishield.config.transport import Limits, Listen, OperationLimits, Timeouts, Tls, Upstream
 from apishield.config.units import Cidrs, Model
+from apishield.config.usage import Usage
 from apishield.config.validation import Validation
 
 
@@ -57,7 +59,9 @@ class Config(Model):
     audit_log: AuditLog = AuditLog()  # the tamper-evident trail (docs/audit-trail.md)
     admin: Admin | None = None  # off unless configured
     metrics: Metrics = Metrics()
+    usage: Usage = Usage()  # usage per identity and operation, persisted (F4)
     redact: Redact = Redact()  # more names whose values never reach a log (F6)
+    alerts: Alerts = Alerts()  # rules over security events and outcomes, webhooks (F3)
     mode: Literal["enforce", "log-only"] = "enforce"
     cors: Cors | None = None
     validation: Validation = Validation()

@@ -7,8 +7,8 @@ compile and the contract would not load. Each is rewritten to the ASCII range Ja
 defines (java.util.regex.Pattern, "POSIX character classes (US-ASCII only)"), which is
 what the API that wrote them enforces. `\\P{...}` (the negation) is rewritten outside a
 bracket expression only; inside one there is no ECMA-262 spelling, so it stays (and the
-pattern is reported as before). Unicode properties (`\\p{L}`, `\\p{Lu}`) are ECMA-262 and
-left alone.
+pattern is reported as before). Java's `\\p{LD}` (letter or digit) becomes
+`\\p{L}\\p{Nd}`; Unicode properties (`\\p{L}`, `\\p{Lu}`) are ECMA-262 and left alone.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ _RANGES = {
     "Cntrl": r"\x00-\x1F\x7F",
     "XDigit": "0-9a-fA-F",
     "Space": r" \t\n\x0B\f\r",
+    # not POSIX: Java's "letter or digit" category (Character.isLetterOrDigit), Unicode
+    "LD": r"\p{L}\p{Nd}",
 }
 _CLASS = re.compile(r"\\([pP])\{(" + "|".join(_RANGES) + r")\}")
 

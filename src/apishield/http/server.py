@@ -144,6 +144,8 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.busy = False
         self.closing = False  # no more requests are read; close after the queue is answered
         self.closed = False
+        self.sent = 0  # response bytes written on this connection (usage counts, F4)
+        self._sent_mark = 0  # `sent` when the answer in progress began
         self.reading_paused = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
@@ -206,6 +208,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             message = self.queue.popleft()
             exchange = message.exchange
             exchange.reason = exchange.reason or "client-closed"
+            exchange.bytes_in = message.size
             message.pipeline.record(exchange, CLIENT_CLOSED)
             message.pipeline.in_flight -= 1
 
@@ -645,6 +648,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 status, headers, body = pipeline.internal_error(exchange, exc)
                 self._write(self._head(status, headers, False, message) + body)
                 keep_alive = False
+            self._account(message)
             pipeline.record(exchange, status)
             pipeline.in_flight -= 1
             if not keep_alive:
@@ -718,6 +722,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 self._write(self._head(status, headers, False, message) + body)
             keep_alive = False
         finally:
+            self._account(message)
             pipeline.record(exchange, status)
             pipeline.in_flight -= 1
         if not keep_alive:
@@ -815,3 +820,13 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(data)
+            self.sent += len(data)
+
+    def _account(self, message: _Message) -> None:
+        """The bytes of the answer just finished, for the usage counts (F4): its request
+        body as received, its response as written (head and body; answers on one
+        connection go out strictly one after another, so the difference is this one's)."""
+        exchange = message.exchange
+        exchange.bytes_in = message.size
+        exchange.bytes_out = self.sent - self._sent_mark
+        self._sent_mark = self.sent

@@ -20,12 +20,17 @@ Which attempt gets which line, and why:
 
 Values are the gateway's own (reason codes, ids, addresses); a token or key never
 appears (F6).
+
+Subscribers (the alert engine, observe/alerts.py) get each request-bound event's values
+as they are logged: `subscribe(callback)`. Nobody subscribed costs one truth test of an
+empty list per event; a subscriber runs on the event loop, inline, so it must only count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from apishield.observe.logjson import fields
@@ -39,6 +44,32 @@ security_log = logging.getLogger("apishield.security")
 
 SUMMARY_INTERVAL = 60.0  # seconds between two summary lines of one identity
 MAX_IDENTITIES = 10_000  # counted per interval; past it, successes are counted together
+
+Subscriber = Callable[[dict[str, object]], None]
+# called with each event's values (`event`, ...); replaced, never changed in place, so a
+# subscriber may unsubscribe while the event it got is being published
+subscribers: tuple[Subscriber, ...] = ()
+
+
+def subscribe(callback: Subscriber) -> None:
+    global subscribers
+    if callback not in subscribers:
+        subscribers = (*subscribers, callback)
+
+
+def unsubscribe(callback: Subscriber) -> None:
+    global subscribers
+    subscribers = tuple(s for s in subscribers if s != callback)
+
+
+def _publish(values: dict[str, object]) -> None:
+    """Give an event's values to every subscriber; a failing one is logged, never raised
+    into the request."""
+    for callback in subscribers:
+        try:
+            callback(values)
+        except Exception:
+            logging.getLogger("apishield").exception("an event subscriber failed")
 
 
 def _event(event: str, exchange: Exchange, scheme: str | None,
@@ -65,6 +96,8 @@ def authn_failure(exchange: Exchange, scheme: str, failure: AuthFailure) -> None
     values = _event("authn-failure", exchange, scheme, None, failure.subject, failure.key_id)
     security_log.warning("authentication failed", extra=fields(
         "security", exchange.id, **values, reason=failure.reason))
+    if subscribers:
+        _publish({**values, "reason": failure.reason})
 
 
 def authn_success(exchange: Exchange, principal: Principal) -> None:
@@ -81,6 +114,8 @@ def authz_denied(exchange: Exchange, reason: str) -> None:
                     principal)
     security_log.warning("access denied", extra=fields(
         "security", exchange.id, **values, reason=reason))
+    if subscribers:
+        _publish({**values, "reason": reason})
 
 
 def ban(exchange: Exchange, record: BanRecord) -> None:
@@ -88,6 +123,9 @@ def ban(exchange: Exchange, record: BanRecord) -> None:
     security_log.warning("banned", extra=fields(
         "security", exchange.id, **values, target=record.kind, value=record.value,
         rule=record.rule, until=round(record.until, 3), offense=record.offense))
+    if subscribers:
+        _publish({**values, "target": record.kind, "value": record.value,
+                  "rule": record.rule, "offense": record.offense})
 
 
 def login_refusal(exchange: Exchange, status: int, public: bool) -> None:
@@ -108,6 +146,8 @@ def login_refusal(exchange: Exchange, status: int, public: bool) -> None:
     values = _event("upstream-authn-failure", exchange, None)
     security_log.warning("login refused by the upstream", extra=fields(
         "security", exchange.id, **values, status=status))
+    if subscribers:
+        _publish({**values, "status": status})
 
 
 class _Successes:

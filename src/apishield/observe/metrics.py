@@ -72,8 +72,16 @@ METRIC_SPECS: dict[str, MetricSpec] = {
         ("issuer", "outcome")),
     "apishield_state_errors_total": MetricSpec(
         "counter", "Requests that found the shared state store (Redis) unavailable."),
+    "apishield_usage_flush_errors_total": MetricSpec(
+        "counter", "Usage flushes that could not write to the state store (the counts are "
+        "kept and retried by the next flush)."),
     "apishield_config_reloads_total": MetricSpec(
         "counter", "Config reloads by outcome (succeeded, failed, unchanged).", ("outcome",)),
+    "apishield_alerts_total": MetricSpec(
+        "counter", "Alerts fired by rule (after the cooldown's deduplication).", ("rule",)),
+    "apishield_alert_deliveries_total": MetricSpec(
+        "counter", "Alert deliveries by webhook and outcome (delivered, retried, failed, "
+        "dropped, rate-limited).", ("webhook", "outcome")),
     "apishield_audit_log_records_total": MetricSpec(
         "counter", "Records this process appended to the audit trail."),
     "apishield_audit_log_errors_total": MetricSpec(
@@ -132,7 +140,10 @@ class Metrics:
         self.upstream_duration = Histogram()
         self.jwks_refreshes: dict[tuple[str, str], int] = {}
         self.state_errors = 0
+        self.usage_flush_errors = 0
         self.config_reloads: dict[str, int] = {}
+        self.alerts: dict[str, int] = {}
+        self.alert_deliveries: dict[tuple[str, str], int] = {}
         self.audit_records = 0
         self.audit_errors = 0
 
@@ -199,8 +210,26 @@ class Metrics:
     def state_error(self) -> None:
         self.state_errors += 1
 
+    def usage_flush_error(self) -> None:
+        self.usage_flush_errors += 1
+
     def config_reload(self, outcome: str) -> None:
         self.config_reloads[outcome] = self.config_reloads.get(outcome, 0) + 1
+
+    def alert(self, rule: str) -> None:
+        table = self.alerts  # rule names come from the config: bounded anyway
+        if rule in table:
+            table[rule] += 1
+        else:
+            _add(table, rule, OTHER)
+
+    def alert_delivery(self, webhook: str, outcome: str) -> None:
+        key = (webhook, outcome)
+        table = self.alert_deliveries
+        if key in table:
+            table[key] += 1
+        else:
+            _add(table, key, (OTHER, outcome))
 
     def audit_record(self) -> None:
         self.audit_records += 1
@@ -262,8 +291,11 @@ class MetricsCollector(Collector):
         yield upstream
         yield _counter("apishield_jwks_refresh_total", m.jwks_refreshes.items())
         yield _counter("apishield_state_errors_total", [((), m.state_errors)])
+        yield _counter("apishield_usage_flush_errors_total", [((), m.usage_flush_errors)])
         yield _counter("apishield_config_reloads_total",
                        [((k,), v) for k, v in m.config_reloads.items()])
+        yield _counter("apishield_alerts_total", [((k,), v) for k, v in m.alerts.items()])
+        yield _counter("apishield_alert_deliveries_total", m.alert_deliveries.items())
         yield _counter("apishield_audit_log_records_total", [((), m.audit_records)])
         yield _counter("apishield_audit_log_errors_total", [((), m.audit_errors)])
         info = GaugeMetricFamily("apishield_build_info", METRICS_HELP["apishield_build_info"],

@@ -2,10 +2,14 @@
 
 Who calls what, how often, how often refused: the raw counts an operator needs to see a
 key that went wild or a client that only probes. Per request one dict entry is bumped; at
-most `MAX_PAIRS` (identity, operation) pairs are told apart in an interval, past that new
-identities count under `other`, so a flood of fresh keys or subjects cannot grow memory.
-Two intervals are kept (the current one and the last): enough for "what happened in the
-last hour"; history and persistence belong to the state store (the alerts issue).
+most `MAX_PAIRS` (identity, operation) pairs are told apart, past that new identities
+count under `other`, so a flood of fresh keys or subjects cannot grow memory.
+
+Two views, both per process (they survive a config reload, like METRICS):
+- `Usage` (`USAGE`): requests and refusals in two one-hour intervals (the current one and
+  the last), what `GET /usage` shows without parameters;
+- `DailyUsage` (`DAILY`): requests, refusals, bytes in and out per UTC day, waiting to be
+  added to the state store by `usage_flush` (history lives there, not here).
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from apishield.state.usage import ANONYMOUS, OTHER, Batch, day_of
+
+__all__ = ["ANONYMOUS", "DAILY", "MAX_PAIRS", "OTHER", "USAGE", "DailyUsage", "Usage"]
+
 INTERVAL = 3600.0  # seconds
 MAX_PAIRS = 10_000
-OTHER = "other"
-ANONYMOUS = "anonymous"
+DAY = 86_400.0
 
 
 class Usage:
@@ -83,4 +90,64 @@ def _interval(counts: dict[tuple[str, str], list[int]], started: float,
     }
 
 
+class DailyUsage:
+    """Counts per (UTC day, identity, operation) not yet in the store: `take()` hands them
+    to a flush and starts afresh; `restore()` puts back what a failed flush did not store,
+    so the next flush retries it and nothing is lost or counted twice. At most `max_pairs`
+    pairs are told apart per day in this process (the store bounds the sum of all
+    processes the same way)."""
+
+    def __init__(self, max_pairs: int = MAX_PAIRS) -> None:
+        self.max_pairs = max_pairs
+        # (day, identity, operation) -> [requests, refusals, bytes in, bytes out]
+        self.pending: Batch = {}
+        self._day = ""
+        self._day_start = 0.0
+        self._day_end = 0.0
+        self._pairs: set[tuple[str, str]] = set()  # told apart today (bounded)
+
+    def count(self, identity: str | None, operation: str, refused: bool, bytes_in: int,
+              bytes_out: int, now: float) -> None:
+        if not self._day_start <= now < self._day_end:
+            self._new_day(now)
+        identity = identity or ANONYMOUS
+        pair = (identity, operation)
+        if pair not in self._pairs:
+            if len(self._pairs) >= self.max_pairs:
+                identity = OTHER
+            else:
+                self._pairs.add(pair)
+        key = (self._day, identity, operation)
+        counts = self.pending.get(key)
+        if counts is None:
+            counts = self.pending[key] = [0, 0, 0, 0]
+        counts[0] += 1
+        if refused:
+            counts[1] += 1
+        counts[2] += bytes_in
+        counts[3] += bytes_out
+
+    def _new_day(self, now: float) -> None:
+        start = now - now % DAY
+        self._day, self._day_start, self._day_end = day_of(start), start, start + DAY
+        self._pairs = set()
+
+    def take(self) -> Batch:
+        """What was counted since the last `take()`; the caller must store it or
+        `restore()` it."""
+        batch, self.pending = self.pending, {}
+        return batch
+
+    def restore(self, batch: Batch) -> None:
+        """Add back counts a flush could not store (they were bounded when counted)."""
+        for key, counts in batch.items():
+            mine = self.pending.get(key)
+            if mine is None:
+                self.pending[key] = counts
+            else:
+                for index, value in enumerate(counts):
+                    mine[index] += value
+
+
 USAGE = Usage()  # per process, like METRICS: it survives a config reload
+DAILY = DailyUsage()  # likewise: a reload neither loses nor repeats what is pending

@@ -1,4 +1,5 @@
-"""The key store, the user store, the ban store and the counters the config asks for:
+"""The key store, the user store, the ban store, the usage store and the counters the
+config asks for:
 `state: <path>` is the embedded SQLite file (relative to the config file), `state: redis://...` or
 `rediss://...` a Redis server shared by every gateway instance and the CLI (or `redis+sentinel://`,
 `redis+cluster://` and their `rediss+` forms: see `redis_urls`).
@@ -19,6 +20,7 @@ from apishield.config.secrets import read_secret
 from apishield.state.bans import BanStore
 from apishield.state.counters import Counters, MemoryCounters
 from apishield.state.keys import KeyStore
+from apishield.state.usage import UsageStore
 from apishield.state.users import UserStore
 
 if TYPE_CHECKING:
@@ -121,6 +123,18 @@ def open_counters(config: Config) -> Counters:
         return RedisCounters(state_url(config),
                              lease_fraction=config.rate_limiting.lease_fraction)
     return MemoryCounters()
+
+
+def open_usage_store(config: Config) -> UsageStore:
+    """Where usage counts are kept (F4): the `usage_daily` table of the SQLite file, or
+    per-day hashes in Redis. Both are synchronous; the gateway calls them from a thread."""
+    if not is_redis(config):
+        from apishield.state.sqlite_usage import SqliteUsageStore
+
+        return SqliteUsageStore(config.resolve(config.state))
+    from apishield.state.redis_usage import RedisUsageStore
+
+    return RedisUsageStore(state_url(config), client=_redis_client(config))
 
 
 def audit_key(config: Config) -> bytes | None:
