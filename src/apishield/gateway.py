@@ -46,9 +46,11 @@ from apishield.http.upstream import (
     UpstreamResponse,
     problem_for,
 )
+from apishield.observe.audit_trail import AuditTrail, BackgroundAuditTrail
 from apishield.observe.logjson import fields
 from apishield.observe.metrics import METRICS
 from apishield.pipeline import CARRIED_PARTS, Pipeline
+from apishield.state.open import open_audit_trail
 from apishield.steps.response_cutter import Cutter
 
 logger = logging.getLogger("apishield")
@@ -103,10 +105,12 @@ class Gateway:
         tls: ServerTls | None = None,
         upstream_tls: ssl.SSLContext | None = None,
         admin_token: bytes | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         """`tls`: the listener terminates TLS (and the pipeline sends HSTS); `upstream_tls`:
         the client context for an https upstream (default: the system's, verified);
-        `admin_token`: the admin API's bearer token (`read_token`)."""
+        `admin_token`: the admin API's bearer token (`read_token`); `audit`: the audit
+        trail (`open_audit_trail`), written from a thread of its own."""
         assert config.upstream is not None
         self.config = config
         self.contract = contract
@@ -120,6 +124,7 @@ class Gateway:
         self.max_buffered_bytes = config.responses.max_buffered_bytes
         self.cutter = Cutter()
         self.admin_token = admin_token
+        self.audit = BackgroundAuditTrail(audit) if audit is not None else None
         # set by start_pool(), which serve() calls before any connection is accepted
         self.loop: asyncio.AbstractEventLoop
         # live reload (`reload`): where the config comes from, set by `reload_from`
@@ -287,7 +292,7 @@ class Gateway:
         """The admin API over this gateway (it reads the pipeline in force at each call)."""
         return AdminApp(config=lambda: self.config, readiness=self.readiness,
                         gauges=self.gauges, reload=self._admin_reload, token=self.admin_token,
-                        pipeline=lambda: self.pipeline)
+                        pipeline=lambda: self.pipeline, audit=self.audit)
 
     async def _admin_reload(self, trigger: str) -> ReloadReport:
         result = await self.reload(trigger)
@@ -327,6 +332,8 @@ class Gateway:
             self.pool.close()
         await self.pipeline.stop()
         self.pipeline.close()
+        if self.audit is not None:  # what is queued is written first (bounded wait)
+            await asyncio.to_thread(self.audit.close)
 
     # -- live reload ------------------------------------------------------------------------
 
@@ -363,7 +370,34 @@ class Gateway:
             self.reload_counts[result.outcome] += 1
             METRICS.config_reload(result.outcome)
             _log_reload(result)
+            self._record_reload(result)
             return result
+
+    def _record_reload(self, result: ReloadResult) -> None:
+        """A reload that changed something (or tried to) goes into the audit trail with
+        the hashes of what it loaded; `unchanged` is not an operation."""
+        if self.audit is None or result.outcome == "unchanged":
+            return
+        action = "config-reloaded" if result.outcome == "succeeded" else "config-reload-failed"
+        details: dict[str, object] = {"trigger": result.trigger,
+                                      "config_sha256": result.config_hash}
+        if result.outcome == "succeeded":
+            details["contract_sha256"] = self._contract_hash
+            details["changed"] = list(result.changed)
+        else:
+            details["problems"] = len(result.problems)
+        self.audit.submit(action, "gateway", **details)
+
+    def record_start(self, host: str, port: int) -> None:
+        """`gateway-started` in the audit trail: which config and contract it serves."""
+        if self.audit is None or self.source is None:
+            return
+        try:
+            config_hash = _fingerprint(self.source.read_bytes(), self.contract)[0]
+        except OSError:
+            config_hash = ""
+        self.audit.submit("gateway-started", "gateway", listen=f"{host}:{port}",
+                          config_sha256=config_hash, contract_sha256=self._contract_hash)
 
     async def _reload(self, trigger: str) -> ReloadResult:
         if self.source is None or self._load is None:
@@ -520,7 +554,7 @@ class Gateway:
 # Settings the running listener was built from: a reload that changes them keeps them
 # (and says "restart to apply"). The TLS certificate files themselves are read again by
 # SIGHUP and the certificate watcher.
-RESTART_ONLY = ("listen", "tls")
+RESTART_ONLY = ("listen", "tls", "audit_log")  # audit_log: the trail is opened once
 
 
 @dataclass(slots=True)
@@ -624,10 +658,15 @@ def build_gateway(config: Config) -> Gateway:
         admin_token = read_token(config)
     except ConfigError as exc:
         problems += exc.problems
+    audit: AuditTrail | None = None
+    try:
+        audit = open_audit_trail(config)
+    except ConfigError as exc:
+        problems += exc.problems
     if problems or contract is None:
         raise ConfigError(problems)
     return Gateway(config, contract, tls=listener_tls, upstream_tls=client_tls,
-                   admin_token=admin_token)
+                   admin_token=admin_token, audit=audit)
 
 
 # Signals whose default action would end the process: each is handled, so none can stop
@@ -776,6 +815,7 @@ async def serve(
                     "bearer token required" if gateway.admin_token else "loopback, no token",
                     extra=fields("lifecycle", event="start", listener="admin",
                                  host=admin_address[0], port=admin_address[1]))
+    gateway.record_start(address[0], address[1])
     if ready is not None:
         ready.set_result((address[0], address[1]))
     try:

@@ -16,7 +16,9 @@
 Errors are RFC 9457 problem documents. With a token configured every path but `/healthz`
 and the dashboard's static page and assets (they carry no data) needs `Authorization:
 Bearer <token>`, compared in constant time; a failed attempt is a security event.
-Every call is logged (who, what, the status).
+Every call is logged (who, what, the status); every call but the probes, the dashboard's
+polls and its assets is also recorded in the audit trail when the front end has one
+(docs/audit-trail.md).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from apishield.observe.metrics import Gauges, registry
 from apishield.observe.usage import USAGE
 
 if TYPE_CHECKING:
+    from apishield.observe.audit_trail import BackgroundAuditTrail
     from apishield.pipeline import Pipeline
 
 logger = logging.getLogger("apishield.admin")
@@ -101,17 +104,20 @@ class AdminApp:
         reload: Reload | None,
         token: bytes | None,
         pipeline: Callable[[], Pipeline] | None = None,
+        audit: BackgroundAuditTrail | None = None,
     ) -> None:
         """`config`: the config now in force (it changes on reload); `readiness`: the
         failing parts, none when ready; `gauges`: values read at scrape time; `reload`:
         None where the front end cannot reload; `token`: the bearer token, or None on a
         loopback listener without one; `pipeline`: the pipeline in force (`GET /policy`
-        reads its compiled plans), None where the front end has none to show."""
+        reads its compiled plans), None where the front end has none to show; `audit`:
+        where every call but the probes is recorded (docs/audit-trail.md), None for none."""
         self._config = config
         self._readiness = readiness
         self._reload = reload
         self._token = token
         self._pipeline = pipeline
+        self._audit = audit
         self._registry = registry(gauges=gauges)
         self._routes: dict[str, dict[str, Callable[[Call], Awaitable[AdminResponse]]]] = {
             "/healthz": {"GET": self._healthz},
@@ -133,6 +139,10 @@ class AdminApp:
         if path not in _QUIET or response.status >= 400:
             # scrapes and probes every few seconds would drown everything else
             logger.info("admin %s %s from %s: %d", method, path, client, response.status)
+        if self._audit is not None and path not in _QUIET and path not in _OPEN:
+            # refused calls too: an attempt on the admin API is what an auditor looks for
+            self._audit.submit("admin-call", client, method=method[:16], path=path[:200],
+                               status=response.status)
         return response
 
     async def _answer(self, method: str, path: str, authorization: bytes | None,

@@ -8,7 +8,8 @@ shows. Manual bans count as offenses for the escalation of later automatic ones.
 
 Exit codes (as `apishield keys`): 0 done, 1 the request cannot be carried out (bad
 address or network, bad duration, no such ban, store failure), 2 the configuration is
-invalid. Every add and remove is logged as one JSON line on the `apishield.audit` logger.
+invalid. Every add and remove is logged as one JSON line on the `apishield.audit` logger
+and recorded in the audit trail (docs/audit-trail.md; not recorded = exit 1).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from typing import Any, TypedDict
 
+from apishield.cli.audit_log import check_trail, record_change
 from apishield.cli.config_option import config_parent
 from apishield.cli.keys import (
     EXIT_OK,
@@ -93,7 +95,7 @@ def _reason(text: str | None) -> str:
     return text
 
 
-def _audit(event: str, record: BanRecord, **extra: Any) -> None:
+def _audit(config: Config, event: str, record: BanRecord, **extra: Any) -> None:
     """One `kind: "audit"` line (docs/logging.md); JSON escaping keeps a hostile
     reason from forging log lines."""
     entry: dict[str, Any] = {
@@ -102,6 +104,8 @@ def _audit(event: str, record: BanRecord, **extra: Any) -> None:
     }
     entry.update(extra)
     audit.info("%s", event, extra=fields("audit", **entry))
+    record_change(config, event, **{name: value for name, value in entry.items()
+                                    if name not in ("event", "actor")})
 
 
 class _BanRow(TypedDict):
@@ -164,6 +168,7 @@ def cmd_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_add(args: argparse.Namespace, config: Config) -> int:
+    check_trail(config)
     kind, value = parse_target(args)
     seconds = _duration(args.duration, "--duration")
     reason = _reason(args.reason)
@@ -186,11 +191,12 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
         _say(f"note: {value} is also inside the ban on {previous.value} (until "
              f"{_iso(previous.until)})")
     _say("a running gateway applies it within about a second")
-    _audit("ban-added", record, replaced=replaced is not None)
+    _audit(config, "ban-added", record, replaced=replaced is not None)
     return EXIT_OK
 
 
 def cmd_remove(args: argparse.Namespace, config: Config) -> int:
+    check_trail(config)
     kind, value = parse_target(args)
     now = time.time()
     with _store(config, create=False) as store:
@@ -207,7 +213,7 @@ def cmd_remove(args: argparse.Namespace, config: Config) -> int:
         return EXIT_OK
     _say(f"lifted the ban on {kind} {value} (rule {current.rule}); a running gateway "
          "admits it again within about a second")
-    _audit("ban-removed", current, removed_at=_iso(now))
+    _audit(config, "ban-removed", current, removed_at=_iso(now))
     return EXIT_OK
 
 

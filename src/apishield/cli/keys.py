@@ -12,7 +12,8 @@ standard error. The key is shown once and cannot be recovered: only its HMAC is 
 Exit codes: 0 done, 1 the request cannot be carried out (unknown id, bad duration,
 rotating a revoked key...), 2 the configuration is invalid (as for `serve` and `check`).
 Every create, rotate and revoke is logged as one JSON line on the `apishield.audit` logger
-(ids, names, scopes, expiry, the OS user; never a key or a hash).
+(ids, names, scopes, expiry, the OS user; never a key or a hash) and recorded in the audit
+trail (docs/audit-trail.md); a change the trail cannot record exits 1 (cli/audit_log.py).
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from apishield.auth.apikeys import (
     parse_key,
 )
 from apishield.auth.principal import AuthFailure
+from apishield.cli.audit_log import check_trail, record_change
 from apishield.cli.config_option import config_parent
 from apishield.config import Config, ConfigError, _parse_duration, load_config
+from apishield.observe.audit_trail import AuditTrailError
 from apishield.observe.logjson import configure_process, fields
 from apishield.state.keys import KeyRecord, KeyState, KeyStore, KeyStoreError
 from apishield.state.open import describe_state, open_key_store, state_exists
@@ -106,7 +109,7 @@ def _actor() -> str | None:
         return None
 
 
-def _audit(event: str, record: KeyRecord, **extra: Any) -> None:
+def _audit(config: Config, event: str, record: KeyRecord, **extra: Any) -> None:
     """One `kind: "audit"` line (docs/logging.md); JSON escaping keeps a hostile name
     from forging log lines."""
     entry: dict[str, Any] = {
@@ -116,6 +119,8 @@ def _audit(event: str, record: KeyRecord, **extra: Any) -> None:
     }
     entry.update(extra)
     audit.info("%s", event, extra=fields("audit", **entry))
+    record_change(config, event, **{name: value for name, value in entry.items()
+                                    if name not in ("event", "actor")})
 
 
 def _setup_logging() -> None:
@@ -161,6 +166,9 @@ def cli_command(name: str, store_error: type[Exception], store: str) -> Callable
             except store_error as exc:
                 _say(f"apishield {name}: the {store} failed: {exc}")
                 return EXIT_FAILED
+            except AuditTrailError as exc:  # the trail is the point: not recorded = failed
+                _say(f"apishield {name}: {exc}")
+                return EXIT_FAILED
 
         return run
 
@@ -180,6 +188,7 @@ def _report(error: ConfigError, source: str) -> int:
 # -- commands -----------------------------------------------------------------------------
 
 def cmd_create(args: argparse.Namespace, config: Config) -> int:
+    check_trail(config)
     if args.no_expiry:
         lifetime = None
     elif args.expires_in is not None:
@@ -199,7 +208,7 @@ def cmd_create(args: argparse.Namespace, config: Config) -> int:
     expiry = _iso(record.expires_at) or "never (consider --expires-in)"
     _say(f"created API key {record.id} for {record.name!r}, expires {expiry}; the key above "
          "is shown only once")
-    _audit("api-key-created", record)
+    _audit(config, "api-key-created", record)
     return EXIT_OK
 
 
@@ -263,6 +272,7 @@ def _get(store: KeyStore | None, key_id: str) -> KeyRecord:
 
 
 def cmd_revoke(args: argparse.Namespace, config: Config) -> int:
+    check_trail(config)
     key_id = _key_id(args.id)
     with _existing_store(config) as store:
         record = _get(store, key_id)
@@ -277,11 +287,12 @@ def cmd_revoke(args: argparse.Namespace, config: Config) -> int:
             return EXIT_OK
     _say(f"revoked API key {key_id} ({record.name!r}); a running gateway refuses it within "
          "about a second")
-    _audit("api-key-revoked", record, revoked_at=_iso(now))
+    _audit(config, "api-key-revoked", record, revoked_at=_iso(now))
     return EXIT_OK
 
 
 def cmd_rotate(args: argparse.Namespace, config: Config) -> int:
+    check_trail(config)
     key_id = _key_id(args.id)
     grace = _duration(args.grace, "--grace", allow_zero=True)
     with _existing_store(config) as store:
@@ -313,8 +324,8 @@ def cmd_rotate(args: argparse.Namespace, config: Config) -> int:
     _say(f"rotated API key {old.id} ({old.name!r}) to {new.id}: the old key works until "
          f"{_iso(old_expiry)}, the new one expires {_iso(new.expires_at) or 'never'}; the key "
          "above is shown only once")
-    _audit("api-key-created", new, rotated_from=old.id)
-    _audit("api-key-rotated", old, rotated_to=new.id, old_key_valid_until=_iso(old_expiry))
+    _audit(config, "api-key-created", new, rotated_from=old.id)
+    _audit(config, "api-key-rotated", old, rotated_to=new.id, old_key_valid_until=_iso(old_expiry))
     return EXIT_OK
 
 

@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     from apishield.cli import init as init_cli  # `init CONTRACT [--output FILE]`
 
     init_cli.add_parser(commands)
+    from apishield.cli import audit_log as audit_log_cli  # `audit-log verify` (the trail)
+
+    audit_log_cli.register(commands)
     return parser
 
 

@@ -14,7 +14,7 @@ and print nothing (it is never an argument: arguments end up in shell history an
 Exit codes as for `keys`: 0 done, 1 refused (unknown user, weak password, ...), 2 the
 configuration is invalid. Every create, rotate and revoke is one JSON line on the
 `apishield.audit` logger (the user, scopes, roles, expiry, the OS user; never a password or
-a hash).
+a hash) and a record in the audit trail (docs/audit-trail.md; not recorded = exit 1).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any, TypedDict
 
 from apishield.auth.apikeys import check_labels
 from apishield.auth.basic import check_password, check_user_name, generate_password, hash_password
+from apishield.cli.audit_log import check_trail, record_change
 from apishield.cli.config_option import config_parent
 from apishield.cli.keys import (
     EXIT_OK,
@@ -56,7 +57,7 @@ audit = logging.getLogger("apishield.audit")
 _command = cli_command("users", UserStoreError, "user store")
 
 
-def _audit(event: str, record: UserRecord, **extra: Any) -> None:
+def _audit(config: Config, event: str, record: UserRecord, **extra: Any) -> None:
     """One `kind: "audit"` line (docs/logging.md); JSON escaping keeps a hostile name
     from forging log lines."""
     entry: dict[str, Any] = {
@@ -66,6 +67,8 @@ def _audit(event: str, record: UserRecord, **extra: Any) -> None:
     }
     entry.update(extra)
     audit.info("%s", event, extra=fields("audit", **entry))
+    record_change(config, event, **{name: value for name, value in entry.items()
+                                    if name not in ("event", "actor")})
 
 
 def _password(args: argparse.Namespace) -> tuple[str, bool]:
@@ -104,6 +107,7 @@ def _show(password: str, generated: bool) -> None:
 # -- commands -----------------------------------------------------------------------------
 
 def cmd_create(args: argparse.Namespace, config: Config) -> int:
+    check_trail(config)
     name = _name(args.name)
     scopes = check_labels(args.scope, "scope")
     roles = check_labels(args.role, "role")
@@ -125,7 +129,7 @@ def cmd_create(args: argparse.Namespace, config: Config) -> int:
     expiry = _iso(record.expires_at) or "never"
     shown = "; the password above is shown only once" if generated else ""
     _say(f"created Basic user {name!r}, password expires {expiry}{shown}")
-    _audit("basic-user-created", record)
+    _audit(config, "basic-user-created", record)
     return EXIT_OK
 
 
@@ -184,6 +188,7 @@ def _existing(config: Config, name: str) -> tuple[UserStore, UserRecord]:
 
 
 def cmd_rotate(args: argparse.Namespace, config: Config) -> int:
+    check_trail(config)
     name = _name(args.name)
     store, old = _existing(config, name)
     with closing(store):
@@ -205,11 +210,12 @@ def cmd_rotate(args: argparse.Namespace, config: Config) -> int:
     _say(f"new password for Basic user {name!r}: the old one stops working at once (a "
          f"running gateway within about a second), expires {_iso(expires_at) or 'never'}"
          f"{shown}")
-    _audit("basic-user-rotated", old, expires_at=_iso(expires_at))
+    _audit(config, "basic-user-rotated", old, expires_at=_iso(expires_at))
     return EXIT_OK
 
 
 def cmd_revoke(args: argparse.Namespace, config: Config) -> int:
+    check_trail(config)
     name = _name(args.name)
     store, record = _existing(config, name)
     with closing(store):
@@ -221,7 +227,7 @@ def cmd_revoke(args: argparse.Namespace, config: Config) -> int:
             _say(f"user {name!r} was already revoked")
             return EXIT_OK
     _say(f"revoked Basic user {name!r}; a running gateway refuses it within about a second")
-    _audit("basic-user-revoked", record, revoked_at=_iso(now))
+    _audit(config, "basic-user-revoked", record, revoked_at=_iso(now))
     return EXIT_OK
 
 

@@ -46,7 +46,7 @@ from apishield.config.auth import (
 )
 from apishield.config.errors import ConfigError, at, format_validation_error
 from apishield.config.loading import config_from_dict, load_config, read_yaml
-from apishield.config.observe import AccessLog, Redact
+from apishield.config.observe import AccessLog, AuditLog, Redact
 from apishield.config.rate_limiting import (
     BanEvent,
     BanRule,
@@ -94,6 +94,7 @@ __all__ = [
     "Alerts",
     "ApiKeys",
     "Argon2",
+    "AuditLog",
     "Auth",
     "BanEvent",
     "BanRule",

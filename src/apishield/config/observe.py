@@ -1,5 +1,5 @@
-"""What the gateway records: the access log and redaction (and, as they land, metrics,
-alerts, audit).
+"""What the gateway records: the access log, redaction and the audit trail (and, as they
+land, metrics and alerts).
 
 Its own module because observability keys are read by `apishield.observe`, not by any
 pipeline step, and the next features of that layer add their models here rather than to
@@ -12,6 +12,7 @@ import re
 
 from pydantic import field_validator
 
+from apishield.config.auth import Secret
 from apishield.config.units import Model
 
 # a header name or a JSON / form field name as people write them (RFC 9110 5.1 tokens
@@ -41,3 +42,19 @@ class Redact(Model):
                     f"item {index}: {name!r} is not a field or header name; write the bare "
                     "name, e.g. ssn or x-internal-token (letters, digits, '-', '_', '.')")
         return value
+
+
+class AuditLog(Model):
+    """`audit_log:`: the tamper-evident trail of sensitive operations (F5,
+    docs/audit-trail.md). On by default: the trail is only worth something if it has no
+    holes, and it costs one small append per operator action.
+
+    `path` unset: beside the SQLite state file (`<state>.audit.jsonl`), or, with a Redis
+    `state`, a Redis stream every gateway and the CLI share. A `path` given is always a
+    file (relative to the config file). `key`: an HMAC-SHA-256 key (`{env: NAME}` or
+    `{file: path}`); without one the chain is plain SHA-256, which anyone who can write
+    the file can recompute."""
+
+    enabled: bool = True
+    path: str | None = None
+    key: Secret | None = None

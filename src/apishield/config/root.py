@@ -18,7 +18,7 @@ from apishield.config.admin import Admin, Metrics
 from apishield.config.alerts import Alerts
 from apishield.config.auth import Auth, Owner, Require, Secret
 from apishield.config.errors import at
-from apishield.config.observe import AccessLog, Redact
+from apishield.config.observe import AccessLog, AuditLog, Redact
 from apishield.config.rate_limiting import IpLists, RateLimiting
 from apishield.config.reload import Reload
 from apishield.config.responses import Cors, ResponseMode, Responses, SecurityHeaders
@@ -56,6 +56,7 @@ class Config(Model):
     headers: SecurityHeaders = SecurityHeaders()
     trusted_proxies: Cidrs = ()
     access_log: AccessLog = AccessLog()
+    audit_log: AuditLog = AuditLog()  # the tamper-evident trail (docs/audit-trail.md)
     admin: Admin | None = None  # off unless configured
     metrics: Metrics = Metrics()
     usage: Usage = Usage()  # usage per identity and operation, persisted (F4)

@@ -82,6 +82,10 @@ METRIC_SPECS: dict[str, MetricSpec] = {
     "apishield_alert_deliveries_total": MetricSpec(
         "counter", "Alert deliveries by webhook and outcome (delivered, retried, failed, "
         "dropped, rate-limited).", ("webhook", "outcome")),
+    "apishield_audit_log_records_total": MetricSpec(
+        "counter", "Records this process appended to the audit trail."),
+    "apishield_audit_log_errors_total": MetricSpec(
+        "counter", "Audit-trail records this process could not write (or dropped)."),
     "apishield_build_info": MetricSpec(
         "gauge", "Always 1; the version of apishield that runs.", ("version",)),
 }
@@ -140,6 +144,8 @@ class Metrics:
         self.config_reloads: dict[str, int] = {}
         self.alerts: dict[str, int] = {}
         self.alert_deliveries: dict[tuple[str, str], int] = {}
+        self.audit_records = 0
+        self.audit_errors = 0
 
     def request(self, operation: str | None, method: str, status: int, outcome: str,
                 seconds: float, reason: str | None) -> None:
@@ -225,6 +231,12 @@ class Metrics:
         else:
             _add(table, key, (OTHER, outcome))
 
+    def audit_record(self) -> None:
+        self.audit_records += 1
+
+    def audit_error(self) -> None:
+        self.audit_errors += 1
+
 
 K = TypeVar("K")
 
@@ -284,6 +296,8 @@ class MetricsCollector(Collector):
                        [((k,), v) for k, v in m.config_reloads.items()])
         yield _counter("apishield_alerts_total", [((k,), v) for k, v in m.alerts.items()])
         yield _counter("apishield_alert_deliveries_total", m.alert_deliveries.items())
+        yield _counter("apishield_audit_log_records_total", [((), m.audit_records)])
+        yield _counter("apishield_audit_log_errors_total", [((), m.audit_errors)])
         info = GaugeMetricFamily("apishield_build_info", METRICS_HELP["apishield_build_info"],
                                  labels=["version"])
         info.add_metric([_version()], 1)

@@ -24,6 +24,7 @@ from apishield.state.usage import UsageStore
 from apishield.state.users import UserStore
 
 if TYPE_CHECKING:
+    from apishield.observe.audit_trail import AuditTrail, Sink
     from apishield.state.redis_store import SyncClient
 
 def is_redis(config: Config) -> bool:
@@ -134,3 +135,38 @@ def open_usage_store(config: Config) -> UsageStore:
     from apishield.state.redis_usage import RedisUsageStore
 
     return RedisUsageStore(state_url(config), client=_redis_client(config))
+
+
+def audit_key(config: Config) -> bytes | None:
+    """The audit trail's HMAC key (`audit_log.key`), read now; None when none is set."""
+    if config.audit_log.key is None:
+        return None
+    try:
+        return read_secret(config.audit_log.key, config.source_dir, what="audit_log.key")
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+
+
+def open_audit_sink(config: Config) -> Sink:
+    """Where the trail lives: `audit_log.path` when given (a file), else the Redis stream
+    beside the other shared state, else a file beside the SQLite state file."""
+    from apishield.observe.audit_trail import FileSink, default_path
+
+    if config.audit_log.path is not None:
+        return FileSink(config.resolve(config.audit_log.path))
+    if is_redis(config):
+        from apishield.state.audit_stream import RedisAuditSink
+
+        return RedisAuditSink(state_url(config), client=_redis_client(config))
+    return FileSink(default_path(config.resolve(config.state)))
+
+
+def open_audit_trail(config: Config) -> AuditTrail | None:
+    """The audit trail the config asks for (docs/audit-trail.md); None when
+    `audit_log.enabled` is false. A key that cannot be read is a ConfigError."""
+    if not config.audit_log.enabled:
+        return None
+    from apishield.observe.audit_trail import AuditTrail
+
+    key = audit_key(config)
+    return AuditTrail(open_audit_sink(config), key)
