@@ -9,6 +9,7 @@ except with bounds an order of magnitude away from what is measured."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -196,6 +197,17 @@ def test_a_new_ban_alerts_every_configured_webhook_in_its_format(alerting, webho
     [slack] = wait_for(lambda: webhooks.bodies("/ok/ban-slack"))
     assert set(slack) == {"text"}
     assert "new-ban" in slack["text"] and "198.51.100.90" in slack["text"]
+    # and into the audit trail (F5), beside the state file, with its chain intact
+    trail = gateway.config_path.parent / "apishield-state.db.audit.jsonl"
+    fired = wait_for(lambda: [record for record in map(json.loads,
+                                                       trail.read_text().splitlines())
+                              if record["action"] == "alert-fired"] if trail.exists() else [])
+    assert fired[0]["details"]["rule"] == "new-ban"
+    assert fired[0]["details"]["subject"] == "ip:198.51.100.90"
+    verified = subprocess.run([sys.executable, "-m", "apishield", "audit-log", "verify",
+                               str(trail)], capture_output=True, text=True, timeout=60,
+                              check=False)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_refusal_spike_by_reason_glob(alerting, webhooks):

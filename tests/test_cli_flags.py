@@ -51,7 +51,11 @@ def test_the_tree_is_what_this_test_walks():
         "bans list", "bans add", "bans remove"}
 
 
-@pytest.mark.parametrize("path", [p for p in LEAVES if p != ("demo",)], ids=" ".join)
+# the demo builds its own config and `init` writes one: neither reads a config file
+NO_CONFIG = [("demo",), ("init",)]
+
+
+@pytest.mark.parametrize("path", [p for p in LEAVES if p not in NO_CONFIG], ids=" ".join)
 def test_every_command_reading_a_config_documents_config(path):
     """The help a user sees (`apishield ... --help`) says what the file is and the default."""
     (option,) = [a for a in LEAVES[path]._actions if "--config" in a.option_strings]
@@ -63,12 +67,12 @@ def test_every_command_reading_a_config_documents_config(path):
     assert f"default: {DEFAULT_CONFIG}" in " ".join(result.stdout.split())
 
 
-def test_demo_alone_takes_no_config():
-    """The demo builds its own config; any other command without --config is a new one
-    that forgot the shared option."""
+def test_only_demo_and_init_take_no_config():
+    """The demo builds its own config and `init` writes one; any other command without
+    --config is a new one that forgot the shared option."""
     without = [p for p, parser in LEAVES.items()
                if not any("--config" in a.option_strings for a in parser._actions)]
-    assert without == [("demo",)]
+    assert without == NO_CONFIG
 
 
 @pytest.mark.parametrize("group", ["keys", "bans"])

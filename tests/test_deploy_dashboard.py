@@ -49,6 +49,8 @@ def exported_series() -> dict[str, frozenset[str]]:
     metrics.jwks_refresh("corp", "failure")
     metrics.state_error()
     metrics.config_reload("succeeded")
+    metrics.alert("login-burst")
+    metrics.alert_delivery("ops", "delivered")
     text = generate_latest(registry(metrics, lambda: {"apishield_bans_active": 2.0})).decode()
     series: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):

@@ -46,6 +46,7 @@ from apishield.http.upstream import (
     UpstreamResponse,
     problem_for,
 )
+from apishield.observe.alert_feed import FiredAlert
 from apishield.observe.audit_trail import AuditTrail, BackgroundAuditTrail
 from apishield.observe.logjson import fields
 from apishield.observe.metrics import METRICS
@@ -125,6 +126,7 @@ class Gateway:
         self.cutter = Cutter()
         self.admin_token = admin_token
         self.audit = BackgroundAuditTrail(audit) if audit is not None else None
+        self._trail_alerts(self.pipeline)
         # set by start_pool(), which serve() calls before any connection is accepted
         self.loop: asyncio.AbstractEventLoop
         # live reload (`reload`): where the config comes from, set by `reload_from`
@@ -388,6 +390,19 @@ class Gateway:
             details["problems"] = len(result.problems)
         self.audit.submit(action, "gateway", **details)
 
+    def _trail_alerts(self, pipeline: Pipeline) -> None:
+        """Every alert the pipeline's rules fire goes into the audit trail (F5), once: a
+        carried-over alert engine keeps the listener it was given."""
+        engine = pipeline.alerts
+        if self.audit is not None and engine is not None and \
+                self._alert_fired not in engine.listeners:
+            engine.listeners.append(self._alert_fired)
+
+    def _alert_fired(self, alert: FiredAlert) -> None:
+        assert self.audit is not None
+        self.audit.submit("alert-fired", "gateway", rule=alert.rule, kind=alert.kind,
+                          subject=alert.key, severity=alert.severity, summary=alert.summary)
+
     def record_start(self, host: str, port: int) -> None:
         """`gateway-started` in the audit trail: which config and contract it serves."""
         if self.audit is None or self.source is None:
@@ -421,6 +436,7 @@ class Gateway:
         old, old_pool = self.pipeline, None
         # the swap: between two requests, as nothing else runs on the loop meanwhile
         self.pipeline = new
+        self._trail_alerts(new)
         self.config = new.config
         self.contract = new.contract
         self.max_buffered_bytes = new.config.responses.max_buffered_bytes
