@@ -156,9 +156,11 @@ def test_unknown_paths_and_methods(admin_gateway: tuple[Any, str]) -> None:
     missing = httpx.get(f"{admin}/nope")
     assert missing.status_code == 404
     assert missing.headers["content-type"] == "application/problem+json"
+    assert missing.json()["type"] == "urn:apishield:problem:admin-not-found"
     wrong = httpx.post(f"{admin}/metrics")
     assert wrong.status_code == 405
     assert wrong.headers["allow"] == "GET"
+    assert wrong.json()["type"] == "urn:apishield:problem:admin-method-not-allowed"
 
 
 def test_token_required_when_configured(make_gateway: Any,
@@ -172,6 +174,7 @@ def test_token_required_when_configured(make_gateway: Any,
         response = httpx.get(f"{admin}/metrics", headers=headers)
         assert response.status_code == 401, headers
         assert response.headers["www-authenticate"] == 'Bearer realm="apishield-admin"'
+        assert response.json()["type"] == "urn:apishield:problem:admin-unauthorized"
         assert httpx.get(f"{admin}/config", headers=headers).status_code == 401
     # liveness needs no token; everything else does
     assert httpx.get(f"{admin}/healthz").status_code == 200

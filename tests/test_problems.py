@@ -23,7 +23,6 @@ from apishield.problems import (
     NotFound,
     ProblemRenderer,
     UpstreamFailure,
-    render_problem,
 )
 
 DOCS = Path(__file__).parent.parent / "docs"
@@ -68,7 +67,8 @@ def test_errors_and_per_instance_status_are_kept() -> None:
 
 
 def test_no_link_unless_configured() -> None:
-    assert "docs" not in orjson.loads(render_problem(NotFound("route-not-declared"), "0" * 32))
+    assert "docs" not in orjson.loads(ProblemRenderer().render(NotFound("route-not-declared"),
+                                                               "0" * 32))
     config = config_from_dict({"contract": "contract.yaml"},
                               source_dir=Path(__file__).parent / "data")
     assert config.responses.problem_docs is None

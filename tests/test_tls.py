@@ -346,7 +346,18 @@ def test_refuse_mode_is_403_problem(make_gateway, certs, upstream):
     assert problem["type"] == "urn:apishield:problem:https-required"
     assert problem["practice"] == "C1"
     assert problem["instance"].endswith(response.headers["x-request-id"])
+    assert "docs" not in problem  # no link unless responses.problem_docs is configured
     assert upstream.request_count == before
+
+
+def test_plain_listener_refusals_link_their_docs_when_configured(make_gateway, certs):
+    """The plain listener renders with the gateway's `responses.problem_docs` (G5): it
+    used a renderer of its own that never linked."""
+    plain = free_port()
+    start_tls(make_gateway, certs, plain_http={"port": plain, "mode": "refuse"},
+              overrides={"responses": {"problem_docs": "https://docs.example/problems"}})
+    problem = httpx.get(f"http://127.0.0.1:{plain}/echo", timeout=5).json()
+    assert problem["docs"] == "https://docs.example/problems#https-required"
 
 
 @pytest.mark.parametrize(("redirect_port", "authority"),

@@ -364,11 +364,3 @@ class ProblemRenderer:
             return b"%s%s%s,\"errors\":%s}" % (head, request_id.encode(), tail[:-1],
                                                  orjson.dumps(problem.errors))
         return head + request_id.encode() + tail
-
-
-_PLAIN = ProblemRenderer()
-
-
-def render_problem(problem: Problem, request_id: str) -> bytes:
-    """A refusal without a documentation link (the plain-HTTP listener's answers)."""
-    return _PLAIN.render(problem, request_id)

@@ -89,7 +89,9 @@ Readiness = Callable[[], Awaitable[list[str]]]
 
 def _problem(status: int, slug: str, title: str, detail: str,
              headers: Headers | None = None) -> AdminResponse:
-    body = orjson.dumps({"type": f"https://apishield.dev/problems/{slug}", "title": title,
+    # a URN like the gateway's refusals (problems.py): the project publishes no site a
+    # URL could point at; `admin-` keeps them apart from the API's own types
+    body = orjson.dumps({"type": f"urn:apishield:problem:admin-{slug}", "title": title,
                          "status": status, "detail": detail})
     return AdminResponse(status, body, PROBLEM, headers or [])
 

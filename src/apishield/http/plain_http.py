@@ -31,9 +31,9 @@ from apishield.problems import (
     HeadersTooLarge,
     HttpsRequired,
     Problem,
+    ProblemRenderer,
     RequestTimeout,
     UriTooLong,
-    render_problem,
 )
 
 if TYPE_CHECKING:
@@ -91,6 +91,9 @@ class PlainHttpResponder:
         self.port_suffix = "" if https_port == 443 else f":{https_port}"
         config = gateway.config
         self.add_headers = gateway.pipeline.plain_http_headers()
+        # with the documentation link when `responses.problem_docs` is set, as the
+        # gateway's own refusals (G5)
+        self.render = ProblemRenderer(config.responses.problem_docs).render
         self.max_url = config.limits.max_url_length
         self.max_header_bytes = config.limits.max_header_bytes
         self.max_header_count = config.limits.max_header_count
@@ -213,7 +216,7 @@ class PlainHttpConnection(asyncio.Protocol):
             exchange = Exchange(Request("-", b"/", b"", [], self.peer_ip, "http"))
         exchange.problem = problem
         exchange.reason = problem.reason
-        body = render_problem(problem, exchange.id)
+        body = self.responder.render(problem, exchange.id)
         if exchange.request.method == "HEAD":
             body_out = b""
         else:
