@@ -107,3 +107,16 @@ def test_the_fallback_list_is_pyprojects_runtime_dependencies():
         "dependencies"]
     assert set(SECURITY_LIBRARIES) == {
         name(re.match(r"[\w.-]+", text).group(0)) for text in dependencies}
+
+
+def test_the_docs_example_is_this_versions_report():
+    """docs/deploy.md shows the report; its pins must follow the lock when a pin moves."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    section = doc[doc.index("### Versions for a bug report"):]
+    (example,) = re.findall(r"^```text\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)[:1]
+    lines = example.splitlines()
+    assert lines[0] == f"apishield=={__version__}"
+    assert pins(lines[1:]) == {package: ENTRIES[name(package)].version
+                               for package in SECURITY_LIBRARIES}
+    assert [line.split(":")[0] for line in lines if line.startswith("# ") and ":" in line] == [
+        "# ssl module", "# cryptography"]
