@@ -4,11 +4,13 @@
 #   docker build -t apishield .
 #   docker run --rm -v "$PWD/deploy:/etc/apishield:ro" -p 8080:8080 apishield
 #
-# Two stages. `builder` turns the project and its pinned dependencies into wheels; it
-# needs a C compiler because libinjection-python ships no binary wheel. The final stage
-# installs those wheels into a plain python slim image, runs as an unprivileged user and
-# holds no compiler, no source tree and no wheel files (they are bind-mounted from the
-# builder for the one `pip install`, never copied into a layer).
+# Two stages. `builder` installs the locked dependencies into a virtual environment,
+# /opt/apishield: every file pip downloads must match a sha256 of requirements.lock
+# (`--require-hashes`), the transitive dependencies included, then the project itself
+# without dependencies. It needs a C compiler because libinjection-python ships no binary
+# wheel (its sdist is hash-checked like the rest). The final stage is a plain python slim
+# image that copies that environment and nothing else: no compiler, no source tree, no
+# wheel, and it runs as an unprivileged user.
 # Checked by tests/test_deploy.py: hadolint (from PyPI, pinned in the test extras) and
 # structural checks; no image is built by the test suite (no container engine runs there).
 
@@ -23,11 +25,16 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY deploy/constraints.txt ./deploy/constraints.txt
+# The lock first: this layer is rebuilt only when a dependency changes (docs/deploy.md,
+# "Supply chain"). pip refuses a file whose hash is not in the lock, and a dependency the
+# lock does not pin.
+COPY requirements.lock ./
+RUN python -m venv /opt/apishield \
+    && /opt/apishield/bin/pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
-# --constraint pins every transitive dependency too (deploy/constraints.txt).
-RUN pip wheel --no-cache-dir --constraint deploy/constraints.txt --wheel-dir /wheels .
+# The project alone: its dependencies are the locked ones installed above.
+RUN /opt/apishield/bin/pip install --no-cache-dir --no-deps .
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="apishield" \
@@ -35,7 +42,8 @@ LABEL org.opencontainers.image.title="apishield" \
       org.opencontainers.image.licenses="Apache-2.0"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH="/opt/apishield/bin:${PATH}"
 # A fixed numeric uid/gid so that orchestrators can check runAsNonRoot and volume owners
 # can be set ahead; /var/lib/apishield is where a SQLite `state:` file can live.
 RUN groupadd --system --gid 10001 apishield \
@@ -43,8 +51,9 @@ RUN groupadd --system --gid 10001 apishield \
        --home-dir /nonexistent --shell /usr/sbin/nologin apishield \
     && install -d -o apishield -g apishield -m 0750 /var/lib/apishield \
     && install -d -m 0755 /etc/apishield
-RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/apishield-*.whl
+# The environment the builder installed and verified, at the same path (its scripts name
+# /opt/apishield/bin/python), read-only for the apishield user (root owns it).
+COPY --from=builder /opt/apishield /opt/apishield
 USER 10001:10001
 WORKDIR /etc/apishield
 # 8080: the gateway (listen.port); 9901: the admin listener (admin.port: /healthz,

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from apishield import __version__
 from apishield.auth.service import NOT_PUBLIC
+from apishield.cli import version as version_cli
 from apishield.cli.config_option import config_parent
 from apishield.config import Config, ConfigError, config_from_dict, load_config, read_yaml
 from apishield.contract.loader import load_contract
@@ -284,7 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Contract-first API security gateway: what the OpenAPI document does "
         "not declare is refused.",
     )
-    parser.add_argument("--version", action="version", version=f"apishield {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=version_cli.short(),
+                        help="print the version and exit (with -v: the libraries' too)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="with --version: the versions of the security-relevant "
+                        "libraries and of OpenSSL, one per line, for a bug report")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve_cmd = commands.add_parser("serve", parents=[config_parent()],
@@ -331,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    report = version_cli.requested(sys.argv[1:] if argv is None else argv)
+    if report is not None:  # `--version --verbose`, in either order (cli/version.py)
+        sys.stdout.write(report)
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
