@@ -345,6 +345,24 @@ def test_exit_codes(tmp_path, capsys):
     assert usage.value.code == 2
 
 
+def test_missing_config_named(tmp_path, capsys):
+    """A config file that does not exist is named in the error, not the contract; a
+    contract that does not load is named with the config it was read with."""
+    contract = tmp_path / "openapi.yaml"
+    contract.write_text(yaml.safe_dump(CLEAN))
+    missing = tmp_path / "missing.yaml"
+    assert main(["audit", "-c", str(missing), str(contract)]) == 2
+    first, problem = capsys.readouterr().err.splitlines()[:2]
+    assert first == f"apishield: 1 problem(s) in {missing}:"
+    assert "missing.yaml: file not found" in problem
+    config = tmp_path / "apishield.yaml"
+    config.write_text(f"contract: {contract.name}\n")
+    assert main(["audit", "-c", str(config), str(tmp_path / "gone.yaml")]) == 2
+    first, problem = capsys.readouterr().err.splitlines()[:2]
+    assert first == f"apishield: 1 problem(s) in {tmp_path / 'gone.yaml'} (with {config}):"
+    assert "gone.yaml: file not found" in problem
+
+
 def test_the_default_config_file_is_read_when_present(tmp_path, capsys, monkeypatch):
     """`--config` defaults to apishield.yaml as for every command; absent, the defaults."""
     monkeypatch.chdir(tmp_path)
