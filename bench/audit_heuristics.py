@@ -12,6 +12,7 @@ every distinct thing the rule matched on (parameter names, paths, property names
 its count, so a reviewer can read the false positives and negatives by hand.
 
     .venv/bin/python bench/audit_heuristics.py [--count 50] [--seed 15] [--output FILE.json]
+        [--apishield-cmd "env PYTHONPATH=/tmp/head/src .venv/bin/python -m apishield"]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import collections
 import json
 import random
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -44,9 +46,15 @@ KEYS = {
 }
 
 
-def apishield() -> str:
+COMMAND: list[str] = []
+
+
+def apishield() -> list[str]:
+    """The command that runs apishield: --apishield-cmd, else the venv's, else PATH's."""
+    if COMMAND:
+        return COMMAND
     binary = ROOT / ".venv" / "bin" / "apishield"
-    return str(binary) if binary.exists() else "apishield"
+    return [str(binary) if binary.exists() else "apishield"]
 
 
 def sample(count: int, seed: int) -> list[str]:
@@ -59,9 +67,9 @@ def sample(count: int, seed: int) -> list[str]:
 
 def audit(name: str, path: Path) -> dict[str, Any]:
     config = path.with_suffix(".apishield.yaml")
-    made = subprocess.run([apishield(), "init", str(path), "--output", str(config)],
+    made = subprocess.run([*apishield(), "init", str(path), "--output", str(config)],
                           capture_output=True, text=True, cwd=path.parent, timeout=600)
-    command = [apishield(), "audit", str(path), "--format", "json", "--fail-on", "critical"]
+    command = [*apishield(), "audit", str(path), "--format", "json", "--fail-on", "critical"]
     if made.returncode == 0:
         command += ["--config", str(config)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=path.parent,
@@ -71,8 +79,8 @@ def audit(name: str, path: Path) -> dict[str, Any]:
     findings = json.loads(done.stdout)["findings"]
     # without a config, to see what the credential heuristic matches (init's rate limits
     # would silence it on the operations its own, separate, word list finds)
-    bare = subprocess.run(command[:7], capture_output=True, text=True, cwd=path.parent,
-                          timeout=600)
+    bare = subprocess.run(command[:len(apishield()) + 6], capture_output=True, text=True,
+                          cwd=path.parent, timeout=600)
     contract_only = [{"rule": f["rule"], "pointer": f["location"]["pointer"],
                       "message": f["message"]} for f in json.loads(bare.stdout)["findings"]
                      if f["rule"] == "credential-endpoint-without-rate-limit"] \
@@ -105,7 +113,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--top", type=int, default=25, help="matched names shown per rule")
     parser.add_argument("--output", type=Path, help="write every finding as JSON here")
+    parser.add_argument("--apishield-cmd", help="another build, e.g. the committed tree: "
+                        '"env PYTHONPATH=/tmp/head/src .venv/bin/python -m apishield"')
     args = parser.parse_args()
+    if args.apishield_cmd:
+        COMMAND.extend(shlex.split(args.apishield_cmd))
     names = sample(args.count, args.seed)
     results = []
     with tempfile.TemporaryDirectory(prefix="audit-heuristics-") as tmp:

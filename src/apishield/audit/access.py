@@ -33,10 +33,11 @@ ADMIN_WORDS = frozenset({"admin", "admins", "administration", "administrator",
 _PARAMETER = re.compile(r"\{[^}]*\}")
 _WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+[a-z]*")
 # words of a path or an operationId (camelCase and separators split) that name a
-# credential check: `/auth/token`, `createSession`, `reset-password`, not `/authors`
+# credential check: `/auth/token`, `createSession`, `reset-password`, not `/authors`.
+# `reset` alone is not one: `VpnGateways_Reset`, `instances.reset` reset machines (corpus).
 CREDENTIAL_WORDS = frozenset({
     "login", "logon", "signin", "auth", "authenticate", "authentication", "oauth", "token",
-    "tokens", "password", "passwords", "passwd", "reset", "forgot", "otp", "mfa", "2fa",
+    "tokens", "password", "passwords", "passwd", "forgot", "otp", "mfa", "2fa",
     "session", "sessions"})
 _CREDENTIAL_PAIRS = frozenset({("log", "in"), ("sign", "in"), ("log", "on")})
 
