@@ -213,6 +213,81 @@ def test_rule(tmp_path, capsys, rule, patch, config, fires):
     assert (rule in rules_of(report)) is fires, report["findings"]
 
 
+STRING = {"type": "string"}
+# (response property name, its schema, sensitive?): tuned on real contracts (bench/RESULTS.md,
+# "Issue 15: audit vs Spectral OWASP"); the negatives were findings before.
+SENSITIVE_NAMES = [
+    ("password_hash", STRING, True),
+    ("accesstoken", STRING, True),  # run together: matched inside the word
+    ("clientSecret", STRING, True),
+    ("apiKey", STRING, True),
+    ("sshPrivateKey", STRING, True),
+    ("socialSecurityNumber", STRING, True),
+    ("ssn", STRING, True),
+    ("cardNumber", {"type": "integer", "maximum": 10**19}, True),  # card data: any type
+    ("nextPageToken", STRING, False),  # a page cursor
+    ("NextToken", STRING, False),
+    ("continuationToken", STRING, False),
+    ("businessName", STRING, False),  # holds "ssn"
+    ("IOSSNumber", STRING, False),
+    ("tokenType", STRING, False),  # about the token
+    ("passwordPolicy", {"type": "object"}, False),
+    ("AccessTokenValidity", STRING, False),
+    ("secretName", STRING, False),
+    ("tokenId", STRING, False),
+    ("refresh_token_expires_at", STRING, False),
+    ("hasPassword", {"type": "boolean"}, False),  # a flag carries no secret
+    ("max_tokens", {"type": "integer", "maximum": 9}, False),  # a count
+]
+
+
+@pytest.mark.parametrize(("name", "schema", "fires"), SENSITIVE_NAMES,
+                         ids=[case[0] for case in SENSITIVE_NAMES])
+def test_sensitive_property_names(tmp_path, capsys, name, schema, fires):
+    patch = op(responses={"200": {"content": {"application/json": {"schema": {
+        "type": "object", "additionalProperties": False, "properties": {name: schema}}}}}})
+    _code, report = audit(tmp_path, merge(CLEAN, patch), capsys=capsys)
+    assert ("sensitive-response-property" in rules_of(report)) is fires, report["findings"]
+
+
+# (path parameter name, ID-like?): every positive is an id in a real contract of the corpus
+ID_NAMES = [("petId", True), ("Id", True), ("ID", True), ("UUID", True), ("userid", True),
+            ("AccountSid", True), ("projectGuid", True), ("task_gid", True),
+            ("LIVE_STREAM_ID", True), ("order-id", True),
+            ("name", False), ("owner", False), ("format", False), ("Identity", False)]
+
+
+@pytest.mark.parametrize(("name", "fires"), ID_NAMES, ids=[case[0] for case in ID_NAMES])
+def test_bola_id_parameter_names(tmp_path, capsys, name, fires):
+    patch = extra(f"/things/{{{name}}}", "get", {"security": [{"bearer": []}], "parameters": [
+        {"name": name, "in": "path", "required": True,
+         "schema": {"type": "string", "maxLength": 9}}]})
+    _code, report = audit(tmp_path, merge(CLEAN, patch), capsys=capsys)
+    assert ("bola-id-parameter" in rules_of(report)) is fires, report["findings"]
+
+
+ADMIN_PATHS = [
+    ("/admin/users", True), ("/internal/jobs", True),
+    ("/admin.apps.approve", True),  # Slack
+    ("/providers/Microsoft.Storage.Admin/farms", True),  # Azure Stack
+    ("/#X-Amz-Target=Cognito.AdminCreateUser", True),  # AWS
+    ("/__admin/mappings", True),  # WireMock
+    ("/district_admins", True),
+    ("/badminton/courts", False), ("/users/{adminId}", False),  # parameter names not read
+    ("/providers/Microsoft.ApiManagement/service", False), ("/pets", False)]
+
+
+@pytest.mark.parametrize(("path", "fires"), ADMIN_PATHS, ids=[case[0] for case in ADMIN_PATHS])
+def test_admin_like_paths(tmp_path, capsys, path, fires):
+    parameters = [{"name": "adminId", "in": "path", "required": True,
+                   "schema": {"type": "string", "maxLength": 9}}] if "{" in path else []
+    patch = extra(path, "get", {"security": [{"bearer": []}], "parameters": parameters,
+                                "x-apishield": {"owner": {"param": "path.adminId"}}}
+                  if parameters else {"security": [{"bearer": []}]})
+    _code, report = audit(tmp_path, merge(CLEAN, patch), capsys=capsys)
+    assert ("admin-without-role" in rules_of(report)) is fires, report["findings"]
+
+
 def test_every_rule_has_a_positive_and_a_negative_case():
     fires = {case[0] for case in CASES if case[3]}
     quiet = {case[0] for case in CASES if not case[3]}
@@ -345,6 +420,24 @@ def test_exit_codes(tmp_path, capsys):
     assert usage.value.code == 2
 
 
+def test_missing_config_named(tmp_path, capsys):
+    """A config file that does not exist is named in the error, not the contract; a
+    contract that does not load is named with the config it was read with."""
+    contract = tmp_path / "openapi.yaml"
+    contract.write_text(yaml.safe_dump(CLEAN))
+    missing = tmp_path / "missing.yaml"
+    assert main(["audit", "-c", str(missing), str(contract)]) == 2
+    first, problem = capsys.readouterr().err.splitlines()[:2]
+    assert first == f"apishield: 1 problem(s) in {missing}:"
+    assert "missing.yaml: file not found" in problem
+    config = tmp_path / "apishield.yaml"
+    config.write_text(f"contract: {contract.name}\n")
+    assert main(["audit", "-c", str(config), str(tmp_path / "gone.yaml")]) == 2
+    first, problem = capsys.readouterr().err.splitlines()[:2]
+    assert first == f"apishield: 1 problem(s) in {tmp_path / 'gone.yaml'} (with {config}):"
+    assert "gone.yaml: file not found" in problem
+
+
 def test_the_default_config_file_is_read_when_present(tmp_path, capsys, monkeypatch):
     """`--config` defaults to apishield.yaml as for every command; absent, the defaults."""
     monkeypatch.chdir(tmp_path)
@@ -391,7 +484,9 @@ def test_a_large_contract_is_audited(tmp_path, capsys):
     ("/login", True), ("/auth/token", True), ("createSession", True), ("/users/sign-in", True),
     ("resetPassword", True), ("/oauth2/token", True), ("/v1/logIn", True),
     ("/authors", False), ("createAuthor", False), ("/tokenizer-stats", False),
-    ("/blogs", False), ("signature", False)])
+    ("/blogs", False), ("signature", False),
+    ("/account/forgot", True), ("/password/reset", True),
+    ("VpnGateways_Reset", False), ("/instances/{id}:reset", False)])  # machines, not passwords
 def test_credential_endpoints_are_recognised_by_words(text, credential):
     from apishield.audit.access import credential_like
 

@@ -17,24 +17,48 @@ from apishield.contract.loader import Operation, escape_pointer
 
 Found = Iterator[tuple[Location, str]]
 
-ID_PARAMETER = re.compile(r"(^id$|^uuid$|^guid$|[a-z0-9](Id|ID|Uuid|UUID)$|[_-](id|uuid)$)")
+# `id`, `ID`, `uuid`, `sid`; `userid`, `playerid` (lower case run together); `orderId`,
+# `projectGuid`, `AccountSid` (Twilio); `user_id`, `task_gid` (Asana), `LIVE_STREAM_ID`.
+# Every path parameter of the corpus these match is an object id (bench/RESULTS.md).
+ID_PARAMETER = re.compile(r"((?i:^(id|uuid|guid|sid)$)|^[a-z]+id$"
+                          r"|[a-z0-9](Id|ID|Uuid|UUID|Guid|GUID|Sid|SID)$"
+                          r"|(?i:[_-](id|uuid|guid|gid|sid)$))")
 ADMIN_PATH = re.compile(r"/(admin|administration|internal|manage|management|superuser|"
                         r"staff|ops|debug)(/|$|\{)", re.IGNORECASE)
+# `admin` as a word anywhere in the path's literal text, not only as a whole segment:
+# `/admin.apps.approve` (Slack), `Microsoft.Storage.Admin/farms` (Azure Stack),
+# `#X-Amz-Target=...AdminCreateUser` (AWS), `/__admin/mappings` (WireMock), `/district_admins`
+ADMIN_WORDS = frozenset({"admin", "admins", "administration", "administrator",
+                         "administrators", "administrative", "superuser", "superusers"})
+_PARAMETER = re.compile(r"\{[^}]*\}")
 _WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+[a-z]*")
 # words of a path or an operationId (camelCase and separators split) that name a
-# credential check: `/auth/token`, `createSession`, `reset-password`, not `/authors`
+# credential check: `/auth/token`, `createSession`, `reset-password`, not `/authors`.
+# `reset` alone is not one: `VpnGateways_Reset`, `instances.reset` reset machines (corpus).
 CREDENTIAL_WORDS = frozenset({
     "login", "logon", "signin", "auth", "authenticate", "authentication", "oauth", "token",
-    "tokens", "password", "passwords", "passwd", "reset", "forgot", "otp", "mfa", "2fa",
+    "tokens", "password", "passwords", "passwd", "forgot", "otp", "mfa", "2fa",
     "session", "sessions"})
 _CREDENTIAL_PAIRS = frozenset({("log", "in"), ("sign", "in"), ("log", "on")})
 
 
+def words(text: str) -> list[str]:
+    """The lower-cased words of a name: camelCase, digits and separators split."""
+    return [word.lower() for word in _WORD.findall(text)]
+
+
 def credential_like(text: str) -> bool:
     """Whether a path or operationId reads like login, token or password reset."""
-    words = [word.lower() for word in _WORD.findall(text)]
-    return bool(CREDENTIAL_WORDS.intersection(words)) or any(
-        pair in _CREDENTIAL_PAIRS for pair in pairwise(words))
+    found = words(text)
+    return bool(CREDENTIAL_WORDS.intersection(found)) or any(
+        pair in _CREDENTIAL_PAIRS for pair in pairwise(found))
+
+
+def admin_like(path: str) -> bool:
+    """Whether a path reads like an administrative one: a segment such as /admin/ or
+    /internal/, or the word admin in its literal text (parameter names are not read)."""
+    return bool(ADMIN_PATH.search(path)) or bool(
+        ADMIN_WORDS.intersection(words(_PARAMETER.sub("/", path))))
 
 
 MAX_LIFETIME = 86400.0
@@ -272,7 +296,7 @@ def bola(ctx: AuditContext) -> Found:
           "x-apishield or operations.<operationId>, or require an admin scope.")
 def admin_without_role(ctx: AuditContext) -> Found:
     for operation in ctx.contract.operations:
-        if not ADMIN_PATH.search(operation.path):
+        if not admin_like(operation.path):
             continue
         if operation.security is None and not operation.public:
             continue  # refused to everyone: no-security says so

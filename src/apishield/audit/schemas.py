@@ -7,18 +7,55 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from itertools import pairwise
 from typing import Any
 
-from apishield.audit.access import credential_like
+from apishield.audit.access import credential_like, words
 from apishield.audit.context import AuditContext, SchemaNode
 from apishield.audit.findings import Location, Severity, rule
 from apishield.contract.loader import Operation, escape_pointer
 
 Found = Iterator[tuple[Location, str]]
 
-SENSITIVE = re.compile(r"(password|passwd|secret|token|ssn|social_?security|card_?number|"
-                       r"cardnumber|^card$|cvv|cvc|pin_?code)", re.IGNORECASE)
+# Credentials: matched inside words too (`accesstoken`, `clientsecret` are common).
+CREDENTIAL = re.compile(r"(password|passwd|secret|token|apikey|api_key|privatekey|private_key|"
+                        r"passphrase)", re.IGNORECASE)
+_CREDENTIAL_PAIRS = frozenset({("api", "key"), ("private", "key"), ("access", "key")})
+# Personal and card data; SSN only as a word (`businessName` holds "ssn", `IOSSNumber` too).
+PERSONAL = re.compile(r"(social_?security|card_?number|cardnumber|^card$|cvv|cvc|pin_?code)",
+                      re.IGNORECASE)
+# A page cursor named token (`nextPageToken`, `NextToken`, `continuationToken`) and an
+# idempotency token are opaque handles, not credentials.
+HANDLE_TOKEN = re.compile(r"(page|next|prev|previous|continuation|pagination|cursor|sync|"
+                          r"resume|skip|marker|paging|idempotency)[_-]?tokens?$", re.IGNORECASE)
+# A last word that makes the name about the credential, not the credential itself:
+# `tokenType`, `passwordPolicy`, `AccessTokenValidity`, `secretName`, `tokenId`,
+# `refreshTokenExpiresAt` (measured on the corpus: bench/RESULTS.md, issue 15).
+ABOUT = frozenset({
+    "validity", "policy", "policies", "unit", "units", "revocation", "generation", "expiry",
+    "expiration", "expires", "expired", "length", "type", "types", "count", "enabled",
+    "required", "url", "uri", "endpoint", "id", "ids", "at", "changed", "updated", "created",
+    "age", "lifetime", "ttl", "strength", "status", "format", "days", "hours", "minutes",
+    "seconds", "name", "names", "arn", "ref", "version", "configuration", "config",
+    "settings", "rules", "complexity", "hint", "location", "role"})
 TOKEN_NAME = re.compile(r"token", re.IGNORECASE)
+
+
+def sensitive_name(name: str, schema: object) -> bool:
+    """Whether a property named so, with this schema, likely carries a secret or personal
+    data: a credential-like name holding a string (a boolean `hasPassword` or an integer
+    `max_tokens` carries none), or a card or social security number; not a page cursor
+    or idempotency token, nor a name about the value (`tokenType`, `passwordPolicy`)."""
+    split = words(name)
+    if len(split) > 1 and split[-1] in ABOUT:
+        return False
+    if PERSONAL.search(name) or "ssn" in split:
+        return True
+    if not (CREDENTIAL.search(name) or any(pair in _CREDENTIAL_PAIRS
+                                           for pair in pairwise(split))):
+        return False
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    return kind not in ("boolean", "integer", "number") and not HANDLE_TOKEN.search(name)
 # a group holding a quantifier, itself quantified: (a+)+, (\w*)*, (.+){2,}
 NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*](?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,\d*\})")
 
@@ -117,7 +154,8 @@ def backtracking_pattern(ctx: AuditContext) -> Found:
 
 @rule("sensitive-response-property", title="Sensitive property in a response",
       severity=Severity.MEDIUM, checklist="E3", owasp="API3",
-      why="A response schema that declares a password, secret, token, SSN or card number "
+      why="A response schema that declares a password, secret, token, API or private key, "
+          "SSN or card number "
           "tells apishield's response filter to let it through: excessive data exposure "
           "by contract.",
       fix="Remove the property from the response schema, or mark it `writeOnly: true` "
@@ -132,7 +170,7 @@ def sensitive_response(ctx: AuditContext) -> Found:
         for name, sub in properties.items():
             if issues_tokens and TOKEN_NAME.search(str(name)):
                 continue  # a token endpoint answers with its token: that is its purpose
-            if SENSITIVE.search(str(name)) and not (
+            if sensitive_name(str(name), sub) and not (
                     isinstance(sub, dict) and sub.get("writeOnly") is True
                     and _response_mode(ctx, item.operation) != "off"):
                 yield _at(ctx, item, f"/properties/{escape_pointer(str(name))}"), (

@@ -52,16 +52,25 @@ def _config(args: argparse.Namespace) -> tuple[Config, Path | None]:
     return config.model_copy(update={"contract": contract}), Path(args.config).resolve()
 
 
+def _problems(error: ConfigError, source: str) -> int:
+    print(f"apishield: {len(error.problems)} problem(s) in {source}:", file=sys.stderr)
+    for problem in error.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     try:
         config, config_file = _config(args)
+    except ConfigError as exc:
+        # the config file was given (or found) and did not load: name it, not the contract
+        return _problems(exc, args.config)
+    try:
         contract = load_contract(config)
     except ConfigError as exc:
-        source = args.config if Path(args.config).exists() else args.contract
-        print(f"apishield: {len(exc.problems)} problem(s) in {source}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        # the contract's own problems, or the config's operations that do not match it
+        return _problems(exc, args.contract if config_file is None
+                         else f"{args.contract} (with {args.config})")
     findings = run_audit(contract, config, config_file)
     config_name = args.config if config_file is not None else None
     if args.format == "json":
