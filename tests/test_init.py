@@ -16,8 +16,9 @@ import httpx
 import pytest
 import yaml
 
+from apishield.audit.rules import run_audit
 from apishield.cli.init import is_login_like, starter_policy
-from apishield.cli.main import main
+from apishield.cli.main import _load_and_compile, main
 from apishield.config.loading import read_yaml
 from apishield.contract.loader import Operation
 from apishield.contract.pattern_dialects import rewrite
@@ -107,6 +108,11 @@ def test_the_starter_loads_and_maps_every_scheme(contract: Path, tmp_path: Path,
     # check says what is still closed: the refused schemes and the unsecured operations
     assert "auth.schemes.jwt.mode: refuse" in err and "auth.schemes.digest.mode" in err
     assert "declares no security and is not marked public" in err
+    # what init rate-limits is what `audit` asks a limit for: no such finding is left
+    gateway = _load_and_compile(str(output))
+    found = {f.rule.id for f in run_audit(gateway.contract, gateway.config, output)}
+    assert "credential-endpoint-without-rate-limit" not in found
+    assert "no-security" in found  # and the rest of the review still happens
 
 
 def test_a_starter_is_not_written_over_an_existing_file(contract: Path, tmp_path: Path) -> None:

@@ -38,8 +38,10 @@ _WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+[a-z]*")
 CREDENTIAL_WORDS = frozenset({
     "login", "logon", "signin", "auth", "authenticate", "authentication", "oauth", "token",
     "tokens", "password", "passwords", "passwd", "forgot", "otp", "mfa", "2fa",
-    "session", "sessions"})
-_CREDENTIAL_PAIRS = frozenset({("log", "in"), ("sign", "in"), ("log", "on")})
+    "session", "sessions", "signup", "register", "registration"})
+# sign-up too: account creation is where bots enumerate and spam (`apishield init` limits
+# the same operations, so a starter policy passes this rule)
+_CREDENTIAL_PAIRS = frozenset({("log", "in"), ("sign", "in"), ("log", "on"), ("sign", "up")})
 
 
 def words(text: str) -> list[str]:

@@ -24,7 +24,6 @@ What the user still has to decide is printed, and written at the top of the file
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import re
 import sys
@@ -35,6 +34,7 @@ from typing import Any
 import orjson
 
 from apishield import __version__
+from apishield.audit.access import credential_like
 from apishield.config import ConfigError, config_from_dict
 from apishield.contract.loader import Contract, Operation, load_contract, load_document
 from apishield.contract.servers import AmbiguousServers, first_server_path, servers_base_path
@@ -42,19 +42,6 @@ from apishield.contract.servers import AmbiguousServers, first_server_path, serv
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
-# Words that name a credential-checking operation (login, token grant, password reset,
-# one-time codes, sign-up): a pre-authentication limit there slows credential stuffing
-# and enumeration before any expensive check (checklist A9, D1). Matched against the
-# operationId and the path's words, on POST only: that is how credentials are submitted.
-_LOGIN_WORDS = frozenset({
-    "login", "logon", "signin", "authenticate", "authentication", "auth", "token", "tokens",
-    "oauth", "oauth2", "password", "passwords", "passwd", "reset", "forgot", "recover",
-    "recovery", "otp", "mfa", "2fa", "totp", "signup", "register", "registration",
-    "session", "sessions", "verify", "verification", "challenge", "credentials",
-})
-_JOINED = {"signin": ("sign", "in"), "login": ("log", "in"), "logon": ("log", "on"),
-           "signup": ("sign", "up")}
-_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -135,21 +122,16 @@ def _q(value: str) -> str:
     return orjson.dumps(value).decode()
 
 
-def _words(text: str) -> list[str]:
-    return [word.lower() for word in _WORD.findall(text)]
-
-
 def is_login_like(operation: Operation) -> bool:
-    """A POST whose operationId or path names a credential check (see `_LOGIN_WORDS`)."""
+    """A POST whose operationId or literal path reads like login, token, password reset
+    or sign-up: the words `apishield audit` asks a rate limit for (one list, so a starter
+    policy passes that rule). Credentials are submitted by POST; path parameters' names
+    are not read (`/catalog/{token}` names no credential check)."""
     if operation.method != "POST":
         return False
-    words = _words(operation.operation_id or "") + [
-        word for segment in operation.path.split("/") if not segment.startswith("{")
-        for word in _words(segment)]
-    if any(word in _LOGIN_WORDS for word in words):
-        return True
-    pairs = set(itertools.pairwise(words))
-    return any(pair in pairs for pair in _JOINED.values())
+    literal = "/".join(segment for segment in operation.path.split("/")
+                       if not segment.startswith("{"))
+    return credential_like(operation.operation_id or "") or credential_like(literal)
 
 
 class _Writer:
