@@ -1,0 +1,377 @@
+"""`apishield probe` (issue 17): attacks generated from the contract, sent to a real target.
+
+The targets are real processes on 127.0.0.1: the gateway (`apishield serve`, started by
+conftest's `start_gateway`) in front of the bundled demo API with an API-key requirement
+added to its contract, once with the default policy (every attempt refused) and once with
+four deliberate holes (the probe reports exactly those); and small local HTTP servers that
+count what reaches them, for the safety rules (dry run, one origin, no redirects followed,
+--max-requests, writes only with --allow-writes, no prompt without a terminal). The probe
+runs in-process through `apishield.cli.main.main` (its real parser, planner and sender).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import apishield.demo
+from apishield.cli.main import main
+from apishield.demo.api import DemoServer, make_server
+from apishield.probe.plan import SAFE_METHODS
+from apishield.probe.rules import CLASSES, PROBE_RULES
+from tests.conftest import RunningGateway, start_gateway
+
+DEMO_CONTRACT = Path(apishield.demo.__file__).parent / "openapi.yaml"
+SARIF_SCHEMA = Path(__file__).resolve().parent / "data" / "audit" / "sarif-schema-2.1.0.json"
+FAST = ["--rate", "500", "--yes"]  # 500/s: the loopback gateway keeps up; no timing asserted
+
+# the deliberate holes: one operation each
+HOLES = {"listPets": {"strict": False}, "createPet": {"injection": False},
+         "getUser": {"public": True}, "getOrder": {"mode": "log-only"}}
+EXPECTED_HOLES = {
+    ("probe-unknown-parameter", "listPets"),  # strict: false
+    *{(rule, "createPet") for rule in ("probe-injection",)},  # injection: false
+    ("probe-auth-missing", "getUser"), ("probe-auth-malformed", "getUser"),  # public: true
+    # mode: log-only: every refusal of that operation is only logged, the request forwarded
+    ("probe-schema-type", "getOrder"), ("probe-schema-bounds", "getOrder"),
+    ("probe-unknown-parameter", "getOrder"), ("probe-auth-missing", "getOrder"),
+    ("probe-auth-malformed", "getOrder"),
+}
+
+
+# -- targets ------------------------------------------------------------------------------
+
+@pytest.fixture
+def demo() -> Iterator[DemoServer]:
+    server = make_server("127.0.0.1", 0, record=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def protected_contract(folder: Path) -> Path:
+    """The demo's contract with an API key required everywhere but /health."""
+    document = yaml.safe_load(DEMO_CONTRACT.read_text())
+    document["components"]["securitySchemes"] = {
+        "key": {"type": "apiKey", "in": "header", "name": "X-Api-Key"}}
+    document["security"] = [{"key": []}]
+    document["paths"]["/health"]["get"]["security"] = []
+    path = folder / "demo-contract.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def demo_gateway(tmp_path: Path, demo: DemoServer,
+                 operations: dict[str, Any] | None = None) -> tuple[RunningGateway, str]:
+    """A gateway in front of `demo`, and an API key made by the real `keys` CLI."""
+    workdir = tmp_path / "gw"
+    workdir.mkdir()
+    host, port = demo.server_address
+    overrides: dict[str, Any] = {"state": "state.db", "operations": operations or {}}
+    gateway = start_gateway(workdir, f"http://{host}:{port}", overrides,
+                            contract=protected_contract(tmp_path))
+    created = subprocess.run(
+        [sys.executable, "-m", "apishield", "keys", "create", "--name", "probe", "--config",
+         str(gateway.config_path)], capture_output=True, text=True, timeout=30, check=False)
+    assert created.returncode == 0, created.stderr
+    return gateway, created.stdout.splitlines()[0].strip()
+
+
+class Recorder(ThreadingHTTPServer):
+    """A target that answers everything (200 `{}`, or a redirect) and records each request."""
+
+    daemon_threads = True
+    server_address: tuple[str, int]
+
+    def __init__(self, redirect_to: str | None = None) -> None:
+        self.redirect_to = redirect_to
+        self.requests: list[tuple[str, str]] = []
+        self.api_keys: list[str] = []  # X-Api-Key values received
+        self.connections = 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _RecordingHandler)
+
+    def get_request(self) -> Any:
+        with self.lock:
+            self.connections += 1
+        return super().get_request()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _RecordingHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Recorder
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def handle_one_request(self) -> None:
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline or not self.parse_request():
+            self.close_connection = True
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        with self.server.lock:
+            self.server.requests.append((self.command, self.path))
+            if "X-Api-Key" in self.headers:
+                self.server.api_keys.append(self.headers["X-Api-Key"])
+        if self.server.redirect_to is not None:
+            self.send_response(302)
+            self.send_header("Location", self.server.redirect_to + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(b"{}")
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    server = start_recorder()
+    yield server
+    stop_recorder(server)
+
+
+def start_recorder(redirect_to: str | None = None) -> Recorder:
+    server = Recorder(redirect_to)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+def stop_recorder(server: Recorder) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+def demo_config(tmp_path: Path) -> Path:
+    """A config whose contract is the protected demo's (no upstream: the target is local)."""
+    contract = protected_contract(tmp_path)
+    config = tmp_path / "apishield.yaml"
+    config.write_text(yaml.safe_dump({"contract": contract.name}))
+    return config
+
+
+def probe(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any]:
+    code = main(["probe", *argv])
+    out = capsys.readouterr().out
+    return code, (json.loads(out) if "--format" in argv and "json" in argv else out)
+
+
+def got_through(report: dict[str, Any]) -> set[tuple[str, str | None]]:
+    return {(a["rule"], a["operation"]) for a in report["attempts"]
+            if a["verdict"] == "got-through"}
+
+
+# -- against the gateway in front of the demo ---------------------------------------------
+
+def test_the_gateway_in_front_of_the_demo_refuses_every_attempt(tmp_path, demo, capsys):
+    gateway, key = demo_gateway(tmp_path, demo)
+    try:
+        code, report = probe(capsys, "--config", str(gateway.config_path), "--target",
+                             gateway.url, "--identity", f"ci={key}", "--allow-writes",
+                             "--format", "json", *FAST)
+    finally:
+        gateway.stop()
+    assert got_through(report) == set(), [a for a in report["attempts"]
+                                          if a["verdict"] != "refused"]
+    assert code == 0
+    summary = report["summary"]
+    assert summary["sent"] == summary["planned"] == summary["refused"] > 100
+    assert summary["skipped_writes"] == 0 and summary["not_sent"] == 0
+    rules = {a["rule"] for a in report["attempts"]}
+    # every rule this contract can exercise: an API key (no JWT attempts), no readOnly
+    # property and no enum in a request, no 5xx seen
+    jwt = {r for r in PROBE_RULES if r.startswith("probe-jwt-")}
+    assert rules == set(PROBE_RULES) - jwt - {"probe-read-only-property", "probe-schema-enum",
+                                              "probe-stack-trace"}
+    # the identity got the schema attempts past authentication: refused for what they probe
+    for attempt in report["attempts"]:
+        if attempt["rule"].startswith(("probe-schema", "probe-injection")):
+            assert attempt["status"] in (400, 422), attempt
+            assert attempt["problem_type"] != "urn:apishield:problem:unauthorized"
+        if attempt["rule"] == "probe-auth-missing":
+            assert attempt["problem_type"] == "urn:apishield:problem:unauthorized"
+    # the report names every request, never the key
+    assert key not in json.dumps(report)
+    assert {a["target"] for a in report["attempts"]} >= {"/admin", "/pets/0", "/pets/probe"}
+
+
+def test_a_weakened_policy_is_reported_hole_by_hole_and_nothing_else(tmp_path, demo,
+                                                                       capsys):
+    gateway, key = demo_gateway(tmp_path, demo, HOLES)
+    try:
+        code, report = probe(capsys, "--config", str(gateway.config_path), "--target",
+                             gateway.url, "--identity", f"ci={key}", "--allow-writes",
+                             "--format", "json", *FAST)
+    finally:
+        gateway.stop()
+    assert code == 1
+    assert got_through(report) == EXPECTED_HOLES
+    for finding in report["got_through"]:
+        rule = PROBE_RULES[finding["rule"]]
+        assert (finding["checklist"], finding["owasp"], finding["fix"]) == (
+            rule.checklist, rule.owasp, rule.fix)
+    # what went through really reached the API: injection payloads in its received bodies
+    bodies = [r.body for r in demo.received() if r.method == "POST" and r.path == "/pets"]
+    assert any(b and b"<script>alert(1)</script>" in b for b in bodies)
+
+
+def test_text_report_names_the_checklist_row_owasp_category_and_fix(tmp_path, demo, capsys):
+    gateway, key = demo_gateway(tmp_path, demo, {"getUser": {"public": True}})
+    try:
+        code, text = probe(capsys, "--config", str(gateway.config_path), "--target",
+                           gateway.url, "--identity", f"ci={key}", "--only", "auth", *FAST)
+    finally:
+        gateway.stop()
+    assert code == 1
+    assert "GOT THROUGH 200 GET /users/1  [probe-auth-missing]" in text
+    assert "[A7, API2:2023 Broken Authentication]" in text
+    assert "fix: Keep a security requirement on the operation" in text
+    assert "refused     401 GET /pets  [probe-auth-missing]" in text
+    assert key not in text
+
+
+def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path, demo, capsys):
+    gateway, key = demo_gateway(tmp_path, demo)
+    try:
+        code, text = probe(capsys, "--config", str(gateway.config_path), "--target",
+                           gateway.url, "--identity", f"ci={key}", "--dry-run")
+        assert code == 0
+        assert demo.received() == []  # the upstream saw nothing
+        assert gateway.log_lines() == []  # nor did the gateway
+    finally:
+        gateway.stop()
+    assert "none sent" in text and "GET /pets/probe  [probe-schema-type]" in text
+    assert "need --allow-writes" in text and key not in text
+
+
+# -- safety rules, against recording targets ---------------------------------------------
+
+def test_dry_run_never_connects(tmp_path, recorder, capsys):
+    code, _text = probe(capsys, "--config", str(demo_config(tmp_path)), "--target",
+                        recorder.url, "--dry-run", "--allow-writes")
+    assert code == 0
+    assert recorder.connections == 0
+
+
+def test_a_redirect_to_another_port_is_never_followed(tmp_path, capsys):
+    elsewhere = start_recorder()
+    redirecting = start_recorder(redirect_to=elsewhere.url)
+    try:
+        code, report = probe(capsys, "--config", str(demo_config(tmp_path)), "--target",
+                             redirecting.url, "--only", "undeclared,schema", "--format",
+                             "json", *FAST)
+    finally:
+        stop_recorder(redirecting)
+        stop_recorder(elsewhere)
+    assert len(redirecting.requests) == report["summary"]["sent"] > 10
+    assert elsewhere.connections == 0 and elsewhere.requests == []
+    assert {a["status"] for a in report["attempts"]} == {302}
+    assert code == 1  # a redirect is not a refusal
+
+
+def test_max_requests_is_a_hard_stop(tmp_path, recorder, capsys):
+    code, report = probe(capsys, "--config", str(demo_config(tmp_path)), "--target",
+                         recorder.url, "--max-requests", "5", "--format", "json", *FAST)
+    assert len(recorder.requests) == 5
+    summary = report["summary"]
+    assert summary["sent"] == 5 and summary["not_sent"] == summary["planned"] - 5 > 0
+    assert [a["verdict"] for a in report["attempts"]][5:] == ["not-sent"] * (
+        summary["planned"] - 5)
+    assert code == 1  # the recorder answers 200 to everything
+
+
+def test_writes_are_sent_only_with_allow_writes(tmp_path, recorder, capsys):
+    config = str(demo_config(tmp_path))
+    code, report = probe(capsys, "--config", config, "--target", recorder.url, "--format",
+                         "json", *FAST)
+    assert code == 1
+    assert {method for method, _path in recorder.requests} <= SAFE_METHODS
+    assert report["summary"]["skipped_writes"] > 0
+    recorder.requests.clear()
+    probe(capsys, "--config", config, "--target", recorder.url, "--allow-writes", *FAST)
+    assert {"POST", "DELETE"} <= {method for method, _path in recorder.requests}
+
+
+def test_requests_stay_under_the_target_base_path(tmp_path, recorder, capsys):
+    probe(capsys, "--config", str(demo_config(tmp_path)), "--target", recorder.url + "/api",
+          "--only", "undeclared", *FAST)
+    assert recorder.requests
+    assert all(path.startswith("/api/") for _method, path in recorder.requests)
+
+
+def test_without_a_terminal_it_refuses_unless_yes(tmp_path, recorder):
+    result = subprocess.run(
+        [sys.executable, "-m", "apishield", "probe", "--config", str(demo_config(tmp_path)),
+         "--target", recorder.url], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=60, check=False)
+    assert result.returncode == 2
+    assert "pass --yes" in result.stderr
+    assert recorder.connections == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "ftp://example.com"], "scheme must be http or https"),
+    (["--target", "http://user:pw@example.com"], "credentials go in --identity"),
+    (["--target", "http://127.0.0.1:1", "--only", "schema,bola"], "unknown class bola"),
+    (["--target", "http://127.0.0.1:1", "--identity", "nocredential"], "NAME=CREDENTIAL"),
+    (["--target", "http://127.0.0.1:1", "--max-requests", "0"], "at least 1"),
+])
+def test_usage_errors_exit_2(tmp_path, capsys, argv, message):
+    code = main(["probe", "--config", str(demo_config(tmp_path)), *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_identity_from_env_or_file_and_only_classes(tmp_path, recorder, capsys,
+                                                    monkeypatch):
+    monkeypatch.setenv("PROBE_KEY", "k-from-env")
+    code, report = probe(capsys, "--config", str(demo_config(tmp_path)), "--target",
+                         recorder.url, "--identity", "ci=env:PROBE_KEY", "--only",
+                         "auth,schema", "--format", "json", *FAST)
+    assert code == 1
+    rules = {a["rule"] for a in report["attempts"]}
+    assert rules <= set(CLASSES["auth"]) | set(CLASSES["schema"])
+    assert rules & set(CLASSES["auth"]) and rules & set(CLASSES["schema"])
+    # the identity is sent where the scheme reads it, except by the attempts about it
+    assert "k-from-env" in recorder.api_keys
+    assert recorder.api_keys.count("k-from-env") < len(recorder.requests)
+    assert "k-from-env" not in json.dumps(report)
+    key_file = tmp_path / "key.txt"
+    key_file.write_text("k-from-file\n")
+    probe(capsys, "--config", str(demo_config(tmp_path)), "--target", recorder.url,
+          "--identity", f"ci=file:{key_file}", "--only", "schema", *FAST)
+    assert "k-from-file" in recorder.api_keys
+
+
+def test_sarif_report_is_valid_against_the_official_schema(tmp_path, recorder, capsys):
+    out = tmp_path / "probe.sarif"
+    code = main(["probe", "--config", str(demo_config(tmp_path)), "--target", recorder.url,
+                 "--format", "sarif", "--output", str(out), *FAST])
+    assert code == 1
+    document = json.loads(out.read_text())
+    results = document["runs"][0]["results"]
+    assert results and {r["ruleId"] for r in results} <= set(PROBE_RULES)
+    checked = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--schemafile", str(SARIF_SCHEMA),
+         str(out)], capture_output=True, text=True, timeout=60, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
