@@ -15,13 +15,16 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
 
 import apishield.demo
 from apishield.cli.main import main
@@ -29,6 +32,7 @@ from apishield.demo.api import DemoServer, make_server
 from apishield.probe.plan import SAFE_METHODS
 from apishield.probe.rules import CLASSES, PROBE_RULES
 from tests.conftest import RunningGateway, start_gateway
+from tests.issuer_server import rsa_key
 
 DEMO_CONTRACT = Path(apishield.demo.__file__).parent / "openapi.yaml"
 SARIF_SCHEMA = Path(__file__).resolve().parent / "data" / "audit" / "sarif-schema-2.1.0.json"
@@ -60,11 +64,13 @@ def demo() -> Iterator[DemoServer]:
     server.server_close()
 
 
-def protected_contract(folder: Path) -> Path:
-    """The demo's contract with an API key required everywhere but /health."""
+API_KEY = {"type": "apiKey", "in": "header", "name": "X-Api-Key"}
+
+
+def protected_contract(folder: Path, scheme: dict[str, Any] = API_KEY) -> Path:
+    """The demo's contract with `scheme` (an API key) required everywhere but /health."""
     document = yaml.safe_load(DEMO_CONTRACT.read_text())
-    document["components"]["securitySchemes"] = {
-        "key": {"type": "apiKey", "in": "header", "name": "X-Api-Key"}}
+    document["components"]["securitySchemes"] = {"key": scheme}
     document["security"] = [{"key": []}]
     document["paths"]["/health"]["get"]["security"] = []
     path = folder / "demo-contract.yaml"
@@ -94,8 +100,10 @@ class Recorder(ThreadingHTTPServer):
     daemon_threads = True
     server_address: tuple[str, int]
 
-    def __init__(self, redirect_to: str | None = None) -> None:
+    def __init__(self, redirect_to: str | None = None, status: int = 200,
+                 body: bytes = b"{}") -> None:
         self.redirect_to = redirect_to
+        self.status, self.body = status, body
         self.requests: list[tuple[str, str]] = []
         self.api_keys: list[str] = []  # X-Api-Key values received
         self.connections = 0
@@ -136,12 +144,12 @@ class _RecordingHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        self.send_response(200)
+        self.send_response(self.server.status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", "2")
+        self.send_header("Content-Length", str(len(self.server.body)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(b"{}")
+            self.wfile.write(self.server.body)
 
 
 @pytest.fixture
@@ -151,8 +159,9 @@ def recorder() -> Iterator[Recorder]:
     stop_recorder(server)
 
 
-def start_recorder(redirect_to: str | None = None) -> Recorder:
-    server = Recorder(redirect_to)
+def start_recorder(redirect_to: str | None = None, status: int = 200,
+                   body: bytes = b"{}") -> Recorder:
+    server = Recorder(redirect_to, status, body)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return server
 
@@ -375,3 +384,54 @@ def test_sarif_report_is_valid_against_the_official_schema(tmp_path, recorder, c
         [sys.executable, "-m", "check_jsonschema", "--schemafile", str(SARIF_SCHEMA),
          str(out)], capture_output=True, text=True, timeout=60, check=False)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_forged_bearer_tokens_are_refused_and_the_real_one_gets_schema_attempts_through(
+        tmp_path, demo, capsys):
+    """A bearer scheme with a static RS256 key: the probe forges alg none, expired,
+    tampered, bad-signature and unknown-kid tokens from the real one (--identity)."""
+    private = rsa_key(0)
+    pem = tmp_path / "issuer.pem"
+    pem.write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    now = int(time.time())
+    token = jwt.encode({"iss": "https://issuer.test", "aud": "api", "sub": "ci",
+                        "iat": now, "exp": now + 600}, private, algorithm="RS256")
+    workdir = tmp_path / "gw"
+    workdir.mkdir()
+    host, port = demo.server_address
+    gateway = start_gateway(
+        workdir, f"http://{host}:{port}",
+        {"auth": {"issuers": {"ci": {"issuer": "https://issuer.test", "audiences": ["api"],
+                                     "algorithms": ["RS256"], "keys": [str(pem)]}}}},
+        contract=protected_contract(tmp_path, {"type": "http", "scheme": "bearer"}))
+    try:
+        code, report = probe(capsys, "--config", str(gateway.config_path), "--target",
+                             gateway.url, "--identity", f"ci={token}", "--only",
+                             "auth,schema", "--format", "json", *FAST)
+    finally:
+        gateway.stop()
+    assert got_through(report) == set()
+    assert code == 0
+    by_rule: dict[str, set[int]] = {}
+    for attempt in report["attempts"]:
+        by_rule.setdefault(attempt["rule"], set()).add(attempt["status"])
+    for rule in CLASSES["auth"]:
+        assert by_rule[rule] == {401}, rule
+    assert by_rule["probe-schema-type"] == {400}  # past authentication with the real token
+    assert token not in json.dumps(report)
+
+
+def test_stack_traces_in_5xx_answers_are_findings(tmp_path, capsys):
+    trace = (b'{"error": "Traceback (most recent call last):\\n  File \\"/srv/app.py\\", '
+             b'line 88, in get_order"}')
+    crashing = start_recorder(status=500, body=trace)
+    try:
+        code, report = probe(capsys, "--config", str(demo_config(tmp_path)), "--target",
+                             crashing.url, "--only", "undeclared", "--format", "json", *FAST)
+    finally:
+        stop_recorder(crashing)
+    assert code == 1
+    assert all(a["stack_trace"] for a in report["attempts"])
+    traces = [f for f in report["got_through"] if f["rule"] == "probe-stack-trace"]
+    assert len(traces) == len(report["attempts"]) and traces[0]["checklist"] == "E3"
