@@ -435,3 +435,19 @@ def test_stack_traces_in_5xx_answers_are_findings(tmp_path, capsys):
     assert all(a["stack_trace"] for a in report["attempts"])
     traces = [f for f in report["got_through"] if f["rule"] == "probe-stack-trace"]
     assert len(traces) == len(report["attempts"]) and traces[0]["checklist"] == "E3"
+
+
+def test_every_rule_and_class_is_documented():
+    """docs/probe.md lists each rule with its class, severity, checklist row, category, why
+    and fix, and names every class `--only` takes."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "probe.md").read_text()
+    for name, rules in CLASSES.items():
+        assert f"- **{name}**" in text, name
+        for rule_id in rules:
+            rule = PROBE_RULES[rule_id]
+            assert f"| [`{rule.id}`](#{rule.id}) | {name} | {rule.severity.label} | " \
+                   f"{rule.checklist} | {rule.owasp} |" in text, rule.id
+            section = text.split(f"### `{rule.id}`\n", 1)[1].split("\n### ", 1)[0]
+            assert f"**{rule.severity.label}**; checklist {rule.checklist}; OWASP " \
+                   f"{rule.owasp_title}" in section
+            assert f"- Why: {rule.why}" in section and f"- Fix: {rule.fix}" in section
