@@ -375,11 +375,20 @@ def test_identity_from_env_or_file_and_only_classes(tmp_path, recorder, capsys,
 def test_sarif_report_is_valid_against_the_official_schema(tmp_path, recorder, capsys):
     out = tmp_path / "probe.sarif"
     code = main(["probe", "--config", str(demo_config(tmp_path)), "--target", recorder.url,
-                 "--format", "sarif", "--output", str(out), *FAST])
+                 "--format", "sarif", "--output", str(out), "--allow-writes", *FAST])
     assert code == 1
     document = json.loads(out.read_text())
     results = document["runs"][0]["results"]
     assert results and {r["ruleId"] for r in results} <= set(PROBE_RULES)
+    # each result points at the part under test, with its line in the contract
+    where = {(r["ruleId"], r["locations"][0]["logicalLocations"][0]["fullyQualifiedName"]):
+             r["locations"][0]["physicalLocation"] for r in results}
+    located = where[("probe-schema-type", "/paths/~1pets~1{petId}/get/parameters/0")]
+    assert located["artifactLocation"]["uri"].endswith("demo-contract.yaml")
+    assert located["region"]["startLine"] > 1
+    assert ("probe-undeclared-path", "/paths") in where
+    assert ("probe-injection", "/components/schemas/NewPet/properties/name") in where
+    assert ("probe-mass-assignment", "/components/schemas/NewOrder") in where
     checked = subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--schemafile", str(SARIF_SCHEMA),
          str(out)], capture_output=True, text=True, timeout=60, check=False)

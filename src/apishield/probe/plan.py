@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
@@ -59,11 +60,12 @@ class ProbeRequest:
 class Attempt:
     rule: str
     operation: str | None  # the operation's label, None for path- or API-wide attempts
-    pointer: str  # where in the contract (a finding's location)
+    pointer: str  # where in the contract (a finding's location): the part under test
     what: str
     request: ProbeRequest
     expect: Expect = "refusal"
     required_headers: tuple[str, ...] = ()  # expect == "headers": names that must be there
+    file: Path | None = None  # the file `pointer` is in, when not the contract's root
 
 
 @dataclass
@@ -218,14 +220,20 @@ class _Planner:
         return ProbeRequest(method, target, tuple(headers), body, shown)
 
     def _attempt(self, rule: str, operation: Operation, what: str, request: ProbeRequest,
-                 **kwargs: Any) -> Attempt:
-        return Attempt(rule, operation.label, operation.pointer, what, request, **kwargs)
+                 *, at: tuple[Path, str] | None = None, **kwargs: Any) -> Attempt:
+        """`at`: the file and pointer of the part under test (default: the operation)."""
+        file, pointer = at if at is not None else (None, operation.pointer)
+        return Attempt(rule, operation.label, pointer, what, request, file=file, **kwargs)
 
-    def _json_body(self, operation: Operation) -> tuple[str, Any, Any] | None:
+    def _json_body(self, operation: Operation) -> tuple[str, Any, Path] | None:
         """(media type, schema, file) of the operation's JSON body, if it has one."""
-        for media, schema, file, _pointer in operation.bodies:
+        found = self._json_body_at(operation)
+        return found[:3] if found is not None else None
+
+    def _json_body_at(self, operation: Operation) -> tuple[str, Any, Path, str] | None:
+        for media, schema, file, pointer in operation.bodies:
             if media == "application/json" or media.endswith("+json"):
-                return media, schema, file
+                return media, schema, file, pointer
         return None
 
     # -- the classes ------------------------------------------------------------------
@@ -282,6 +290,7 @@ class _Planner:
             if parameter.schema is None or parameter.location not in ("path", "query",
                                                                      "header"):
                 continue
+            at = (parameter.file, parameter.pointer)
             variants = [(b.rule, b.what, as_text(b.value))
                         for b in self.schemas.breaks(parameter.schema, parameter.file)]
             for kind, payload in INJECTIONS:
@@ -296,7 +305,7 @@ class _Planner:
                 yield self._attempt(rule, operation, f"{parameter.location} parameter "
                                     f"{parameter.name}: {what}",
                                     self._request(operation.method, operation.path, parts,
-                                                  **body))
+                                                  **body), at=at)
             if parameter.location == "path":
                 for traversal in TRAVERSALS:
                     parts = self._base(operation)
@@ -304,7 +313,7 @@ class _Planner:
                     yield self._attempt("probe-path-traversal", operation,
                                         f"path parameter {parameter.name}: {traversal}",
                                         self._request(operation.method, operation.path,
-                                                      parts, **body))
+                                                      parts, **body), at=at)
         parts = self._base(operation)
         parts.query.append(("apishield_probe", "1"))
         yield self._attempt("probe-unknown-parameter", operation,
@@ -329,39 +338,42 @@ class _Planner:
                 "content_type": media}
 
     def _bodies(self, operation: Operation) -> Iterator[Attempt]:
-        found = self._json_body(operation)
+        found = self._json_body_at(operation)
         if found is None:
             return
-        media, schema, file = found
+        media, schema, file, pointer = found
         valid = self.schemas.valid(schema, file)
         if not isinstance(valid, dict):
             return
         props, _required, prop_file = self.schemas.properties(schema, file)
         node, _ = self.schemas.resolve(schema, file)
+        schema_at = self.schemas.locate(schema, file, pointer)
 
-        def send(rule: str, what: str, body: dict[str, Any]) -> Attempt:
+        def send(rule: str, what: str, body: dict[str, Any],
+                 at: tuple[Path, str]) -> Attempt:
             return self._attempt(rule, operation, what, self._request(
                 operation.method, operation.path, self._base(operation),
-                body=json.dumps(body).encode(), content_type=media))
+                body=json.dumps(body).encode(), content_type=media), at=at)
 
         for name, prop in props.items():
+            at = (schema_at[0], f"{schema_at[1]}/properties/{escape_pointer(name)}")
             prop_node, _ = self.schemas.resolve(prop, prop_file)
             if prop_node.get("readOnly"):
                 yield send("probe-read-only-property", f"body property {name} is readOnly",
-                           {**valid, name: self.schemas.valid(prop, prop_file)})
+                           {**valid, name: self.schemas.valid(prop, prop_file)}, at)
                 continue
             for broken in self.schemas.breaks(prop, prop_file):
                 yield send(broken.rule, f"body property {name}: {broken.what}",
-                           {**valid, name: broken.value})
+                           {**valid, name: broken.value}, at)
             for kind, payload in INJECTIONS:
                 if self.schemas.free_text(prop, prop_file, payload):
                     yield send("probe-injection", f"body property {name}: a {kind} "
-                               "injection payload", {**valid, name: payload})
+                               "injection payload", {**valid, name: payload}, at)
         if node.get("additionalProperties") in (None, False):  # a schema there allows more
             extra, value = MASS_ASSIGNMENT
             if extra not in props:
                 yield send("probe-mass-assignment", f"an undeclared body property {extra}",
-                           {**valid, extra: value})
+                           {**valid, extra: value}, schema_at)
 
     def _sizes(self, operation: Operation) -> Iterator[Attempt]:
         found = self._json_body(operation)

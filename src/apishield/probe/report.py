@@ -16,6 +16,7 @@ import orjson
 
 from apishield.audit.context import display
 from apishield.audit.findings import Finding, Location
+from apishield.audit.lines import LineIndex
 from apishield.audit.report import render_sarif
 from apishield.probe.rules import PROBE_RULES
 from apishield.probe.verdict import Outcome
@@ -24,10 +25,13 @@ from apishield.probe.verdict import Outcome
 def findings(outcomes: list[Outcome], contract: Path) -> list[Finding]:
     """What got through, as findings (one per attempt, plus one per stack trace seen)."""
     found: list[Finding] = []
-    file = display(contract)
+    lines = LineIndex()
     for outcome in outcomes:
         attempt = outcome.attempt
-        where = Location(file, attempt.pointer)
+        if outcome.verdict != "got-through" and not outcome.stack_trace:
+            continue
+        file = (attempt.file or contract).resolve()
+        where = Location(display(file), attempt.pointer, lines.line(file, attempt.pointer))
         request = f"{attempt.request.method} {attempt.request.shown}"
         if outcome.verdict == "got-through":
             found.append(Finding(PROBE_RULES[attempt.rule], where,

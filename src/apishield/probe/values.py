@@ -58,6 +58,16 @@ class Schemas:
                 return self.resolve(schema[key][0], file)
         return schema, file
 
+    def locate(self, schema: Any, file: Path, pointer: str) -> tuple[Path, str]:
+        """Where `schema` really is: its `$ref` chain followed (for finding locations)."""
+        if self.resolver is None:
+            return file, pointer
+        try:
+            _node, target, followed = self.resolver.deref(schema, file)
+        except ValueError:
+            return file, pointer
+        return (target, followed) if followed is not None else (file, pointer)
+
     def properties(self, schema: Any, file: Path) -> tuple[dict[str, Any], list[str], Path]:
         node, file = self.resolve(schema, file)
         props = node.get("properties")
