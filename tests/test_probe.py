@@ -12,6 +12,7 @@ runs in-process through `apishield.cli.main.main` (its real parser, planner and 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -460,3 +461,27 @@ def test_every_rule_and_class_is_documented():
             assert f"**{rule.severity.label}**; checklist {rule.checklist}; OWASP " \
                    f"{rule.owasp_title}" in section
             assert f"- Why: {rule.why}" in section and f"- Fix: {rule.fix}" in section
+
+
+@pytest.mark.parametrize("answer, sent", [("n", False), ("y", True)])
+def test_on_a_terminal_it_asks_first(tmp_path, recorder, answer, sent):
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "apishield", "probe", "--config",
+             str(demo_config(tmp_path)), "--target", recorder.url, "--only", "undeclared",
+             "--rate", "500"], stdin=terminal, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        os.write(controller, f"{answer}\n".encode())
+        _out, err = process.communicate(timeout=60)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert "will send" in err and "Only probe systems you are allowed to test" in err
+    if sent:
+        assert process.returncode == 1 and recorder.requests  # the recorder answers 200
+    else:
+        assert process.returncode == 0 and "nothing sent" in err
+        assert recorder.connections == 0
