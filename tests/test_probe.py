@@ -50,6 +50,7 @@ EXPECTED_HOLES = {
     ("probe-schema-type", "getOrder"), ("probe-schema-bounds", "getOrder"),
     ("probe-unknown-parameter", "getOrder"), ("probe-auth-missing", "getOrder"),
     ("probe-auth-malformed", "getOrder"),
+    ("probe-cors-foreign-origin", None),  # cors.allow_origins: ["*"] (every path)
 }
 
 
@@ -79,13 +80,13 @@ def protected_contract(folder: Path, scheme: dict[str, Any] = API_KEY) -> Path:
     return path
 
 
-def demo_gateway(tmp_path: Path, demo: DemoServer,
-                 operations: dict[str, Any] | None = None) -> tuple[RunningGateway, str]:
+def demo_gateway(tmp_path: Path, demo: DemoServer, operations: dict[str, Any] | None = None,
+                 **more: Any) -> tuple[RunningGateway, str]:
     """A gateway in front of `demo`, and an API key made by the real `keys` CLI."""
     workdir = tmp_path / "gw"
     workdir.mkdir()
     host, port = demo.server_address
-    overrides: dict[str, Any] = {"state": "state.db", "operations": operations or {}}
+    overrides: dict[str, Any] = {"state": "state.db", "operations": operations or {}, **more}
     gateway = start_gateway(workdir, f"http://{host}:{port}", overrides,
                             contract=protected_contract(tmp_path))
     created = subprocess.run(
@@ -194,7 +195,8 @@ def got_through(report: dict[str, Any]) -> set[tuple[str, str | None]]:
 # -- against the gateway in front of the demo ---------------------------------------------
 
 def test_the_gateway_in_front_of_the_demo_refuses_every_attempt(tmp_path, demo, capsys):
-    gateway, key = demo_gateway(tmp_path, demo)
+    # CORS for one front end: a preflight from any other origin is refused
+    gateway, key = demo_gateway(tmp_path, demo, cors={"allow_origins": ["https://app.test"]})
     try:
         code, report = probe(capsys, "--config", str(gateway.config_path), "--target",
                              gateway.url, "--identity", f"ci={key}", "--allow-writes",
@@ -227,7 +229,7 @@ def test_the_gateway_in_front_of_the_demo_refuses_every_attempt(tmp_path, demo, 
 
 def test_a_weakened_policy_is_reported_hole_by_hole_and_nothing_else(tmp_path, demo,
                                                                        capsys):
-    gateway, key = demo_gateway(tmp_path, demo, HOLES)
+    gateway, key = demo_gateway(tmp_path, demo, HOLES, cors={"allow_origins": ["*"]})
     try:
         code, report = probe(capsys, "--config", str(gateway.config_path), "--target",
                              gateway.url, "--identity", f"ci={key}", "--allow-writes",
