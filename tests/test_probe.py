@@ -487,3 +487,27 @@ def test_on_a_terminal_it_asks_first(tmp_path, recorder, answer, sent):
     else:
         assert process.returncode == 0 and "nothing sent" in err
         assert recorder.connections == 0
+
+
+def test_optional_security_gets_no_missing_credential_attempt(tmp_path, capsys):
+    """`security: [{}, {key: []}]` admits anonymous callers by contract: only a bad
+    credential is a hole there."""
+    contract = {
+        "openapi": "3.1.0", "info": {"title": "t", "version": "1"},
+        "components": {"securitySchemes": {"key": API_KEY}},
+        "paths": {
+            "/open": {"get": {"operationId": "optional", "security": [{}, {"key": []}],
+                              "responses": {"200": {"description": "ok"}}}},
+            "/closed": {"get": {"operationId": "required", "security": [{"key": []}],
+                                "responses": {"200": {"description": "ok"}}}},
+        },
+    }
+    (tmp_path / "openapi.yaml").write_text(yaml.safe_dump(contract))
+    config = tmp_path / "apishield.yaml"
+    config.write_text("contract: openapi.yaml\n")
+    code, text = probe(capsys, "--config", str(config), "--target", "http://127.0.0.1:1",
+                       "--only", "auth", "--dry-run")
+    assert code == 0
+    assert "GET /closed  [probe-auth-missing]" in text
+    assert "GET /open  [probe-auth-missing]" not in text
+    assert "GET /open  [probe-auth-malformed]" in text

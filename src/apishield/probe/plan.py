@@ -187,7 +187,8 @@ class _Planner:
             parts.headers.append(("Authorization", raw_authorization))
             return
         assert value is not None
-        parts.secrets.append(value)
+        if value == getattr(self.identity, "credential", None):
+            parts.secrets.append(value)
         if kind == "apiKey":
             where, name = scheme.get("in"), str(scheme.get("name"))
             if where == "query":
@@ -198,7 +199,8 @@ class _Planner:
                 parts.headers.append((name, value))
         elif kind == "http" and str(scheme.get("scheme", "")).lower() == "basic":
             encoded = base64.b64encode(value.encode()).decode()
-            parts.secrets.append(encoded)
+            if parts.secrets:
+                parts.secrets.append(encoded)
             parts.headers.append(("Authorization", f"Basic {encoded}"))
         else:
             parts.headers.append(("Authorization", f"Bearer {value}"))
@@ -416,8 +418,10 @@ class _Planner:
                                  self._request(operation.method, operation.path, parts,
                                                **body))
 
-        yield send("probe-auth-missing", "no credential", self._base(operation,
-                                                                     credential=False))
+        if not any(not requirement for requirement in operation.security or ()):
+            # `{}` among the requirements: anonymous callers are allowed, by contract
+            yield send("probe-auth-missing", "no credential",
+                       self._base(operation, credential=False))
         parts = self._base(operation, credential=False)
         kind = scheme.get("type")
         bearer = kind in _BEARER_TYPES or (kind == "http" and str(
