@@ -119,12 +119,12 @@ def render_text(outcomes: list[Outcome], contract: Path, *, target: str,
     return "\n".join(out) + "\n"
 
 
-def render_plan(outcomes_plan: list[tuple[str, str, str, str]], *, target: str,
+def render_plan(planned: list[tuple[str, str, str, str]], *, target: str,
                 skipped_writes: int, notes: list[str]) -> str:
     """--dry-run: (rule, method, target, what) per planned request; nothing is sent."""
-    out = [f"apishield probe --dry-run: {len(outcomes_plan)} request(s) planned for {target}, "
+    out = [f"apishield probe --dry-run: {len(planned)} request(s) planned for {target}, "
            "none sent"]
     out += [f"note: {note}" for note in notes]
-    out += [f"{method} {shown}  [{rule}] {what}" for rule, method, shown, what in outcomes_plan]
+    out += [f"{method} {shown}  [{rule}] {what}" for rule, method, shown, what in planned]
     out.append(f"{skipped_writes} more need --allow-writes")
     return "\n".join(out) + "\n"
