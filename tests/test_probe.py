@@ -24,6 +24,7 @@ from typing import Any
 
 import jwt
 import pytest
+import trustme
 import yaml
 from cryptography.hazmat.primitives import serialization
 
@@ -511,3 +512,26 @@ def test_optional_security_gets_no_missing_credential_attempt(tmp_path, capsys):
     assert "GET /closed  [probe-auth-missing]" in text
     assert "GET /open  [probe-auth-missing]" not in text
     assert "GET /open  [probe-auth-malformed]" in text
+
+
+def test_an_https_target_is_verified_and_a_private_ca_is_trusted_with_ca_file(
+        tmp_path, make_gateway, capsys):
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key, ca_file = tmp_path / "server.crt", tmp_path / "server.key", tmp_path / "ca.pem"
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    ca.cert_pem.write_to_path(str(ca_file))
+    gateway = make_gateway({"tls": {"cert": str(cert), "key": str(key)}})
+    target = gateway.url.replace("http://", "https://")
+    argv = ["probe", "--config", str(gateway.config_path), "--target", target, "--only",
+            "headers", *FAST]
+    # the CA is not trusted: nothing answers, and that is not a pass
+    assert main(argv) == 2
+    assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
+    code, report = probe(capsys, *argv[1:], "--ca-file", str(ca_file), "--format", "json")
+    assert code == 0
+    assert report["attempts"] and all(a["verdict"] == "refused" for a in report["attempts"])
+    # over https, HSTS is one of the headers every answer must carry (hsts: auto)
+    assert all("strict-transport-security" in a["what"] for a in report["attempts"])
+    assert main([*argv, "--ca-file", str(tmp_path / "missing.pem")]) == 2

@@ -3,8 +3,9 @@
 
 Attack your own deployment from its contract and policy (issue 17, docs/probe.md). Only
 --target is contacted. Without --yes it asks before sending, and refuses when it can not
-ask (stdin is not a terminal: a CI job must say --yes). Exit codes: 0 every attempt was
-refused, 1 something got through, 2 usage, configuration or contract errors.
+ask (stdin is not a terminal: a CI job must say --yes). Exit codes: 0 every attempt
+sent was refused, 1 something got through, 2 usage, configuration or contract errors, or a
+target that never answered.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     probe.add_argument("--allow-writes", action="store_true",
                        help="also send POST, PUT, PATCH and DELETE attempts (they may change "
                        "data if the policy lets them through)")
+    probe.add_argument("--ca-file", metavar="PEM",
+                       help="also trust this CA for an https target (a staging deployment's "
+                       "private CA); certificates are always verified")
     probe.add_argument("--identity", action="append", default=[], metavar="NAME=CREDENTIAL",
                        help="a credential for operations that need one (API key, bearer "
                        "token, user:password); CREDENTIAL may be env:VAR or file:PATH")
@@ -138,7 +142,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
         if input("Continue? [y/N] ").strip().lower() not in ("y", "yes"):
             print("apishield probe: nothing sent", file=sys.stderr)
             return 0
-    sender = Sender(target, max_requests=args.max_requests, rate=args.rate)
+    try:
+        sender = Sender(target, max_requests=args.max_requests, rate=args.rate,
+                        ca_file=args.ca_file)
+        sender.check_ca()
+    except (ValueError, OSError) as exc:
+        return _usage(f"--ca-file {args.ca_file}: {exc}")
     outcomes = execute(plan.attempts, sender)
     source = contract.source
     if args.format == "json":
@@ -151,6 +160,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
         text = render_text(outcomes, source, target=shown_target,
                            skipped_writes=plan.skipped_writes, notes=plan.notes)
     _write(args, text)
+    answered = [o for o in outcomes if o.verdict in ("refused", "got-through")]
+    if not answered and any(o.verdict == "no-answer" for o in outcomes):
+        # nothing was probed: a pipeline must not go green on an unreachable target
+        first = next(o.detail for o in outcomes if o.verdict == "no-answer")
+        return _usage(f"{shown_target} never answered ({first})")
     return EXIT_GOT_THROUGH if findings(outcomes, source) else 0
 
 
