@@ -76,6 +76,11 @@ def protected_contract(folder: Path, scheme: dict[str, Any] = API_KEY) -> Path:
     document["components"]["securitySchemes"] = {"key": scheme}
     document["security"] = [{"key": []}]
     document["paths"]["/health"]["get"]["security"] = []
+    # a readOnly property and an enum parameter, so those attempts have a target too
+    document["components"]["schemas"]["NewPet"]["properties"]["id"] = {
+        "type": "integer", "minimum": 1, "readOnly": True}
+    document["paths"]["/pets"]["get"]["parameters"].append(
+        {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}})
     path = folder / "demo-contract.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
@@ -211,11 +216,9 @@ def test_the_gateway_in_front_of_the_demo_refuses_every_attempt(tmp_path, demo, 
     assert summary["sent"] == summary["planned"] == summary["refused"] > 100
     assert summary["skipped_writes"] == 0 and summary["not_sent"] == 0
     rules = {a["rule"] for a in report["attempts"]}
-    # every rule this contract can exercise: an API key (no JWT attempts), no readOnly
-    # property and no enum in a request, no 5xx seen
+    # every rule this contract can exercise: an API key (no JWT attempts), no 5xx seen
     jwt = {r for r in PROBE_RULES if r.startswith("probe-jwt-")}
-    assert rules == set(PROBE_RULES) - jwt - {"probe-read-only-property", "probe-schema-enum",
-                                              "probe-stack-trace"}
+    assert rules == set(PROBE_RULES) - jwt - {"probe-stack-trace"}
     # the identity got the schema attempts past authentication: refused for what they probe
     for attempt in report["attempts"]:
         if attempt["rule"].startswith(("probe-schema", "probe-injection")):
@@ -223,6 +226,10 @@ def test_the_gateway_in_front_of_the_demo_refuses_every_attempt(tmp_path, demo, 
             assert attempt["problem_type"] != "urn:apishield:problem:unauthorized"
         if attempt["rule"] == "probe-auth-missing":
             assert attempt["problem_type"] == "urn:apishield:problem:unauthorized"
+        if attempt["rule"] == "probe-injection":  # the rest of the request was valid
+            assert attempt["problem_type"] == "urn:apishield:problem:injection-suspected"
+        if attempt["rule"] == "probe-security-headers":  # a valid request is answered
+            assert attempt["status"] == 200, attempt
     # the report names every request, never the key
     assert key not in json.dumps(report)
     assert {a["target"] for a in report["attempts"]} >= {"/admin", "/pets/0", "/pets/probe"}
