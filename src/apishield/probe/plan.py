@@ -316,6 +316,10 @@ class _Planner:
                                         f"path parameter {parameter.name}: {traversal}",
                                         self._request(operation.method, operation.path,
                                                       parts, **body), at=at)
+        if any(parameter.location == "query" and self.schemas.resolve(
+                parameter.schema, parameter.file)[0].get("type") == "object"
+               for parameter in operation.parameters):
+            return  # a free-form object in the query (style: form): any name is declared
         parts = self._base(operation)
         parts.query.append(("apishield_probe", "1"))
         yield self._attempt("probe-unknown-parameter", operation,
