@@ -542,3 +542,16 @@ def test_an_https_target_is_verified_and_a_private_ca_is_trusted_with_ca_file(
     # over https, HSTS is one of the headers every answer must carry (hsts: auto)
     assert all("strict-transport-security" in a["what"] for a in report["attempts"])
     assert main([*argv, "--ca-file", str(tmp_path / "missing.pem")]) == 2
+
+
+def test_the_bundled_demo_as_shipped_refuses_every_attempt(tmp_path, demo, capsys):
+    """What docs/probe.md shows: the demo's own contract (no security), no identity."""
+    host, port = demo.server_address
+    gateway = start_gateway(tmp_path, f"http://{host}:{port}", contract=DEMO_CONTRACT)
+    try:
+        code, report = probe(capsys, "--config", str(gateway.config_path), "--target",
+                             gateway.url, "--allow-writes", "--format", "json", *FAST)
+    finally:
+        gateway.stop()
+    assert got_through(report) == set()
+    assert code == 0 and report["summary"]["refused"] == report["summary"]["planned"] > 50
