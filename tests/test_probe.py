@@ -315,8 +315,9 @@ def test_max_requests_is_a_hard_stop(tmp_path, recorder, capsys):
     assert len(recorder.requests) == 5
     summary = report["summary"]
     assert summary["sent"] == 5 and summary["not_sent"] == summary["planned"] - 5 > 0
-    assert [a["verdict"] for a in report["attempts"]][5:] == ["not-sent"] * (
-        summary["planned"] - 5)
+    sent = [a for a in report["attempts"] if a["verdict"] != "not-sent"]
+    # picked round-robin: five different operations or path-wide groups, not the first five
+    assert len({a["operation"] or a["pointer"] for a in sent}) == 5
     assert code == 1  # the recorder answers 200 to everything
 
 

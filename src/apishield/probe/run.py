@@ -1,4 +1,10 @@
-"""Send the plan, in order, through the one sender, and judge every answer."""
+"""Send the plan through the one sender, and judge every answer.
+
+When the plan is larger than `--max-requests`, the requests sent are picked round-robin
+across operations (and the path-wide groups: undeclared paths, each path's methods and
+preflight), so a budget too small for a large API still touches every operation it can
+instead of exhausting itself on the first ones; they are sent, and reported, in plan order.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,35 @@ from apishield.probe.sender import Sender
 from apishield.probe.verdict import Outcome, judge
 
 
+def pick(attempts: list[Attempt], budget: int) -> set[int]:
+    """The indexes of the attempts to send: round-robin over their groups."""
+    if budget >= len(attempts):
+        return set(range(len(attempts)))
+    groups: dict[str, list[int]] = {}
+    for index, attempt in enumerate(attempts):
+        groups.setdefault(attempt.operation or attempt.pointer, []).append(index)
+    queues = [list(reversed(indexes)) for indexes in groups.values()]
+    chosen: set[int] = set()
+    while len(chosen) < budget:
+        for queue in queues:
+            if queue and len(chosen) < budget:
+                chosen.add(queue.pop())
+    return chosen
+
+
 def execute(attempts: list[Attempt], sender: Sender,
             progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
-    """One outcome per attempt; those past `max_requests` are `not-sent`, in the report."""
+    """One outcome per attempt; those not picked within `max_requests` are `not-sent`."""
+    chosen = pick(attempts, sender.max_requests)
     outcomes: list[Outcome] = []
     try:
         for index, attempt in enumerate(attempts):
-            if sender.sent >= sender.max_requests:
+            if index not in chosen:
                 outcomes.append(judge(attempt, None))
                 continue
             outcomes.append(judge(attempt, sender.send(attempt.request)))
             if progress is not None:
-                progress(index + 1, len(attempts))
+                progress(len(outcomes), len(attempts))
     finally:
         sender.close()
     return outcomes
