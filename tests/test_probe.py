@@ -556,3 +556,22 @@ def test_the_bundled_demo_as_shipped_refuses_every_attempt(tmp_path, demo, capsy
         gateway.stop()
     assert got_through(report) == set()
     assert code == 0 and report["summary"]["refused"] == report["summary"]["planned"] > 50
+
+
+def test_a_rate_limited_prober_is_blocked_not_refused(tmp_path, demo, capsys):
+    """429s say nothing of what was probed: "blocked", and the run is not a pass."""
+    host, port = demo.server_address
+    gateway = start_gateway(tmp_path, f"http://{host}:{port}", {"rate_limiting": {"limits": [
+        {"name": "tight", "key": ["ip"], "rate": "3/m", "pre_auth": True}]}},
+        contract=DEMO_CONTRACT)
+    try:
+        code = main(["probe", "--config", str(gateway.config_path), "--target",
+                     gateway.url, "--only", "schema", "--format", "json", *FAST])
+        captured = capsys.readouterr()
+        report, err = json.loads(captured.out), captured.err
+    finally:
+        gateway.stop()
+    blocked = [a for a in report["attempts"] if a["verdict"] == "blocked"]
+    assert blocked and {a["status"] for a in blocked} == {429}
+    assert report["summary"]["blocked"] == len(blocked)
+    assert code == 2 and "rate-limited" in err

@@ -4,8 +4,8 @@
 Attack your own deployment from its contract and policy (issue 17, docs/probe.md). Only
 --target is contacted. Without --yes it asks before sending, and refuses when it can not
 ask (stdin is not a terminal: a CI job must say --yes). Exit codes: 0 every attempt
-sent was refused, 1 something got through, 2 usage, configuration or contract errors, or a
-target that never answered.
+sent was refused, 1 something got through, 2 usage, configuration or contract errors, a
+target that never answered, or attempts blocked because the prober was rate-limited.
 """
 
 from __future__ import annotations
@@ -160,12 +160,19 @@ def cmd_probe(args: argparse.Namespace) -> int:
         text = render_text(outcomes, source, target=shown_target,
                            skipped_writes=plan.skipped_writes, notes=plan.notes)
     _write(args, text)
+    if findings(outcomes, source):
+        return EXIT_GOT_THROUGH
     answered = [o for o in outcomes if o.verdict in ("refused", "got-through")]
     if not answered and any(o.verdict == "no-answer" for o in outcomes):
         # nothing was probed: a pipeline must not go green on an unreachable target
         first = next(o.detail for o in outcomes if o.verdict == "no-answer")
         return _usage(f"{shown_target} never answered ({first})")
-    return EXIT_GOT_THROUGH if findings(outcomes, source) else 0
+    blocked = sum(o.verdict == "blocked" for o in outcomes)
+    if blocked:  # those attempts proved nothing: not a pass
+        return _usage(f"{blocked} attempt(s) were blocked (the prober was rate-limited or "
+                      "banned); lower --rate, or raise the limits for the probe's key or "
+                      "address on the target")
+    return 0
 
 
 def _write(args: argparse.Namespace, text: str) -> None:

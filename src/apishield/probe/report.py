@@ -45,9 +45,10 @@ def findings(outcomes: list[Outcome], contract: Path) -> list[Finding]:
 def summary(outcomes: list[Outcome], found: list[Finding]) -> dict[str, int]:
     counts = Counter(outcome.verdict for outcome in outcomes)
     return {"planned": len(outcomes),
-            "sent": sum(counts[v] for v in ("refused", "got-through", "no-answer")),
+            "sent": sum(counts[v] for v in ("refused", "got-through", "blocked", "no-answer")),
             "refused": counts["refused"], "got_through": len(found),
-            "no_answer": counts["no-answer"], "not_sent": counts["not-sent"]}
+            "blocked": counts["blocked"], "no_answer": counts["no-answer"],
+            "not_sent": counts["not-sent"]}
 
 
 def _outcome_json(outcome: Outcome) -> dict[str, Any]:
@@ -85,8 +86,8 @@ def render_sarif_report(outcomes: list[Outcome], contract: Path, *, version: str
     return render_sarif(findings(outcomes, contract), PROBE_RULES, version=version)
 
 
-_MARK = {"refused": "refused", "got-through": "GOT THROUGH", "no-answer": "no answer",
-         "not-sent": "not sent"}
+_MARK = {"refused": "refused", "got-through": "GOT THROUGH", "blocked": "blocked",
+         "no-answer": "no answer", "not-sent": "not sent"}
 
 
 def render_text(outcomes: list[Outcome], contract: Path, *, target: str,
@@ -113,7 +114,8 @@ def render_text(outcomes: list[Outcome], contract: Path, *, target: str,
     counts = summary(outcomes, found)
     out.append("")
     out.append(f"{counts['sent']} request(s) sent, {counts['refused']} refused, "
-               f"{counts['got_through']} got through, {counts['no_answer']} without an "
+               f"{counts['got_through']} got through, {counts['blocked']} blocked (the "
+               f"prober rate-limited or banned), {counts['no_answer']} without an "
                f"answer, {counts['not_sent']} not sent (--max-requests), {skipped_writes} "
                "skipped (need --allow-writes)")
     return "\n".join(out) + "\n"

@@ -5,7 +5,9 @@ format). apishield refuses that way, so a plain 4xx means the request went past 
 and something else (the API) answered it: that is "got through", even when the API then
 said no, because the probe proves the policy, not the API's own checks. A 3xx is an
 answer the probe does not follow; it counts as got through (nothing was refused).
-CORS and security-header attempts are judged on the headers, whatever the status.
+CORS and security-header attempts are judged on the headers, whatever the status. A 429,
+or a `rate-limited` or `client-banned` problem, is "blocked": the target refused the
+prober itself, so the attempt proved nothing either way.
 Every answer with a 5xx status is also read for a stack trace (E3).
 """
 
@@ -20,7 +22,9 @@ import orjson
 from apishield.probe.plan import FOREIGN_ORIGIN, Attempt
 from apishield.probe.sender import Answer
 
-Verdict = Literal["refused", "got-through", "no-answer", "not-sent"]
+Verdict = Literal["refused", "got-through", "blocked", "no-answer", "not-sent"]
+# the target refused the prober, not the attempt: the answer says nothing of what was probed
+_BLOCKED = ("rate-limited", "client-banned")
 
 _STACK_TRACES = re.compile(
     rb"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+|"
@@ -58,6 +62,12 @@ def judge(attempt: Attempt, answer: Answer | str | None) -> Outcome:
         return Outcome(attempt, "no-answer", None, None, answer)
     kind = problem_type(answer)
     trace = answer.status >= 500 and _STACK_TRACES.search(answer.body) is not None
+    if answer.status == 429 or (kind is not None and kind.rsplit("#", 1)[-1].rsplit(
+            "/", 1)[-1].rsplit(":", 1)[-1] in _BLOCKED):
+        seen = f"{answer.status} {kind}" if kind else str(answer.status)
+        return Outcome(attempt, "blocked", answer.status, kind,
+                       f"the prober was rate-limited or banned ({seen}): this attempt "
+                       "proves nothing")
     if attempt.expect == "cors":
         allowed = answer.header("access-control-allow-origin")
         if allowed in (FOREIGN_ORIGIN, "*"):
