@@ -109,9 +109,9 @@ class Recorder(ThreadingHTTPServer):
     server_address: tuple[str, int]
 
     def __init__(self, redirect_to: str | None = None, status: int = 200,
-                 body: bytes = b"{}") -> None:
+                 body: bytes = b"{}", content_type: str = "application/json") -> None:
         self.redirect_to = redirect_to
-        self.status, self.body = status, body
+        self.status, self.body, self.content_type = status, body, content_type
         self.requests: list[tuple[str, str]] = []
         self.api_keys: list[str] = []  # X-Api-Key values received
         self.connections = 0
@@ -153,7 +153,7 @@ class _RecordingHandler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         self.send_response(self.server.status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", self.server.content_type)
         self.send_header("Content-Length", str(len(self.server.body)))
         self.end_headers()
         if self.command != "HEAD":
@@ -168,8 +168,8 @@ def recorder() -> Iterator[Recorder]:
 
 
 def start_recorder(redirect_to: str | None = None, status: int = 200,
-                   body: bytes = b"{}") -> Recorder:
-    server = Recorder(redirect_to, status, body)
+                   body: bytes = b"{}", content_type: str = "application/json") -> Recorder:
+    server = Recorder(redirect_to, status, body, content_type)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return server
 
@@ -575,3 +575,24 @@ def test_a_rate_limited_prober_is_blocked_not_refused(tmp_path, demo, capsys):
     assert blocked and {a["status"] for a in blocked} == {429}
     assert report["summary"]["blocked"] == len(blocked)
     assert code == 2 and "rate-limited" in err
+
+
+def test_refusals_without_security_headers_are_one_finding_per_status(tmp_path, capsys):
+    """A target that refuses everything properly but without the headers C3 asks for on
+    every response: the refusals count, the missing headers are reported once per status."""
+    refusing = start_recorder(status=404, content_type="application/problem+json",
+                              body=b'{"type": "urn:example:not-found", "status": 404}')
+    try:
+        code, report = probe(capsys, "--config", str(demo_config(tmp_path)), "--target",
+                             refusing.url, "--only", "undeclared,schema", "--format", "json",
+                             *FAST)
+    finally:
+        stop_recorder(refusing)
+    assert code == 1
+    assert {a["verdict"] for a in report["attempts"]} == {"refused"}
+    assert {a["problem_type"] for a in report["attempts"]} == {"urn:example:not-found"}
+    [finding] = report["got_through"]
+    assert finding["rule"] == "probe-security-headers" and finding["checklist"] == "C3"
+    assert finding["message"].startswith(f"{len(report['attempts'])} answer(s) 404 without "
+                                         "cache-control, content-security-policy, "
+                                         "x-content-type-options")

@@ -14,7 +14,7 @@ import base64
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
@@ -64,7 +64,7 @@ class Attempt:
     what: str
     request: ProbeRequest
     expect: Expect = "refusal"
-    required_headers: tuple[str, ...] = ()  # expect == "headers": names that must be there
+    required_headers: tuple[str, ...] = ()  # names every answer must carry (C3)
     file: Path | None = None  # the file `pointer` is in, when not the contract's root
 
 
@@ -112,6 +112,7 @@ class _Planner:
         self.skipped_writes = 0
         self.notes: list[str] = []
         self.attempts: list[Attempt] = []
+        self.required = required_headers(config, https)
 
     # -- the whole plan ---------------------------------------------------------------
 
@@ -141,7 +142,7 @@ class _Planner:
             if attempt.request.method not in SAFE_METHODS and not self.allow_writes:
                 self.skipped_writes += 1
                 continue
-            self.attempts.append(attempt)
+            self.attempts.append(replace(attempt, required_headers=self.required))
 
     # -- request assembly -------------------------------------------------------------
 
@@ -457,17 +458,22 @@ class _Planner:
     def _headers(self, operation: Operation) -> Iterator[Attempt]:
         if operation.method not in ("GET", "HEAD"):
             return
-        config = self.config.headers
-        required = []
-        if config.x_content_type_options:
-            required.append("x-content-type-options")
-        if config.content_security_policy:
-            required.append("content-security-policy")
-        if config.cache_control:
-            required.append("cache-control")
-        if config.hsts == "always" or (config.hsts == "auto" and self.https):
-            required.append("strict-transport-security")
         request = self._request(operation.method, operation.path, self._base(operation))
         yield self._attempt("probe-security-headers", operation,
-                            f"a valid request; the answer must carry {', '.join(required)}",
-                            request, expect="headers", required_headers=tuple(required))
+                            f"a valid request; the answer must carry "
+                            f"{', '.join(self.required)}", request, expect="headers")
+
+
+def required_headers(config: Config, https: bool) -> tuple[str, ...]:
+    """The headers the config says every answer carries (C3; docs/responses.md)."""
+    headers = config.headers
+    required = []
+    if headers.x_content_type_options:
+        required.append("x-content-type-options")
+    if headers.content_security_policy:
+        required.append("content-security-policy")
+    if headers.cache_control:
+        required.append("cache-control")
+    if headers.hsts == "always" or (headers.hsts == "auto" and https):
+        required.append("strict-transport-security")
+    return tuple(required)

@@ -39,6 +39,24 @@ def findings(outcomes: list[Outcome], contract: Path) -> list[Finding]:
         if outcome.stack_trace:
             found.append(Finding(PROBE_RULES["probe-stack-trace"], where,
                                  f"{request}: answered {outcome.status} with a stack trace"))
+    return found + _missing_headers(outcomes, contract)
+
+
+def _missing_headers(outcomes: list[Outcome], contract: Path) -> list[Finding]:
+    """Security headers missing on answers to the other attempts: one finding per status
+    (a gateway that forgets them on its 404s forgets them on every 404)."""
+    by_status: dict[int | None, list[Outcome]] = {}
+    for outcome in outcomes:
+        if outcome.missing_headers and outcome.attempt.expect != "headers":
+            by_status.setdefault(outcome.status, []).append(outcome)
+    found = []
+    for status, seen in by_status.items():
+        first = seen[0]
+        missing = sorted({name for o in seen for name in o.missing_headers})
+        found.append(Finding(
+            PROBE_RULES["probe-security-headers"], Location(display(contract), "/paths"),
+            f"{len(seen)} answer(s) {status} without {', '.join(missing)}, e.g. to "
+            f"{first.attempt.request.method} {first.attempt.request.shown}"))
     return found
 
 

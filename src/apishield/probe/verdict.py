@@ -5,7 +5,9 @@ format). apishield refuses that way, so a plain 4xx means the request went past 
 and something else (the API) answered it: that is "got through", even when the API then
 said no, because the probe proves the policy, not the API's own checks. A 3xx is an
 answer the probe does not follow; it counts as got through (nothing was refused).
-CORS and security-header attempts are judged on the headers, whatever the status. A 429,
+CORS and security-header attempts are judged on the headers, whatever the status; every
+other answer is read for the same security headers too (C3: on every response, refusals
+included), reported once per status that lacks them. A 429,
 or a `rate-limited` or `client-banned` problem, is "blocked": the target refused the
 prober itself, so the attempt proved nothing either way.
 Every answer with a 5xx status is also read for a stack trace (E3).
@@ -14,7 +16,7 @@ Every answer with a 5xx status is also read for a stack trace (E3).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import orjson
@@ -41,6 +43,7 @@ class Outcome:
     problem_type: str | None
     detail: str  # what was seen, in a sentence
     stack_trace: bool = False  # a 5xx answer showed one (its own finding)
+    missing_headers: tuple[str, ...] = ()  # required security headers the answer lacked
 
 
 def problem_type(answer: Answer) -> str | None:
@@ -56,6 +59,15 @@ def problem_type(answer: Answer) -> str | None:
 
 
 def judge(attempt: Attempt, answer: Answer | str | None) -> Outcome:
+    outcome = _judge(attempt, answer)
+    if isinstance(answer, Answer) and outcome.verdict != "blocked":
+        missing = tuple(name for name in attempt.required_headers if not answer.header(name))
+        if missing:
+            return replace(outcome, missing_headers=missing)
+    return outcome
+
+
+def _judge(attempt: Attempt, answer: Answer | str | None) -> Outcome:
     if answer is None:
         return Outcome(attempt, "not-sent", None, None, "not sent: --max-requests reached")
     if isinstance(answer, str):
