@@ -584,15 +584,21 @@ def test_refusals_without_security_headers_are_one_finding_per_status(tmp_path, 
                               body=b'{"type": "urn:example:not-found", "status": 404}')
     try:
         code, report = probe(capsys, "--config", str(demo_config(tmp_path)), "--target",
-                             refusing.url, "--only", "undeclared,schema", "--format", "json",
-                             *FAST)
+                             refusing.url, "--only", "undeclared,schema,headers",
+                             "--format", "json", *FAST)
+        _code, without_headers_class = probe(
+            capsys, "--config", str(demo_config(tmp_path)), "--target", refusing.url,
+            "--only", "undeclared,schema", "--format", "json", *FAST)
     finally:
         stop_recorder(refusing)
     assert code == 1
-    assert {a["verdict"] for a in report["attempts"]} == {"refused"}
-    assert {a["problem_type"] for a in report["attempts"]} == {"urn:example:not-found"}
-    [finding] = report["got_through"]
+    refusals = [a for a in report["attempts"] if a["rule"] != "probe-security-headers"]
+    assert {a["verdict"] for a in refusals} == {"refused"}
+    assert {a["problem_type"] for a in refusals} == {"urn:example:not-found"}
+    [finding] = [f for f in report["got_through"] if "answer(s)" in f["message"]]
     assert finding["rule"] == "probe-security-headers" and finding["checklist"] == "C3"
-    assert finding["message"].startswith(f"{len(report['attempts'])} answer(s) 404 without "
+    assert finding["message"].startswith(f"{len(refusals)} answer(s) 404 without "
                                          "cache-control, content-security-policy, "
                                          "x-content-type-options")
+    # --only without the headers class: headers are not judged
+    assert without_headers_class["got_through"] == []

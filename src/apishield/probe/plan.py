@@ -142,7 +142,9 @@ class _Planner:
             if attempt.request.method not in SAFE_METHODS and not self.allow_writes:
                 self.skipped_writes += 1
                 continue
-            self.attempts.append(replace(attempt, required_headers=self.required))
+            if "probe-security-headers" in self.rules:  # `--only` without headers: not read
+                attempt = replace(attempt, required_headers=self.required)
+            self.attempts.append(attempt)
 
     # -- request assembly -------------------------------------------------------------
 
