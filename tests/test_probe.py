@@ -449,13 +449,18 @@ def test_stack_traces_in_5xx_answers_are_findings(tmp_path, capsys):
     crashing = start_recorder(status=500, body=trace)
     try:
         code, report = probe(capsys, "--config", str(demo_config(tmp_path)), "--target",
-                             crashing.url, "--only", "undeclared", "--format", "json", *FAST)
+                             crashing.url, "--only", "undeclared,leaks", "--format", "json",
+                             *FAST)
+        _code, without_leaks = probe(capsys, "--config", str(demo_config(tmp_path)),
+                                     "--target", crashing.url, "--only", "undeclared",
+                                     "--format", "json", *FAST)
     finally:
         stop_recorder(crashing)
     assert code == 1
     assert all(a["stack_trace"] for a in report["attempts"])
     traces = [f for f in report["got_through"] if f["rule"] == "probe-stack-trace"]
     assert len(traces) == len(report["attempts"]) and traces[0]["checklist"] == "E3"
+    assert not any(f["rule"] == "probe-stack-trace" for f in without_leaks["got_through"])
 
 
 def test_every_rule_and_class_is_documented():

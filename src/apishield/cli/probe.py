@@ -148,7 +148,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         sender.check_ca()
     except (ValueError, OSError) as exc:
         return _usage(f"--ca-file {args.ca_file}: {exc}")
-    outcomes = execute(plan.attempts, sender)
+    outcomes = execute(plan.attempts, sender, stack_traces="probe-stack-trace" in rules)
     source = contract.source
     if args.format == "json":
         text = render_json(outcomes, source, target=shown_target, config=args.config,

@@ -9,6 +9,7 @@ instead of exhausting itself on the first ones; they are sent, and reported, in 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from apishield.probe.plan import Attempt
 from apishield.probe.sender import Sender
@@ -31,9 +32,10 @@ def pick(attempts: list[Attempt], budget: int) -> set[int]:
     return chosen
 
 
-def execute(attempts: list[Attempt], sender: Sender,
+def execute(attempts: list[Attempt], sender: Sender, *, stack_traces: bool = True,
             progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
-    """One outcome per attempt; those not picked within `max_requests` are `not-sent`."""
+    """One outcome per attempt; those not picked within `max_requests` are `not-sent`.
+    `stack_traces`: read 5xx answers for them (the leaks class is on)."""
     chosen = pick(attempts, sender.max_requests)
     outcomes: list[Outcome] = []
     try:
@@ -41,7 +43,10 @@ def execute(attempts: list[Attempt], sender: Sender,
             if index not in chosen:
                 outcomes.append(judge(attempt, None))
                 continue
-            outcomes.append(judge(attempt, sender.send(attempt.request)))
+            outcome = judge(attempt, sender.send(attempt.request))
+            if outcome.stack_trace and not stack_traces:
+                outcome = replace(outcome, stack_trace=False)
+            outcomes.append(outcome)
             if progress is not None:
                 progress(len(outcomes), len(attempts))
     finally:
