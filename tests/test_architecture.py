@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("auth", "abuse"),  # who the caller is and what it may do; bans
     ("steps",),  # one module per pipeline step
     ("pipeline",),  # runs the steps in order
-    ("admin", "audit"),  # the admin API both front ends serve; the contract+policy review
+    ("admin", "audit", "probe"),  # the admin API; the contract+policy review; the prober
     ("http", "middleware"),  # the gateway's transport; the ASGI front end
     ("gateway",),  # the gateway front end: listener + pipeline + upstream pool
     ("cli", "demo", "__main__", ""),  # the command line, the demo, the package root

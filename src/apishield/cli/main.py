@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     from apishield.cli import audit as audit_cli  # `audit CONTRACT [--config] [--format]`
 
     audit_cli.add_parser(commands)
+    from apishield.cli import probe as probe_cli  # `probe --target URL [--only] [--dry-run]`
+
+    probe_cli.add_parser(commands)
     from apishield.cli import init as init_cli  # `init CONTRACT [--output FILE]`
 
     init_cli.add_parser(commands)

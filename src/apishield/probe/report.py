@@ -1,0 +1,150 @@
+"""The probe's reports: text for people, JSON for tools, SARIF through the audit's renderer.
+
+Every attempt is listed, sent or not, with its request (credentials replaced by
+`<identity>`), so the report is the record of what the probe did to the target.
+"got through" outcomes (and stack traces in 5xx answers) become audit `Finding`s located
+at the operation in the contract, so SARIF has one implementation (audit/report.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from apishield.audit.context import display
+from apishield.audit.findings import Finding, Location
+from apishield.audit.lines import LineIndex
+from apishield.audit.report import render_sarif
+from apishield.probe.rules import PROBE_RULES
+from apishield.probe.verdict import Outcome
+
+
+def findings(outcomes: list[Outcome], contract: Path) -> list[Finding]:
+    """What got through, as findings (one per attempt, plus one per stack trace seen)."""
+    found: list[Finding] = []
+    lines = LineIndex()
+    for outcome in outcomes:
+        attempt = outcome.attempt
+        if outcome.verdict != "got-through" and not outcome.stack_trace:
+            continue
+        file = (attempt.file or contract).resolve()
+        where = Location(display(file), attempt.pointer, lines.line(file, attempt.pointer))
+        request = f"{attempt.request.method} {attempt.request.shown}"
+        if outcome.verdict == "got-through":
+            found.append(Finding(PROBE_RULES[attempt.rule], where,
+                                 f"{request}: {attempt.what}: {outcome.detail}"))
+        if outcome.stack_trace:
+            found.append(Finding(PROBE_RULES["probe-stack-trace"], where,
+                                 f"{request}: answered {outcome.status} with a stack trace"))
+    return found + _missing_headers(outcomes, contract)
+
+
+def _missing_headers(outcomes: list[Outcome], contract: Path) -> list[Finding]:
+    """Security headers missing on answers to the other attempts: one finding per status
+    (a gateway that forgets them on its 404s forgets them on every 404)."""
+    by_status: dict[int | None, list[Outcome]] = {}
+    for outcome in outcomes:
+        if outcome.missing_headers and outcome.attempt.expect != "headers":
+            by_status.setdefault(outcome.status, []).append(outcome)
+    found = []
+    for status, seen in by_status.items():
+        first = seen[0]
+        missing = sorted({name for o in seen for name in o.missing_headers})
+        found.append(Finding(
+            PROBE_RULES["probe-security-headers"], Location(display(contract), "/paths"),
+            f"{len(seen)} answer(s) {status} without {', '.join(missing)}, e.g. to "
+            f"{first.attempt.request.method} {first.attempt.request.shown}"))
+    return found
+
+
+def summary(outcomes: list[Outcome], found: list[Finding]) -> dict[str, int]:
+    counts = Counter(outcome.verdict for outcome in outcomes)
+    return {"planned": len(outcomes),
+            "sent": sum(counts[v] for v in ("refused", "got-through", "blocked", "no-answer")),
+            "refused": counts["refused"], "got_through": len(found),
+            "blocked": counts["blocked"], "no_answer": counts["no-answer"],
+            "not_sent": counts["not-sent"]}
+
+
+def _outcome_json(outcome: Outcome) -> dict[str, Any]:
+    attempt = outcome.attempt
+    rule = PROBE_RULES[attempt.rule]
+    document: dict[str, Any] = {
+        "rule": rule.id, "operation": attempt.operation, "pointer": attempt.pointer,
+        "what": attempt.what, "method": attempt.request.method,
+        "target": attempt.request.shown, "verdict": outcome.verdict,
+        "status": outcome.status, "problem_type": outcome.problem_type,
+        "detail": outcome.detail, "stack_trace": outcome.stack_trace,
+    }
+    if outcome.verdict == "got-through":
+        document.update(checklist=rule.checklist, owasp=rule.owasp, fix=rule.fix)
+    return document
+
+
+def render_json(outcomes: list[Outcome], contract: Path, *, target: str, config: str,
+                skipped_writes: int, notes: list[str], version: str) -> str:
+    found = findings(outcomes, contract)
+    document = {
+        "version": 1, "tool": {"name": "apishield", "version": version},
+        "target": target, "config": config, "contract": display(contract),
+        "summary": {**summary(outcomes, found), "skipped_writes": skipped_writes},
+        "notes": notes,
+        "attempts": [_outcome_json(outcome) for outcome in outcomes],
+        "got_through": [{"rule": f.rule.id, "checklist": f.rule.checklist,
+                         "owasp": f.rule.owasp, "message": f.message, "fix": f.rule.fix}
+                        for f in found],
+    }
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n"
+
+
+def render_sarif_report(outcomes: list[Outcome], contract: Path, *, version: str) -> str:
+    return render_sarif(findings(outcomes, contract), PROBE_RULES, version=version)
+
+
+_MARK = {"refused": "refused", "got-through": "GOT THROUGH", "blocked": "blocked",
+         "no-answer": "no answer", "not-sent": "not sent"}
+
+
+def render_text(outcomes: list[Outcome], contract: Path, *, target: str,
+                skipped_writes: int, notes: list[str]) -> str:
+    out = [f"apishield probe: {target}"]
+    out += [f"note: {note}" for note in notes]
+    for outcome in outcomes:
+        attempt = outcome.attempt
+        status = "" if outcome.status is None else str(outcome.status)
+        seen = outcome.problem_type or ""
+        out.append(f"{_MARK[outcome.verdict]:<11} {status:>3} {attempt.request.method} "
+                   f"{attempt.request.shown}  [{attempt.rule}] {attempt.what}"
+                   + (f"  ({seen})" if seen and outcome.verdict == "refused" else ""))
+    found = findings(outcomes, contract)
+    if found:
+        out.append("")
+        out.append("got through:")
+        for finding in found:
+            rule = finding.rule
+            out.append(f"  {rule.severity.label.upper():<8} {rule.id}  [{rule.checklist}, "
+                       f"{rule.owasp_title}]")
+            out.append(f"    {finding.message}")
+            out.append(f"    fix: {rule.fix}")
+    counts = summary(outcomes, found)
+    out.append("")
+    out.append(f"{counts['sent']} request(s) sent, {counts['refused']} refused, "
+               f"{counts['got_through']} got through, {counts['blocked']} blocked (the "
+               f"prober rate-limited or banned), {counts['no_answer']} without an "
+               f"answer, {counts['not_sent']} not sent (--max-requests), {skipped_writes} "
+               "skipped (need --allow-writes)")
+    return "\n".join(out) + "\n"
+
+
+def render_plan(planned: list[tuple[str, str, str, str]], *, target: str,
+                skipped_writes: int, notes: list[str]) -> str:
+    """--dry-run: (rule, method, target, what) per planned request; nothing is sent."""
+    out = [f"apishield probe --dry-run: {len(planned)} request(s) planned for {target}, "
+           "none sent"]
+    out += [f"note: {note}" for note in notes]
+    out += [f"{method} {shown}  [{rule}] {what}" for rule, method, shown, what in planned]
+    out.append(f"{skipped_writes} more need --allow-writes")
+    return "\n".join(out) + "\n"
