@@ -56,7 +56,8 @@ async def take(counters: RedisCounters, key: str, interval: float, burst: int) -
         await counters.prepare(key, interval, burst)
 
 
-async def hammer(counters: RedisCounters, key: str, until: float, tasks: int = 20) -> int:
+async def hammer(counters: RedisCounters, key: str, until: float, tasks: int = 20,
+                 interval: float = INTERVAL, burst: int = BURST) -> int:
     """Requests as fast as `tasks` coroutines can send them until `until` (epoch s);
     returns how many were admitted."""
     admitted = 0
@@ -64,7 +65,7 @@ async def hammer(counters: RedisCounters, key: str, until: float, tasks: int = 2
     async def worker() -> None:
         nonlocal admitted
         while time.time() < until:
-            decision = await take(counters, key, INTERVAL, BURST)
+            decision = await take(counters, key, interval, burst)
             admitted += decision.allowed
             await asyncio.sleep(0)
 
@@ -92,15 +93,22 @@ import asyncio, json, sys, time
 from apishield.state.redis_counters import RedisCounters
 from tests.test_redis_counters import hammer
 
-async def main(url, key, start, seconds):
+async def main(url, key, start, seconds, interval, burst):
     counters = RedisCounters(url)
     await asyncio.sleep(max(0.0, start - time.time()))
-    admitted = await hammer(counters, key, start + seconds)
+    admitted = await hammer(counters, key, start + seconds, interval=interval, burst=burst)
     print(json.dumps({"admitted": admitted, "round_trips": counters.round_trips}))
     await counters.close()
 
-asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])))
+asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]),
+                 float(sys.argv[5]), int(sys.argv[6])))
 """
+# The two-process test's limit: 250/s with a burst of 250. Lower than the one-process
+# test's so that two client processes sharing two cores with the rest of the suite still
+# offer far more than the rate (at 1,000/s a CI run admitted 9% under: the clients, not
+# the limiter, fell short). The documented bounds stay well inside 5%: n = 5 tokens per
+# lease, L = 7, so held leases move the total by at most 2 * 7 = 14 of 1,000.
+TWO_INTERVAL, TWO_BURST = 0.004, 250
 
 
 def test_two_processes_admit_within_5_percent(server: RedisServer) -> None:
@@ -112,7 +120,8 @@ def test_two_processes_admit_within_5_percent(server: RedisServer) -> None:
         [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", GATEWAY, server.url, key, repr(start), repr(seconds)],
+            [sys.executable, "-c", GATEWAY, server.url, key, repr(start), repr(seconds),
+             repr(TWO_INTERVAL), str(TWO_BURST)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
         for _ in range(2)
     ]
@@ -122,7 +131,7 @@ def test_two_processes_admit_within_5_percent(server: RedisServer) -> None:
         assert process.returncode == 0, err.decode()
         results.append(json.loads(out))
     admitted = sum(result["admitted"] for result in results)
-    expected = allowed_over(seconds)
+    expected = TWO_BURST + seconds / TWO_INTERVAL
     assert abs(admitted - expected) <= 0.05 * expected, (results, expected)
     assert all(result["admitted"] > 0.1 * expected for result in results), results
 

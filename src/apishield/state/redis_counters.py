@@ -50,10 +50,12 @@ Accuracy bound (G gateways sharing a key, n as above, T = interval, b = burst):
   window; with bursts under 1 / lease_fraction (n = 1) it decides like `MemoryCounters`,
   request by request (to within a round trip's timing, and the microsecond to which the
   server stores TAT).
-- Measured (tests/test_redis_counters.py, 1,000/s with burst 1,000 hammered by 20 tasks
-  per process): one process admits 0.3% under the exact figure over 2 s, two processes
-  0.3% under over 3 s; two gateways holding full leases when the bucket has refilled
-  admit exactly burst + 2 * L.
+- Measured (tests/test_redis_counters.py, hammered by 20 tasks per process): one process
+  at 1,000/s (burst 1,000) admits 0.3% under the exact figure over 2 s; two processes at
+  1,000/s admitted 0.3% under over 3 s on a quiet machine, but 9% under while the rest of
+  the suite shared the two cores (the clients could not offer the rate), so the test runs
+  them at 250/s; two gateways holding full leases when the bucket has refilled admit
+  exactly burst + 2 * L.
 - If Redis loses a key (restart, eviction) it forgets what was used: the limit starts full.
 
 Cost (bench/counters_bench.py, client CPU per decision, memory = 1.0): a lease hit 1.03x,
