@@ -350,27 +350,25 @@ class AuthService:
             self._basic_verifiers[scheme] = verifier
         return verifier
 
-    def delegated_warnings(self) -> list[str]:
-        """For `apishield check` and `serve`: each delegated scheme an operation uses."""
+    def mode_warnings(self) -> list[str]:
+        """For `apishield check` and `serve`: each scheme an operation uses that apishield
+        does not verify itself (`auth.schemes.<name>.mode` delegate or refuse)."""
         used = used_schemes(self.contract)
-        return [
-            f"components.securitySchemes.{name}: delegated (auth.schemes.{name}.mode: "
-            f"delegate): the upstream verifies it; apishield only checks it is present "
-            f"({len(used[name])} operation(s))"
-            for name, authenticator in self.authenticators.items()
-            if isinstance(authenticator, DelegatedAuthenticator) and name in used
-        ]
-
-    def refused_warnings(self) -> list[str]:
-        """For `apishield check` and `serve`: each refused scheme an operation uses."""
-        used = used_schemes(self.contract)
-        return [
-            f"components.securitySchemes.{name}: refused (auth.schemes.{name}.mode: "
-            f"refuse): every credential of it is answered 401 ({len(used[name])} "
-            f"operation(s)); configure it (an issuer, or mode: delegate) and remove the line"
-            for name, authenticator in self.authenticators.items()
-            if isinstance(authenticator, RefusedAuthenticator) and name in used
-        ]
+        found = []
+        for name, authenticator in self.authenticators.items():
+            if name not in used:
+                continue
+            where = f"components.securitySchemes.{name}"
+            count = f"{len(used[name])} operation(s)"
+            if isinstance(authenticator, DelegatedAuthenticator):
+                found.append(f"{where}: delegated (auth.schemes.{name}.mode: delegate): the "
+                             f"upstream verifies it; apishield only checks it is present "
+                             f"({count})")
+            elif isinstance(authenticator, RefusedAuthenticator):
+                found.append(f"{where}: refused (auth.schemes.{name}.mode: refuse): every "
+                             f"credential of it is answered 401 ({count}); configure it (an "
+                             "issuer, or mode: delegate) and remove the line")
+        return found
 
     # -- lifecycle ----------------------------------------------------------------------
 

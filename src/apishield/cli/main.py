@@ -162,8 +162,7 @@ def security_warnings(pipeline: Pipeline) -> list[str]:
         "callers must authenticate"
         for operation in contract.operations if operation.public_over_security]
     found += open_in_strict_mode(contract, pipeline.config)
-    found += pipeline.auth.delegated_warnings()
-    found += pipeline.auth.refused_warnings()
+    found += pipeline.auth.mode_warnings()
     found += pipeline.alerts.warnings() if pipeline.alerts is not None else []
     for issuer_name, weak in pipeline.auth.weak_secrets.items():
         # worded without `secret: value` pairs: logged by `serve`, such a pair is masked
