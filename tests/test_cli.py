@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import apishield.demo
 from tests.conftest import DATA, free_port
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -238,6 +239,7 @@ def test_no_command_is_a_usage_error():
 @pytest.mark.timeout(40)
 def test_demo_serves_and_stops_on_sigint(tmp_path):
     port = free_port()
+    started = time.time()
     process = subprocess.Popen(
         [sys.executable, "-m", "apishield", "demo", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
@@ -288,6 +290,11 @@ def test_demo_serves_and_stops_on_sigint(tmp_path):
     stderr = process.stderr.read()
     process.stderr.close()
     assert "Traceback" not in stderr, stderr
+    # its state (usage counts, the audit trail) went to a temporary folder, not into the
+    # installed package: nothing written beside the demo's contract
+    package = Path(apishield.demo.__file__).parent
+    assert [path.name for path in package.iterdir()
+            if path.stat().st_mtime >= started] == []
     assert "stopped" in stderr
 
 

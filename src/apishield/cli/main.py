@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import sys
+import tempfile
 import threading
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -218,18 +219,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     thread = threading.Thread(target=upstream.serve_forever, daemon=True)
     thread.start()
     up_host, up_port = upstream.server_address[:2]
+    # the demo's state (usage counts, the audit trail) lives for the run in a temporary
+    # folder: never in the installed package, which may be read-only or shared
+    state_dir = tempfile.TemporaryDirectory(prefix="apishield-demo-")
     config = config_from_dict(
         {
             "contract": "openapi.yaml",
             "upstream": {"url": f"http://{up_host}:{up_port}"},
             "listen": {"host": "127.0.0.1", "port": args.port},
             "access_log": {"path": args.access_log},
+            "state": str(Path(state_dir.name) / "apishield-state.db"),
         },
         source_dir=DEMO_DIR,
     )
     try:
         gateway = build_gateway(config)
     except ConfigError as exc:  # the bundled demo must always load; this is a bug
+        state_dir.cleanup()
         return _report(exc, "the bundled demo")
     _setup_logging()
 
@@ -274,6 +280,7 @@ Access log: {args.access_log if args.access_log != '-' else 'standard output'}. 
     finally:
         upstream.shutdown()
         upstream.server_close()
+        state_dir.cleanup()
     return 0
 
 
