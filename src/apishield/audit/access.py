@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterator
 from itertools import pairwise
@@ -12,6 +11,7 @@ from urllib.parse import urlsplit
 from apishield.audit.context import AuditContext
 from apishield.audit.findings import Location, Severity, rule
 from apishield.auth.weak_secrets import weakness
+from apishield.config import is_loopback
 from apishield.config.secrets import read_secret
 from apishield.contract.loader import Operation, escape_pointer
 
@@ -70,15 +70,6 @@ def secured(operation: Operation) -> bool:
     """Has at least one requirement with a credential (and is not made public)."""
     return (not operation.public and operation.security is not None
             and any(operation.security))
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 @rule("no-security", title="Operation declares no security and is not marked public",

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from apishield.audit.access import credential_like, is_loopback
+from apishield.audit.access import credential_like
 from apishield.audit.context import AuditContext
 from apishield.audit.findings import Location, Severity, rule
+from apishield.config import is_loopback
 from apishield.contract.loader import Operation, escape_pointer
 
 Found = Iterator[tuple[Location, str]]

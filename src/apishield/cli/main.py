@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import sys
 import tempfile
@@ -23,7 +22,14 @@ from urllib.parse import urlsplit
 from apishield.auth.service import NOT_PUBLIC
 from apishield.cli import version as version_cli
 from apishield.cli.config_option import config_parent
-from apishield.config import Config, ConfigError, config_from_dict, load_config, read_yaml
+from apishield.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    is_loopback,
+    load_config,
+    read_yaml,
+)
 from apishield.contract.loader import load_contract
 from apishield.contract.review import open_in_strict_mode
 from apishield.gateway import Gateway, build_gateway, serve
@@ -108,20 +114,11 @@ def _compile_for_serving(config: Config) -> Gateway:
     return build_gateway(config)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name could resolve anywhere; "" and 0.0.0.0 mean everywhere
-
-
 def config_warnings(gateway: Gateway) -> list[str]:
     """Risky but working settings of a compiled gateway, each `location: message`."""
     config = gateway.config
     found: list[str] = []
-    if gateway.tls is None and not _is_loopback(config.listen.host):
+    if gateway.tls is None and not is_loopback(config.listen.host):
         found.append(
             f"listen.host: {config.listen.host or '(all addresses)'} is reachable from other "
             "hosts but tls is not configured, so tokens and data cross the network in clear "
@@ -136,7 +133,7 @@ def config_warnings(gateway: Gateway) -> list[str]:
             "on the path can impersonate it; give its CA with upstream.tls.ca instead"
         )
     admin = config.admin
-    if admin is not None and not _is_loopback(admin.host):
+    if admin is not None and not is_loopback(admin.host):
         found.append(
             f"admin.host: {admin.host or '(all addresses)'} serves the admin API over plain "
             "HTTP to other hosts, so its bearer token and the config it shows cross the "
@@ -174,7 +171,7 @@ def security_warnings(pipeline: Pipeline) -> list[str]:
     for issuer_name, issuer in pipeline.config.auth.issuers.items():
         for key, url in (("jwks_url", issuer.jwks_url), ("introspection.url",
                          issuer.introspection.url if issuer.introspection else None)):
-            if url is not None and url.startswith("http://") and not _is_loopback(
+            if url is not None and url.startswith("http://") and not is_loopback(
                     urlsplit(url).hostname or ""):
                 found.append(
                     f"auth.issuers.{issuer_name}.{key}: {url} is plain HTTP to another host: "
