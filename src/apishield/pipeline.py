@@ -440,27 +440,28 @@ class Pipeline:
         if self.bans.watching:
             self.bans.observe(exchange, status)
         alerts = self.alerts
-        if alerts is not None:
-            principal, operation = exchange.principal, exchange.operation
-            alerts.request(status, _outcome(exchange, exchange.problem), exchange.reason or None,
-                           exchange.client_ip, None if principal is None
-                           else principal.key_id or principal.subject,
-                           None if operation is None else operation.operation_id)
         access_log = self.access_log
         metrics = self.metrics
         usage = self.usage
-        if access_log is None and metrics is None and usage is None:
+        counted = alerts is not None or metrics is not None or usage is not None
+        if access_log is None and not counted:
             return
         operation = exchange.operation
         operation_id = operation.operation_id if operation is not None else None
-        seconds = time.perf_counter() - exchange.started
-        now = time.time()  # one clock read for the usage count and the access log
-        outcome = _outcome(exchange, exchange.problem)
+        outcome = _outcome(exchange, exchange.problem)  # once, for every reader below
         reason = exchange.reason or None
-        if metrics is not None or usage is not None:
-            label = operation.label if operation is not None else None
+        if counted:
             principal = exchange.principal
             identity = None if principal is None else principal.key_id or principal.subject
+            if alerts is not None:
+                alerts.request(status, outcome, reason, exchange.client_ip, identity,
+                               operation_id)
+        if access_log is None and metrics is None and usage is None:
+            return
+        seconds = time.perf_counter() - exchange.started
+        now = time.time()  # one clock read for the usage count and the access log
+        if metrics is not None or usage is not None:
+            label = operation.label if operation is not None else None
             if metrics is not None:
                 metrics.request(label, exchange.request.method, status, outcome, seconds,
                                 reason)
