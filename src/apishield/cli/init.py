@@ -148,8 +148,6 @@ class _Writer:
     def write(self) -> Starter:
         contract = self.contract
         used = self._used_schemes()
-        body: list[str] = []
-        self.lines = body
         self._transport()
         self._auth(used)
         self._operations()
@@ -165,7 +163,7 @@ class _Writer:
             head.append("#")
             head.append("# Still yours to decide:")
             head += [f"#  - {decision}" for decision in self.decisions]
-        text = "\n".join([*head, "", *body]) + "\n"
+        text = "\n".join([*head, "", *self.lines]) + "\n"
         unsecured = sum(1 for op in contract.operations if op.security is None)
         summary = (f"{len(contract.operations)} operations, {len(used)} security scheme(s) "
                    f"in use, {unsecured} operation(s) without security (refused), "
