@@ -406,6 +406,18 @@ def test_a_pattern_that_cannot_compile_is_reported_once_at_its_pointer(tmp_path)
         "than 10 MiB; fix or simplify it"]
 
 
+def test_a_rewritten_pattern_that_cannot_compile_is_located_at_its_pointer(tmp_path):
+    """Java's `\\p{Alnum}` is rewritten before compiling (contract/pattern_dialects.py); when
+    the result still cannot compile, the error is at the pattern, not at the whole body."""
+    config = load_config(_contract(tmp_path, {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "\\p{Alnum}{1000}{1000}"}}}))
+    with pytest.raises(ConfigError) as info:
+        validate.build(load_contract(config), config.validation)
+    [problem] = info.value.problems
+    assert problem.startswith("c.json#/paths/~1x/post/requestBody/content/application~1json/"
+                              "schema/properties/code/pattern: pattern "), problem
+
+
 def test_a_malformed_type_is_a_located_error_not_a_crash(tmp_path):
     """`"type": {...}` (a property named `type` written in the schema's place, as a real
     contract has it) made `check` crash with a TypeError."""

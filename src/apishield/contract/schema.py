@@ -32,7 +32,7 @@ from typing import Any
 import jsonschema_rs
 
 from apishield.contract.loader import RefError, RefResolver, escape_pointer
-from apishield.contract.pattern_dialects import rewrite as rewrite_posix
+from apishield.contract.pattern_dialects import rewrite as read_as_ecma
 
 INT_BOUNDS = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 _DROP_30 = frozenset({"nullable", "example", "discriminator", "xml", "externalDocs",
@@ -193,7 +193,7 @@ class SchemaCompiler:
             elif key == "items" and isinstance(value, list):  # draft-4 style tuple
                 out["prefixItems"] = [self._convert(sub, file, defs) for sub in value]
             elif key == "pattern" and isinstance(value, str):
-                out[key] = rewrite_posix(value)  # Java's \p{Alnum} and kin
+                out[key] = read_as_ecma(value)  # Java's \p{Alnum}, Annex B's [\w-.]
             else:
                 out[key] = value
         self._refuse_read_only(out, defs)  # before 3.0's `nullable` may wrap `out` in anyOf
@@ -343,7 +343,9 @@ def pattern_location(node: Any, file: Path, pointer: str, resolver: RefResolver,
             if found is not None:
                 return found
         return None
-    if node.get("pattern") == pattern:
+    written = node.get("pattern")
+    # the compiler saw the pattern as `read_as_ecma` rewrote it: match either spelling
+    if written == pattern or (isinstance(written, str) and read_as_ecma(written) == pattern):
         return file, f"{pointer}/pattern"
     ref = node.get("$ref")
     if isinstance(ref, str):
