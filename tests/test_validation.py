@@ -483,3 +483,57 @@ def test_undeclared_properties_are_named_but_long_names_are_not(tmp_path):
                  for entry in error_entries("/body", error)]
         assert found == entries
         assert "secret-value" not in str(found)
+
+
+def test_schemas_whose_names_sanitize_alike_keep_their_own_constraints(tmp_path):
+    """Referenced schemas become `$defs` under a sanitized name: `Pet:Name` and `Pet_Name`
+    both read `Pet_Name`, and the second must not be validated as the first."""
+    document = {
+        "openapi": "3.1.0", "info": {"title": "t", "version": "1"}, "security": [],
+        "components": {"schemas": {"Pet:Name": {"type": "string", "maxLength": 3},
+                                   "Pet_Name": {"type": "integer"}}},
+        "paths": {"/x": {"post": {
+            "operationId": "x",
+            "requestBody": {"content": {"application/json": {"schema": {
+                "type": "object", "properties": {
+                    "a": {"$ref": "#/components/schemas/Pet:Name"},
+                    "b": {"$ref": "#/components/schemas/Pet_Name"}}}}}},
+            "responses": {"200": {"description": "ok"}},
+        }}},
+    }
+    (tmp_path / "c.json").write_text(json.dumps(document))
+    (tmp_path / "a.yaml").write_text("contract: c.json\n")
+    config = load_config(tmp_path / "a.yaml")
+    contract = load_contract(config)
+    _, body = validate.build(contract, config.validation)
+
+    def errors(sent: dict) -> list[dict[str, str]]:
+        return _body_errors(body, contract, sent, InvalidBody)
+
+    assert errors({"a": "abc", "b": 5}) == []
+    assert errors({"a": 5}) == [{"pointer": "/body/a", "reason": "type"}]
+    assert errors({"a": "abcd"}) == [{"pointer": "/body/a", "reason": "max-length"}]
+    assert errors({"b": "x"}) == [{"pointer": "/body/b", "reason": "type"}]
+
+
+def test_a_shared_schema_that_fails_to_convert_fails_every_body_that_uses_it(tmp_path):
+    """Referenced schemas are converted once per contract and shared by every body; one
+    that fails half-way must not stay behind as a placeholder that accepts anything."""
+    document = {
+        "openapi": "3.1.0", "info": {"title": "t", "version": "1"}, "security": [],
+        "components": {"schemas": {"Broken": {"type": "object", "properties": {"a": 5}}}},
+        "paths": {f"/{name}": {"post": {
+            "operationId": name,
+            "requestBody": {"content": {"application/json": {"schema": {
+                "$ref": "#/components/schemas/Broken"}}}},
+            "responses": {"200": {"description": "ok"}},
+        }} for name in ("first", "second")},
+    }
+    (tmp_path / "c.json").write_text(json.dumps(document))
+    (tmp_path / "a.yaml").write_text("contract: c.json\n")
+    config = load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError) as info:
+        validate.build(load_contract(config), config.validation)
+    assert info.value.problems == [
+        f"c.json#/paths/~1{name}/post/requestBody/content/application~1json/schema: a schema "
+        "must be a mapping or a boolean" for name in ("first", "second")]

@@ -111,16 +111,40 @@ class SchemaCompiler:
         self.caps = caps
         self.strict = strict
         self._validators: dict[str, jsonschema_rs.Validator] = {}
+        # Every referenced schema is converted once per compiler, not once per body that
+        # reaches it: Microsoft Graph's 3,849 bodies each reach most of its 2,599 schemas
+        # through navigation properties (bench/RESULTS.md). `_defs` holds the converted
+        # schemas by `$defs` name, `_refs` the names each one refers to directly, and
+        # `_closures` what each reaches (computed once, on demand).
+        self._defs: dict[str, Any] = {}
+        self._refs: dict[str, set[str]] = {}
+        self._closures: dict[str, frozenset[str]] = {}
+        self._names: dict[tuple[Path, str, bool], str] = {}
+        self._added: list[str] = []  # names converted by the compile in progress
 
     def compile(self, node: Any, file: Path) -> tuple[jsonschema_rs.Validator, dict[str, Any]]:
         """A validator for a request schema (and the converted schema, for coercion)."""
-        defs: dict[str, Any] = {}
-        converted = self._convert(node, file, defs, top=True)
+        refs: set[str] = set()
+        self._added = []
+        try:
+            converted = self._convert(node, file, refs, top=True)
+        except BaseException:
+            # a schema that failed half-way must not stay behind as its placeholder (a
+            # `true` would accept anything in the next body that refers to it): forget
+            # everything this compile added, so the next one converts (and fails) again
+            for name in self._added:
+                self._defs.pop(name, None)
+                self._refs.pop(name, None)
+            raise
         document: dict[str, Any] = (dict(converted) if isinstance(converted, dict)
                                     else {"allOf": [converted]})
-        if defs:
-            document.setdefault("$defs", {}).update(defs)
-        key = repr(document)
+        reached = self._reached(refs)
+        if reached:
+            # a document is self-contained: it carries exactly the schemas it reaches
+            document.setdefault("$defs", {}).update(
+                (name, self._defs[name]) for name in sorted(reached))
+        # a converted `$defs` entry never changes once written: its name stands for it
+        key = repr(converted) + repr(sorted(reached))
         validator = self._validators.get(key)
         if validator is None:
             try:
@@ -142,40 +166,90 @@ class SchemaCompiler:
         return validator, converted
 
     # -- conversion ---------------------------------------------------------------------
-    def _convert(self, node: Any, file: Path, defs: dict[str, Any], *, top: bool = False,
+    def _convert(self, node: Any, file: Path, refs: set[str], *, top: bool = False,
                  member: bool = False) -> Any:
+        """`node` as JSON Schema 2020-12; the `$defs` names it refers to are added to
+        `refs` (the referenced schemas themselves are converted into `self._defs`)."""
         if isinstance(node, bool):
             return node
         if not isinstance(node, dict):
             raise SchemaError("a schema must be a mapping or a boolean")
         ref = node.get("$ref")
         if isinstance(ref, str):
-            return self._convert_ref(ref, node, file, defs, member=member)
-        return self._convert_inline(node, file, defs, member=member)
+            return self._convert_ref(ref, node, file, refs, member=member)
+        return self._convert_inline(node, file, refs, member=member)
 
-    def _convert_ref(self, ref: str, node: dict[str, Any], file: Path, defs: dict[str, Any],
+    def _convert_ref(self, ref: str, node: dict[str, Any], file: Path, refs: set[str],
                      *, member: bool) -> Any:
         try:
             target, target_file = self.resolver.resolve_ref(ref, file)
         except RefError as exc:
             raise SchemaError(str(exc)) from None
-        pointer = ref.partition("#")[2]
-        name = _DEF_NAME.sub("_", f"{target_file.stem}{pointer}") + ("~m" if member else "")
-        if name not in defs:
+        name = self._def_name(target_file, ref.partition("#")[2], member)
+        refs.add(name)
+        if name not in self._defs:
             # placeholder: a recursive reference resolves to the same def; it carries the
             # target's own readOnly/writeOnly so a property that refers back is refused
-            defs[name] = {flag: True for flag in ("readOnly", "writeOnly")
-                          if isinstance(target, dict) and "$ref" not in target
-                          and target.get(flag) is True} or True
-            defs[name] = self._convert(target, target_file, defs, member=member)
+            self._defs[name] = {flag: True for flag in ("readOnly", "writeOnly")
+                                if isinstance(target, dict) and "$ref" not in target
+                                and target.get(flag) is True} or True
+            self._added.append(name)
+            own: set[str] = set()
+            self._refs[name] = own
+            self._defs[name] = self._convert(target, target_file, own, member=member)
         reference = {"$ref": f"#/$defs/{escape_pointer(name)}"}
         siblings = {k: v for k, v in node.items() if k != "$ref"}
         if siblings and not self.openapi30:  # 3.1 allows keywords beside $ref
-            return {"allOf": [reference, self._convert_inline(siblings, file, defs,
+            return {"allOf": [reference, self._convert_inline(siblings, file, refs,
                                                                member=True)]}
         return reference
 
-    def _convert_inline(self, node: dict[str, Any], file: Path, defs: dict[str, Any], *,
+    def _def_name(self, file: Path, pointer: str, member: bool) -> str:
+        """The `$defs` name of a referenced schema: readable, and unique per target (two
+        files with one stem, or `a b` beside `a_b`, must not share a name: the second
+        would validate against the first)."""
+        key = (file, pointer, member)
+        name = self._names.get(key)
+        if name is None:
+            base = _DEF_NAME.sub("_", f"{file.stem}{pointer}") + ("~m" if member else "")
+            name, taken = base, set(self._names.values())
+            count = 1
+            while name in taken:
+                count += 1
+                name = f"{base}~{count}"
+            self._names[key] = name
+        return name
+
+    def _reached(self, refs: set[str]) -> frozenset[str]:
+        """Every `$defs` name reachable from `refs` (the references of one schema)."""
+        reached: set[str] = set()
+        for name in refs:
+            reached |= self._closure(name)
+        return frozenset(reached)
+
+    def _closure(self, start: str) -> frozenset[str]:
+        """`start` and every name it reaches; a finished closure is kept, and reused when
+        another walk meets its name (cycles are fine: a name is expanded once per walk)."""
+        known = self._closures.get(start)
+        if known is not None:
+            return known
+        seen = {start}
+        stack = [start]
+        while stack:
+            for name in self._refs.get(stack.pop(), ()):
+                if name in seen:
+                    continue
+                done = self._closures.get(name)
+                if done is not None:
+                    seen |= done
+                else:
+                    seen.add(name)
+                    stack.append(name)
+        closure = frozenset(seen)
+        self._closures[start] = closure
+        return closure
+
+    def _convert_inline(self, node: dict[str, Any], file: Path, refs: set[str], *,
                         member: bool) -> Any:
         drop = _DROP_30 if self.openapi30 else _DROP_31
         out: dict[str, Any] = {}
@@ -183,20 +257,20 @@ class SchemaCompiler:
             if key in drop or key.startswith("x-"):
                 continue
             if key in _SCHEMA_MAPS and isinstance(value, dict):
-                out[key] = {name: self._convert(sub, file, defs) for name, sub in value.items()}
+                out[key] = {name: self._convert(sub, file, refs) for name, sub in value.items()}
             elif key in _SCHEMA_LISTS and isinstance(value, list):
                 in_composition = key in _COMPOSITION
-                out[key] = [self._convert(sub, file, defs, member=in_composition)
+                out[key] = [self._convert(sub, file, refs, member=in_composition)
                             for sub in value]
             elif key in _SCHEMA_ONE and isinstance(value, dict | bool):
-                out[key] = self._convert(value, file, defs)
+                out[key] = self._convert(value, file, refs)
             elif key == "items" and isinstance(value, list):  # draft-4 style tuple
-                out["prefixItems"] = [self._convert(sub, file, defs) for sub in value]
+                out["prefixItems"] = [self._convert(sub, file, refs) for sub in value]
             elif key == "pattern" and isinstance(value, str):
                 out[key] = read_as_ecma(value)  # Java's \p{Alnum}, Annex B's [\w-.]
             else:
                 out[key] = value
-        self._refuse_read_only(out, defs)  # before 3.0's `nullable` may wrap `out` in anyOf
+        self._refuse_read_only(out, self._defs)  # before 3.0's `nullable` may wrap `out` in anyOf
         if self.openapi30:
             _translate_30(node, out)
         self._apply_caps(out)
