@@ -120,6 +120,7 @@ class SchemaCompiler:
         self._refs: dict[str, set[str]] = {}
         self._closures: dict[str, frozenset[str]] = {}
         self._names: dict[tuple[Path, str, bool], str] = {}
+        self._taken: set[str] = set()  # the values of `_names`
         self._added: list[str] = []  # names converted by the compile in progress
 
     def compile(self, node: Any, file: Path) -> tuple[jsonschema_rs.Validator, dict[str, Any]]:
@@ -212,12 +213,12 @@ class SchemaCompiler:
         name = self._names.get(key)
         if name is None:
             base = _DEF_NAME.sub("_", f"{file.stem}{pointer}") + ("~m" if member else "")
-            name, taken = base, set(self._names.values())
-            count = 1
-            while name in taken:
+            name, count = base, 1
+            while name in self._taken:
                 count += 1
                 name = f"{base}~{count}"
             self._names[key] = name
+            self._taken.add(name)
         return name
 
     def _reached(self, refs: set[str]) -> frozenset[str]:
