@@ -406,3 +406,43 @@ def test_a_flush_during_a_redis_outage_is_retried_once_redis_is_back(tmp_path: P
         finally:
             reader.close()
         assert (row.identity, row.requests, row.bytes_in, row.bytes_out) == ("k2", 1, 1, 2)
+
+
+def test_admin_usage_says_501_when_usage_is_not_persisted(tmp_path: Path,
+                                                          upstream_url: str) -> None:
+    admin_port = free_port()
+    gateway = start_gateway(tmp_path, upstream_url, {"admin": {"port": admin_port},
+                                                     "usage": {"enabled": False}})
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{admin_port}/usage", params={"since": "7d"})
+        assert answer.status_code == 501, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.json()["type"] == "urn:apishield:problem:admin-usage-unavailable"
+        # the in-memory view does not depend on persistence
+        assert "current" in httpx.get(f"http://127.0.0.1:{admin_port}/usage").json()
+    finally:
+        assert gateway.stop() == 0
+
+
+def test_admin_usage_says_503_while_the_usage_store_is_down(tmp_path: Path,
+                                                            upstream_url: str) -> None:
+    (tmp_path / "pepper").write_text("usage-test-pepper-usage-test-pepper")
+    (tmp_path / "pepper").chmod(0o600)
+    admin_port = free_port()
+    with running_redis(tmp_path) as server:
+        gateway = start_gateway(tmp_path, upstream_url, {
+            "state": server.url, "admin": {"port": admin_port},
+            "auth": {"api_keys": {"pepper": {"file": str(tmp_path / "pepper")}}}})
+        try:
+            url = f"http://127.0.0.1:{admin_port}/usage"
+            assert httpx.get(url, params={"since": "1d"}, timeout=10).status_code == 200
+            server.stop()
+            answer = httpx.get(url, params={"since": "1d"}, timeout=10)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["type"] == \
+                "urn:apishield:problem:admin-usage-store-unavailable"
+            assert server.url.rsplit("@", 1)[-1] not in answer.text  # no store detail
+            server.start()
+            assert httpx.get(url, params={"since": "1d"}, timeout=10).status_code == 200
+        finally:
+            gateway.stop()
