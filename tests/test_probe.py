@@ -353,7 +353,7 @@ def test_without_a_terminal_it_refuses_unless_yes(tmp_path, recorder):
 @pytest.mark.parametrize("argv, message", [
     (["--target", "ftp://example.com"], "scheme must be http or https"),
     (["--target", "http://user:pw@example.com"], "credentials go in --identity"),
-    (["--target", "http://127.0.0.1:1", "--only", "schema,bola"], "unknown class bola"),
+    (["--target", "http://127.0.0.1:1", "--only", "schema,nosuch"], "unknown class nosuch"),
     (["--target", "http://127.0.0.1:1", "--identity", "nocredential"], "NAME=CREDENTIAL"),
     (["--target", "http://127.0.0.1:1", "--max-requests", "0"], "at least 1"),
 ])
