@@ -140,9 +140,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
                       allow_writes=args.allow_writes, https=target.scheme == "https",
                       user_agent=f"apishield-probe/{__version__}", more=PLANNERS)
     if args.dry_run:
-        listed = [(a.rule, a.request.method, a.request.shown, a.what) for a in plan.attempts]
+        listed = [(a.rule, a.request.method, a.request.shown, a.what
+                   + (f" (up to {a.cost} requests)" if a.cost > 1 else ""))
+                  for a in plan.attempts]
         _write(args, render_plan(listed, target=shown_target,
-                                 skipped_writes=plan.skipped_writes, notes=plan.notes))
+                                 skipped_writes=plan.skipped_writes, notes=plan.notes,
+                                 requests=sum(a.cost for a in plan.attempts)))
         return 0
     count = min(sum(attempt.cost for attempt in plan.attempts), args.max_requests)
     if not args.yes:

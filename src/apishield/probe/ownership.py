@@ -251,14 +251,14 @@ def replays(planner: _Planner) -> Iterator[Attempt]:
             fields, fallback,
             planner.request_as(operation, owner, path={parameter: MARKER}),
             planner.request_as(operation, intruder, path={parameter: MARKER}))
-        why = ("its owner rule" if operation.policy.owner is not None
+        why = ("an owner rule" if operation.policy.owner is not None
                else f"the ID-like path parameter {parameter}")
-        source = (f"an id from {listing.label}" if listing is not None
-                  else "the schema's valid id")
+        source = (f"one {listing.label} lists" if listing is not None
+                  else "the schema's valid value")
         yield Attempt(RULE, operation.label, operation.pointer,
                       f"identity {intruder.name} asks for identity {owner.name}'s object "
-                      f"({source}; {why})", _display(replay.as_intruder, parameter),
-                      steps=replay)
+                      f"(id: {source}), an operation with {why}",
+                      _display(replay.as_intruder, parameter), steps=replay)
 
 
 def _display(request: ProbeRequest, parameter: str) -> ProbeRequest:

@@ -172,9 +172,11 @@ def _steps_text(outcome: Outcome) -> list[str]:
 
 
 def render_plan(planned: list[tuple[str, str, str, str]], *, target: str,
-                skipped_writes: int, notes: list[str]) -> str:
-    """--dry-run: (rule, method, target, what) per planned request; nothing is sent."""
-    out = [f"apishield probe --dry-run: {len(planned)} request(s) planned for {target}, "
+                skipped_writes: int, notes: list[str], requests: int | None = None) -> str:
+    """--dry-run: (rule, method, target, what) per planned attempt; nothing is sent.
+    `requests`: the most requests they send (multi-step attempts send several)."""
+    count = len(planned) if requests is None else requests
+    out = [f"apishield probe --dry-run: {count} request(s) planned for {target}, "
            "none sent"]
     out += [f"note: {note}" for note in notes]
     out += [f"{method} {shown}  [{rule}] {what}" for rule, method, shown, what in planned]
