@@ -24,7 +24,14 @@ import yaml
 from apishield.cli.main import main
 from apishield.demo.api import DemoServer
 from tests.conftest import RunningGateway, start_gateway
-from tests.test_probe import FAST, demo, got_through, probe, protected_contract
+from tests.test_probe import (
+    FAST,
+    SARIF_SCHEMA,
+    demo,
+    got_through,
+    probe,
+    protected_contract,
+)
 
 __all__ = ["demo"]  # the fixture, used by name
 
@@ -58,7 +65,8 @@ class Deployment:
     """Gateways started one after another on one state file (so the keys made once serve
     them all), in front of one demo API; and the probe's own config: the sound policy."""
 
-    def __init__(self, folder: Path, demo: DemoServer) -> None:
+    def __init__(self, folder: Path, demo: DemoServer,
+                 probe_policy: dict[str, Any] = SOUND) -> None:
         self.folder = folder
         self.demo = demo
         self.contract = contract(folder)
@@ -66,7 +74,7 @@ class Deployment:
         self.count = 0
         self.probe_config = folder / "probe.yaml"
         self.probe_config.write_text(yaml.safe_dump({"contract": self.contract.name,
-                                                     **SOUND}))
+                                                     **probe_policy}))
         self.keys: dict[str, str] = {}
 
     def start(self, policy: dict[str, Any]) -> RunningGateway:
@@ -178,6 +186,24 @@ def test_each_hole_opened_alone_is_exactly_what_gets_through(deployment, capsys,
     assert {a["verdict"] for a in others} == {"refused"}
 
 
+def test_a_burst_is_sent_back_to_back_whatever_the_rate(tmp_path, demo, capsys):
+    """10/s with a burst of 3 refills one request every 100 ms: at --rate 2 (one request
+    every 500 ms) the limit would refill between requests and never answer 429; the burst
+    ignores --rate, so it outruns the limit."""
+    fast = {**SOUND, "rate_limiting": {"limits": [
+        {"name": "pet-reads", "key": ["identity"], "rate": "10/s", "burst": 3,
+         "operations": ["getPet"]}]}}
+    deployment = Deployment(tmp_path, demo, fast)
+    gateway = deployment.start(fast)
+    try:
+        code, report = deployment.run(capsys, gateway, "--only", "rate-limit", "--rate", "2")
+    finally:
+        gateway.stop()
+    [burst] = report["attempts"]
+    assert burst["verdict"] == "refused" and burst["status"] == 429, burst
+    assert code == 0
+
+
 def test_a_limit_removed_from_the_gateway_lets_the_whole_burst_through(deployment,
                                                                        capsys):
     gateway = deployment.start({**SOUND, "rate_limiting": {"limits": []}})
@@ -189,6 +215,44 @@ def test_a_limit_removed_from_the_gateway_lets_the_whole_burst_through(deploymen
     burst = by_operation(report)[("probe-rate-limit", "getPet")]
     assert [r["status"] for r in burst["requests"]] == [200] * 7  # limit 5, + 2
     assert code == 1
+    # SARIF: the finding is located at the operation, valid against the official schema
+    out = deployment.folder / "probe.sarif"
+    gateway = deployment.start({**SOUND, "rate_limiting": {"limits": []}})
+    try:
+        assert main(["probe", "--config", str(deployment.probe_config), "--target",
+                     gateway.url, *deployment.identities(), *ONLY, "--format", "sarif",
+                     "--output", str(out), *FAST]) == 1
+    finally:
+        gateway.stop()
+    document = json.loads(out.read_text())
+    [result] = document["runs"][0]["results"]
+    assert result["ruleId"] == "probe-rate-limit"
+    assert result["locations"][0]["logicalLocations"][0]["fullyQualifiedName"] == \
+        "/paths/~1pets~1{petId}/get"
+    checked = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--schemafile", str(SARIF_SCHEMA),
+         str(out)], capture_output=True, text=True, timeout=60, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_an_identity_that_is_not_authenticated_proves_nothing(deployment, capsys):
+    """mallory's key is not a key: her 401s are neither refusals of her roles nor of her
+    reach into alice's objects."""
+    gateway = deployment.start(SOUND)
+    try:
+        code, report = probe(capsys, "--config", str(deployment.probe_config), "--target",
+                             gateway.url, "--identity", f"alice:staff={deployment.keys['alice']}",
+                             "--identity", "mallory:=apishield-not-a-key", *ONLY,
+                             "--format", "json", *FAST)
+    finally:
+        gateway.stop()
+    attempts = by_operation(report)
+    for kind in (("probe-bola", "getUser"), ("probe-role-escalation", "listPets")):
+        assert attempts[kind]["verdict"] == "inconclusive", attempts[kind]
+        assert attempts[kind]["status"] == 401
+        assert attempts[kind]["detail"].startswith("identity mallory was not authenticated")
+    assert attempts[("probe-rate-limit", "getPet")]["verdict"] == "refused"
+    assert got_through(report) == set() and code == 0
 
 
 def test_when_a_cannot_read_its_own_object_the_replay_is_inconclusive(deployment, capsys):
