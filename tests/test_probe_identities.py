@@ -295,10 +295,14 @@ def test_a_burst_that_does_not_fit_the_budget_is_not_sent_at_all(deployment, cap
 
 def test_one_identity_plans_no_bola_and_unknown_roles_no_role_attempt(tmp_path, capsys):
     config = tmp_path / "probe.yaml"
-    config.write_text(yaml.safe_dump({"contract": contract(tmp_path).name, **SOUND}))
+    huge = {"name": "everything", "key": ["ip"], "rate": "5000/m"}
+    config.write_text(yaml.safe_dump({
+        "contract": contract(tmp_path).name, **SOUND,
+        "rate_limiting": {"limits": [*SOUND["rate_limiting"]["limits"], huge]}}))
     code, text = probe(capsys, "--config", str(config), "--target", "http://127.0.0.1:1",
                        "--identity", "ci=k-1", *ONLY, "--dry-run")
     assert code == 0
+    assert "note: rate limit everything: admits 5000 requests at once, over 1000" in text
     assert "note: 1 --identity: no BOLA attempts on the 3 operation(s)" in text
     assert "note: identity ci: its roles are unknown" in text
     assert "[probe-bola]" not in text and "[probe-role-escalation]" not in text

@@ -16,8 +16,8 @@ this limit (a 429 of another limit, one an earlier burst used up, is inconclusiv
 Every request admitted: got through. A 401 or 403 before any 429: inconclusive (the
 request was refused before the limit counted it). Bursts are planned last
 (multistep.PLANNERS), narrow limits (with `operations`) before global ones, so their 429s
-neither block the other attempts nor each other. A limit whose burst is over MAX_BURST
-requests is skipped with a plan note; one that does not fit the rest of `--max-requests`
+neither block the other attempts nor each other. A limit that admits more than MAX_BURST
+requests at once is skipped with a plan note; one that does not fit the rest of `--max-requests`
 is "not sent", never half-sent (run.py reserves `cost`).
 """
 
@@ -143,10 +143,9 @@ def bursts(planner: _Planner) -> Iterator[Attempt]:
     for limit in limits:
         count, period = limit.rate
         burst = limit.burst or count
-        if burst + OVER + SLACK > MAX_BURST:
-            planner.notes.append(f"rate limit {limit.name}: a burst over it is "
-                                 f"{burst + OVER} requests or more (over {MAX_BURST}): "
-                                 "not planned")
+        if burst > MAX_BURST:
+            planner.notes.append(f"rate limit {limit.name}: admits {burst} requests at "
+                                 f"once, over {MAX_BURST}: no burst planned")
             continue
         operations = [op for op in planner.contract.operations if _applies(limit, op)]
         reads = [op for op in operations if op.method in SAFE_METHODS - {"TRACE"}]

@@ -226,8 +226,12 @@ def replays(planner: _Planner) -> Iterator[Attempt]:
     """One BOLA attempt per candidate operation (identity 1 is A, identity 2 is B)."""
     if RULE not in planner.rules:
         return
-    operations = [op for op in planner.contract.operations if candidate(planner, op)
-                  and object_parameter(op) is not None]
+    candidates = [op for op in planner.contract.operations if candidate(planner, op)]
+    operations = [op for op in candidates if object_parameter(op) is not None]
+    unvaried = [op.label for op in candidates if op not in operations]
+    if unvaried:
+        planner.notes.append(f"no BOLA attempt on {', '.join(unvaried)}: an owner rule but "
+                             "no path parameter to replay (the replay varies a path id)")
     if not operations:
         return
     if len(planner.identities) < 2:
