@@ -5,8 +5,8 @@ Attack your own deployment from its contract and policy (issue 17, docs/probe.md
 --target is contacted. Without --yes it asks before sending, and refuses when it can not
 ask (stdin is not a terminal: a CI job must say --yes). Exit codes: 0 every attempt
 sent was refused (or inconclusive: listed and counted, not a failure), 1 something got
-through, 2 usage, configuration or contract errors, a
-target that never answered, or attempts blocked because the prober was rate-limited.
+through, 2 usage, configuration or contract errors, a target that never answered, or
+attempts blocked because the prober was rate-limited.
 """
 
 from __future__ import annotations
