@@ -216,9 +216,12 @@ def test_the_gateway_in_front_of_the_demo_refuses_every_attempt(tmp_path, demo, 
     assert summary["sent"] == summary["planned"] == summary["refused"] > 100
     assert summary["skipped_writes"] == 0 and summary["not_sent"] == 0
     rules = {a["rule"] for a in report["attempts"]}
-    # every rule this contract can exercise: an API key (no JWT attempts), no 5xx seen
+    # every rule this contract can exercise: an API key (no JWT attempts), no 5xx seen;
+    # one identity, no roles required, no limit: no multi-step attempts (their own tests:
+    # test_probe_identities.py)
     jwt = {r for r in PROBE_RULES if r.startswith("probe-jwt-")}
-    assert rules == set(PROBE_RULES) - jwt - {"probe-stack-trace"}
+    several = {r for name in ("bola", "roles", "rate-limit") for r in CLASSES[name]}
+    assert rules == set(PROBE_RULES) - jwt - several - {"probe-stack-trace"}
     # the identity got the schema attempts past authentication: refused for what they probe
     for attempt in report["attempts"]:
         if attempt["rule"].startswith(("probe-schema", "probe-injection")):
@@ -353,7 +356,7 @@ def test_without_a_terminal_it_refuses_unless_yes(tmp_path, recorder):
 @pytest.mark.parametrize("argv, message", [
     (["--target", "ftp://example.com"], "scheme must be http or https"),
     (["--target", "http://user:pw@example.com"], "credentials go in --identity"),
-    (["--target", "http://127.0.0.1:1", "--only", "schema,bola"], "unknown class bola"),
+    (["--target", "http://127.0.0.1:1", "--only", "schema,nosuch"], "unknown class nosuch"),
     (["--target", "http://127.0.0.1:1", "--identity", "nocredential"], "NAME=CREDENTIAL"),
     (["--target", "http://127.0.0.1:1", "--max-requests", "0"], "at least 1"),
 ])

@@ -4,8 +4,9 @@
 Attack your own deployment from its contract and policy (issue 17, docs/probe.md). Only
 --target is contacted. Without --yes it asks before sending, and refuses when it can not
 ask (stdin is not a terminal: a CI job must say --yes). Exit codes: 0 every attempt
-sent was refused, 1 something got through, 2 usage, configuration or contract errors, a
-target that never answered, or attempts blocked because the prober was rate-limited.
+sent was refused (or inconclusive: listed and counted, not a failure), 1 something got
+through, 2 usage, configuration or contract errors, a target that never answered, or
+attempts blocked because the prober was rate-limited.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from apishield import __version__
 from apishield.cli.config_option import config_parent
 from apishield.config import ConfigError, load_config
 from apishield.contract.loader import load_contract
+from apishield.probe.multistep import PLANNERS
 from apishield.probe.plan import Identity, build_plan
 from apishield.probe.report import (
     findings,
@@ -27,6 +29,7 @@ from apishield.probe.report import (
     render_sarif_report,
     render_text,
 )
+from apishield.probe.roles import split_roles
 from apishield.probe.rules import CLASSES
 from apishield.probe.run import execute
 from apishield.probe.sender import Sender, Target
@@ -63,9 +66,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     probe.add_argument("--ca-file", metavar="PEM",
                        help="also trust this CA for an https target (a staging deployment's "
                        "private CA); certificates are always verified")
-    probe.add_argument("--identity", action="append", default=[], metavar="NAME=CREDENTIAL",
+    probe.add_argument("--identity", action="append", default=[],
+                       metavar="NAME[:ROLE,...]=CREDENTIAL",
                        help="a credential for operations that need one (API key, bearer "
-                       "token, user:password); CREDENTIAL may be env:VAR or file:PATH")
+                       "token, user:password); CREDENTIAL may be env:VAR or file:PATH; "
+                       ":ROLE,... the roles it holds (for role attempts; NAME:= for none); "
+                       "two identities enable BOLA attempts")
     probe.set_defaults(func=cmd_probe)
 
 
@@ -76,10 +82,12 @@ def _usage(message: str) -> int:
 
 def parse_identity(text: str) -> Identity:
     """`name=CREDENTIAL`, CREDENTIAL literal, `env:VAR` or `file:PATH` (kept off the
-    command line, where other users of the machine can read it)."""
+    command line, where other users of the machine can read it); `name:r1,r2=...` also
+    says which roles it holds (roles.py)."""
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
         raise ValueError(f"--identity {name or text!r}: write NAME=CREDENTIAL")
+    name, roles = split_roles(name)
     if value.startswith("env:"):
         if value[4:] not in os.environ:
             raise ValueError(f"--identity {name}: environment variable {value[4:]} is not set")
@@ -89,7 +97,7 @@ def parse_identity(text: str) -> Identity:
             value = Path(value[5:]).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ValueError(f"--identity {name}: {exc.strerror}: {value[5:]}") from None
-    return Identity(name, value)
+    return Identity(name, value, roles)
 
 
 def _rules(only: str | None) -> set[str]:
@@ -108,6 +116,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
         target = Target.parse(args.target)
         rules = _rules(args.only)
         identities = [parse_identity(text) for text in args.identity]
+        names = [identity.name for identity in identities]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"--identity {twice[0]}: given twice; each NAME once (reports "
+                             "tell identities apart by name)")
         if args.max_requests < 1:
             raise ValueError("--max-requests must be at least 1")
         if not 0 < args.rate <= 1000:
@@ -125,13 +138,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
     shown_target = target.origin + target.base
     plan = build_plan(contract, config, identities, rules=rules,
                       allow_writes=args.allow_writes, https=target.scheme == "https",
-                      user_agent=f"apishield-probe/{__version__}")
+                      user_agent=f"apishield-probe/{__version__}", more=PLANNERS)
     if args.dry_run:
-        listed = [(a.rule, a.request.method, a.request.shown, a.what) for a in plan.attempts]
+        listed = [(a.rule, a.request.method, a.request.shown, a.what
+                   + (f" (up to {a.cost} requests)" if a.cost > 1 else ""))
+                  for a in plan.attempts]
         _write(args, render_plan(listed, target=shown_target,
-                                 skipped_writes=plan.skipped_writes, notes=plan.notes))
+                                 skipped_writes=plan.skipped_writes, notes=plan.notes,
+                                 requests=sum(a.cost for a in plan.attempts)))
         return 0
-    count = min(len(plan.attempts), args.max_requests)
+    count = min(sum(attempt.cost for attempt in plan.attempts), args.max_requests)
     if not args.yes:
         if not sys.stdin.isatty():
             return _usage("stdin is not a terminal: pass --yes to send requests without "

@@ -13,16 +13,19 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlencode
 
 from apishield.config import Config
 from apishield.contract.loader import Contract, Operation, escape_pointer
 from apishield.probe.tokens import forged_tokens
 from apishield.probe.values import Schemas, as_text
+
+if TYPE_CHECKING:
+    from apishield.probe.multistep import MultiStep
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
@@ -45,6 +48,9 @@ class Identity:
 
     name: str
     credential: str = field(repr=False)
+    # what it holds, from `--identity name:r1,r2=CRED` (or a JWT's role claims: roles.py);
+    # None: unknown, so the identity makes no role attempts
+    roles: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,14 @@ class Attempt:
     expect: Expect = "refusal"
     required_headers: tuple[str, ...] = ()  # names every answer must carry (C3)
     file: Path | None = None  # the file `pointer` is in, when not the contract's root
+    # an attempt of several requests or identities (BOLA, roles, bursts: multistep.py),
+    # which sends and judges itself; `request` is then its main request, for the report
+    steps: MultiStep | None = None
+
+    @property
+    def cost(self) -> int:
+        """The most requests the attempt sends (what `--max-requests` reserves for it)."""
+        return self.steps.cost if self.steps is not None else 1
 
 
 @dataclass
@@ -85,11 +99,19 @@ class _Parts:
     secrets: list[str]  # values to hide in `shown`
 
 
+# a planner of attempts beyond the single-request classes (multistep.PLANNERS): it is
+# given the planner (for its request assembly) and yields attempts, added after the others
+MorePlanner = Callable[["_Planner"], Iterable[Attempt]]
+
+
 def build_plan(contract: Contract, config: Config, identities: list[Identity], *,
                rules: set[str], allow_writes: bool, https: bool,
-               user_agent: str) -> Plan:
+               user_agent: str, more: tuple[MorePlanner, ...] = ()) -> Plan:
+    """`more`: planners run after the single-request classes, in order (bursts last, so
+    their 429s do not block other attempts); a callback, so this module imports none of
+    them (they build on it)."""
     return _Planner(contract, config, identities, rules, allow_writes, https,
-                    user_agent).plan()
+                    user_agent).plan(more)
 
 
 def template_pattern(template: str) -> re.Pattern[str]:
@@ -104,6 +126,7 @@ class _Planner:
         self.contract = contract
         self.config = config
         self.identity = identities[0] if identities else None
+        self.identities = identities
         self.rules = rules
         self.allow_writes = allow_writes
         self.https = https
@@ -116,7 +139,7 @@ class _Planner:
 
     # -- the whole plan ---------------------------------------------------------------
 
-    def plan(self) -> Plan:
+    def plan(self, more: tuple[MorePlanner, ...] = ()) -> Plan:
         operations = list(self.contract.operations)
         if self.identity is None and any(self._scheme(op) for op in operations):
             self.notes.append("no --identity: attempts on operations that need a credential "
@@ -133,6 +156,8 @@ class _Planner:
                              self._bodies(operation), self._sizes(operation),
                              self._auth(operation), self._headers(operation)):
                 self._add_all(attempts)
+        for planner in more:
+            self._add_all(iter(planner(self)))
         return Plan(self.attempts, self.skipped_writes, self.notes)
 
     def _add_all(self, attempts: Iterator[Attempt]) -> None:
@@ -164,6 +189,19 @@ class _Planner:
             self._credential(operation, parts, self.identity.credential
                              if self.identity else None)
         return parts
+
+    def request_as(self, operation: Operation, identity: Identity | None, *,
+                   path: dict[str, str] | None = None) -> ProbeRequest:
+        """A valid request for `operation` sent as `identity` (None: no credential), with
+        `path` parameters (already percent-encoded) overriding the valid values; the
+        identity's credential is hidden in `shown` like the first one's."""
+        parts = self._base(operation, credential=False)
+        parts.path.update(path or {})
+        if identity is not None:
+            parts.secrets.append(identity.credential)
+            self._credential(operation, parts, identity.credential)
+        return self._request(operation.method, operation.path, parts,
+                             **self._valid_body(operation))
 
     def _scheme(self, operation: Operation) -> tuple[str, dict[str, Any]] | None:
         """The first security scheme the contract requires for the operation (None: it

@@ -1,7 +1,8 @@
 """The probe's reports: text for people, JSON for tools, SARIF through the audit's renderer.
 
 Every attempt is listed, sent or not, with its request (credentials replaced by
-`<identity>`), so the report is the record of what the probe did to the target.
+`<identity>`), so the report is the record of what the probe did to the target; a
+multi-step attempt (BOLA, roles, bursts) also lists each request it sent, and as whom.
 "got through" outcomes (and stack traces in 5xx answers) become audit `Finding`s located
 at the operation in the contract, so SARIF has one implementation (audit/report.py).
 """
@@ -61,12 +62,14 @@ def _missing_headers(outcomes: list[Outcome], contract: Path) -> list[Finding]:
 
 
 def summary(outcomes: list[Outcome], found: list[Finding]) -> dict[str, int]:
+    """Counts of attempts by verdict; `sent` counts requests (a burst is many)."""
     counts = Counter(outcome.verdict for outcome in outcomes)
     return {"planned": len(outcomes),
-            "sent": sum(counts[v] for v in ("refused", "got-through", "blocked", "no-answer")),
+            "sent": sum(len(o.requests) if o.attempt.steps is not None else 1
+                        for o in outcomes if o.verdict != "not-sent"),
             "refused": counts["refused"], "got_through": len(found),
             "blocked": counts["blocked"], "no_answer": counts["no-answer"],
-            "not_sent": counts["not-sent"]}
+            "not_sent": counts["not-sent"], "inconclusive": counts["inconclusive"]}
 
 
 def _outcome_json(outcome: Outcome) -> dict[str, Any]:
@@ -81,6 +84,10 @@ def _outcome_json(outcome: Outcome) -> dict[str, Any]:
     }
     if outcome.verdict == "got-through":
         document.update(checklist=rule.checklist, owasp=rule.owasp, fix=rule.fix)
+    if attempt.steps is not None:
+        document["requests"] = [{"identity": sent.identity, "step": sent.step,
+                                 "method": sent.method, "target": sent.shown,
+                                 "status": sent.status} for sent in outcome.requests]
     return document
 
 
@@ -105,7 +112,7 @@ def render_sarif_report(outcomes: list[Outcome], contract: Path, *, version: str
 
 
 _MARK = {"refused": "refused", "got-through": "GOT THROUGH", "blocked": "blocked",
-         "no-answer": "no answer", "not-sent": "not sent"}
+         "no-answer": "no answer", "not-sent": "not sent", "inconclusive": "inconclusive"}
 
 
 def render_text(outcomes: list[Outcome], contract: Path, *, target: str,
@@ -119,6 +126,8 @@ def render_text(outcomes: list[Outcome], contract: Path, *, target: str,
         out.append(f"{_MARK[outcome.verdict]:<11} {status:>3} {attempt.request.method} "
                    f"{attempt.request.shown}  [{attempt.rule}] {attempt.what}"
                    + (f"  ({seen})" if seen and outcome.verdict == "refused" else ""))
+        if attempt.steps is not None and outcome.verdict != "not-sent":
+            out += _steps_text(outcome)
     found = findings(outcomes, contract)
     if found:
         out.append("")
@@ -135,14 +144,39 @@ def render_text(outcomes: list[Outcome], contract: Path, *, target: str,
                f"{counts['got_through']} got through, {counts['blocked']} blocked (the "
                f"prober rate-limited or banned), {counts['no_answer']} without an "
                f"answer, {counts['not_sent']} not sent (--max-requests), {skipped_writes} "
-               "skipped (need --allow-writes)")
+               "skipped (need --allow-writes)"
+               + (f", {counts['inconclusive']} inconclusive" if counts["inconclusive"]
+                  else ""))
     return "\n".join(out) + "\n"
 
 
+def _steps_text(outcome: Outcome) -> list[str]:
+    """A multi-step attempt's requests, one line each (a burst's identical ones folded),
+    then what was concluded."""
+    lines: list[str] = []
+    sent = list(outcome.requests)
+    index = 0
+    while index < len(sent):
+        first = sent[index]
+        same = index
+        while (same + 1 < len(sent) and sent[same + 1].status == first.status
+               and sent[same + 1].shown == first.shown and first.step.startswith("burst")):
+            same += 1
+        status = "---" if first.status is None else str(first.status)
+        who = f"as {first.identity}" if first.identity else "anonymous"
+        label = first.step if same == index else f"burst {index + 1}-{same + 1}"
+        lines.append(f"    {status:>3} {first.method} {first.shown}  ({label}, {who})")
+        index = same + 1
+    lines.append(f"    -> {outcome.detail}")
+    return lines
+
+
 def render_plan(planned: list[tuple[str, str, str, str]], *, target: str,
-                skipped_writes: int, notes: list[str]) -> str:
-    """--dry-run: (rule, method, target, what) per planned request; nothing is sent."""
-    out = [f"apishield probe --dry-run: {len(planned)} request(s) planned for {target}, "
+                skipped_writes: int, notes: list[str], requests: int | None = None) -> str:
+    """--dry-run: (rule, method, target, what) per planned attempt; nothing is sent.
+    `requests`: the most requests they send (multi-step attempts send several)."""
+    count = len(planned) if requests is None else requests
+    out = [f"apishield probe --dry-run: {count} request(s) planned for {target}, "
            "none sent"]
     out += [f"note: {note}" for note in notes]
     out += [f"{method} {shown}  [{rule}] {what}" for rule, method, shown, what in planned]

@@ -130,6 +130,28 @@ RULE_LIST: tuple[Rule, ...] = (
           "Stack traces name files, queries and versions: a map for the next attack.",
           "Keep the gateway's upstream error masking on (`responses`), and log details "
           "instead of sending them."),
+    # several requests or identities (multistep.py)
+    _rule("probe-bola", "One identity read another identity's object", Severity.CRITICAL,
+          "A6", "API1",
+          "Broken object level authorization: changing an id in the path hands one user "
+          "another's data, the first OWASP API risk.",
+          "Add an `owner` rule to the operation (`owner: {param: path.<name>}`, or `owner: "
+          "{response: body.<owner field>}` when only the answer says whose the object "
+          "is), or make the API check that the caller owns the object it asks for."),
+    _rule("probe-role-escalation", "An identity called an operation its roles do not "
+          "reach", Severity.CRITICAL, "A5", "API5",
+          "Broken function level authorization: a normal user calls an administrative or "
+          "another role's operation by knowing its path.",
+          "Keep `require: {roles: [...]}` (or `permissions`) on the operation and make sure "
+          "the identity's roles (token claim, key record) and `auth.roles` grant no more "
+          "than intended; keep the operation in `enforce` mode."),
+    _rule("probe-rate-limit", "A burst over a rate limit was admitted", Severity.HIGH, "D1",
+          "API4",
+          "A limit the deployment does not enforce leaves the API open to scraping, "
+          "credential stuffing and resource exhaustion at the client's pace.",
+          "Keep the limit in `rate_limiting.limits` with the operations and key it names, "
+          "the same config on every gateway (and `on_store_error: deny`); apishield's 429 "
+          "carries Retry-After and the RateLimit headers."),
 )
 
 PROBE_RULES: dict[str, Rule] = {rule.id: rule for rule in sorted(RULE_LIST, key=lambda r: r.id)}
@@ -148,5 +170,8 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "cors": ("probe-cors-foreign-origin",),
     "headers": ("probe-security-headers",),
     "leaks": ("probe-stack-trace",),
+    "bola": ("probe-bola",),
+    "roles": ("probe-role-escalation",),
+    "rate-limit": ("probe-rate-limit",),
 }
 assert sorted(r for rules in CLASSES.values() for r in rules) == sorted(PROBE_RULES)

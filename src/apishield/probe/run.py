@@ -4,6 +4,9 @@ When the plan is larger than `--max-requests`, the requests sent are picked roun
 across operations (and the path-wide groups: undeclared paths, each path's methods and
 preflight), so a budget too small for a large API still touches every operation it can
 instead of exhausting itself on the first ones; they are sent, and reported, in plan order.
+The budget is counted in requests: a multi-step attempt (BOLA replay, burst: multistep.py)
+reserves its `cost`, the most requests it may send, and one that does not fit what is
+left is "not sent" whole, never half-sent.
 """
 
 from __future__ import annotations
@@ -17,18 +20,24 @@ from apishield.probe.verdict import Outcome, judge
 
 
 def pick(attempts: list[Attempt], budget: int) -> set[int]:
-    """The indexes of the attempts to send: round-robin over their groups."""
-    if budget >= len(attempts):
+    """The indexes of the attempts to send: round-robin over their groups, each taking its
+    `cost` of the budget; one that does not fit is passed over (others still may)."""
+    if budget >= sum(attempt.cost for attempt in attempts):
         return set(range(len(attempts)))
     groups: dict[str, list[int]] = {}
     for index, attempt in enumerate(attempts):
         groups.setdefault(attempt.operation or attempt.pointer, []).append(index)
     queues = [list(reversed(indexes)) for indexes in groups.values()]
     chosen: set[int] = set()
-    while len(chosen) < budget:
+    left = budget
+    while left > 0 and any(queues):
         for queue in queues:
-            if queue and len(chosen) < budget:
-                chosen.add(queue.pop())
+            while queue and left > 0:
+                index = queue.pop()
+                if attempts[index].cost <= left:
+                    chosen.add(index)
+                    left -= attempts[index].cost
+                    break
     return chosen
 
 
@@ -41,9 +50,17 @@ def execute(attempts: list[Attempt], sender: Sender, *, stack_traces: bool = Tru
     try:
         for index, attempt in enumerate(attempts):
             if index not in chosen:
-                outcomes.append(judge(attempt, None))
+                outcome = judge(attempt, None)
+                if attempt.steps is not None:
+                    outcome = replace(outcome, detail=f"not sent: its {attempt.cost} "
+                                      "requests do not fit the rest of --max-requests")
+                outcomes.append(outcome)
                 continue
-            outcome = judge(attempt, sender.send(attempt.request))
+            if attempt.steps is not None:
+                outcome = attempt.steps.run(attempt, lambda request, paced: sender.send(
+                    request, paced=paced))
+            else:
+                outcome = judge(attempt, sender.send(attempt.request))
             if outcome.stack_trace and not stack_traces:
                 outcome = replace(outcome, stack_trace=False)
             outcomes.append(outcome)

@@ -7,7 +7,8 @@ Safety rules, each enforced here rather than trusted to the plan:
 - no redirects: `http.client` never follows one, and the probe reports a 3xx as the
   answer it got (the `Location` is not contacted);
 - bounded: at most `max_requests` requests (a hard stop, whatever the plan holds), and
-  no faster than `rate` a second (requests are spaced, not bursted);
+  no faster than `rate` a second (requests are spaced, not bursted), except the requests
+  of a rate-limit burst (`paced=False`: bursts.py, bounded by the limit it tests);
 - every request sent is recorded, so the report lists them all.
 """
 
@@ -105,15 +106,16 @@ class Sender:
             self._connection.close()
             self._connection = None
 
-    def send(self, request: ProbeRequest) -> Answer | str:
-        """The answer, or why there was none (connection refused, reset, timeout)."""
+    def send(self, request: ProbeRequest, *, paced: bool = True) -> Answer | str:
+        """The answer, or why there was none (connection refused, reset, timeout).
+        `paced=False`: not spaced at `rate` (a burst must outrun the limit it tests)."""
         if self.sent >= self.max_requests:
             raise BudgetExhausted
         path = self.target.base + request.target
         if not path.startswith("/") or path.startswith("//"):
             raise ValueError(f"not a path on the target: {path!r}")
         wait = self._next - time.monotonic()
-        if wait > 0:
+        if wait > 0 and paced:
             time.sleep(wait)
         self._next = time.monotonic() + self.interval
         self.sent += 1

@@ -24,7 +24,11 @@ import orjson
 from apishield.probe.plan import FOREIGN_ORIGIN, Attempt
 from apishield.probe.sender import Answer
 
-Verdict = Literal["refused", "got-through", "blocked", "no-answer", "not-sent"]
+# inconclusive: a multi-step attempt (multistep.py) whose preconditions failed (identity A
+# could not read its own object, an identity was not authenticated): neither a pass nor a
+# hole, counted apart
+Verdict = Literal["refused", "got-through", "blocked", "no-answer", "not-sent",
+                  "inconclusive"]
 # the target refused the prober, not the attempt: the answer says nothing of what was probed
 _BLOCKED = ("rate-limited", "client-banned")
 
@@ -36,6 +40,17 @@ _STACK_TRACES = re.compile(
 
 
 @dataclass(frozen=True)
+class SentRequest:
+    """One request of a multi-step attempt, as the report lists it."""
+
+    identity: str | None  # the --identity it was sent as (None: no credential)
+    method: str
+    shown: str  # the request target, credentials replaced
+    status: int | None  # None: no answer
+    step: str  # what the request was for: "list", "owner", "intruder", "burst 3"...
+
+
+@dataclass(frozen=True)
 class Outcome:
     attempt: Attempt
     verdict: Verdict
@@ -44,6 +59,7 @@ class Outcome:
     detail: str  # what was seen, in a sentence
     stack_trace: bool = False  # a 5xx answer showed one (its own finding)
     missing_headers: tuple[str, ...] = ()  # required security headers the answer lacked
+    requests: tuple[SentRequest, ...] = ()  # a multi-step attempt's requests, in order
 
 
 def problem_type(answer: Answer) -> str | None:
