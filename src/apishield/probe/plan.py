@@ -21,6 +21,8 @@ from urllib.parse import quote, urlencode
 
 from apishield.config import Config
 from apishield.contract.loader import Contract, Operation, escape_pointer
+from apishield.probe.bodies import INJECTIONS
+from apishield.probe.bodies import variants as body_variants
 from apishield.probe.tokens import forged_tokens
 from apishield.probe.values import Schemas, as_text
 
@@ -29,11 +31,7 @@ WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 FOREIGN_ORIGIN = "https://apishield-probe.invalid"
 UNDECLARED_PATHS = ("/apishield-probe-undeclared", "/admin", "/.env", "/.git/config",
                     "/actuator/env", "/debug/vars", "/server-status")
-# short enough for most maxLength values; each is flagged by apishield's detectors (B6)
-INJECTIONS = (("SQL", "' OR '1'='1' --"), ("XSS", "<script>alert(1)</script>"),
-              ("shell", "; cat /etc/passwd"))
 TRAVERSALS = ("..%2F..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f%2e%2e%2fadmin")
-MASS_ASSIGNMENT = ("is_admin", True)
 _BEARER_TYPES = ("oauth2", "openIdConnect")
 
 Expect = Literal["refusal", "cors", "headers"]
@@ -297,7 +295,10 @@ class _Planner:
                 continue
             at = (parameter.file, parameter.pointer)
             variants = [(b.rule, b.what, as_text(b.value))
-                        for b in self.schemas.breaks(parameter.schema, parameter.file)]
+                        for b in self.schemas.breaks(parameter.schema, parameter.file)
+                        # arrays are written per style; an empty path segment is a route
+                        if not isinstance(b.value, list) and not (
+                            b.value == "" and parameter.location == "path")]
             for kind, payload in INJECTIONS:
                 if parameter.location != "path" and self.schemas.free_text(
                         parameter.schema, parameter.file, payload):
@@ -347,42 +348,15 @@ class _Planner:
                 "content_type": media}
 
     def _bodies(self, operation: Operation) -> Iterator[Attempt]:
+        """Broken JSON bodies, nested properties included (probe/bodies.py)."""
         found = self._json_body_at(operation)
         if found is None:
             return
         media, schema, file, pointer = found
-        valid = self.schemas.valid(schema, file)
-        if not isinstance(valid, dict):
-            return
-        props, _required, prop_file = self.schemas.properties(schema, file)
-        node, _ = self.schemas.resolve(schema, file)
-        schema_at = self.schemas.locate(schema, file, pointer)
-
-        def send(rule: str, what: str, body: dict[str, Any],
-                 at: tuple[Path, str]) -> Attempt:
-            return self._attempt(rule, operation, what, self._request(
+        for variant in body_variants(self.schemas, schema, file, pointer):
+            yield self._attempt(variant.rule, operation, variant.what, self._request(
                 operation.method, operation.path, self._base(operation),
-                body=json.dumps(body).encode(), content_type=media), at=at)
-
-        for name, prop in props.items():
-            at = (schema_at[0], f"{schema_at[1]}/properties/{escape_pointer(name)}")
-            prop_node, _ = self.schemas.resolve(prop, prop_file)
-            if prop_node.get("readOnly"):
-                yield send("probe-read-only-property", f"body property {name} is readOnly",
-                           {**valid, name: self.schemas.valid(prop, prop_file)}, at)
-                continue
-            for broken in self.schemas.breaks(prop, prop_file):
-                yield send(broken.rule, f"body property {name}: {broken.what}",
-                           {**valid, name: broken.value}, at)
-            for kind, payload in INJECTIONS:
-                if self.schemas.free_text(prop, prop_file, payload):
-                    yield send("probe-injection", f"body property {name}: a {kind} "
-                               "injection payload", {**valid, name: payload}, at)
-        if node.get("additionalProperties") in (None, False):  # a schema there allows more
-            extra, value = MASS_ASSIGNMENT
-            if extra not in props:
-                yield send("probe-mass-assignment", f"an undeclared body property {extra}",
-                           {**valid, extra: value}, schema_at)
+                body=json.dumps(variant.body).encode(), content_type=media), at=variant.at)
 
     def _sizes(self, operation: Operation) -> Iterator[Attempt]:
         found = self._json_body(operation)
