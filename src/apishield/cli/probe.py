@@ -17,8 +17,11 @@ from pathlib import Path
 
 from apishield import __version__
 from apishield.cli.config_option import config_parent
+from apishield.cli.probe_progress import ProgressBar
 from apishield.config import ConfigError, load_config
 from apishield.contract.loader import load_contract
+from apishield.probe.issuer_keys import PemKey, read_key_file
+from apishield.probe.leaks import LeakCheck
 from apishield.probe.plan import Identity, build_plan
 from apishield.probe.report import (
     findings,
@@ -66,6 +69,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     probe.add_argument("--identity", action="append", default=[], metavar="NAME=CREDENTIAL",
                        help="a credential for operations that need one (API key, bearer "
                        "token, user:password); CREDENTIAL may be env:VAR or file:PATH")
+    probe.add_argument("--issuer-keys", metavar="FILE",
+                       help="the bearer issuer's public keys (a JWK Set downloaded from its "
+                       "jwks_url, or PEM) for the key-confusion attack; the config's static "
+                       "keys are used without it")
     probe.set_defaults(func=cmd_probe)
 
 
@@ -112,6 +119,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
             raise ValueError("--max-requests must be at least 1")
         if not 0 < args.rate <= 1000:
             raise ValueError("--rate must be above 0 and at most 1000 a second")
+        public_keys: list[PemKey] | None = None
+        if args.issuer_keys is not None:
+            try:
+                public_keys = read_key_file(Path(args.issuer_keys))
+            except ValueError as exc:
+                raise ValueError(f"--issuer-keys: {exc}") from None
     except ValueError as exc:
         return _usage(str(exc))
     try:
@@ -125,7 +138,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     shown_target = target.origin + target.base
     plan = build_plan(contract, config, identities, rules=rules,
                       allow_writes=args.allow_writes, https=target.scheme == "https",
-                      user_agent=f"apishield-probe/{__version__}")
+                      user_agent=f"apishield-probe/{__version__}", public_keys=public_keys)
     if args.dry_run:
         listed = [(a.rule, a.request.method, a.request.shown, a.what) for a in plan.attempts]
         _write(args, render_plan(listed, target=shown_target,
@@ -148,7 +161,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
         sender.check_ca()
     except (ValueError, OSError) as exc:
         return _usage(f"--ca-file {args.ca_file}: {exc}")
-    outcomes = execute(plan.attempts, sender, stack_traces="probe-stack-trace" in rules)
+    bar = ProgressBar(sys.stderr)
+    leak_rules = {"probe-response-undeclared-property", "probe-response-write-only"}
+    try:
+        outcomes = execute(plan.attempts, sender, stack_traces="probe-stack-trace" in rules,
+                           progress=bar,
+                           leaks=LeakCheck(contract) if leak_rules & rules else None)
+    finally:
+        bar.finish()
     source = contract.source
     if args.format == "json":
         text = render_json(outcomes, source, target=shown_target, config=args.config,

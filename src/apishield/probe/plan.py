@@ -20,10 +20,12 @@ from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
 from apishield.config import Config
+from apishield.config.auth import Issuer
 from apishield.contract.loader import Contract, Operation, escape_pointer
 from apishield.probe.bodies import INJECTIONS
 from apishield.probe.bodies import variants as body_variants
-from apishield.probe.tokens import forged_tokens
+from apishield.probe.issuer_keys import PemKey, asymmetric, issuer_keys
+from apishield.probe.tokens import attack_tokens, forged_tokens, key_confusion_tokens
 from apishield.probe.values import Schemas, as_text
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -85,9 +87,11 @@ class _Parts:
 
 def build_plan(contract: Contract, config: Config, identities: list[Identity], *,
                rules: set[str], allow_writes: bool, https: bool,
-               user_agent: str) -> Plan:
-    return _Planner(contract, config, identities, rules, allow_writes, https,
-                    user_agent).plan()
+               user_agent: str, public_keys: list[PemKey] | None = None) -> Plan:
+    """`public_keys`: the issuer's keys from `--issuer-keys` (else the config's `keys`)."""
+    planner = _Planner(contract, config, identities, rules, allow_writes, https, user_agent)
+    planner.public_keys = public_keys
+    return planner.plan()
 
 
 def template_pattern(template: str) -> re.Pattern[str]:
@@ -111,6 +115,7 @@ class _Planner:
         self.notes: list[str] = []
         self.attempts: list[Attempt] = []
         self.required = required_headers(config, https)
+        self.public_keys: list[PemKey] | None = None
 
     # -- the whole plan ---------------------------------------------------------------
 
@@ -418,10 +423,42 @@ class _Planner:
             return
         issuer, audience, algorithm = self._issuer(name)
         real = self.identity.credential if self.identity else None
-        for rule, (what, token) in forged_tokens(real, issuer, audience, algorithm).items():
+        tokens = [(rule, what, token) for rule, (what, token) in
+                  forged_tokens(real, issuer, audience, algorithm).items()]
+        settings = self._issuer_settings(name)
+        algorithms = settings.algorithms if settings is not None else ()
+        tokens += [(rule, what, token) for rule, (what, token) in attack_tokens(
+            real, issuer, audience, algorithm, algorithms).items()]
+        tokens += [("probe-jwt-key-confusion", what, token) for what, token in
+                   key_confusion_tokens(real, issuer, audience, algorithm,
+                                        self._public_keys(name))]
+        for rule, what, token in tokens:
             parts = self._base(operation, credential=False)
             self._credential(operation, parts, None, f"Bearer {token}")
             yield send(rule, what, parts)
+
+    def _issuer_settings(self, scheme: str) -> Issuer | None:
+        for issuer in self.config.auth.issuers.values():
+            if not issuer.schemes or scheme in issuer.schemes:
+                return issuer
+        return None
+
+    def _public_keys(self, scheme: str) -> list[PemKey]:
+        """The keys to sign key-confusion tokens with; none (and a plan note saying how to
+        give them) when the issuer's keys are only online."""
+        if self.public_keys is not None:
+            return self.public_keys
+        settings = self._issuer_settings(scheme)
+        keys = issuer_keys(settings, self.config.source_dir) if settings else []
+        noted = f"scheme {scheme}: probe-jwt-key-confusion"
+        if not keys and "probe-jwt-key-confusion" in self.rules and not any(
+                note.startswith(noted) for note in self.notes) and (
+                settings is None or asymmetric(settings)):
+            self.notes.append(
+                f"{noted} not planned: the issuer's public keys are not in a local file "
+                "(the probe contacts only --target); download its JWK Set (jwks_url, or "
+                "the discovery document's jwks_uri) and pass --issuer-keys FILE")
+        return keys
 
     def _issuer(self, scheme: str) -> tuple[str | None, str | None, str]:
         """The issuer, an audience and an algorithm the config expects for `scheme`."""
