@@ -68,6 +68,18 @@ def demo() -> Iterator[DemoServer]:
 
 
 API_KEY = {"type": "apiKey", "in": "header", "name": "X-Api-Key"}
+NESTED = {
+    "owner": {"type": "object", "additionalProperties": False, "required": ["email"],
+              "properties": {"email": {"type": "string", "format": "email", "maxLength": 254},
+                             "code": {"type": "string", "pattern": "^[A-Z]{3}$",
+                                      "example": "ABC"}}},
+    "labels": {"type": "array", "maxItems": 3, "items": {
+        "type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "minLength": 2, "maxLength": 16}}}},
+}
+# rules judged on answers, not sent as attempts of their own
+ANSWER_CHECKS = {"probe-stack-trace", "probe-response-undeclared-property",
+                 "probe-response-write-only"}
 
 
 def protected_contract(folder: Path, scheme: dict[str, Any] = API_KEY) -> Path:
@@ -79,8 +91,13 @@ def protected_contract(folder: Path, scheme: dict[str, Any] = API_KEY) -> Path:
     # a readOnly property and an enum parameter, so those attempts have a target too
     document["components"]["schemas"]["NewPet"]["properties"]["id"] = {
         "type": "integer", "minimum": 1, "readOnly": True}
-    document["paths"]["/pets"]["get"]["parameters"].append(
-        {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}})
+    document["paths"]["/pets"]["get"]["parameters"] += [
+        {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
+        # a format and a pattern, for those breaks
+        {"name": "since", "in": "query", "schema": {"type": "string", "format": "date"}},
+        {"name": "code", "in": "query", "schema": {"type": "string", "pattern": "^[A-Z]{3}$"}}]
+    # nested objects and an array of objects in a body, for the deeper breaks
+    document["components"]["schemas"]["NewPet"]["properties"].update(NESTED)
     path = folder / "demo-contract.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
@@ -218,7 +235,16 @@ def test_the_gateway_in_front_of_the_demo_refuses_every_attempt(tmp_path, demo, 
     rules = {a["rule"] for a in report["attempts"]}
     # every rule this contract can exercise: an API key (no JWT attempts), no 5xx seen
     jwt = {r for r in PROBE_RULES if r.startswith("probe-jwt-")}
-    assert rules == set(PROBE_RULES) - jwt - {"probe-stack-trace"}
+    assert rules == set(PROBE_RULES) - jwt - ANSWER_CHECKS
+    # nested properties are broken one at a time, the rest of the body valid
+    whats = {a["what"] for a in report["attempts"]}
+    assert {"body property owner.email: not a valid email",
+            "required body property owner.email left out",
+            "an undeclared property is_admin in body property owner",
+            "body property labels[].name: shorter than minLength 2",
+            "body property labels: more items than maxItems 3",
+            "query parameter code: '!', which does not match pattern ^[A-Z]{3}$",
+            "query parameter since: not a valid date"} <= whats, sorted(whats)
     # the identity got the schema attempts past authentication: refused for what they probe
     for attempt in report["attempts"]:
         if attempt["rule"].startswith(("probe-schema", "probe-injection")):
