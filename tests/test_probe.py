@@ -33,8 +33,10 @@ from apishield.cli.main import main
 from apishield.demo.api import DemoServer, make_server
 from apishield.probe.plan import SAFE_METHODS
 from apishield.probe.rules import CLASSES, PROBE_RULES
+from apishield.probe.tokens import JKU, X5U, probe_jwk
 from tests.conftest import RunningGateway, start_gateway
-from tests.issuer_server import rsa_key
+from tests.issuer_server import AUDIENCE, rsa_key, running_issuer
+from tests.weak_verifier import start_weak_verifier, stop_weak_verifier
 
 DEMO_CONTRACT = Path(apishield.demo.__file__).parent / "openapi.yaml"
 SARIF_SCHEMA = Path(__file__).resolve().parent / "data" / "audit" / "sarif-schema-2.1.0.json"
@@ -633,3 +635,116 @@ def test_refusals_without_security_headers_are_one_finding_per_status(tmp_path, 
                                          "x-content-type-options")
     # --only without the headers class: headers are not judged
     assert without_headers_class["got_through"] == []
+
+
+# -- token attacks ------------------------------------------------------------------------
+
+BEARER = {"type": "http", "scheme": "bearer"}
+TOKEN_ATTACKS = {"key-confusion": "probe-jwt-key-confusion",
+                 "psychic": "probe-jwt-psychic-signature", "jwk": "probe-jwt-embedded-jwk",
+                 "jku": "probe-jwt-jku", "x5u": "probe-jwt-x5u"}
+
+
+def bearer_config(tmp_path: Path) -> tuple[Path, bytes, str]:
+    """A config whose contract needs a bearer token from an RS256 issuer with a static PEM
+    key; the PEM's bytes, and a real token that issuer signed."""
+    private = rsa_key(0)
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "issuer.pem").write_bytes(pem)
+    contract = protected_contract(tmp_path, BEARER)
+    config = tmp_path / "apishield.yaml"
+    config.write_text(yaml.safe_dump({"contract": contract.name, "auth": {"issuers": {"ci": {
+        "issuer": "https://issuer.test", "audiences": ["api"], "algorithms": ["RS256"],
+        "keys": ["issuer.pem"]}}}}))
+    now = int(time.time())
+    token = jwt.encode({"iss": "https://issuer.test", "aud": "api", "sub": "ci",
+                        "iat": now, "exp": now + 600}, private, algorithm="RS256")
+    return config, pem, token
+
+
+@pytest.mark.parametrize("weakness", [None, *TOKEN_ATTACKS])
+def test_each_token_attack_gets_through_the_verifier_weak_to_it(tmp_path, capsys, weakness):
+    """A hand-written verifier with one historical weakness (tests/weak_verifier.py): the
+    token attack made for it, and only that one, is reported as got through; with none,
+    every token is refused."""
+    config, pem, token = bearer_config(tmp_path)
+
+    def fetch(url: str) -> dict[str, Any]:  # the named host serves the author's key
+        assert url in (JKU, X5U)
+        return probe_jwk("RS256")
+
+    weak = start_weak_verifier(pem, "api", {weakness} if weakness else set(), fetch)
+    try:
+        code, report = probe(capsys, "--config", str(config), "--target", weak.url,
+                             "--identity", f"ci={token}", "--only", "auth", "--format",
+                             "json", *FAST)
+    finally:
+        stop_weak_verifier(weak)
+    rules = {a["rule"] for a in report["attempts"]}
+    assert set(TOKEN_ATTACKS.values()) <= rules  # all planned, from the config's PEM key
+    through = {rule for rule, _operation in got_through(report)}
+    if weakness is None:
+        assert through == set() and code == 0
+        assert weak.accepted == []
+        return
+    assert through == {TOKEN_ATTACKS[weakness]}, through
+    assert code == 1
+    assert weakness in weak.accepted
+    assert token not in json.dumps(report)
+
+
+def test_token_attacks_against_the_gateway_with_a_jwks_issuer(tmp_path, demo, capsys):
+    """A real issuer serving its key set over HTTP and a gateway fetching it: the probe
+    never fetches it, so key confusion waits for --issuer-keys (a JWK Set the user
+    downloaded); with it, every token attack is refused 401."""
+    with running_issuer() as issuer:
+        host, port = demo.server_address
+        workdir = tmp_path / "gw"
+        workdir.mkdir()
+        gateway = start_gateway(
+            workdir, f"http://{host}:{port}",
+            {"auth": {"issuers": {"oidc": {"issuer": issuer.url, "audiences": [AUDIENCE],
+                                           "algorithms": ["RS256", "ES256"],
+                                           "jwks_url": f"{issuer.url}/jwks.json"}}}},
+            contract=protected_contract(tmp_path, BEARER))
+        token = issuer.mint("RS256")
+        jwks = tmp_path / "jwks.json"
+        jwks.write_text(json.dumps(issuer.jwks()))
+        base = ["--config", str(gateway.config_path), "--target", gateway.url,
+                "--identity", f"ci={token}", "--only", "auth"]
+        try:
+            code, plan = probe(capsys, *base, "--dry-run")
+            assert code == 0
+            assert "[probe-jwt-key-confusion]" not in plan
+            assert "probe-jwt-key-confusion not planned" in plan and "--issuer-keys" in plan
+            assert "[probe-jwt-psychic-signature]" in plan
+            code, report = probe(capsys, *base, "--issuer-keys", str(jwks), "--format",
+                                 "json", *FAST)
+        finally:
+            gateway.stop()
+        fetched = issuer.count("/jwks.json")
+    assert got_through(report) == set()
+    assert code == 0
+    by_rule: dict[str, set[int]] = {}
+    for attempt in report["attempts"]:
+        by_rule.setdefault(attempt["rule"], set()).add(attempt["status"])
+    for rule in CLASSES["auth"]:
+        assert by_rule[rule] == {401}, rule
+    # the real token's kid picks one key: one key-confusion token per operation
+    confusion = [a for a in report["attempts"] if a["rule"] == "probe-jwt-key-confusion"]
+    assert len(confusion) == len({a["operation"] for a in confusion}) > 1
+    assert all(f"kid {issuer.key('RS256').kid}" in a["what"] for a in confusion)
+    assert "ES256" in next(a["what"] for a in report["attempts"]
+                           if a["rule"] == "probe-jwt-psychic-signature")
+    assert fetched >= 1  # the gateway fetched the key set; the probe only read the file
+
+
+def test_issuer_keys_that_do_not_load_are_a_usage_error(tmp_path, capsys):
+    config, _pem, _token = bearer_config(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}')
+    code = main(["probe", "--config", str(config), "--target", "http://127.0.0.1:1",
+                 "--issuer-keys", str(bad), "--dry-run"])
+    assert code == 2
+    assert "--issuer-keys" in capsys.readouterr().err
