@@ -748,3 +748,64 @@ def test_issuer_keys_that_do_not_load_are_a_usage_error(tmp_path, capsys):
                  "--issuer-keys", str(bad), "--dry-run"])
     assert code == 2
     assert "--issuer-keys" in capsys.readouterr().err
+
+
+# -- response leaks -----------------------------------------------------------------------
+
+LEAKY_CONTRACT = {
+    "openapi": "3.1.0", "info": {"title": "leaky", "version": "1"},
+    "paths": {"/users/{userId}": {"get": {
+        "operationId": "getUser",
+        "parameters": [{"name": "userId", "in": "path", "required": True,
+                        "schema": {"type": "integer", "minimum": 1}}],
+        "responses": {"200": {"description": "a user", "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/User"}}}}}}}},
+    "components": {"schemas": {"User": {
+        "type": "object", "required": ["id", "name"],
+        "properties": {"id": {"type": "integer"}, "name": {"type": "string"},
+                       "password": {"type": "string", "writeOnly": True},
+                       "friends": {"type": "array", "items": {
+                           "type": "object", "properties": {"name": {"type": "string"}}}}}}}},
+}
+# what a careless API serializes: the whole model
+LEAKY_BODY = json.dumps({"id": 1, "name": "probe", "password": "hunter2",
+                         "password_hash": "$2b$12$notarealhashnotarealhash",
+                         "friends": [{"name": "a", "session_token": "t0k"},
+                                     {"name": "b", "session_token": "t1k"}]}).encode()
+
+
+@pytest.mark.parametrize("responses, leaked", [
+    ({"mode": "off"}, {("probe-response-write-only", "password"),
+                       ("probe-response-undeclared-property", "password_hash"),
+                       ("probe-response-undeclared-property", "friends[].session_token")}),
+    ({}, set()),  # the default: `filter` cuts them
+])
+def test_response_leaks_are_found_unless_the_gateway_filters_them(tmp_path, capsys,
+                                                                  responses, leaked):
+    contract = tmp_path / "leaky.yaml"
+    contract.write_text(yaml.safe_dump(LEAKY_CONTRACT))
+    upstream = start_recorder(body=LEAKY_BODY)
+    workdir = tmp_path / "gw"
+    workdir.mkdir()
+    overrides: dict[str, Any] = {"operations": {"getUser": {"public": True}}}
+    if responses:
+        overrides["responses"] = responses
+    gateway = start_gateway(workdir, upstream.url, overrides, contract=contract)
+    try:
+        code, report = probe(capsys, "--config", str(gateway.config_path), "--target",
+                             gateway.url, "--only", "headers,leaks", "--format", "json",
+                             *FAST)
+    finally:
+        gateway.stop()
+        stop_recorder(upstream)
+    found = {(f["rule"], f["message"].split(" with ", 1)[1].split(",", 1)[0])
+             for f in report["got_through"] if f["rule"].startswith("probe-response-")}
+    assert found == leaked
+    # one finding per operation and property, at the operation's response
+    assert len([f for f in report["got_through"] if f["rule"].startswith(
+        "probe-response-")]) == len(leaked)
+    assert all(f["checklist"] == "E3" and f["owasp"] == "API3" for f in report["got_through"]
+               if f["rule"].startswith("probe-response-"))
+    assert code == (1 if leaked else 0)
+    # property names only: never a leaked value
+    assert "hunter2" not in json.dumps(report) and "t0k" not in json.dumps(report)
