@@ -34,7 +34,7 @@ from apishield.demo.api import DemoServer, make_server
 from apishield.probe.plan import SAFE_METHODS
 from apishield.probe.rules import CLASSES, PROBE_RULES
 from apishield.probe.tokens import JKU, X5U, probe_jwk
-from tests.conftest import RunningGateway, start_gateway
+from tests.conftest import RunningGateway, free_port, start_gateway, wait_for_port
 from tests.issuer_server import AUDIENCE, rsa_key, running_issuer
 from tests.weak_verifier import start_weak_verifier, stop_weak_verifier
 
@@ -809,3 +809,98 @@ def test_response_leaks_are_found_unless_the_gateway_filters_them(tmp_path, caps
     assert code == (1 if leaked else 0)
     # property names only: never a leaked value
     assert "hunter2" not in json.dumps(report) and "t0k" not in json.dumps(report)
+
+
+# -- progress -----------------------------------------------------------------------------
+
+def test_no_progress_line_when_stderr_is_not_a_terminal(tmp_path, recorder, capsys):
+    code = main(["probe", "--config", str(demo_config(tmp_path)), "--target", recorder.url,
+                 "--only", "undeclared", *FAST])
+    captured = capsys.readouterr()
+    assert code == 1 and recorder.requests  # requests were sent...
+    assert captured.err == ""  # ...and nothing was drawn
+
+
+def test_on_a_terminal_a_progress_line_is_drawn_on_stderr(tmp_path, recorder):
+    import pty
+    import select
+
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "apishield", "probe", "--config",
+             str(demo_config(tmp_path)), "--target", recorder.url, "--only", "undeclared",
+             "--format", "json", *FAST], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=terminal, text=True)
+        out, _ = process.communicate(timeout=60)
+        drawn = b""
+        while select.select([controller], [], [], 0)[0]:
+            chunk = os.read(controller, 65536)
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    report = json.loads(out)  # standard output holds the report only
+    total = report["summary"]["planned"]
+    text = drawn.decode()
+    assert f"\rapishield probe [{'#' * 30}] {total}/{total} (100%)" in text
+    assert text.count("apishield probe [") >= 2  # one line, rewritten in place...
+    assert text.endswith("\n")  # ...and finished with a newline
+
+
+# -- the ASGI middleware as the target ----------------------------------------------------
+
+@pytest.fixture
+def middleware_target(tmp_path: Path) -> Iterator[Any]:
+    """Start the demo operations under ApiShieldMiddleware in a real uvicorn, with the
+    operation overrides given; yields a function (overrides) -> (url, config path)."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(operations: dict[str, Any]) -> tuple[str, Path]:
+        folder = tmp_path / f"mw{len(processes)}"
+        folder.mkdir()
+        config = folder / "apishield.yaml"
+        config.write_text(yaml.safe_dump({
+            "contract": str(DEMO_CONTRACT), "access_log": {"enabled": False},
+            "operations": operations}))
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "tests.probe_middleware_app:create",
+             "--port", str(port), "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PROBE_MIDDLEWARE_CONFIG": str(config)})
+        processes.append(process)
+        wait_for_port(port, process)
+        return f"http://127.0.0.1:{port}", config
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.parametrize("operations, holes", [
+    ({}, set()),
+    ({"listPets": {"strict": False}}, {("probe-unknown-parameter", "listPets")}),
+])
+def test_the_middleware_refuses_every_attempt_and_one_opened_hole_is_reported(
+        middleware_target, capsys, operations, holes):
+    """The probe against apishield's own ASGI middleware (uvicorn, Starlette app): every
+    attempt refused; with `strict: false` on one operation, exactly that hole."""
+    url, config = middleware_target(operations)
+    code, report = probe(capsys, "--config", str(config), "--target", url, "--allow-writes",
+                         "--format", "json", *FAST)
+    assert got_through(report) == holes, [a for a in report["attempts"]
+                                          if a["verdict"] != "refused"]
+    assert bool(report["got_through"]) == bool(holes)
+    assert code == (1 if holes else 0)
+    summary = report["summary"]
+    assert summary["sent"] == summary["planned"] > 50 and summary["no_answer"] == 0
+    assert summary["refused"] == summary["planned"] - len(
+        [a for a in report["attempts"] if a["verdict"] == "got-through"])
+    # the app's own /admin route stays unreachable through the middleware
+    admin = next(a for a in report["attempts"] if a["target"] == "/admin")
+    assert admin["verdict"] == "refused" and admin["status"] == 404

@@ -1,5 +1,6 @@
 """`apishield probe --config FILE --target URL [--only CLASS,...] [--format text|json|sarif]
-[--max-requests N] [--rate R] [--dry-run] [--yes] [--allow-writes] [--identity name=CRED]...`
+[--max-requests N] [--rate R] [--dry-run] [--yes] [--allow-writes] [--identity name=CRED]...
+[--issuer-keys FILE]`
 
 Attack your own deployment from its contract and policy (issue 17, docs/probe.md). Only
 --target is contacted. Without --yes it asks before sending, and refuses when it can not
