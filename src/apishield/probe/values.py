@@ -8,6 +8,7 @@ same plan every time, so two CI runs compare.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,15 +213,23 @@ def _fits_length(node: dict[str, Any], value: str) -> bool:
         not (isinstance(longest, int) and len(value) > longest)
 
 
-def _valid_string(schema: dict[str, Any], value: str) -> bool | None:
+def _valid_string(schema: dict[str, str], value: str) -> bool | None:
     """Whether jsonschema-rs (formats checked) accepts `value`; None: the schema does not
     compile (the gateway refuses such a contract at load)."""
+    (keyword, argument), = schema.items()
+    validator = _string_validator(keyword, argument)
+    return None if validator is None else bool(validator.is_valid(value))
+
+
+@functools.lru_cache(maxsize=256)
+def _string_validator(keyword: str, argument: str) -> Any:
+    """One compiled validator per format or pattern, whatever the number of operations
+    that use it."""
     try:
-        validator = jsonschema_rs.Draft202012Validator({"type": "string", **schema},
-                                                       validate_formats=True)
+        return jsonschema_rs.Draft202012Validator({"type": "string", keyword: argument},
+                                                  validate_formats=True)
     except (ValueError, jsonschema_rs.ValidationError):
         return None
-    return bool(validator.is_valid(value))
 
 
 def schema_type(node: dict[str, Any]) -> str | None:
