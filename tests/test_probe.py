@@ -640,7 +640,7 @@ def test_refusals_without_security_headers_are_one_finding_per_status(tmp_path, 
 # -- token attacks ------------------------------------------------------------------------
 
 BEARER = {"type": "http", "scheme": "bearer"}
-TOKEN_ATTACKS = {"key-confusion": "probe-jwt-key-confusion",
+TOKEN_ATTACKS = {"alg-none": "probe-jwt-alg-none", "key-confusion": "probe-jwt-key-confusion",
                  "psychic": "probe-jwt-psychic-signature", "jwk": "probe-jwt-embedded-jwk",
                  "jku": "probe-jwt-jku", "x5u": "probe-jwt-x5u"}
 
@@ -823,28 +823,39 @@ def test_no_progress_line_when_stderr_is_not_a_terminal(tmp_path, recorder, caps
 
 def test_on_a_terminal_a_progress_line_is_drawn_on_stderr(tmp_path, recorder):
     import pty
-    import select
 
     controller, terminal = pty.openpty()
+    drawn: list[bytes] = []
+
+    def read() -> None:  # until the child's end of the terminal closes (EIO on Linux)
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            drawn.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "apishield", "probe", "--config",
              str(demo_config(tmp_path)), "--target", recorder.url, "--only", "undeclared",
              "--format", "json", *FAST], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=terminal, text=True)
+        os.close(terminal)  # the child holds its own copy
+        terminal = -1
+        reader.start()
         out, _ = process.communicate(timeout=60)
-        drawn = b""
-        while select.select([controller], [], [], 0)[0]:
-            chunk = os.read(controller, 65536)
-            if not chunk:
-                break
-            drawn += chunk
+        reader.join(30)
     finally:
         os.close(controller)
-        os.close(terminal)
+        if terminal != -1:
+            os.close(terminal)
+    text = b"".join(drawn).decode()
     report = json.loads(out)  # standard output holds the report only
     total = report["summary"]["planned"]
-    text = drawn.decode()
     assert f"\rapishield probe [{'#' * 30}] {total}/{total} (100%)" in text
     assert text.count("apishield probe [") >= 2  # one line, rewritten in place...
     assert text.endswith("\n")  # ...and finished with a newline
