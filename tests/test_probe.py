@@ -809,6 +809,10 @@ def test_response_leaks_are_found_unless_the_gateway_filters_them(tmp_path, caps
     assert code == (1 if leaked else 0)
     # property names only: never a leaked value
     assert "hunter2" not in json.dumps(report) and "t0k" not in json.dumps(report)
+    if leaked:  # without the valid requests of the headers class, no 2xx to read
+        code, alone = probe(capsys, "--config", str(gateway.config_path), "--target",
+                            "http://127.0.0.1:1", "--only", "leaks", "--dry-run")
+        assert "add it (--only headers,leaks)" in alone
 
 
 # -- progress -----------------------------------------------------------------------------

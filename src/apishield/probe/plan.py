@@ -124,6 +124,10 @@ class _Planner:
         if self.identity is None and any(self._scheme(op) for op in operations):
             self.notes.append("no --identity: attempts on operations that need a credential "
                               "stop at authentication, whatever they probe")
+        if {"probe-response-undeclared-property", "probe-response-write-only"} & self.rules \
+                and "probe-security-headers" not in self.rules:
+            self.notes.append("response leaks are read in 2xx answers, which come from the "
+                              "headers class's valid requests: add it (--only headers,leaks)")
         self._add_all(self._undeclared_paths())
         by_path: dict[str, list[Operation]] = {}
         for operation in operations:
