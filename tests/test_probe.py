@@ -33,8 +33,10 @@ from apishield.cli.main import main
 from apishield.demo.api import DemoServer, make_server
 from apishield.probe.plan import SAFE_METHODS
 from apishield.probe.rules import CLASSES, PROBE_RULES
-from tests.conftest import RunningGateway, start_gateway
-from tests.issuer_server import rsa_key
+from apishield.probe.tokens import JKU, X5U, probe_jwk
+from tests.conftest import RunningGateway, free_port, start_gateway, wait_for_port
+from tests.issuer_server import AUDIENCE, rsa_key, running_issuer
+from tests.weak_verifier import start_weak_verifier, stop_weak_verifier
 
 DEMO_CONTRACT = Path(apishield.demo.__file__).parent / "openapi.yaml"
 SARIF_SCHEMA = Path(__file__).resolve().parent / "data" / "audit" / "sarif-schema-2.1.0.json"
@@ -68,6 +70,18 @@ def demo() -> Iterator[DemoServer]:
 
 
 API_KEY = {"type": "apiKey", "in": "header", "name": "X-Api-Key"}
+NESTED = {
+    "owner": {"type": "object", "additionalProperties": False, "required": ["email"],
+              "properties": {"email": {"type": "string", "format": "email", "maxLength": 254},
+                             "code": {"type": "string", "pattern": "^[A-Z]{3}$",
+                                      "example": "ABC"}}},
+    "labels": {"type": "array", "maxItems": 3, "items": {
+        "type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "minLength": 2, "maxLength": 16}}}},
+}
+# rules judged on answers, not sent as attempts of their own
+ANSWER_CHECKS = {"probe-stack-trace", "probe-response-undeclared-property",
+                 "probe-response-write-only"}
 
 
 def protected_contract(folder: Path, scheme: dict[str, Any] = API_KEY) -> Path:
@@ -79,8 +93,13 @@ def protected_contract(folder: Path, scheme: dict[str, Any] = API_KEY) -> Path:
     # a readOnly property and an enum parameter, so those attempts have a target too
     document["components"]["schemas"]["NewPet"]["properties"]["id"] = {
         "type": "integer", "minimum": 1, "readOnly": True}
-    document["paths"]["/pets"]["get"]["parameters"].append(
-        {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}})
+    document["paths"]["/pets"]["get"]["parameters"] += [
+        {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
+        # a format and a pattern, for those breaks
+        {"name": "since", "in": "query", "schema": {"type": "string", "format": "date"}},
+        {"name": "code", "in": "query", "schema": {"type": "string", "pattern": "^[A-Z]{3}$"}}]
+    # nested objects and an array of objects in a body, for the deeper breaks
+    document["components"]["schemas"]["NewPet"]["properties"].update(NESTED)
     path = folder / "demo-contract.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
@@ -221,7 +240,16 @@ def test_the_gateway_in_front_of_the_demo_refuses_every_attempt(tmp_path, demo, 
     # test_probe_identities.py)
     jwt = {r for r in PROBE_RULES if r.startswith("probe-jwt-")}
     several = {r for name in ("bola", "roles", "rate-limit") for r in CLASSES[name]}
-    assert rules == set(PROBE_RULES) - jwt - several - {"probe-stack-trace"}
+    assert rules == set(PROBE_RULES) - jwt - ANSWER_CHECKS - several
+    # nested properties are broken one at a time, the rest of the body valid
+    whats = {a["what"] for a in report["attempts"]}
+    assert {"body property owner.email: not a valid email",
+            "required body property owner.email left out",
+            "an undeclared property is_admin in body property owner",
+            "body property labels[].name: shorter than minLength 2",
+            "body property labels: more items than maxItems 3",
+            "query parameter code: '!', which does not match pattern ^[A-Z]{3}$",
+            "query parameter since: not a valid date"} <= whats, sorted(whats)
     # the identity got the schema attempts past authentication: refused for what they probe
     for attempt in report["attempts"]:
         if attempt["rule"].startswith(("probe-schema", "probe-injection")):
@@ -610,3 +638,287 @@ def test_refusals_without_security_headers_are_one_finding_per_status(tmp_path, 
                                          "x-content-type-options")
     # --only without the headers class: headers are not judged
     assert without_headers_class["got_through"] == []
+
+
+# -- token attacks ------------------------------------------------------------------------
+
+BEARER = {"type": "http", "scheme": "bearer"}
+TOKEN_ATTACKS = {"alg-none": "probe-jwt-alg-none", "key-confusion": "probe-jwt-key-confusion",
+                 "psychic": "probe-jwt-psychic-signature", "jwk": "probe-jwt-embedded-jwk",
+                 "jku": "probe-jwt-jku", "x5u": "probe-jwt-x5u"}
+
+
+def bearer_config(tmp_path: Path) -> tuple[Path, bytes, str]:
+    """A config whose contract needs a bearer token from an RS256 issuer with a static PEM
+    key; the PEM's bytes, and a real token that issuer signed."""
+    private = rsa_key(0)
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "issuer.pem").write_bytes(pem)
+    contract = protected_contract(tmp_path, BEARER)
+    config = tmp_path / "apishield.yaml"
+    config.write_text(yaml.safe_dump({"contract": contract.name, "auth": {"issuers": {"ci": {
+        "issuer": "https://issuer.test", "audiences": ["api"], "algorithms": ["RS256"],
+        "keys": ["issuer.pem"]}}}}))
+    now = int(time.time())
+    token = jwt.encode({"iss": "https://issuer.test", "aud": "api", "sub": "ci",
+                        "iat": now, "exp": now + 600}, private, algorithm="RS256")
+    return config, pem, token
+
+
+@pytest.mark.parametrize("weakness", [None, *TOKEN_ATTACKS])
+def test_each_token_attack_gets_through_the_verifier_weak_to_it(tmp_path, capsys, weakness):
+    """A hand-written verifier with one historical weakness (tests/weak_verifier.py): the
+    token attack made for it, and only that one, is reported as got through; with none,
+    every token is refused."""
+    config, pem, token = bearer_config(tmp_path)
+
+    def fetch(url: str) -> dict[str, Any]:  # the named host serves the author's key
+        assert url in (JKU, X5U)
+        return probe_jwk("RS256")
+
+    weak = start_weak_verifier(pem, "api", {weakness} if weakness else set(), fetch)
+    try:
+        code, report = probe(capsys, "--config", str(config), "--target", weak.url,
+                             "--identity", f"ci={token}", "--only", "auth", "--format",
+                             "json", *FAST)
+    finally:
+        stop_weak_verifier(weak)
+    rules = {a["rule"] for a in report["attempts"]}
+    assert set(TOKEN_ATTACKS.values()) <= rules  # all planned, from the config's PEM key
+    through = {rule for rule, _operation in got_through(report)}
+    if weakness is None:
+        assert through == set() and code == 0
+        assert weak.accepted == []
+        return
+    assert through == {TOKEN_ATTACKS[weakness]}, through
+    assert code == 1
+    assert weakness in weak.accepted
+    assert token not in json.dumps(report)
+
+
+def test_token_attacks_against_the_gateway_with_a_jwks_issuer(tmp_path, demo, capsys):
+    """A real issuer serving its key set over HTTP and a gateway fetching it: the probe
+    never fetches it, so key confusion waits for --issuer-keys (a JWK Set the user
+    downloaded); with it, every token attack is refused 401."""
+    with running_issuer() as issuer:
+        host, port = demo.server_address
+        workdir = tmp_path / "gw"
+        workdir.mkdir()
+        gateway = start_gateway(
+            workdir, f"http://{host}:{port}",
+            {"auth": {"issuers": {"oidc": {"issuer": issuer.url, "audiences": [AUDIENCE],
+                                           "algorithms": ["RS256", "ES256"],
+                                           "jwks_url": f"{issuer.url}/jwks.json"}}}},
+            contract=protected_contract(tmp_path, BEARER))
+        token = issuer.mint("RS256")
+        jwks = tmp_path / "jwks.json"
+        jwks.write_text(json.dumps(issuer.jwks()))
+        base = ["--config", str(gateway.config_path), "--target", gateway.url,
+                "--identity", f"ci={token}", "--only", "auth"]
+        try:
+            code, plan = probe(capsys, *base, "--dry-run")
+            assert code == 0
+            assert "[probe-jwt-key-confusion]" not in plan
+            assert "probe-jwt-key-confusion not planned" in plan and "--issuer-keys" in plan
+            assert "[probe-jwt-psychic-signature]" in plan
+            code, report = probe(capsys, *base, "--issuer-keys", str(jwks), "--format",
+                                 "json", *FAST)
+        finally:
+            gateway.stop()
+        fetched = issuer.count("/jwks.json")
+    assert got_through(report) == set()
+    assert code == 0
+    by_rule: dict[str, set[int]] = {}
+    for attempt in report["attempts"]:
+        by_rule.setdefault(attempt["rule"], set()).add(attempt["status"])
+    for rule in CLASSES["auth"]:
+        assert by_rule[rule] == {401}, rule
+    # the real token's kid picks one key: one key-confusion token per operation
+    confusion = [a for a in report["attempts"] if a["rule"] == "probe-jwt-key-confusion"]
+    assert len(confusion) == len({a["operation"] for a in confusion}) > 1
+    assert all(f"kid {issuer.key('RS256').kid}" in a["what"] for a in confusion)
+    assert "ES256" in next(a["what"] for a in report["attempts"]
+                           if a["rule"] == "probe-jwt-psychic-signature")
+    assert fetched >= 1  # the gateway fetched the key set; the probe only read the file
+
+
+def test_issuer_keys_that_do_not_load_are_a_usage_error(tmp_path, capsys):
+    config, _pem, _token = bearer_config(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}')
+    code = main(["probe", "--config", str(config), "--target", "http://127.0.0.1:1",
+                 "--issuer-keys", str(bad), "--dry-run"])
+    assert code == 2
+    assert "--issuer-keys" in capsys.readouterr().err
+
+
+# -- response leaks -----------------------------------------------------------------------
+
+LEAKY_CONTRACT = {
+    "openapi": "3.1.0", "info": {"title": "leaky", "version": "1"},
+    "paths": {"/users/{userId}": {"get": {
+        "operationId": "getUser",
+        "parameters": [{"name": "userId", "in": "path", "required": True,
+                        "schema": {"type": "integer", "minimum": 1}}],
+        "responses": {"200": {"description": "a user", "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/User"}}}}}}}},
+    "components": {"schemas": {"User": {
+        "type": "object", "required": ["id", "name"],
+        "properties": {"id": {"type": "integer"}, "name": {"type": "string"},
+                       "password": {"type": "string", "writeOnly": True},
+                       "friends": {"type": "array", "items": {
+                           "type": "object", "properties": {"name": {"type": "string"}}}}}}}},
+}
+# what a careless API serializes: the whole model
+LEAKY_BODY = json.dumps({"id": 1, "name": "probe", "password": "hunter2",
+                         "password_hash": "$2b$12$notarealhashnotarealhash",
+                         "friends": [{"name": "a", "session_token": "t0k"},
+                                     {"name": "b", "session_token": "t1k"}]}).encode()
+
+
+@pytest.mark.parametrize("responses, leaked", [
+    ({"mode": "off"}, {("probe-response-write-only", "password"),
+                       ("probe-response-undeclared-property", "password_hash"),
+                       ("probe-response-undeclared-property", "friends[].session_token")}),
+    ({}, set()),  # the default: `filter` cuts them
+])
+def test_response_leaks_are_found_unless_the_gateway_filters_them(tmp_path, capsys,
+                                                                  responses, leaked):
+    contract = tmp_path / "leaky.yaml"
+    contract.write_text(yaml.safe_dump(LEAKY_CONTRACT))
+    upstream = start_recorder(body=LEAKY_BODY)
+    workdir = tmp_path / "gw"
+    workdir.mkdir()
+    overrides: dict[str, Any] = {"operations": {"getUser": {"public": True}}}
+    if responses:
+        overrides["responses"] = responses
+    gateway = start_gateway(workdir, upstream.url, overrides, contract=contract)
+    try:
+        code, report = probe(capsys, "--config", str(gateway.config_path), "--target",
+                             gateway.url, "--only", "headers,leaks", "--format", "json",
+                             *FAST)
+    finally:
+        gateway.stop()
+        stop_recorder(upstream)
+    found = {(f["rule"], f["message"].split(" with ", 1)[1].split(",", 1)[0])
+             for f in report["got_through"] if f["rule"].startswith("probe-response-")}
+    assert found == leaked
+    # one finding per operation and property, at the operation's response
+    assert len([f for f in report["got_through"] if f["rule"].startswith(
+        "probe-response-")]) == len(leaked)
+    assert all(f["checklist"] == "E3" and f["owasp"] == "API3" for f in report["got_through"]
+               if f["rule"].startswith("probe-response-"))
+    assert code == (1 if leaked else 0)
+    # property names only: never a leaked value
+    assert "hunter2" not in json.dumps(report) and "t0k" not in json.dumps(report)
+    if leaked:  # without the valid requests of the headers class, no 2xx to read
+        code, alone = probe(capsys, "--config", str(gateway.config_path), "--target",
+                            "http://127.0.0.1:1", "--only", "leaks", "--dry-run")
+        assert "add it (--only headers,leaks)" in alone
+
+
+# -- progress -----------------------------------------------------------------------------
+
+def test_no_progress_line_when_stderr_is_not_a_terminal(tmp_path, recorder, capsys):
+    code = main(["probe", "--config", str(demo_config(tmp_path)), "--target", recorder.url,
+                 "--only", "undeclared", *FAST])
+    captured = capsys.readouterr()
+    assert code == 1 and recorder.requests  # requests were sent...
+    assert captured.err == ""  # ...and nothing was drawn
+
+
+def test_on_a_terminal_a_progress_line_is_drawn_on_stderr(tmp_path, recorder):
+    import pty
+
+    controller, terminal = pty.openpty()
+    drawn: list[bytes] = []
+
+    def read() -> None:  # until the child's end of the terminal closes (EIO on Linux)
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            drawn.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "apishield", "probe", "--config",
+             str(demo_config(tmp_path)), "--target", recorder.url, "--only", "undeclared",
+             "--format", "json", *FAST], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=terminal, text=True)
+        os.close(terminal)  # the child holds its own copy
+        terminal = -1
+        reader.start()
+        out, _ = process.communicate(timeout=60)
+        reader.join(30)
+    finally:
+        os.close(controller)
+        if terminal != -1:
+            os.close(terminal)
+    text = b"".join(drawn).decode()
+    report = json.loads(out)  # standard output holds the report only
+    total = report["summary"]["planned"]
+    assert f"\rapishield probe [{'#' * 30}] {total}/{total} (100%)" in text
+    assert text.count("apishield probe [") >= 2  # one line, rewritten in place...
+    assert text.endswith("\n")  # ...and finished with a newline
+
+
+# -- the ASGI middleware as the target ----------------------------------------------------
+
+@pytest.fixture
+def middleware_target(tmp_path: Path) -> Iterator[Any]:
+    """Start the demo operations under ApiShieldMiddleware in a real uvicorn, with the
+    operation overrides given; yields a function (overrides) -> (url, config path)."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(operations: dict[str, Any]) -> tuple[str, Path]:
+        folder = tmp_path / f"mw{len(processes)}"
+        folder.mkdir()
+        config = folder / "apishield.yaml"
+        config.write_text(yaml.safe_dump({
+            "contract": str(DEMO_CONTRACT), "access_log": {"enabled": False},
+            "operations": operations}))
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "tests.probe_middleware_app:create",
+             "--port", str(port), "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PROBE_MIDDLEWARE_CONFIG": str(config)})
+        processes.append(process)
+        wait_for_port(port, process)
+        return f"http://127.0.0.1:{port}", config
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.parametrize("operations, holes", [
+    ({}, set()),
+    ({"listPets": {"strict": False}}, {("probe-unknown-parameter", "listPets")}),
+])
+def test_the_middleware_refuses_every_attempt_and_one_opened_hole_is_reported(
+        middleware_target, capsys, operations, holes):
+    """The probe against apishield's own ASGI middleware (uvicorn, Starlette app): every
+    attempt refused; with `strict: false` on one operation, exactly that hole."""
+    url, config = middleware_target(operations)
+    code, report = probe(capsys, "--config", str(config), "--target", url, "--allow-writes",
+                         "--format", "json", *FAST)
+    assert got_through(report) == holes, [a for a in report["attempts"]
+                                          if a["verdict"] != "refused"]
+    assert bool(report["got_through"]) == bool(holes)
+    assert code == (1 if holes else 0)
+    summary = report["summary"]
+    assert summary["sent"] == summary["planned"] > 50 and summary["no_answer"] == 0
+    assert summary["refused"] == summary["planned"] - len(
+        [a for a in report["attempts"] if a["verdict"] == "got-through"])
+    # the app's own /admin route stays unreachable through the middleware
+    admin = next(a for a in report["attempts"] if a["target"] == "/admin")
+    assert admin["verdict"] == "refused" and admin["status"] == 404

@@ -1,5 +1,6 @@
 """`apishield probe --config FILE --target URL [--only CLASS,...] [--format text|json|sarif]
-[--max-requests N] [--rate R] [--dry-run] [--yes] [--allow-writes] [--identity name=CRED]...`
+[--max-requests N] [--rate R] [--dry-run] [--yes] [--allow-writes] [--identity name=CRED]...
+[--issuer-keys FILE]`
 
 Attack your own deployment from its contract and policy (issue 17, docs/probe.md). Only
 --target is contacted. Without --yes it asks before sending, and refuses when it can not
@@ -18,8 +19,11 @@ from pathlib import Path
 
 from apishield import __version__
 from apishield.cli.config_option import config_parent
+from apishield.cli.probe_progress import ProgressBar
 from apishield.config import ConfigError, load_config
 from apishield.contract.loader import load_contract
+from apishield.probe.issuer_keys import PemKey, read_key_file
+from apishield.probe.leaks import LeakCheck
 from apishield.probe.multistep import PLANNERS
 from apishield.probe.plan import Identity, build_plan
 from apishield.probe.report import (
@@ -72,6 +76,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                        "token, user:password); CREDENTIAL may be env:VAR or file:PATH; "
                        ":ROLE,... the roles it holds (for role attempts; NAME:= for none); "
                        "two identities enable BOLA attempts")
+    probe.add_argument("--issuer-keys", metavar="FILE",
+                       help="the bearer issuer's public keys (a JWK Set downloaded from its "
+                       "jwks_url, or PEM) for the key-confusion attack; the config's static "
+                       "keys are used without it")
     probe.set_defaults(func=cmd_probe)
 
 
@@ -125,6 +133,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
             raise ValueError("--max-requests must be at least 1")
         if not 0 < args.rate <= 1000:
             raise ValueError("--rate must be above 0 and at most 1000 a second")
+        public_keys: list[PemKey] | None = None
+        if args.issuer_keys is not None:
+            try:
+                public_keys = read_key_file(Path(args.issuer_keys))
+            except ValueError as exc:
+                raise ValueError(f"--issuer-keys: {exc}") from None
     except ValueError as exc:
         return _usage(str(exc))
     try:
@@ -138,7 +152,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     shown_target = target.origin + target.base
     plan = build_plan(contract, config, identities, rules=rules,
                       allow_writes=args.allow_writes, https=target.scheme == "https",
-                      user_agent=f"apishield-probe/{__version__}", more=PLANNERS)
+                      user_agent=f"apishield-probe/{__version__}", more=PLANNERS,
+                      public_keys=public_keys)
     if args.dry_run:
         listed = [(a.rule, a.request.method, a.request.shown, a.what
                    + (f" (up to {a.cost} requests)" if a.cost > 1 else ""))
@@ -164,7 +179,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
         sender.check_ca()
     except (ValueError, OSError) as exc:
         return _usage(f"--ca-file {args.ca_file}: {exc}")
-    outcomes = execute(plan.attempts, sender, stack_traces="probe-stack-trace" in rules)
+    bar = ProgressBar(sys.stderr)
+    leak_rules = {"probe-response-undeclared-property", "probe-response-write-only"}
+    try:
+        outcomes = execute(plan.attempts, sender, stack_traces="probe-stack-trace" in rules,
+                           progress=bar,
+                           leaks=LeakCheck(contract) if leak_rules & rules else None)
+    finally:
+        bar.finish()
     source = contract.source
     if args.format == "json":
         text = render_json(outcomes, source, target=shown_target, config=args.config,

@@ -20,8 +20,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlencode
 
 from apishield.config import Config
+from apishield.config.auth import Issuer
 from apishield.contract.loader import Contract, Operation, escape_pointer
-from apishield.probe.tokens import forged_tokens
+from apishield.probe.bodies import INJECTIONS
+from apishield.probe.bodies import variants as body_variants
+from apishield.probe.issuer_keys import PemKey, asymmetric, issuer_keys
+from apishield.probe.tokens import attack_tokens, forged_tokens, key_confusion_tokens
 from apishield.probe.values import Schemas, as_text
 
 if TYPE_CHECKING:
@@ -32,11 +36,7 @@ WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 FOREIGN_ORIGIN = "https://apishield-probe.invalid"
 UNDECLARED_PATHS = ("/apishield-probe-undeclared", "/admin", "/.env", "/.git/config",
                     "/actuator/env", "/debug/vars", "/server-status")
-# short enough for most maxLength values; each is flagged by apishield's detectors (B6)
-INJECTIONS = (("SQL", "' OR '1'='1' --"), ("XSS", "<script>alert(1)</script>"),
-              ("shell", "; cat /etc/passwd"))
 TRAVERSALS = ("..%2F..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f%2e%2e%2fadmin")
-MASS_ASSIGNMENT = ("is_admin", True)
 _BEARER_TYPES = ("oauth2", "openIdConnect")
 
 Expect = Literal["refusal", "cors", "headers"]
@@ -106,12 +106,15 @@ MorePlanner = Callable[["_Planner"], Iterable[Attempt]]
 
 def build_plan(contract: Contract, config: Config, identities: list[Identity], *,
                rules: set[str], allow_writes: bool, https: bool,
-               user_agent: str, more: tuple[MorePlanner, ...] = ()) -> Plan:
+               user_agent: str, more: tuple[MorePlanner, ...] = (),
+               public_keys: list[PemKey] | None = None) -> Plan:
     """`more`: planners run after the single-request classes, in order (bursts last, so
     their 429s do not block other attempts); a callback, so this module imports none of
-    them (they build on it)."""
-    return _Planner(contract, config, identities, rules, allow_writes, https,
-                    user_agent).plan(more)
+    them (they build on it). `public_keys`: the issuer's keys from `--issuer-keys` (else
+    the config's `keys`)."""
+    planner = _Planner(contract, config, identities, rules, allow_writes, https, user_agent)
+    planner.public_keys = public_keys
+    return planner.plan(more)
 
 
 def template_pattern(template: str) -> re.Pattern[str]:
@@ -136,6 +139,7 @@ class _Planner:
         self.notes: list[str] = []
         self.attempts: list[Attempt] = []
         self.required = required_headers(config, https)
+        self.public_keys: list[PemKey] | None = None
 
     # -- the whole plan ---------------------------------------------------------------
 
@@ -144,6 +148,10 @@ class _Planner:
         if self.identity is None and any(self._scheme(op) for op in operations):
             self.notes.append("no --identity: attempts on operations that need a credential "
                               "stop at authentication, whatever they probe")
+        if {"probe-response-undeclared-property", "probe-response-write-only"} & self.rules \
+                and "probe-security-headers" not in self.rules:
+            self.notes.append("response leaks are read in 2xx answers, which come from the "
+                              "headers class's valid requests: add it (--only headers,leaks)")
         self._add_all(self._undeclared_paths())
         by_path: dict[str, list[Operation]] = {}
         for operation in operations:
@@ -335,7 +343,10 @@ class _Planner:
                 continue
             at = (parameter.file, parameter.pointer)
             variants = [(b.rule, b.what, as_text(b.value))
-                        for b in self.schemas.breaks(parameter.schema, parameter.file)]
+                        for b in self.schemas.breaks(parameter.schema, parameter.file)
+                        # arrays are written per style; an empty path segment is a route
+                        if not isinstance(b.value, list) and not (
+                            b.value == "" and parameter.location == "path")]
             for kind, payload in INJECTIONS:
                 if parameter.location != "path" and self.schemas.free_text(
                         parameter.schema, parameter.file, payload):
@@ -385,42 +396,15 @@ class _Planner:
                 "content_type": media}
 
     def _bodies(self, operation: Operation) -> Iterator[Attempt]:
+        """Broken JSON bodies, nested properties included (probe/bodies.py)."""
         found = self._json_body_at(operation)
         if found is None:
             return
         media, schema, file, pointer = found
-        valid = self.schemas.valid(schema, file)
-        if not isinstance(valid, dict):
-            return
-        props, _required, prop_file = self.schemas.properties(schema, file)
-        node, _ = self.schemas.resolve(schema, file)
-        schema_at = self.schemas.locate(schema, file, pointer)
-
-        def send(rule: str, what: str, body: dict[str, Any],
-                 at: tuple[Path, str]) -> Attempt:
-            return self._attempt(rule, operation, what, self._request(
+        for variant in body_variants(self.schemas, schema, file, pointer):
+            yield self._attempt(variant.rule, operation, variant.what, self._request(
                 operation.method, operation.path, self._base(operation),
-                body=json.dumps(body).encode(), content_type=media), at=at)
-
-        for name, prop in props.items():
-            at = (schema_at[0], f"{schema_at[1]}/properties/{escape_pointer(name)}")
-            prop_node, _ = self.schemas.resolve(prop, prop_file)
-            if prop_node.get("readOnly"):
-                yield send("probe-read-only-property", f"body property {name} is readOnly",
-                           {**valid, name: self.schemas.valid(prop, prop_file)}, at)
-                continue
-            for broken in self.schemas.breaks(prop, prop_file):
-                yield send(broken.rule, f"body property {name}: {broken.what}",
-                           {**valid, name: broken.value}, at)
-            for kind, payload in INJECTIONS:
-                if self.schemas.free_text(prop, prop_file, payload):
-                    yield send("probe-injection", f"body property {name}: a {kind} "
-                               "injection payload", {**valid, name: payload}, at)
-        if node.get("additionalProperties") in (None, False):  # a schema there allows more
-            extra, value = MASS_ASSIGNMENT
-            if extra not in props:
-                yield send("probe-mass-assignment", f"an undeclared body property {extra}",
-                           {**valid, extra: value}, schema_at)
+                body=json.dumps(variant.body).encode(), content_type=media), at=variant.at)
 
     def _sizes(self, operation: Operation) -> Iterator[Attempt]:
         found = self._json_body(operation)
@@ -482,10 +466,42 @@ class _Planner:
             return
         issuer, audience, algorithm = self._issuer(name)
         real = self.identity.credential if self.identity else None
-        for rule, (what, token) in forged_tokens(real, issuer, audience, algorithm).items():
+        tokens = [(rule, what, token) for rule, (what, token) in
+                  forged_tokens(real, issuer, audience, algorithm).items()]
+        settings = self._issuer_settings(name)
+        algorithms = settings.algorithms if settings is not None else ()
+        tokens += [(rule, what, token) for rule, (what, token) in attack_tokens(
+            real, issuer, audience, algorithm, algorithms).items()]
+        tokens += [("probe-jwt-key-confusion", what, token) for what, token in
+                   key_confusion_tokens(real, issuer, audience, algorithm,
+                                        self._public_keys(name))]
+        for rule, what, token in tokens:
             parts = self._base(operation, credential=False)
             self._credential(operation, parts, None, f"Bearer {token}")
             yield send(rule, what, parts)
+
+    def _issuer_settings(self, scheme: str) -> Issuer | None:
+        for issuer in self.config.auth.issuers.values():
+            if not issuer.schemes or scheme in issuer.schemes:
+                return issuer
+        return None
+
+    def _public_keys(self, scheme: str) -> list[PemKey]:
+        """The keys to sign key-confusion tokens with; none (and a plan note saying how to
+        give them) when the issuer's keys are only online."""
+        if self.public_keys is not None:
+            return self.public_keys
+        settings = self._issuer_settings(scheme)
+        keys = issuer_keys(settings, self.config.source_dir) if settings else []
+        noted = f"scheme {scheme}: probe-jwt-key-confusion"
+        if not keys and "probe-jwt-key-confusion" in self.rules and not any(
+                note.startswith(noted) for note in self.notes) and (
+                settings is None or asymmetric(settings)):
+            self.notes.append(
+                f"{noted} not planned: the issuer's public keys are not in a local file "
+                "(the probe contacts only --target); download its JWK Set (jwks_url, or "
+                "the discovery document's jwks_uri) and pass --issuer-keys FILE")
+        return keys
 
     def _issuer(self, scheme: str) -> tuple[str | None, str | None, str]:
         """The issuer, an audience and an algorithm the config expects for `scheme`."""

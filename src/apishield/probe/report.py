@@ -40,7 +40,31 @@ def findings(outcomes: list[Outcome], contract: Path) -> list[Finding]:
         if outcome.stack_trace:
             found.append(Finding(PROBE_RULES["probe-stack-trace"], where,
                                  f"{request}: answered {outcome.status} with a stack trace"))
-    return found + _missing_headers(outcomes, contract)
+    return found + _leaks(outcomes) + _missing_headers(outcomes, contract)
+
+
+def _leaks(outcomes: list[Outcome]) -> list[Finding]:
+    """One finding per operation and leaked property, located at the response schema."""
+    found: list[Finding] = []
+    seen: set[tuple[str | None, str, str]] = set()
+    lines = LineIndex()
+    for outcome in outcomes:
+        attempt = outcome.attempt
+        for leak in outcome.leaks:
+            key = (attempt.operation, leak.kind, leak.property)
+            if key in seen:
+                continue
+            seen.add(key)
+            rule = ("probe-response-write-only" if leak.kind == "write-only"
+                    else "probe-response-undeclared-property")
+            file = leak.file.resolve()
+            where = Location(display(file), leak.pointer, lines.line(file, leak.pointer))
+            what = ("a writeOnly property" if leak.kind == "write-only"
+                    else "a property the response schema does not declare")
+            found.append(Finding(PROBE_RULES[rule], where,
+                                 f"{attempt.request.method} {attempt.request.shown}: "
+                                 f"answered {outcome.status} with {leak.property}, {what}"))
+    return found
 
 
 def _missing_headers(outcomes: list[Outcome], contract: Path) -> list[Finding]:
@@ -81,6 +105,7 @@ def _outcome_json(outcome: Outcome) -> dict[str, Any]:
         "target": attempt.request.shown, "verdict": outcome.verdict,
         "status": outcome.status, "problem_type": outcome.problem_type,
         "detail": outcome.detail, "stack_trace": outcome.stack_trace,
+        "leaks": [{"kind": leak.kind, "property": leak.property} for leak in outcome.leaks],
     }
     if outcome.verdict == "got-through":
         document.update(checklist=rule.checklist, owasp=rule.owasp, fix=rule.fix)

@@ -59,6 +59,19 @@ RULE_LIST: tuple[Rule, ...] = (
           Severity.MEDIUM, "B1", "API8",
           "An enum is an allow-list; a value outside it reaches a switch nobody wrote a case "
           "for.", _SCHEMA),
+    _rule("probe-schema-format", "A value that breaks its declared format was accepted",
+          Severity.MEDIUM, "B1", "API8",
+          "A `format` (email, uuid, date, ipv4...) is a promise the API's code relies on: an "
+          "id that is not a uuid reaches a query, a date that is not a date a parser.",
+          _SCHEMA),
+    _rule("probe-schema-pattern", "A value that does not match its declared pattern was "
+          "accepted", Severity.MEDIUM, "B1", "API8",
+          "A `pattern` is an allow-list for free text (codes, slugs, phone numbers); a value "
+          "outside it is text the API was told it would never see.", _SCHEMA),
+    _rule("probe-schema-required", "A body without a required property was accepted",
+          Severity.MEDIUM, "B1", "API8",
+          "A required property left out reaches code that assumes it is there: null "
+          "dereferences, defaults nobody chose (an owner, a price).", _SCHEMA),
     _rule("probe-unknown-parameter", "An undeclared query parameter was accepted",
           Severity.MEDIUM, "B2", "API8",
           "Undeclared parameters reach frameworks that bind them (debug flags, filters, "
@@ -115,6 +128,31 @@ RULE_LIST: tuple[Rule, ...] = (
     _rule("probe-jwt-unknown-kid", "A token signed under an unknown key id was accepted",
           Severity.CRITICAL, "A1", "API2",
           "A `kid` the issuer never published must not select a key (or a fallback).", _AUTH),
+    _rule("probe-jwt-key-confusion", "An HS256 token keyed with the issuer's public key "
+          "was accepted", Severity.CRITICAL, "A1", "API2",
+          "A verifier that takes the algorithm from the token HMACs with the public key's "
+          "PEM text, which anyone can download: anyone can mint tokens (RFC 8725 2.1, "
+          "CVE-2016-10555 class).", _AUTH),
+    _rule("probe-jwt-psychic-signature", "An ECDSA token with the signature r = s = 0 was "
+          "accepted", Severity.CRITICAL, "A1", "API2",
+          "Java 15-18's ECDSA check accepted r = s = 0 for any message and key "
+          "(CVE-2022-21449, \"psychic signatures\"): anyone can mint ES256/384/512 tokens.",
+          _AUTH + " Update the runtime whose ECDSA check the verifier uses."),
+    _rule("probe-jwt-jku", "A token whose `jku` names the caller's own key set was accepted",
+          Severity.CRITICAL, "A1", "API2",
+          "A verifier that fetches the key set a token's `jku` names lets the token's author "
+          "choose the key (RFC 7515 4.1.2; RFC 8725 3.10).",
+          _AUTH + " Take keys only from the configured issuer, never from a token's header."),
+    _rule("probe-jwt-x5u", "A token whose `x5u` names the caller's own certificate was "
+          "accepted", Severity.CRITICAL, "A1", "API2",
+          "A verifier that fetches the certificate a token's `x5u` names lets the token's "
+          "author choose the key (RFC 7515 4.1.5).",
+          _AUTH + " Take keys only from the configured issuer, never from a token's header."),
+    _rule("probe-jwt-embedded-jwk", "A token signed by the key embedded in its own header "
+          "was accepted", Severity.CRITICAL, "A1", "API2",
+          "A verifier that trusts the `jwk` header verifies a token against the key its "
+          "author put in it (RFC 7515 4.1.3; CVE-2018-0114).",
+          _AUTH + " Take keys only from the configured issuer, never from a token's header."),
     _rule("probe-cors-foreign-origin", "A CORS preflight from a foreign origin was allowed",
           Severity.HIGH, "C3", "API8",
           "A browser on any site may then call the API with the user's credentials or read "
@@ -125,6 +163,18 @@ RULE_LIST: tuple[Rule, ...] = (
           "nosniff, a restrictive CSP, no-store and HSTS keep browsers from misusing API "
           "answers.",
           "Keep the gateway's `headers` defaults (docs/responses.md) on every answer."),
+    _rule("probe-response-undeclared-property", "An answer carried a property its schema "
+          "does not declare", Severity.HIGH, "E3", "API3",
+          "Excessive data exposure: internal fields (hashes, flags, other users' data) sent "
+          "because the API serializes whole models and trusts the client to ignore them.",
+          "Keep `responses.mode` at `filter` (the default) or `validate` for this operation, "
+          "and declare the response schema with the properties clients may see."),
+    _rule("probe-response-write-only", "An answer carried a writeOnly property",
+          Severity.HIGH, "E3", "API3",
+          "A `writeOnly` property (a password, a secret) is meant to go in, never out; one "
+          "that comes back is leaked to every caller of the operation.",
+          "Keep `responses.mode` at `filter` (the default) or `validate` for this "
+          "operation: both keep writeOnly properties out of answers."),
     _rule("probe-stack-trace", "A 5xx answer carried a stack trace", Severity.HIGH, "E3",
           "API8",
           "Stack traces name files, queries and versions: a map for the next attack.",
@@ -161,15 +211,19 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "undeclared": ("probe-undeclared-path", "probe-undeclared-method",
                    "probe-undeclared-media-type"),
     "schema": ("probe-schema-type", "probe-schema-bounds", "probe-schema-enum",
+               "probe-schema-format", "probe-schema-pattern", "probe-schema-required",
                "probe-unknown-parameter", "probe-mass-assignment", "probe-read-only-property"),
     "injection": ("probe-injection", "probe-path-traversal"),
     "size": ("probe-oversized-body", "probe-deep-nesting"),
     "auth": ("probe-auth-missing", "probe-auth-malformed", "probe-jwt-alg-none",
              "probe-jwt-expired", "probe-jwt-bad-signature", "probe-jwt-tampered",
-             "probe-jwt-unknown-kid"),
+             "probe-jwt-unknown-kid", "probe-jwt-key-confusion",
+             "probe-jwt-psychic-signature", "probe-jwt-jku", "probe-jwt-x5u",
+             "probe-jwt-embedded-jwk"),
     "cors": ("probe-cors-foreign-origin",),
     "headers": ("probe-security-headers",),
-    "leaks": ("probe-stack-trace",),
+    "leaks": ("probe-stack-trace", "probe-response-undeclared-property",
+              "probe-response-write-only"),
     "bola": ("probe-bola",),
     "roles": ("probe-role-escalation",),
     "rate-limit": ("probe-rate-limit",),

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from apishield.probe.leaks import Leak
 from apishield.probe.plan import Attempt
-from apishield.probe.sender import Sender
+from apishield.probe.sender import Answer, Sender
 from apishield.probe.verdict import Outcome, judge
 
 
@@ -42,9 +43,12 @@ def pick(attempts: list[Attempt], budget: int) -> set[int]:
 
 
 def execute(attempts: list[Attempt], sender: Sender, *, stack_traces: bool = True,
-            progress: Callable[[int, int], None] | None = None) -> list[Outcome]:
+            progress: Callable[[int, int], None] | None = None,
+            leaks: Callable[[Attempt, Answer], tuple[Leak, ...]] | None = None,
+            ) -> list[Outcome]:
     """One outcome per attempt; those not picked within `max_requests` are `not-sent`.
-    `stack_traces`: read 5xx answers for them (the leaks class is on)."""
+    `stack_traces`: read 5xx answers for them (the leaks class is on); `leaks`: read
+    each answer for properties it should not carry (probe/leaks.py)."""
     chosen = pick(attempts, sender.max_requests)
     outcomes: list[Outcome] = []
     try:
@@ -60,7 +64,10 @@ def execute(attempts: list[Attempt], sender: Sender, *, stack_traces: bool = Tru
                 outcome = attempt.steps.run(attempt, lambda request, paced: sender.send(
                     request, paced=paced))
             else:
-                outcome = judge(attempt, sender.send(attempt.request))
+                answer = sender.send(attempt.request)
+                outcome = judge(attempt, answer)
+                if leaks is not None and isinstance(answer, Answer):
+                    outcome = replace(outcome, leaks=leaks(attempt, answer))
             if outcome.stack_trace and not stack_traces:
                 outcome = replace(outcome, stack_trace=False)
             outcomes.append(outcome)

@@ -8,17 +8,30 @@ same plan every time, so two CI runs compare.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
+
 from apishield.contract.loader import RefResolver
+from apishield.contract.pattern_dialects import rewrite as read_as_ecma
 
 _FORMATS = {"email": "probe@example.com", "uuid": "00000000-0000-4000-8000-000000000001",
             "date": "2024-01-01", "date-time": "2024-01-01T00:00:00Z",
             "uri": "https://example.com/probe", "hostname": "example.com",
             "ipv4": "192.0.2.1", "ipv6": "2001:db8::1"}
 _DEPTH = 12  # recursion guard for self-referencing schemas
+# a value that breaks each format; used only when the gateway's engine (jsonschema-rs with
+# format checks on, as contract/schema.py compiles) really refuses it
+_FORMAT_BREAKS = {"email": "probe-not-an-email", "uuid": "probe-not-a-uuid",
+                  "date": "2024-13-45", "date-time": "2024-01-01Tnot-a-time",
+                  "time": "25:61:00", "ipv4": "999.0.0.1", "ipv6": "probe::not::ipv6",
+                  "uri": "not a uri", "hostname": "-probe-.invalid-"}
+# candidates for a value outside a `pattern`: short, and none an injection payload
+_PATTERN_MISSES = ("!", "probe probe", "~", "0", "a", "A", "-", "PROBE", "", "probe")
+_MAX_ITEMS_BROKEN = 1000  # maxItems above this: the longer array is not worth sending
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,23 @@ class Schemas:
             if isinstance(longest, int) and longest < 10_000:
                 found.append(Break("probe-schema-bounds", f"longer than maxLength {longest}",
                                    "p" * (longest + 1)))
+            found.extend(_string_breaks(node))
+        elif kind == "array":
+            found.extend(self._array_breaks(node, file))
+        return found
+
+    def _array_breaks(self, node: dict[str, Any], file: Path) -> list[Break]:
+        """Too few or too many (valid) items: only the count is wrong."""
+        found: list[Break] = []
+        item = self.valid(node.get("items", {}), file)
+        fewest, most = node.get("minItems"), node.get("maxItems")
+        if isinstance(fewest, int) and not isinstance(fewest, bool) and fewest > 0:
+            found.append(Break("probe-schema-bounds", f"fewer items than minItems {fewest}",
+                               [item] * (fewest - 1)))
+        if isinstance(most, int) and not isinstance(most, bool) and \
+                most < _MAX_ITEMS_BROKEN and not node.get("uniqueItems"):
+            found.append(Break("probe-schema-bounds", f"more items than maxItems {most}",
+                               [item] * (most + 1)))
         return found
 
     def free_text(self, schema: Any, file: Path, payload: str) -> bool:
@@ -142,6 +172,64 @@ class Schemas:
             return False
         longest = node.get("maxLength")
         return not isinstance(longest, int) or longest >= len(payload)
+
+
+def _string_breaks(node: dict[str, Any]) -> list[Break]:
+    """minLength, format and pattern breaks of a string, each with the rest valid: the
+    shorter value only where no format or pattern would also fail, the format and pattern
+    breaks only within the length bounds."""
+    found: list[Break] = []
+    shortest = node.get("minLength")
+    fmt, pattern = node.get("format"), node.get("pattern")
+    if isinstance(shortest, int) and not isinstance(shortest, bool) and shortest > 0 and \
+            fmt is None and pattern is None and "enum" not in node and "const" not in node:
+        found.append(Break("probe-schema-bounds", f"shorter than minLength {shortest}",
+                           "p" * (shortest - 1)))
+    if isinstance(fmt, str) and fmt in _FORMAT_BREAKS and _fits_length(node, _FORMAT_BREAKS[
+            fmt]) and _valid_string({"format": fmt}, _FORMAT_BREAKS[fmt]) is False:
+        found.append(Break("probe-schema-format", f"not a valid {fmt}", _FORMAT_BREAKS[fmt]))
+    if isinstance(pattern, str):
+        miss = pattern_miss(pattern, node)
+        if miss is not None:
+            found.append(Break("probe-schema-pattern",
+                               f"{miss!r}, which does not match pattern {pattern}", miss))
+    return found
+
+
+def pattern_miss(pattern: str, node: dict[str, Any]) -> str | None:
+    """A short string that fails `pattern` and fits the length bounds, or None. Checked
+    with the gateway's own linear-time engine, so no pattern can make this slow, and a
+    candidate is used only when it really fails."""
+    for candidate in _PATTERN_MISSES:
+        if _fits_length(node, candidate) and \
+                _valid_string({"pattern": read_as_ecma(pattern)}, candidate) is False:
+            return candidate
+    return None
+
+
+def _fits_length(node: dict[str, Any], value: str) -> bool:
+    shortest, longest = node.get("minLength"), node.get("maxLength")
+    return not (isinstance(shortest, int) and len(value) < shortest) and \
+        not (isinstance(longest, int) and len(value) > longest)
+
+
+def _valid_string(schema: dict[str, str], value: str) -> bool | None:
+    """Whether jsonschema-rs (formats checked) accepts `value`; None: the schema does not
+    compile (the gateway refuses such a contract at load)."""
+    (keyword, argument), = schema.items()
+    validator = _string_validator(keyword, argument)
+    return None if validator is None else bool(validator.is_valid(value))
+
+
+@functools.lru_cache(maxsize=256)
+def _string_validator(keyword: str, argument: str) -> Any:
+    """One compiled validator per format or pattern, whatever the number of operations
+    that use it."""
+    try:
+        return jsonschema_rs.Draft202012Validator({"type": "string", keyword: argument},
+                                                  validate_formats=True)
+    except (ValueError, jsonschema_rs.ValidationError):
+        return None
 
 
 def schema_type(node: dict[str, Any]) -> str | None:

@@ -21,6 +21,7 @@ from typing import Literal
 
 import orjson
 
+from apishield.probe.leaks import Leak
 from apishield.probe.plan import FOREIGN_ORIGIN, Attempt
 from apishield.probe.sender import Answer
 
@@ -60,6 +61,7 @@ class Outcome:
     stack_trace: bool = False  # a 5xx answer showed one (its own finding)
     missing_headers: tuple[str, ...] = ()  # required security headers the answer lacked
     requests: tuple[SentRequest, ...] = ()  # a multi-step attempt's requests, in order
+    leaks: tuple[Leak, ...] = ()  # a 2xx answer's undeclared or writeOnly properties
 
 
 def problem_type(answer: Answer) -> str | None:
