@@ -290,11 +290,14 @@ def test_text_report_names_the_checklist_row_owasp_category_and_fix(tmp_path, de
     gateway, key = demo_gateway(tmp_path, demo, {"getUser": {"public": True}})
     try:
         code, text = probe(capsys, "--config", str(gateway.config_path), "--target",
-                           gateway.url, "--identity", f"ci={key}", "--only", "auth", *FAST)
+                           gateway.url, "--identity", f"ci={key}", "--only", "auth,headers",
+                           *FAST)
     finally:
         gateway.stop()
     assert code == 1
     assert "GOT THROUGH 200 GET /users/1  [probe-auth-missing]" in text
+    # a valid request answered with every security header is "ok", not "refused"
+    assert "ok          200 GET /pets  [probe-security-headers]" in text
     assert "[A7, API2:2023 Broken Authentication]" in text
     assert "fix: Keep a security requirement on the operation" in text
     assert "refused     401 GET /pets  [probe-auth-missing]" in text

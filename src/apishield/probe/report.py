@@ -148,7 +148,10 @@ def render_text(outcomes: list[Outcome], contract: Path, *, target: str,
         attempt = outcome.attempt
         status = "" if outcome.status is None else str(outcome.status)
         seen = outcome.problem_type or ""
-        out.append(f"{_MARK[outcome.verdict]:<11} {status:>3} {attempt.request.method} "
+        # a valid request whose answer carried every security header: nothing to refuse
+        mark = ("ok" if outcome.verdict == "refused" and attempt.expect == "headers"
+                else _MARK[outcome.verdict])
+        out.append(f"{mark:<11} {status:>3} {attempt.request.method} "
                    f"{attempt.request.shown}  [{attempt.rule}] {attempt.what}"
                    + (f"  ({seen})" if seen and outcome.verdict == "refused" else ""))
         if attempt.steps is not None and outcome.verdict != "not-sent":
