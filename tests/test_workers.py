@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import RunningGateway, json_lines, start_gateway, wait_for
+from tests.conftest import RunningGateway, free_port, json_lines, start_gateway, wait_for
+from tests.test_logging import problems_of
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and fds")
 
@@ -136,9 +137,30 @@ def test_access_lines_on_standard_output_are_never_cut(tmp_path: Path,
     assert set(workers_of(records)) == {0, 1}
 
 
+def assert_documented(gw: RunningGateway) -> None:
+    """Every line the supervisor and its workers wrote follows docs/logging.md."""
+    lines = [*json_lines(gw.stderr()), *gw.log_lines()]
+    bad = {json.dumps(line): problems for line in lines if (problems := problems_of(line))}
+    assert bad == {}
+
+
+def restarts_metric(admin_port: int) -> float:
+    connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=10)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    (line,) = [line for line in text.splitlines()
+               if line.startswith("apishield_worker_restarts_total ")]
+    return float(line.split()[1])
+
+
 def test_a_killed_worker_is_started_again_and_traffic_continues(two_workers: Any) -> None:
-    gw = two_workers(LIMIT)
+    admin = free_port()
+    gw = two_workers({**LIMIT, "admin": {"port": admin}})
     assert spread(gw.port, 20).count(200) == 20
+    assert restarts_metric(admin) == 0
     before = worker_pids(gw)
     os.kill(before[1], signal.SIGKILL)  # it held leases of the shared limit: they expire
     assert wait_for(lambda: worker_pids(gw).get(1) not in (None, before[1]), 30), gw.stderr()
@@ -154,6 +176,9 @@ def test_a_killed_worker_is_started_again_and_traffic_continues(two_workers: Any
     assert worker_pids(gw)[0] == before[0]  # the other worker was never touched
     lines = gw.log_lines()
     assert {line["worker"] for line in lines[20:]} == {0, 1}  # the new worker 1 serves
+    # worker 0 (the admin listener's) reports the supervisor's count within a second
+    assert wait_for(lambda: restarts_metric(admin) == 1, 10)
+    assert_documented(gw)
 
 
 def test_sighup_reloads_every_worker(two_workers: Any) -> None:
@@ -229,3 +254,5 @@ def test_a_crash_loop_stops_the_supervisor_with_a_clear_message(two_workers: Any
     assert "workers crash-looping" in stderr
     assert lifecycle(gw, "crash-loop")[0]["limit"] == 5
     assert [line["exit_code"] for line in lifecycle(gw, "worker-exit")][1:6] == [2] * 5
+    assert lifecycle(gw, "stop")[-1]["reason"] == "crash-loop"
+    assert_documented(gw)

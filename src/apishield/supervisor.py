@@ -46,6 +46,7 @@ from pathlib import Path
 from apishield.config import Config, worker_role
 from apishield.gateway import Gateway, InheritedSockets, serve
 from apishield.observe.logjson import fields
+from apishield.observe.metrics import METRICS
 from apishield.state.local_leases import LeaseServer
 
 logger = logging.getLogger("apishield")
@@ -196,12 +197,20 @@ class Supervisor:
                 return
             self._recent.append(now)
             self.restarts += 1
+            self._publish()
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (len(self._recent) - 1))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             if self._stopping.is_set():
                 return
             await self.start_worker(index)
+
+    def _publish(self) -> None:
+        """The restart count, for the workers' metrics (`restarts_file`), replaced whole."""
+        path = restarts_file(self.lease_socket)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(str(self.restarts))
+        temporary.replace(path)
 
     def forward(self, sig: signal.Signals) -> None:
         for process in self.processes.values():
@@ -281,6 +290,12 @@ class Supervisor:
         logger.info("stopped", extra=fields("lifecycle", event="stop", reason=reason))
 
 
+def restarts_file(lease_socket: Path) -> Path:
+    """Where the supervisor keeps its restart count: beside the lease socket, in the
+    private folder (a file read once a second is all a worker needs for a metric)."""
+    return lease_socket.parent / "restarts"
+
+
 def _ignored(sig: signal.Signals) -> None:
     logger.info("%s received: ignored", sig.name, extra=fields(
         "lifecycle", event="signal", signal=sig.name, action="ignored"))
@@ -323,7 +338,12 @@ async def serve_worker(gateway: Gateway, spec: WorkerSpec) -> None:
     stop = asyncio.Event()
 
     async def orphaned() -> None:
-        while os.getppid() == spec.supervisor_pid:  # noqa: ASYNC110 - no event to wait on
+        """Once a second: is the supervisor still there? Also copies its restart count
+        into this worker's metrics (worker 0 serves them)."""
+        counted = restarts_file(Path(spec.lease_socket))
+        while os.getppid() == spec.supervisor_pid:
+            with contextlib.suppress(OSError, ValueError):
+                METRICS.worker_restarts = int(counted.read_text())
             await asyncio.sleep(ORPHAN_CHECK)
         logger.warning("worker %d: the supervisor (pid %d) is gone: stopping", spec.index,
                        spec.supervisor_pid, extra=fields(
