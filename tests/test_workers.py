@@ -256,3 +256,51 @@ def test_a_crash_loop_stops_the_supervisor_with_a_clear_message(two_workers: Any
     assert [line["exit_code"] for line in lifecycle(gw, "worker-exit")][1:6] == [2] * 5
     assert lifecycle(gw, "stop")[-1]["reason"] == "crash-loop"
     assert_documented(gw)
+
+
+KEY_CONTRACT = """
+openapi: 3.0.3
+info: {title: keys, version: "1"}
+paths:
+  /echo:
+    get:
+      operationId: echoGet
+      security: [{key: []}]
+      responses: {"200": {description: ok}}
+components:
+  securitySchemes:
+    key: {type: apiKey, in: header, name: X-Api-Key}
+"""
+
+
+def get_with_key(port: int, key: str) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/echo", headers={"X-Api-Key": key})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def test_a_revoked_api_key_is_refused_by_every_worker_within_a_second(
+        two_workers: Any, tmp_path: Path) -> None:
+    contract = tmp_path / "keys.yaml"
+    contract.write_text(KEY_CONTRACT)
+    gw = two_workers(contract=contract)
+    keys = [sys.executable, "-m", "apishield", "keys"]
+    created = subprocess.run([*keys, "create", "--name", "billing", "--config",
+                              str(gw.config_path)], capture_output=True, text=True, check=True)
+    key = created.stdout.splitlines()[0].strip()
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(lambda _: get_with_key(gw.port, key), range(40))) == {200}
+        subprocess.run([*keys, "revoke", key.split("_")[1], "--config", str(gw.config_path)],
+                       check=True, capture_output=True)
+        started = time.monotonic()
+        assert wait_for(lambda: set(pool.map(lambda _: get_with_key(gw.port, key),
+                                             range(40))) == {401}, 10)
+        assert time.monotonic() - started < 3.0  # one poll (1 s), with a busy machine's slack
+    lines = gw.log_lines()
+    assert set(workers_of([line for line in lines if line["status"] == 200])) == {0, 1}
+    assert set(workers_of([line for line in lines if line["status"] == 401])) == {0, 1}
