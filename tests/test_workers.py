@@ -181,8 +181,21 @@ def test_a_killed_worker_is_started_again_and_traffic_continues(two_workers: Any
     assert_documented(gw)
 
 
+def post_reload(admin_port: int) -> dict[str, Any]:
+    connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=30)
+    try:
+        connection.request("POST", "/reload")
+        response = connection.getresponse()
+        return dict(json.loads(response.read()))
+    finally:
+        connection.close()
+
+
 def test_sighup_reloads_every_worker(two_workers: Any) -> None:
-    gw = two_workers()
+    """SIGHUP to the supervisor reloads both workers; so does `POST /reload` on the admin
+    API, which only worker 0 serves (it has the supervisor forward a SIGHUP)."""
+    admin = free_port()
+    gw = two_workers({"admin": {"port": admin}})
     assert set(spread(gw.port, 40)) == {200}
     config = yaml.safe_load(gw.config_path.read_text())
     config["rate_limiting"] = {"ip": {"deny": ["127.0.0.1/32"]}}
@@ -194,6 +207,13 @@ def test_sighup_reloads_every_worker(two_workers: Any) -> None:
     assert set(statuses) == {403}
     refused = [line for line in gw.log_lines() if line["status"] == 403]
     assert set(workers_of(refused)) == {0, 1}  # the new config is in force in both
+    del config["rate_limiting"]
+    gw.config_path.write_text(yaml.safe_dump(config))
+    assert post_reload(admin)["outcome"] == "succeeded"
+    assert wait_for(lambda: gw.stderr().count("reload (SIGHUP) succeeded") >= 3, 60), (
+        gw.stderr())  # worker 1, by the forwarded SIGHUP (worker 0 finds nothing new)
+    assert set(spread(gw.port, 200)) == {200}
+    assert set(workers_of(gw.log_lines()[-200:])) == {0, 1}
 
 
 def test_sigterm_drains_every_worker(two_workers: Any) -> None:

@@ -139,6 +139,9 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()  # replaced pipelines draining
         self._draining_pools: set[UpstreamPool] = set()
+        # told of each reload through the admin API (worker 0 of `serve --workers N`
+        # then has the supervisor reload every worker: supervisor.serve_worker)
+        self.after_admin_reload: Callable[[ReloadResult], None] | None = None
 
     def _set_upstream(self, config: Config, upstream_tls: ssl.SSLContext | None) -> None:
         """Where requests go (at start, and at a reload that changed `upstream`)."""
@@ -299,6 +302,8 @@ class Gateway:
 
     async def _admin_reload(self, trigger: str) -> ReloadReport:
         result = await self.reload(trigger)
+        if self.after_admin_reload is not None:
+            self.after_admin_reload(result)
         return ReloadReport(result.outcome, result.as_dict())
 
     async def readiness(self) -> list[str]:

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from apishield.config import Config, worker_role
-from apishield.gateway import Gateway, InheritedSockets, serve
+from apishield.gateway import Gateway, InheritedSockets, ReloadResult, serve
 from apishield.observe.logjson import fields
 from apishield.observe.metrics import METRICS
 from apishield.state.local_leases import LeaseServer
@@ -350,6 +350,15 @@ async def serve_worker(gateway: Gateway, spec: WorkerSpec) -> None:
                            "lifecycle", event="stopping", reason="orphaned"))
         stop.set()
 
+    def reload_everyone(result: ReloadResult) -> None:
+        """`POST /reload` reached worker 0 (the admin listener's): the others reload too,
+        through the supervisor (which forwards SIGHUP to all; this worker finds its files
+        unchanged)."""
+        if result.outcome == "succeeded":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(spec.supervisor_pid, signal.SIGHUP)
+
+    gateway.after_admin_reload = reload_everyone
     watch = asyncio.get_running_loop().create_task(orphaned())
     try:
         listen = gateway.config.listen
