@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -73,7 +74,8 @@ def wait_until_serving(gw: RunningGateway, workers: int = 2) -> None:
     """Every worker has logged its listener (connections queue in the shared backlog
     before that: they would all go to the first worker up)."""
     assert wait_for(lambda: len([line for line in lifecycle(gw, "start")
-                                 if line["listener"] == "http"]) >= workers, 60), gw.stderr()
+                                 if line["listener"] in ("http", "https")]) >= workers,
+                    30), gw.stderr()
 
 
 @pytest.fixture
@@ -168,7 +170,7 @@ def test_a_killed_worker_is_started_again_and_traffic_continues(two_workers: Any
     assert exits[0]["worker"] == 1 and exits[0]["exit_code"] == -signal.SIGKILL
     assert exits[0]["action"] == "restart"
     wait_for(lambda: len([line for line in lifecycle(gw, "start")
-                          if line["listener"] == "http"]) >= 3, 60)
+                          if line["listener"] == "http"]) >= 3, 30)
     statuses = spread(gw.port, 300)
     assert set(statuses) <= {200, 429}
     # the limit held across the death: 20 before, then what was left of the 100
@@ -201,7 +203,7 @@ def test_sighup_reloads_every_worker(two_workers: Any) -> None:
     config["rate_limiting"] = {"ip": {"deny": ["127.0.0.1/32"]}}
     gw.config_path.write_text(yaml.safe_dump(config))
     gw.process.send_signal(signal.SIGHUP)
-    assert wait_for(lambda: gw.stderr().count("reload (SIGHUP) succeeded") >= 2, 60), (
+    assert wait_for(lambda: gw.stderr().count("reload (SIGHUP) succeeded") >= 2, 30), (
         gw.stderr())
     statuses = spread(gw.port, 200)
     assert set(statuses) == {403}
@@ -210,7 +212,7 @@ def test_sighup_reloads_every_worker(two_workers: Any) -> None:
     del config["rate_limiting"]
     gw.config_path.write_text(yaml.safe_dump(config))
     assert post_reload(admin)["outcome"] == "succeeded"
-    assert wait_for(lambda: gw.stderr().count("reload (SIGHUP) succeeded") >= 3, 60), (
+    assert wait_for(lambda: gw.stderr().count("reload (SIGHUP) succeeded") >= 3, 30), (
         gw.stderr())  # worker 1, by the forwarded SIGHUP (worker 0 finds nothing new)
     assert set(spread(gw.port, 200)) == {200}
     assert set(workers_of(gw.log_lines()[-200:])) == {0, 1}
@@ -263,6 +265,7 @@ def test_bans_reach_every_worker_within_a_second(two_workers: Any) -> None:
     assert time.monotonic() - started < 3.0
 
 
+@pytest.mark.timeout(150)  # six worker starts that fail, on a loaded machine
 def test_a_crash_loop_stops_the_supervisor_with_a_clear_message(two_workers: Any) -> None:
     """The config breaks on disk, then a worker dies: each new worker exits at once
     (exit 2), and after RESTART_LIMIT restarts the supervisor gives up with exit 1."""
@@ -324,3 +327,39 @@ def test_a_revoked_api_key_is_refused_by_every_worker_within_a_second(
     lines = gw.log_lines()
     assert set(workers_of([line for line in lines if line["status"] == 200])) == {0, 1}
     assert set(workers_of([line for line in lines if line["status"] == 401])) == {0, 1}
+
+
+def test_tls_and_the_plain_http_listener_are_shared_too(two_workers: Any,
+                                                         tmp_path: Path) -> None:
+    """With TLS, the supervisor binds the HTTPS listener and the plain-HTTP one; every
+    worker terminates TLS on the first and refuses on the second."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    key.chmod(0o600)
+    plain = free_port()
+    gw = two_workers({"tls": {"cert": str(cert), "key": str(key),
+                              "plain_http": {"port": plain, "mode": "refuse"}}})
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+
+    def https(_: int) -> int:
+        connection = http.client.HTTPSConnection("127.0.0.1", gw.port, timeout=10,
+                                                 context=context)
+        try:
+            connection.request("GET", "/echo")
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(https, range(60))) == {200}
+    assert set(spread(plain, 60)) == {403}
+    lines = gw.log_lines()
+    assert set(workers_of([line for line in lines if line["status"] == 200])) == {0, 1}
+    assert set(workers_of([line for line in lines if line["status"] == 403])) == {0, 1}

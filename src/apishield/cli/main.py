@@ -216,6 +216,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             _run(serve_worker(gateway, spec))
         elif args.workers > 1:
+            if sys.platform == "win32":  # no inherited listening sockets, no POSIX signals
+                print("apishield: --workers needs Linux or macOS; run one process per "
+                      "port behind a load balancer instead", file=sys.stderr)
+                return EXIT_CONFIG
             from apishield.supervisor import supervise, worker_command
 
             return supervise(gateway, worker_command(args.config, args.host, args.port),
