@@ -1,6 +1,10 @@
 """Counters shared by every gateway through Redis (`state: redis://...`), without a Redis
 round trip per request.
 
+(The lease client described here lives in `leases.py`, shared with the supervisor of
+`serve --workers N`, whose `local_leases.py` runs the same four scripts in Python; this
+module is the scripts and their Redis transport. The design and the bound are here.)
+
 Why leases: one redis-py round trip costs 110-160 us of client CPU (PERF-BASELINE), which
 would cap a worker near 7k rps. So the truth lives in Redis, but a gateway *leases* a few
 tokens of a key at a time in one atomic Lua script and spends them locally: a lease hit is
