@@ -297,3 +297,22 @@ async def test_a_worker_dying_with_leases_does_not_hurt_the_server() -> None:
             assert server.connections == 2
         finally:
             await survivor.close()
+
+
+def test_the_client_and_the_server_work_on_uvloop() -> None:
+    """The workers and the supervisor run on uvloop, whose transports are not
+    `asyncio.Transport` subclasses (an isinstance check there failed every lease)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> list[bool]:
+        with tempfile.TemporaryDirectory(prefix="apishield-test-") as folder:
+            server = LeaseServer()
+            await server.start(Path(folder) / "leases.sock")
+            counters = LocalLeaseCounters(Path(folder) / "leases.sock")
+            try:
+                return [(await take(counters, "k", 0.01, 3)).allowed for _ in range(4)]
+            finally:
+                await counters.close()
+                await server.close()
+
+    assert uvloop.run(main()) == [True, True, True, False]
