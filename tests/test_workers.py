@@ -205,6 +205,8 @@ def test_sighup_reloads_every_worker(two_workers: Any) -> None:
     gw.process.send_signal(signal.SIGHUP)
     assert wait_for(lambda: gw.stderr().count("reload (SIGHUP) succeeded") >= 2, 30), (
         gw.stderr())
+    reloaded = [line for line in lifecycle(gw, "reload") if line["outcome"] == "succeeded"]
+    assert sorted(line["worker"] for line in reloaded) == [0, 1]  # each line says whose
     statuses = spread(gw.port, 200)
     assert set(statuses) == {403}
     refused = [line for line in gw.log_lines() if line["status"] == 403]
@@ -216,6 +218,7 @@ def test_sighup_reloads_every_worker(two_workers: Any) -> None:
         gw.stderr())  # worker 1, by the forwarded SIGHUP (worker 0 finds nothing new)
     assert set(spread(gw.port, 200)) == {200}
     assert set(workers_of(gw.log_lines()[-200:])) == {0, 1}
+    assert_documented(gw)
 
 
 def test_sigterm_drains_every_worker(two_workers: Any) -> None:
