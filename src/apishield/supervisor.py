@@ -203,14 +203,19 @@ class Supervisor:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             if self._stopping.is_set():
                 return
-            await self.start_worker(index)
+            try:
+                await self.start_worker(index)
+            except OSError as exc:  # no process (EAGAIN, ENOMEM): counts as one that died
+                logger.error("worker %d could not be started: %s", index, exc, extra=fields(
+                    "lifecycle", event="worker-exit", worker=index, action="restart"))
 
     def _publish(self) -> None:
         """The restart count, for the workers' metrics (`restarts_file`), replaced whole."""
         path = restarts_file(self.lease_socket)
         temporary = path.with_suffix(".tmp")
-        temporary.write_text(str(self.restarts))
-        temporary.replace(path)
+        with contextlib.suppress(OSError):  # a metric is not worth a restart missed
+            temporary.write_text(str(self.restarts))
+            temporary.replace(path)
 
     def forward(self, sig: signal.Signals) -> None:
         for process in self.processes.values():
