@@ -225,12 +225,15 @@ def test_sigterm_drains_every_worker(two_workers: Any) -> None:
     """Slow requests in flight on both workers when the supervisor gets SIGTERM: each
     completes, then every process exits, the supervisor with 0."""
     gw = two_workers({"timeouts": {"shutdown": "10s"}})
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(get, gw.port, "/slow?ms=1500") for _ in range(8)]
-        time.sleep(0.7)  # the requests have reached the workers
+    futures = []
+    with ThreadPoolExecutor(12) as pool:
+        for _ in range(12):  # one at a time: each connection is a separate accept race
+            futures.append(pool.submit(get, gw.port, "/slow?ms=2500"))
+            time.sleep(0.05)
+        time.sleep(0.3)  # the last one has reached a worker
         gw.process.send_signal(signal.SIGTERM)
         statuses = [future.result() for future in futures]
-    assert statuses == [200] * 8
+    assert statuses == [200] * 12
     assert gw.process.wait(30) == 0
     lines = gw.log_lines()
     assert set(workers_of(lines)) == {0, 1}  # both had requests in flight and drained them
