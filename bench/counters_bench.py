@@ -16,7 +16,11 @@ of the per-round ratios, since the machine's speed drifts within a session):
 - many keys: 64 concurrent tasks, each on its own key with leases of 1 (per-IP limits
   with small bursts, many clients): every decision needs Redis, but the calls of one
   event-loop tick share one pipeline;
-- naive: one EVALSHA round trip per decision (what leases avoid), for reference.
+- naive: one EVALSHA round trip per decision (what leases avoid), for reference;
+- local: the same loops and round trips against the lease server the supervisor of
+  `serve --workers N` runs (`state/local_leases.py`), in its own process on a Unix
+  socket as in production, plus the wall-clock time of one round trip (what a request
+  that must wait for a lease waits), for Redis and for it.
 
     .venv/bin/python bench/counters_bench.py [--repeat 5] [--number 200000] [--url redis://...]
 """
@@ -25,16 +29,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.redis_server
 
 from apishield.state.counters import MemoryCounters
+from apishield.state.leases import LeaseCounters
+from apishield.state.local_leases import LocalLeaseCounters
 from apishield.state.redis_counters import RedisCounters
 from tests.redis_server import running_redis
 
@@ -96,7 +104,7 @@ async def refused_cached(url: str, number: int) -> float:
     return elapsed / number
 
 
-async def amortized(counters: MemoryCounters | RedisCounters, key: str, burst: int,
+async def amortized(counters: MemoryCounters | LeaseCounters, key: str, burst: int,
                     number: int) -> tuple[float, int]:
     """Client CPU per decision of the step's loop; and how many were admitted."""
     take, prepare = counters.take, counters.prepare
@@ -151,27 +159,111 @@ async def naive(url: str, number: int) -> float:
         await counters.close()
 
 
+async def local_naive(path: str, number: int) -> float:
+    """One lease round trip per decision to the supervisor's lease server."""
+    counters = LocalLeaseCounters(path)
+    try:
+        await counters.prepare("naive-warm-up", 1.0, 10)
+        start = time.process_time()
+        for _ in range(number):
+            await counters._execute([(0, "naive", (repr(INTERVAL * 1e6), 10**6, 1, 1))])
+        return (time.process_time() - start) / number
+    finally:
+        await counters.close()
+
+
+async def round_trip(counters: LeaseCounters, number: int) -> float:
+    """Wall-clock seconds of one lease round trip (what a waiting request waits)."""
+    try:
+        await counters.prepare("rtt-warm-up", 1.0, 10)
+        start = time.perf_counter()
+        for _ in range(number):
+            await counters._execute([(0, "rtt", (repr(INTERVAL * 1e6), 10**6, 1, 1))])
+        return (time.perf_counter() - start) / number
+    finally:
+        await counters.close()
+
+
+async def local_many_keys(path: str, number: int, tasks: int = 64) -> float:
+    counters = LocalLeaseCounters(path)
+    stamp = time.time()
+
+    async def client(index: int) -> None:
+        key = f"ip-{index}-{stamp}"
+        for _ in range(number // tasks):
+            decision = counters.take(key, INTERVAL, 10, 0.0)
+            while decision is None:
+                await counters.prepare(key, INTERVAL, 10)
+                decision = counters.take(key, INTERVAL, 10, 0.0)
+            await asyncio.sleep(0)
+
+    try:
+        await counters.prepare("warm-up", 1.0, 10)
+        start = time.process_time()
+        await asyncio.gather(*(client(index) for index in range(tasks)))
+        return (time.process_time() - start) / (number // tasks * tasks)
+    finally:
+        await counters.close()
+
+
+LEASE_SERVER = """
+import asyncio, sys
+from pathlib import Path
+from apishield.state.local_leases import LeaseServer
+
+async def main():
+    server = LeaseServer()
+    await server.start(Path(sys.argv[1]))
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.close()
+
+asyncio.run(main())
+"""
+
+
+@contextlib.contextmanager
+def running_lease_server(folder: Path) -> Iterator[str]:
+    """The supervisor's lease server in a process of its own (its CPU is not the
+    client's, as in production); stops when its stdin closes."""
+    path = str(folder / "leases.sock")
+    process = subprocess.Popen([sys.executable, "-c", LEASE_SERVER, path],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+        yield path
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--number", type=int, default=200_000)
     parser.add_argument("--url", help="an existing Redis (default: start redis-server)")
     args = parser.parse_args()
-    if args.url:
-        report(args.url, args.repeat, args.number)
-        return
-    with tempfile.TemporaryDirectory() as workdir, running_redis(Path(workdir)) as server:
-        report(server.url, args.repeat, args.number)
+    with tempfile.TemporaryDirectory(prefix="apishield-bench-") as workdir, \
+            running_lease_server(Path(workdir)) as local:
+        if args.url:
+            report(args.url, local, args.repeat, args.number)
+            return
+        with running_redis(Path(workdir)) as server:
+            report(server.url, local, args.repeat, args.number)
 
 
 BURSTS = (10, 100, 1000, 10_000, 100_000)
 
 
-def report(url: str, repeat: int, number: int) -> None:
+def report(url: str, local: str, repeat: int, number: int) -> None:
     """Every measurement once per round, rounds alternating (the machine's speed drifts
     within a session); each figure is the median over rounds, each ratio the median of
     the per-round ratios."""
     trips: dict[int, list[int]] = {burst: [] for burst in BURSTS}
+    local_trips: dict[int, list[int]] = {burst: [] for burst in BURSTS}
 
     async def memory_loop() -> float:
         return (await amortized(MemoryCounters(), "k", 10**9, number))[0]
@@ -186,6 +278,16 @@ def report(url: str, repeat: int, number: int) -> None:
         finally:
             await counters.close()
 
+    async def local_loop(burst: int) -> float:
+        counters = LocalLeaseCounters(local)
+        try:
+            cost, _ = await amortized(counters, f"hot-{burst}-{time.time()}", burst,
+                                      number // 20 if burst < 1000 else number)
+            local_trips[burst].append(counters.round_trips)
+            return cost
+        finally:
+            await counters.close()
+
     measures: dict[str, Callable[[], Awaitable[float]]] = {
         "memory": lambda: memory_take(number),
         "hit": lambda: lease_hit(url, number),
@@ -194,6 +296,11 @@ def report(url: str, repeat: int, number: int) -> None:
         **{f"loop {burst}": (lambda burst=burst: redis_loop(burst)) for burst in BURSTS},
         "many keys": lambda: many_keys(url, max(6400, number // 10)),
         "naive": lambda: naive(url, max(2000, number // 50)),
+        **{f"local loop {burst}": (lambda burst=burst: local_loop(burst)) for burst in BURSTS},
+        "local many keys": lambda: local_many_keys(local, max(6400, number // 10)),
+        "local naive": lambda: local_naive(local, max(2000, number // 50)),
+        "rtt redis": lambda: round_trip(RedisCounters(url), max(2000, number // 50)),
+        "rtt local": lambda: round_trip(LocalLeaseCounters(local), max(2000, number // 50)),
     }
     rounds: dict[str, list[float]] = {name: [] for name in measures}
     for _ in range(repeat):
@@ -218,6 +325,16 @@ def report(url: str, repeat: int, number: int) -> None:
               + f"   round trips/run {statistics.median(trips[burst]):.0f}")
     print("\n" + line("64 keys at once, leases of 1, pipelined", "many keys", "loop memory"))
     print(line("naive: one EVALSHA round trip per decision", "naive", "loop memory"))
+    print("\nthe supervisor's lease server (serve --workers N), same loops:")
+    for burst in BURSTS:
+        n = max(1, int(burst * 0.02))
+        print(line(f"LocalLeaseCounters, burst {burst} (lease n={n})", f"local loop {burst}",
+                   "loop memory")
+              + f"   round trips/run {statistics.median(local_trips[burst]):.0f}")
+    print(line("64 keys at once, leases of 1, batched", "local many keys", "loop memory"))
+    print(line("naive: one lease round trip per decision", "local naive", "loop memory"))
+    print(f"\nwall-clock per round trip (us): redis {median_us(rounds['rtt redis']):.1f}, "
+          f"lease server {median_us(rounds['rtt local']):.1f}")
 
 
 if __name__ == "__main__":

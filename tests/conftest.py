@@ -119,9 +119,10 @@ def upstream_url(upstream: UpstreamServer) -> str:
 
 def start_gateway(
     workdir: Path, upstream_url: str, overrides: dict[str, Any] | None = None,
-    contract: Path | None = None,
+    contract: Path | None = None, workers: int = 1, stdout: int = subprocess.DEVNULL,
 ) -> RunningGateway:
-    """Copy the test contract to `workdir`, write a config and run `apishield serve`."""
+    """Copy the test contract to `workdir`, write a config and run `apishield serve`
+    (with `--workers N` when `workers` is not 1: a supervisor and N worker processes)."""
     for name in ("contract.yaml", "paths.yaml"):
         shutil.copy(DATA / name, workdir / name)
     if contract is not None:
@@ -144,8 +145,8 @@ def start_gateway(
     with stderr_path.open("wb") as stderr_file:  # the child keeps its own descriptor
         process = subprocess.Popen(
             [sys.executable, "-m", "apishield", "serve", "--config", str(config_path),
-             "--port", str(port)],
-            stdout=subprocess.DEVNULL,
+             "--port", str(port), *(["--workers", str(workers)] if workers != 1 else [])],
+            stdout=stdout,
             stderr=stderr_file,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

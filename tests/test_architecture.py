@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline",),  # runs the steps in order
     ("admin", "audit", "probe"),  # the admin API; the contract+policy review; the prober
     ("http", "middleware"),  # the gateway's transport; the ASGI front end
-    ("gateway",),  # the gateway front end: listener + pipeline + upstream pool
+    ("gateway", "supervisor"),  # the gateway front end; its workers' supervisor
     ("cli", "demo", "__main__", ""),  # the command line, the demo, the package root
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

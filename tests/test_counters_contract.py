@@ -1,8 +1,10 @@
 """One contract for every `Counters` backend: what the rate-limit step relies on.
 
-Each test runs against `MemoryCounters` and against `RedisCounters` on a real
-redis-server (tests/redis_server.py). Time is real (the Redis backend decides on the
-server's clock), so intervals are tens of milliseconds and checks allow a few ms of slack.
+Each test runs against `MemoryCounters`, against `RedisCounters` on a real
+redis-server (tests/redis_server.py) and against `LocalLeaseCounters` on a real
+`LeaseServer` (the supervisor's end of `serve --workers N`) on a Unix socket. Time is
+real (the lease backends decide on the server's clock), so intervals are tens of
+milliseconds and checks allow a few ms of slack.
 Backends are driven the way the step drives them: `take`, and when it answers None,
 `await prepare(...)` and `take` again.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from apishield.state.counters import Counters, Decision, MemoryCounters
+from apishield.state.local_leases import LeaseServer, LocalLeaseCounters
 from apishield.state.redis_counters import RedisCounters
 from tests.redis_server import RedisServer, running_redis
 
@@ -51,18 +55,29 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "local"])
 async def counters(request: pytest.FixtureRequest) -> AsyncIterator[Counters]:
     backend: Counters
+    lease_server: LeaseServer | None = None
+    folder: tempfile.TemporaryDirectory[str] | None = None
     if request.param == "memory":
         backend = MemoryCounters()
-    else:
+    elif request.param == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
         backend = RedisCounters(server.url)
+    else:  # a short private folder: a Unix socket path must fit in 108 bytes
+        folder = tempfile.TemporaryDirectory(prefix="apishield-test-")
+        lease_server = LeaseServer()
+        await lease_server.start(Path(folder.name) / "leases.sock")
+        backend = LocalLeaseCounters(Path(folder.name) / "leases.sock")
     try:
         yield backend
     finally:
         await backend.close()
+        if lease_server is not None:
+            await lease_server.close()
+        if folder is not None:
+            folder.cleanup()
 
 
 def fresh() -> str:

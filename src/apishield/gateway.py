@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import signal
+import socket
 import ssl
 import time
 from collections import Counter
@@ -138,6 +139,9 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()  # replaced pipelines draining
         self._draining_pools: set[UpstreamPool] = set()
+        # told of each reload through the admin API (worker 0 of `serve --workers N`
+        # then has the supervisor reload every worker: supervisor.serve_worker)
+        self.after_admin_reload: Callable[[ReloadResult], None] | None = None
 
     def _set_upstream(self, config: Config, upstream_tls: ssl.SSLContext | None) -> None:
         """Where requests go (at start, and at a reload that changed `upstream`)."""
@@ -298,6 +302,8 @@ class Gateway:
 
     async def _admin_reload(self, trigger: str) -> ReloadReport:
         result = await self.reload(trigger)
+        if self.after_admin_reload is not None:
+            self.after_admin_reload(result)
         return ReloadReport(result.outcome, result.as_dict())
 
     async def readiness(self) -> list[str]:
@@ -741,6 +747,31 @@ def _handle_signals(
     return installed
 
 
+@dataclass(frozen=True, slots=True)
+class InheritedSockets:
+    """Listening sockets a worker of `serve --workers N` got from its supervisor, which
+    bound them once for every worker (apishield/supervisor.py). `admin` is given to
+    worker 0 only: the admin listener is never bound twice."""
+
+    public: socket.socket
+    plain: socket.socket | None = None
+    admin: socket.socket | None = None
+
+
+async def _listen(
+    factory: Callable[[], asyncio.BaseProtocol], host: str, port: int,
+    sock: socket.socket | None, backlog: int, context: ssl.SSLContext | None = None,
+    handshake: float | None = None,
+) -> asyncio.Server:
+    """A listener on `host`:`port`, or on `sock` when the supervisor bound it."""
+    loop = asyncio.get_running_loop()
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock, backlog=backlog, ssl=context,
+                                        ssl_handshake_timeout=handshake)
+    return await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True,
+                                    ssl=context, ssl_handshake_timeout=handshake)
+
+
 async def serve(
     gateway: Gateway,
     host: str,
@@ -748,13 +779,17 @@ async def serve(
     *,
     ready: asyncio.Future[tuple[str, int]] | None = None,
     stop: asyncio.Event | None = None,
+    sockets: InheritedSockets | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT/SIGQUIT (or `stop`), then drain in-flight requests, flush
     the access log and close. SIGHUP never stops it (see `_handle_signals`).
 
     With `tls`, the listener speaks HTTPS only; SIGHUP and a change of the certificate
     files reload the chain in place; `tls.plain_http` adds a listener that redirects or
-    refuses (it never forwards)."""
+    refuses (it never forwards).
+
+    `sockets`: serve on listeners bound by the supervisor instead of binding `host` and
+    `port` (the kernel spreads the connections over the workers that accept on them)."""
     loop = asyncio.get_running_loop()
     gateway.start_pool()
     await gateway.pipeline.start()
@@ -762,16 +797,15 @@ async def serve(
     assert pool is not None
     sweeper = Sweeper(lambda: [*gateway.connections, *gateway.upstream_busy()])
     tls = gateway.tls
+    public = sockets.public if sockets is not None else None
     if tls is None:
-        server = await loop.create_server(
-            lambda: HttpConnection(gateway), host, port, backlog=2048, reuse_address=True
-        )
+        server = await _listen(lambda: HttpConnection(gateway), host, port, public, 2048)
     else:
-        server = await loop.create_server(
-            lambda: HttpConnection(gateway, scheme="https"), host, port, backlog=2048,
-            reuse_address=True, ssl=tls.context,
+        server = await _listen(
+            lambda: HttpConnection(gateway, scheme="https"), host, port, public, 2048,
+            tls.context,
             # the handshake is part of the request head's time budget (slowloris, D3)
-            ssl_handshake_timeout=gateway.config.timeouts.header,
+            gateway.config.timeouts.header,
         )
     address = server.sockets[0].getsockname()
     plain: asyncio.Server | None = None
@@ -782,9 +816,8 @@ async def serve(
             gateway, settings.mode, settings.redirect_port or address[1]
         )
         try:
-            plain = await loop.create_server(
-                responder.protocol, host, settings.port, backlog=512, reuse_address=True
-            )
+            plain = await _listen(responder.protocol, host, settings.port,
+                                  sockets.plain if sockets is not None else None, 512)
         except OSError:
             server.close()
             raise
@@ -817,11 +850,12 @@ async def serve(
                                  host=plain_address[0], port=plain_address[1],
                                  plain_http=responder.mode))
     admin: AdminListener | None = None
-    if gateway.config.admin is not None:
+    if gateway.config.admin is not None and (sockets is None or sockets.admin is not None):
         admin = AdminListener(gateway.admin_app())
         try:
             admin_address = await admin.start(gateway.config.admin.host,
-                                              gateway.config.admin.port)
+                                              gateway.config.admin.port,
+                                              sock=sockets.admin if sockets else None)
         except OSError:
             server.close()
             if plain is not None:

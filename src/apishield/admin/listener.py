@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from http import HTTPStatus
 
 import httptools
@@ -165,11 +166,18 @@ class AdminListener:
         # the dashboard's past: a sample of the counters every 2 s while the listener runs
         self.sampler: asyncio.Task[None] | None = None
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
+    async def start(self, host: str, port: int,
+                    sock: socket.socket | None = None) -> tuple[str, int]:
+        """Bind `host`:`port`, or serve on `sock` (bound by the supervisor of
+        `serve --workers N`)."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: AdminConnection(self.app, self.connections), host, port, backlog=64,
-            reuse_address=True)
+        if sock is not None:
+            self.server = await loop.create_server(
+                lambda: AdminConnection(self.app, self.connections), sock=sock, backlog=64)
+        else:
+            self.server = await loop.create_server(
+                lambda: AdminConnection(self.app, self.connections), host, port, backlog=64,
+                reuse_address=True)
         address = self.server.sockets[0].getsockname()
         self.sampler = loop.create_task(sample_forever(HISTORY))
         return str(address[0]), int(address[1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import tempfile
 import threading
@@ -192,6 +193,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    spec = None
+    if args.worker_spec is not None:  # a worker of `serve --workers N` (supervisor.py)
+        from apishield import supervisor
+
+        spec = supervisor.WorkerSpec.loads(args.worker_spec)
+        supervisor.become_worker(spec)
     try:
         gateway = _load_and_compile(args.config, args.host, args.port)
     except ConfigError as exc:
@@ -199,14 +206,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # SIGHUP, POST /reload and reload.watch read the same file, with the same overrides
     gateway.reload_from(args.config, lambda: _load(args.config, args.host, args.port))
     _setup_logging()
-    for warning in config_warnings(gateway):
-        logging.getLogger("apishield").warning("%s", warning)
+    if spec is None:  # the supervisor has logged them once for every worker
+        for warning in config_warnings(gateway):
+            logging.getLogger("apishield").warning("%s", warning)
     listen = gateway.config.listen
     try:
-        _run(serve(gateway, listen.host, listen.port))
+        if spec is not None:
+            from apishield.supervisor import serve_worker
+
+            _run(serve_worker(gateway, spec))
+        elif args.workers > 1:
+            if sys.platform == "win32":  # no inherited listening sockets, no POSIX signals
+                print("apishield: --workers needs Linux or macOS; run one process per "
+                      "port behind a load balancer instead", file=sys.stderr)
+                return EXIT_CONFIG
+            from apishield.supervisor import supervise, worker_command
+
+            return supervise(gateway, worker_command(args.config, args.host, args.port),
+                             args.workers)
+        else:
+            _run(serve(gateway, listen.host, listen.port))
     except ConfigError as exc:  # found at start: the key store or its pepper
         return _report(exc, args.config)
     return 0
+
+
+def _workers(text: str) -> int:
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of worker processes (1 or more; 1 runs the gateway in "
+            "this process)")
+    return workers
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -298,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     help="run the gateway in front of an upstream")
     serve_cmd.add_argument("--host", help="listen address (overrides listen.host)")
     serve_cmd.add_argument("--port", type=int, help="listen port (overrides listen.port)")
+    serve_cmd.add_argument(
+        "--workers", type=_workers, default=os.environ.get("APISHIELD_WORKERS", "1"),
+        help="worker processes sharing the listener and exact rate limits (default 1, or "
+        "$APISHIELD_WORKERS; 2 or more start a supervisor: docs/workers.md)")
+    serve_cmd.add_argument("--worker-spec", help=argparse.SUPPRESS)  # set by the supervisor
     serve_cmd.set_defaults(func=cmd_serve)
 
     check_cmd = commands.add_parser("check", parents=[config_parent()],

@@ -10,17 +10,28 @@ The line follows the schema of every apishield log line (docs/logging.md): the l
 `ts`, `level`, `kind` (`access`), `logger`, `msg`, then `request_id` and the access
 fields. It is written here as bytes rather than through `logjson.JsonFormatter` for the
 cost above; `ts` is formatted the same way (`logjson.timestamp`), memoized per second.
+
+Under `serve --workers N` every worker writes the same file or standard output, so a
+line must never be cut by another worker's: each line says which worker wrote it
+(`worker`), a file is written one batch per write() with O_APPEND (the kernel appends
+each write whole), and standard output, often a pipe, in write()s of whole lines of at
+most PIPE_BUF bytes (4 KiB, which POSIX keeps whole in a pipe); only a single line longer
+than that could be interleaved, and access lines are far shorter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import sys
 import time
 from functools import lru_cache
 from typing import IO, TYPE_CHECKING
 
 import orjson
+
+from apishield.config import worker_role
 
 if TYPE_CHECKING:
     from apishield.auth.principal import Principal
@@ -30,6 +41,33 @@ Entry = tuple[str, str, str | None, str | None, int, float, str, str, str | None
 
 
 FLUSH_EVERY = 512  # entries; also flushed every 100 ms
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)  # a pipe keeps a write of this size whole
+
+
+def line_chunks(data: bytes, limit: int = PIPE_BUF) -> list[bytes]:
+    """`data` (whole lines) cut into runs of whole lines of at most `limit` bytes each
+    (a longer line is a run of its own)."""
+    chunks: list[bytes] = []
+    start = 0
+    while start < len(data):
+        end = start + limit
+        if end >= len(data):
+            chunks.append(data[start:])
+            break
+        cut = data.rfind(b"\n", start, end)
+        if cut < 0:  # one line longer than `limit`: whole, alone
+            cut = data.find(b"\n", end)
+            if cut < 0:
+                cut = len(data) - 1
+        chunks.append(data[start:cut + 1])
+        start = cut + 1
+    return chunks
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class AccessLog:
@@ -43,6 +81,10 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
         self._text = lru_cache(maxsize=4096)(orjson.dumps)
+        role = worker_role.current()
+        # which worker of `serve --workers N` wrote a line; then whole-line writes only
+        self._worker = b"" if role is None else b',"worker":%d' % role.index
+        self._shared = role is not None
 
     def _timestamp(self, now: float) -> str:
         second = int(now)
@@ -85,16 +127,29 @@ class AccessLog:
             lines.append(
                 b'{"ts":"%b","level":"info","kind":"access","logger":"apishield.access",'
                 b'"msg":"request","request_id":%b,"method":%b,"route":%b,"operation":%b,'
-                b'"status":%d,"duration_ms":%.3f,"client_ip":%b,"outcome":%b,"reason":%b%b}\n'
+                b'"status":%d,"duration_ms":%.3f,"client_ip":%b,"outcome":%b,"reason":%b%b%b}\n'
                 % (self._timestamp(ts).encode(), dumps(rid), text(method), text(route),
                    text(operation), status, duration, dumps(ip), text(outcome), text(reason),
-                   who)
+                   who, self._worker)
             )
         try:
-            self._stream.write(b"".join(lines))
-            self._stream.flush()
+            if self._shared:
+                self._write_shared(b"".join(lines))
+            else:
+                self._stream.write(b"".join(lines))
+                self._stream.flush()
         except (OSError, ValueError):
             pass  # a closed stdout must not take the gateway down
+
+    def _write_shared(self, data: bytes) -> None:
+        """Write as other workers write the same file: see the module docstring."""
+        self._stream.flush()  # nothing is pending in it, but never write around it
+        fd = self._stream.fileno()
+        if self._owned:  # opened with O_APPEND: one write() is appended whole
+            write_all(fd, data)
+            return
+        for chunk in line_chunks(data):
+            write_all(fd, chunk)
 
     def close(self) -> None:
         self.flush()

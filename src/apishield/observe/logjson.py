@@ -31,6 +31,7 @@ from typing import IO, Final
 
 import orjson
 
+from apishield.config import worker_role
 from apishield.observe.redact import redact
 
 FIELDS: Final = "apishield_fields"  # the LogRecord attribute `fields()` fills
@@ -127,6 +128,9 @@ class JsonFormatter(logging.Formatter):
         }
         if request_id is not None:
             line["request_id"] = request_id
+        role = worker_role.current()
+        if role is not None:  # which worker of `serve --workers N` wrote it
+            line["worker"] = role.index
         line.update({k: v for k, v in values.items() if k not in _RESERVED})
         if exc_type is not None:
             line["exc_type"] = exc_type

@@ -86,6 +86,9 @@ METRIC_SPECS: dict[str, MetricSpec] = {
         "counter", "Records this process appended to the audit trail."),
     "apishield_audit_log_errors_total": MetricSpec(
         "counter", "Audit-trail records this process could not write (or dropped)."),
+    "apishield_worker_restarts_total": MetricSpec(
+        "counter", "Worker processes of `serve --workers N` started again after they exited "
+        "(counted by the supervisor, reported by worker 0; 0 for a lone gateway)."),
     "apishield_build_info": MetricSpec(
         "gauge", "Always 1; the version of apishield that runs.", ("version",)),
 }
@@ -146,6 +149,7 @@ class Metrics:
         self.alert_deliveries: dict[tuple[str, str], int] = {}
         self.audit_records = 0
         self.audit_errors = 0
+        self.worker_restarts = 0  # the supervisor's count, copied in by a worker
 
     def request(self, operation: str | None, method: str, status: int, outcome: str,
                 seconds: float, reason: str | None) -> None:
@@ -298,6 +302,7 @@ class MetricsCollector(Collector):
         yield _counter("apishield_alert_deliveries_total", m.alert_deliveries.items())
         yield _counter("apishield_audit_log_records_total", [((), m.audit_records)])
         yield _counter("apishield_audit_log_errors_total", [((), m.audit_errors)])
+        yield _counter("apishield_worker_restarts_total", [((), m.worker_restarts)])
         info = GaugeMetricFamily("apishield_build_info", METRICS_HELP["apishield_build_info"],
                                  labels=["version"])
         info.add_metric([_version()], 1)

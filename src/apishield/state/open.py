@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from apishield.config import Config, ConfigError
+from apishield.config import Config, ConfigError, worker_role
 from apishield.config.redis_urls import StateUrlError, is_redis_url, redact_url, with_password
 from apishield.config.secrets import read_secret
 from apishield.state.bans import BanStore
@@ -116,12 +116,20 @@ def open_ban_store(config: Config, *, background: bool = True) -> BanStore:
 
 
 def open_counters(config: Config) -> Counters:
-    """Rate-limit counters: in this process, or leased from Redis (`redis_counters`)."""
+    """Rate-limit counters: in this process, leased from Redis (`redis_counters`), or, in
+    a worker of `serve --workers N` with the embedded state, leased from the supervisor
+    (`local_leases`: every worker shares the same limits, exactly like gateways on Redis)."""
     if is_redis(config):
         from apishield.state.redis_counters import RedisCounters
 
         return RedisCounters(state_url(config),
                              lease_fraction=config.rate_limiting.lease_fraction)
+    role = worker_role.current()
+    if role is not None:
+        from apishield.state.local_leases import LocalLeaseCounters
+
+        return LocalLeaseCounters(role.lease_socket,
+                                  lease_fraction=config.rate_limiting.lease_fraction)
     return MemoryCounters()
 
 
