@@ -96,6 +96,8 @@ GET_PATH = "/items/42?limit=10"
 POST_PATH = "/items"
 CREATED_BODY = {"id": 1001, "status": "created"}
 OPS = ("get", "post")
+# Answers of the apishield targets must carry these (security headers and the request id).
+APISHIELD_HEADERS = ("x-request-id", "x-content-type-options", "content-security-policy")
 
 
 # --------------------------------------------------------------------------- the app
@@ -304,9 +306,10 @@ def _json(body: bytes):
 
 def check(services: dict[str, Service]) -> dict:
     """Valid requests: 200 with the GET body, 201 with the created body (any target: a
-    wrong answer would make its speed meaningless). Invalid requests: every one sent to
-    every target and its status recorded; the REQUIRED_INVALID ones must be a 4xx from
-    every validating target."""
+    wrong answer would make its speed meaningless); the apishield targets' answers carry
+    the security headers and the request id, and `apishield` wrote access-log lines.
+    Invalid requests: every one sent to every target and its status recorded; the
+    REQUIRED_INVALID ones must be a 4xx from every validating target."""
     failures: list[str] = []
     valid: dict[str, dict] = {}
     refusals: dict[str, dict[str, int]] = {name: {} for name in INVALID_REQUESTS}
@@ -329,6 +332,19 @@ def check(services: dict[str, Service]) -> dict:
             if name in REQUIRED_INVALID and t in VALIDATING and not 400 <= st < 500:
                 failures.append(f"{t}: {name} ({method} {path}) answered {st} "
                                 f"{answer[:200]!r}, expected a 4xx")
+    for t, svc in services.items():  # the whole check is on: headers, request id, log
+        if not t.startswith("apishield"):
+            continue
+        missing = [h for h in APISHIELD_HEADERS if h not in valid[t]["get_response_headers"]]
+        if missing:
+            failures.append(f"{t}: the answer to GET {GET_PATH} lacks {', '.join(missing)}")
+        access_log = svc.extra.get("access_log")
+        if access_log is not None:
+            time.sleep(0.3)  # lines are written in batches, at most every 100 ms
+            lines = access_log.read_bytes().count(b"\n") if access_log.exists() else 0
+            valid[t]["access_log_lines"] = lines
+            if lines == 0:
+                failures.append(f"{t}: nothing in its access log {access_log} after the checks")
     if failures:
         raise BenchError("checks before measuring failed:\n  " + "\n  ".join(failures))
     return {"valid": valid, "refusals": refusals,
