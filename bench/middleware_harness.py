@@ -452,7 +452,7 @@ def render(result: dict) -> str:
         for t, s in rows.items():
             lines.append(
                 f"  {t:<16} {fmt(s['rps_median'], ',.0f'):>9} "
-                f"{fmt(s['ratio_to_starlette'], '.2f'):>7} "
+                f"{fmt(s['ratio_to_starlette'], '.3f'):>7} "
                 f"{fmt(s['added_us_per_request'], ',.0f'):>8} "
                 f"{fmt(s['latency_ms_median']['p50'], '.2f'):>7} "
                 f"{fmt(s['latency_ms_median']['p99'], '.2f'):>7} "
@@ -468,12 +468,12 @@ def render(result: dict) -> str:
     checks = result["checks"]
     targets = list(checks["refused_count"])
     lines += ["", "what each target refuses (status per invalid request; 4xx = refused)",
-              f"  {'request':<24} " + " ".join(f"{t[:12]:>12}" for t in targets)]
+              f"  {'request':<24} " + " ".join(f"{t:>15}" for t in targets)]
     for name, by_target in checks["refusals"].items():
-        lines.append(f"  {name:<24} " + " ".join(f"{by_target.get(t, '-'):>12}"
+        lines.append(f"  {name:<24} " + " ".join(f"{by_target.get(t, '-'):>15}"
                                                  for t in targets))
     lines.append(f"  {'refused (of ' + str(len(checks['refusals'])) + ')':<24} "
-                 + " ".join(f"{checks['refused_count'][t]:>12}" for t in targets))
+                 + " ".join(f"{checks['refused_count'][t]:>15}" for t in targets))
     lines += ["", "invalid requests:"]
     lines += [f"  {n:<24} {why}" for n, why in checks["invalid_requests"].items()]
     return "\n".join(lines) + "\n"
@@ -501,6 +501,9 @@ def benchmark(args, procs: Processes, tmp: Path) -> int:
         log(f"checks passed for {', '.join(targets)}")
         return 0
     machine = machine_info(pin)
+    machine.pop("nginx", None)  # harness.machine_info describes bench/run's setup
+    machine["pinning"] = (f"apps on CPU {pin.proxy_cpu}; wrk on CPU {pin.load_cpu}"
+                          if pin.pinned else pin.note)
     scripts_dir = tmp / "wrk"
     scripts_dir.mkdir()
     post_script = wrk_script(scripts_dir, "post_validate_1k")  # POST, BODY_1K, JSON
