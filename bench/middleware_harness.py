@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
@@ -210,6 +211,14 @@ def ensure_venv(venv: Path, rebuild: bool) -> Path:
     installed editable from this checkout (a venv built by another checkout is pointed
     here again with a quick `--no-deps` reinstall): the project's own venv and pyproject
     are not touched."""
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    # Two checkouts running the bench at once must not build the same venv together.
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_venv(venv, rebuild)
+
+
+def _ensure_venv(venv: Path, rebuild: bool) -> Path:
     stamp = venv / "apishield-bench-pins.sha256"
     digest = pins_digest()
     py = venv_python(venv)
@@ -218,8 +227,10 @@ def ensure_venv(venv: Path, rebuild: bool) -> Path:
     if not fresh:
         log(f"building the peer venv {venv} (pins changed or first run; needs PyPI) ...")
         if venv.exists():
+            if any(venv.iterdir()) and not (venv / "pyvenv.cfg").exists():
+                raise BenchError(f"--venv {venv} exists and is not a venv: not replacing it; "
+                                 "give a new or empty directory")
             shutil.rmtree(venv)
-        venv.parent.mkdir(parents=True, exist_ok=True)
         out = run([sys.executable, "-m", "venv", str(venv)], timeout=300)
         if out.returncode != 0:
             raise BenchError(f"python -m venv {venv} failed:\n{out.stderr[-3000:]}")
