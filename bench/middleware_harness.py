@@ -601,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 2 if args.quick else 3
     if args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
         ap.error("--duration must be > 0, --rounds >= 1, --warmup >= 0")
+    if not args.duration.is_integer() or not args.warmup.is_integer():
+        ap.error("--duration and --warmup are whole seconds (wrk -d takes no fractions)")
     unknown = [t for t in args.only or [] if t not in TARGETS]
     if unknown:
         ap.error(f"--only: unknown target(s) {', '.join(unknown)}; use {', '.join(TARGETS)}")
