@@ -63,10 +63,23 @@ each next to `metrics_off` measured in the same round; all with the pass-through
   metrics_scraped        metrics on, an admin listener, and a harness thread fetching
                          GET /metrics once a second during each measured run (as Prometheus)
 
-Every target is driven with `wrk -t1 -c50 --latency`; rounds alternate between targets
-(round 1: A,B,C,D; round 2: A,B,C,D; ...) and the figures reported are medians, ratios
-being medians of per-round ratios. Proxies run on CPU 0, upstream and wrk on CPU 1
-(`taskset`), when the machine allows it. See bench/README.md.
+and, with `--full` (or `--only full` / `--only workers`), issue 18's groups:
+
+  nginx_proxy_post       nginx proxy_pass, sent the same POST as apishield_full
+  apishield_full         the full pipeline: JWT bearer (token-cache hits), a per-identity rate
+                         limit, a 1 KB JSON body validated with the injection scan, response
+                         filtering, security headers, access log, metrics + admin listener
+  nginx_proxy_w2         nginx_proxy with worker_processes 2 (wrk -t2)
+  apishield_passthrough_w1 / _w2   `serve --workers 1` / `--workers 2` (wrk -t2)
+
+and, only with `--only redis_full`: apishield_full_redis, two gateways with the full config
+sharing one Redis (one wrk each, at once) against apishield_full, after an admission check
+(a refusing limit shared by two gateways: admitted within 5% of the limit).
+
+Every target is driven with `wrk -t1 -c50 --latency` (the workers targets -t2); rounds
+alternate between targets (round 1: A,B,C,D; round 2: A,B,C,D; ...) and the figures
+reported are medians, ratios being medians of per-round ratios. Proxies run on CPU 0,
+upstream and wrk on CPU 1 (`taskset`), when the machine allows it. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -3513,7 +3526,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"(= {','.join(VALIDATION_TARGETS)}: not in a default run), auth "
                     f"(= {','.join(AUTH_TARGETS)}: not in a default run), ratelimit "
                     f"(= {','.join(RATELIMIT_TARGETS)}: not in a default run), metrics "
-                    f"(= {','.join(METRICS_TARGETS)}: not in a default run), "
+                    f"(= {','.join(METRICS_TARGETS)}: not in a default run), full "
+                    f"(= {','.join(FULL_TARGETS)}), workers (= {','.join(WORKERS_TARGETS)}), "
+                    "redis_full (= nginx_proxy_post,apishield_full,apishield_full_redis), "
                     "direct, proxy, passthrough, demo, apishield (= proxy,passthrough,demo)")
     ap.add_argument("--full", action="store_true",
                     help="add the full-pipeline group (apishield_full vs nginx_proxy_post) and "
