@@ -2264,9 +2264,13 @@ def render_table(result: dict) -> str:
         )
     lines.append("")
     lines.append("'vs nginx' = median of per-round ratios target/nginx_proxy (same round);")
-    lines.append("for nginx_tls and apishield_tls: target/nginx_tls (TLS against TLS);")
-    lines.append("apishield_full(_redis): target/nginx_proxy_post (the same POST); "
-                 "apishield_passthrough_w1/_w2: target/nginx_proxy_w2.")
+    if any(t in result["targets"] for t in (*FULL_TARGETS, *WORKERS_TARGETS,
+                                            *REDIS_FULL_TARGETS)):
+        lines.append("for nginx_tls and apishield_tls: target/nginx_tls (TLS against TLS);")
+        lines.append("apishield_full(_redis): target/nginx_proxy_post (the same POST); "
+                     "apishield_passthrough_w1/_w2: target/nginx_proxy_w2.")
+    else:
+        lines.append("for nginx_tls and apishield_tls: target/nginx_tls (TLS against TLS).")
     lines.append("'proxy cpu' / 'upstr cpu' = CPU used by the proxy / upstream nginx process tree")
     lines.append("during the run (100% = 1 core; wrk shares the upstream's CPU).")
     lines.append("")
