@@ -1788,6 +1788,19 @@ def verify_full(name: str, svc: Service, failures: list[str]) -> dict:
         if got_status != want:
             failures.append(f"{name}: POST {PATH} {label.replace('_', ' ')} answered "
                             f"{got_status}, expected {want}: {got_body[:300]!r}")
+    access_log: Path | None = svc.extra.get("access_log")
+    if access_log is not None:  # written in batches every 100 ms
+        deadline = time.monotonic() + 3
+        lines = 0
+        while time.monotonic() < deadline:
+            lines = access_log.read_bytes().count(b"\n") if access_log.exists() else 0
+            if lines >= 3:
+                break
+            time.sleep(0.1)
+        entry["access_log_lines"] = lines
+        if lines < 3:
+            failures.append(f"{name}: {lines} lines in its access log {access_log} after 3 "
+                            "requests")
     admin_port = svc.extra.get("metrics_port")
     if admin_port is not None:
         try:
