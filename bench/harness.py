@@ -63,10 +63,23 @@ each next to `metrics_off` measured in the same round; all with the pass-through
   metrics_scraped        metrics on, an admin listener, and a harness thread fetching
                          GET /metrics once a second during each measured run (as Prometheus)
 
-Every target is driven with `wrk -t1 -c50 --latency`; rounds alternate between targets
-(round 1: A,B,C,D; round 2: A,B,C,D; ...) and the figures reported are medians, ratios
-being medians of per-round ratios. Proxies run on CPU 0, upstream and wrk on CPU 1
-(`taskset`), when the machine allows it. See bench/README.md.
+and, with `--full` (or `--only full` / `--only workers`), issue 18's groups:
+
+  nginx_proxy_post       nginx proxy_pass, sent the same POST as apishield_full
+  apishield_full         the full pipeline: JWT bearer (token-cache hits), a per-identity rate
+                         limit, a 1 KB JSON body validated with the injection scan, response
+                         filtering, security headers, access log, metrics + admin listener
+  nginx_proxy_w2         nginx_proxy with worker_processes 2 (wrk -t2)
+  apishield_passthrough_w1 / _w2   `serve --workers 1` / `--workers 2` (wrk -t2)
+
+and, only with `--only redis_full`: apishield_full_redis, two gateways with the full config
+sharing one Redis (one wrk each, at once) against apishield_full, after an admission check
+(a refusing limit shared by two gateways: admitted within 5% of the limit).
+
+Every target is driven with `wrk -t1 -c50 --latency` (the workers targets -t2); rounds
+alternate between targets (round 1: A,B,C,D; round 2: A,B,C,D; ...) and the figures
+reported are medians, ratios being medians of per-round ratios. Proxies run on CPU 0,
+upstream and wrk on CPU 1 (`taskset`), when the machine allows it. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -145,10 +158,23 @@ RATELIMIT_TARGET_RATIO = 0.8  # issue 5: rl_redis / rl_memory >= 0.8
 METRICS_TARGETS = ("metrics_off", "metrics_off_twin", "metrics_on", "metrics_scraped")
 METRICS_BASELINE = {t: "metrics_off" for t in METRICS_TARGETS if t != "metrics_off"}
 METRICS_GOAL_COST = 0.03  # issue 13: metrics on costs under 3% of the pass-through rps
+# Added by `--full` (or `--only full`): the full pipeline a real user runs (issue 18), next
+# to nginx proxying the same POST (same bytes, same Authorization header, ignored by nginx).
+FULL_TARGETS = ("nginx_proxy_post", "apishield_full")
+# Added by `--full` too (or `--only workers`): `serve --workers 1` vs `--workers 2` (wrk -t2),
+# with nginx at `worker_processes 2` as the reference, on two proxy cores (issue 18).
+WORKERS_TARGETS = ("nginx_proxy_w2", "apishield_passthrough_w1", "apishield_passthrough_w2")
+# Only with `--only redis_full`: two gateways with the full config sharing one Redis, each
+# driven by its own wrk at the same time, against one embedded-mode apishield_full.
+REDIS_FULL_TARGETS = ("apishield_full_redis",)
+FULL_GOALS = {"ratio_passthrough": 0.6, "ratio_full": 0.4, "p99_vs_nginx": 2.0,
+              "redis_vs_embedded": 0.8, "admission_tolerance": 0.05}
 ALL_TARGETS = (TARGETS + TLS_TARGETS + VALIDATION_TARGETS + AUTH_TARGETS + RATELIMIT_TARGETS
-               + METRICS_TARGETS)
+               + METRICS_TARGETS + FULL_TARGETS + WORKERS_TARGETS + REDIS_FULL_TARGETS)
 APISHIELD_TARGETS = ("apishield_passthrough", "apishield_demo", "apishield_tls",
-                     *VALIDATION_TARGETS, *AUTH_TARGETS, *RATELIMIT_TARGETS, *METRICS_TARGETS)
+                     *VALIDATION_TARGETS, *AUTH_TARGETS, *RATELIMIT_TARGETS, *METRICS_TARGETS,
+                     "apishield_full", "apishield_passthrough_w1", "apishield_passthrough_w2",
+                     *REDIS_FULL_TARGETS)
 # The Mozilla intermediate TLS 1.2 suites apishield uses (src/apishield/tls.py), for nginx.
 TLS_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
                "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
@@ -178,6 +204,12 @@ ALIASES = {
     **{t: (t,) for t in RATELIMIT_TARGETS},
     "metrics": METRICS_TARGETS,
     **{t: (t,) for t in METRICS_TARGETS},
+    "full": FULL_TARGETS,
+    **{t: (t,) for t in FULL_TARGETS},
+    "workers": WORKERS_TARGETS,
+    **{t: (t,) for t in WORKERS_TARGETS},
+    "redis_full": ("nginx_proxy_post", "apishield_full", *REDIS_FULL_TARGETS),
+    **{t: (t,) for t in REDIS_FULL_TARGETS},
 }
 
 
@@ -444,8 +476,10 @@ def nginx_upstream_conf(d: Path, port: int) -> str:
     )
 
 
-def nginx_proxy_conf(d: Path, port: int, upstream_port: int) -> str:
-    return NGINX_COMMON.format(d=d) + (
+def nginx_proxy_conf(d: Path, port: int, upstream_port: int, workers: int = 1) -> str:
+    common = NGINX_COMMON.format(d=d).replace("worker_processes 1;",
+                                              f"worker_processes {workers};")
+    return common + (
         "http {\n" + NGINX_HTTP_COMMON.format(d=d) +
         f"    upstream backend {{\n"
         f"        server {HOST}:{upstream_port};\n"
@@ -924,9 +958,9 @@ def apishield_argv(override: str | None) -> list[str]:
 
 def start_apishield(procs: Processes, name: str, d: Path, base_argv: list[str],
                     config_path: Path, access_log: Path, port: int,
-                    prefix: list[str]) -> Service:
+                    prefix: list[str], serve_args: tuple[str, ...] = ()) -> Service:
     stderr_path = d / "stderr.log"
-    argv = [*prefix, *base_argv, "serve", "--config", str(config_path)]
+    argv = [*prefix, *base_argv, "serve", "--config", str(config_path), *serve_args]
     with open(stderr_path, "wb") as err, open(d / "stdout.log", "wb") as out:
         proc = procs.start(name, argv, out, err, cwd=d)
     svc = Service(name, proc, port, stderr_path, prefix[-1] if prefix else None,
@@ -1628,6 +1662,266 @@ def check_metrics_load(services: dict[str, Service], load: Load) -> dict:
     return out
 
 
+# -- the full pipeline, workers and Redis mode (issue 18) ------------------------------------
+
+# The response schema of apishield_full: 5 of the upstream body's 9 properties, so every
+# response is parsed, pruned and re-serialized (as get_filter, with more left in).
+FULL_RESPONSE_SCHEMA = {
+    "type": "object",
+    "properties": {"id": {"type": "integer"}, "name": {"type": "string"},
+                   "sku": {"type": "string"}, "price": {"type": "number"},
+                   "in_stock": {"type": "boolean"}},
+}
+FULL_FILTERED_BODY = {"id": 42, "name": "widget", "sku": "WID-0042", "price": 19.99,
+                      "in_stock": True}
+# Per identity (the token's subject), far above what wrk sends: checked on every request,
+# never refusing. Burst = the count, so in Redis mode a lease holds up to 20,000 tokens.
+FULL_LIMIT = {"name": "per-identity", "key": ["identity"], "rate": "1000000/s"}
+# The admission phase of --only redis_full: a limit that refuses, shared by two gateways.
+# 1000/h: burst 1,000, one token regenerated every 3.6 s (~1 during the phase), leases of
+# n = 20 tokens (lease_fraction 0.02), at most L = 30 held unspent per gateway.
+ADMISSION_LIMIT = {"name": "admission", "key": ["identity"], "rate": "1000/h"}
+ADMISSION_SECONDS = 3.0
+FULL_REQUEST = "POST /item, 1,024 B JSON (validated, injection scan), Authorization: Bearer " \
+               "<one RS256 JWT> (token-cache hits)"
+
+
+def full_contract() -> dict:
+    """POST /item: a bearer JWT required, the validation group's 20-property body schema
+    (validated with the injection scan, the default), a 200 declaring 5 of the upstream
+    body's 9 properties (filtered)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "bench full pipeline", "version": "1"},
+        "security": [{"bearer": []}],
+        "paths": {"/item": {"post": {
+            "operationId": "postItem",
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Item"}}}},
+            "responses": {"200": {"description": "ok", "content": {
+                "application/json": {"schema": FULL_RESPONSE_SCHEMA}}}},
+        }}},
+        "components": {"schemas": {"Item": ITEM_SCHEMA},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
+
+
+def full_config(admin_port: int, redis_url: str | None = None,
+                limit: dict | None = None) -> dict:
+    """Everything beside the contract: the auth group's issuer (static keys), one
+    per-identity limit, the admin listener (metrics are on by default); the security
+    headers and the access log file are the defaults write_apishield_config keeps."""
+    extra: dict = {
+        **auth_config("auth_jwt_hit"),
+        "rate_limiting": {"limits": [limit or FULL_LIMIT]},
+        "admin": {"host": HOST, "port": admin_port},
+    }
+    if redis_url is not None:
+        extra["state"] = redis_url
+        extra["auth"]["api_keys"] = {"pepper": {"file": "pepper"}}  # required with Redis
+    return extra
+
+
+def full_wrk_script(d: Path, token: str) -> Path:
+    """POST with the 1 KB body, its Content-Type and the bearer token: the same bytes for
+    apishield_full and nginx_proxy_post."""
+    body_path = d / "request-body"
+    body_path.write_bytes(BODY_1K)
+    script = d / "request.lua"
+    script.write_text(
+        f"local f = assert(io.open({json.dumps(str(body_path))}, \"rb\"))\n"
+        "wrk.method = \"POST\"\n"
+        "wrk.body = f:read(\"*a\")\n"
+        "f:close()\n"
+        "wrk.headers[\"Content-Type\"] = \"application/json\"\n"
+        f"wrk.headers[\"Authorization\"] = {json.dumps('Bearer ' + token)}\n"
+    )
+    return script
+
+
+def verify_full(name: str, svc: Service, failures: list[str]) -> dict:
+    """nginx_proxy_post: 200 and the upstream body for the POST. An apishield full target
+    (each gateway of a pair): with the token, 200 and the filtered body, the security
+    headers, the limit's RateLimit-Policy; 401 without the token; 422 for a body that
+    breaks the schema; /metrics on the admin listener counting requests."""
+    token = svc.extra.get("token", "")
+    auth = {"Authorization": f"Bearer {token}"}
+    entry: dict = {"request": FULL_REQUEST}
+    try:
+        status, headers, got = http_get(svc.port, PATH, method="POST", body=BODY_1K,
+                                        content_type="application/json", headers=auth)
+    except OSError as exc:
+        failures.append(f"{name}: POST {PATH} failed: {exc}")
+        return entry
+    entry.update(status=status, body_bytes=len(got))
+    if name.startswith("nginx"):
+        if status != 200 or got != UPSTREAM_BODY.encode():
+            failures.append(f"{name}: POST {PATH} answered {status}: {got[:300]!r}")
+        return entry
+    try:
+        doc = json.loads(got)
+    except ValueError:
+        doc = None
+    entry["filtered_body"] = got.decode(errors="replace")
+    if status != 200 or doc != FULL_FILTERED_BODY:
+        failures.append(f"{name}: POST {PATH} with the token answered {status}, expected 200 "
+                        f"and {FULL_FILTERED_BODY}: {got[:300]!r}\n"
+                        f"{name} stderr:\n{svc.stderr_tail(3000)}")
+    sec = {h: headers.get(h) for h in ("x-content-type-options", "content-security-policy",
+                                        "referrer-policy", "cache-control")}
+    entry["security_headers"] = sec
+    if not all(sec.values()):
+        failures.append(f"{name}: missing default security headers: {sec}")
+    entry["ratelimit_policy"] = headers.get("ratelimit-policy")
+    if not headers.get("ratelimit-policy", "").startswith('"per-identity"'):
+        failures.append(f"{name}: no per-identity RateLimit-Policy: {headers}")
+    for label, sent, body, want in (
+            ("without_token", {}, BODY_1K, 401),
+            ("invalid_body", auth, BODY_INVALID, 422)):
+        try:
+            got_status, _, got_body = http_get(svc.port, PATH, method="POST", body=body,
+                                               content_type="application/json", headers=sent)
+        except OSError as exc:
+            failures.append(f"{name}: POST {PATH} ({label}) failed: {exc}")
+            continue
+        entry[label] = got_status
+        if got_status != want:
+            failures.append(f"{name}: POST {PATH} {label.replace('_', ' ')} answered "
+                            f"{got_status}, expected {want}: {got_body[:300]!r}")
+    access_log: Path | None = svc.extra.get("access_log")
+    if access_log is not None:  # written in batches every 100 ms
+        deadline = time.monotonic() + 3
+        lines = 0
+        while time.monotonic() < deadline:
+            lines = access_log.read_bytes().count(b"\n") if access_log.exists() else 0
+            if lines >= 3:
+                break
+            time.sleep(0.1)
+        entry["access_log_lines"] = lines
+        if lines < 3:
+            failures.append(f"{name}: {lines} lines in its access log {access_log} after 3 "
+                            "requests")
+    admin_port = svc.extra.get("metrics_port")
+    if admin_port is not None:
+        try:
+            mstatus, _, mbody, _ = scrape(admin_port)
+            total, _series = requests_total(mbody)
+        except OSError as exc:
+            failures.append(f"{name}: GET /metrics failed: {exc}")
+        else:
+            entry["metrics"] = {"status": mstatus, "requests_total": total}
+            if mstatus != 200 or total < 3:
+                failures.append(f"{name}: /metrics answered {mstatus} counting {total} "
+                                f"requests (3 or more sent)")
+    return entry
+
+
+def workers_pinning(pin: Pinning) -> tuple[list[str], list[str], str]:
+    """CPU prefixes (proxy, load) and a note for the workers targets: the two workers and
+    nginx's two worker processes get two cores of their own when the machine has 3 or more
+    (the first and the third; wrk on the second and any beyond the third, with the
+    upstream); on 2 cores they cannot, and everything runs unpinned, sharing both."""
+    if not pin.pinned:
+        return [], [], f"unpinned ({pin.note}); wrk and the upstream share the cores"
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 3:
+        return [], [], (f"unpinned: this machine has {len(cpus)} CPUs, so the 2 proxy cores "
+                        "are all of them and wrk (-t2) and the upstream share them with the "
+                        "proxy: w2/w1 here is a floor, not what 2 free cores give")
+    proxy = f"{cpus[0]},{cpus[2]}"
+    load = ",".join(str(c) for c in [cpus[1], *cpus[3:]])
+    return (["taskset", "-c", proxy], ["taskset", "-c", load],
+            f"proxies on CPUs {proxy}; wrk -t2 on CPUs {load} (the upstream on {cpus[1]})")
+
+
+def count_workers(path: Path | None, workers: int) -> dict[str, int]:
+    """Access-log lines per worker (each worker's lines carry "worker": i)."""
+    if path is None or not path.exists():
+        return {}
+    data = path.read_bytes()
+    return {str(i): data.count(b'"worker":%d' % i) for i in range(workers)}
+
+
+def admission_check(args, procs: Processes, tmp: Path, pin: Pinning, base: list[str],
+                    up_port: int, redis_url: str, token: str, load: Load) -> dict:
+    """The short separate phase of --only redis_full: two gateways with the full config and
+    a limit that refuses (ADMISSION_LIMIT, one identity: the token's subject) share the
+    Redis; two wrk runs at once, one per gateway, for ADMISSION_SECONDS; the 200s in both
+    access logs must be within 5% of what the limit allows in that time (the burst plus
+    what it regenerates). docs/workers.md gives the bound: b + W/T + N*L."""
+    figures = rl_limit_figures(ADMISSION_LIMIT)
+    lease_n = figures["lease_size_n"]
+    held = lease_n + lease_n // 2
+    svcs: list[Service] = []
+    pepper = None
+    for i in range(2):
+        d = tmp / f"admission-{i}"
+        port, admin_port = free_ports(2)
+        extra = full_config(admin_port, redis_url, ADMISSION_LIMIT)
+        config_path, access_log = write_apishield_config(d, "full", full_contract(), port,
+                                                         up_port, None, extra)
+        if pepper is None:
+            pepper = write_pepper(d)
+        else:
+            shutil.copyfile(pepper, d / "pepper")
+            (d / "pepper").chmod(0o600)
+        shutil.copyfile(Path(args.full_tokens) / "jwks.json", d / "jwks.json")
+        svc = start_apishield(procs, f"admission-{i}", d, base, config_path, access_log, port,
+                              pin.prefix("proxy"))
+        svc.extra["wrk_script"] = full_wrk_script(d, token)
+        svcs.append(svc)
+    try:
+        results: list[dict] = []
+        errors: list[BaseException] = []
+
+        def one(s: Service) -> None:
+            try:
+                results.append(load.run(s.port, ADMISSION_SECONDS, script=s.extra["wrk_script"])[0])
+            except BaseException as exc:
+                errors.append(exc)
+
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=one, args=(s,)) for s in svcs]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        wall = time.monotonic() - t0
+        if errors:
+            raise errors[0]
+        time.sleep(0.5)  # the last access-log lines (flushed every 100 ms)
+        statuses = [access_log_statuses(s.extra["access_log"]) for s in svcs]
+    finally:
+        for s in svcs:
+            procs.procs = [(n, pr) for n, pr in procs.procs if pr is not s.proc]
+            Processes.stop(s.name, s.proc)
+    admitted = sum(x.get("200", 0) for x in statuses)
+    sent = sum(r.get("requests", 0) for r in results)
+    regenerated = wall * 1e6 / figures["interval_us"]
+    allowed = figures["burst"] + regenerated
+    deviation = admitted / allowed - 1
+    entry = {
+        "limit": ADMISSION_LIMIT, "burst": figures["burst"], "lease_size_n": lease_n,
+        "gateways": 2, "seconds": round(wall, 2), "requests_sent": sent,
+        "admitted": admitted, "allowed": round(allowed, 1),
+        "deviation_pct": round(100 * deviation, 2),
+        "tolerance_pct": 100 * FULL_GOALS["admission_tolerance"],
+        "bound_over": 2 * held, "per_gateway": statuses,
+        "met": abs(deviation) <= FULL_GOALS["admission_tolerance"],
+    }
+    log(f"  admission check: {admitted} admitted of {sent} sent in {wall:.1f} s by 2 gateways "
+        f"sharing Redis, limit allows {allowed:.0f}: {100 * deviation:+.2f}%")
+    if sent < 1.5 * allowed:
+        raise BenchError(f"admission check: wrk sent only {sent} requests in {wall:.1f} s, "
+                         f"too few to spend a burst of {figures['burst']}")
+    if any(x.get("other") for x in statuses):
+        raise BenchError(f"admission check: answers neither 200 nor 429: {statuses}")
+    if not entry["met"]:
+        raise BenchError(f"admission check: {admitted} admitted, {allowed:.0f} allowed: "
+                         f"{100 * deviation:+.2f}%, outside +-5%: {entry}")
+    return entry
+
+
 # --------------------------------------------------------------------------- wrk
 
 
@@ -1802,7 +2096,9 @@ def verify(services: dict[str, Service], upstream: Service | None = None) -> dic
     checks: dict = {}
     failures = []
     if upstream is not None and any(
-            VALIDATION_REQUESTS.get(t, ("GET",))[0] == "POST" for t in services):
+            VALIDATION_REQUESTS.get(t, ("GET",))[0] == "POST"
+            or t in ("nginx_proxy_post", "apishield_full", *REDIS_FULL_TARGETS)
+            for t in services):
         # nginx's `return 200` location must accept (and discard) a POST body
         status, _, got = http_get(upstream.port, PATH, method="POST", body=BODY_100K,
                                   content_type="application/json")
@@ -1821,6 +2117,12 @@ def verify(services: dict[str, Service], upstream: Service | None = None) -> dic
             continue
         if name in METRICS_TARGETS:
             checks[name] = verify_metrics(name, svc, failures)
+            continue
+        if name in ("nginx_proxy_post", "apishield_full", *REDIS_FULL_TARGETS):
+            checks[name] = verify_full(name, svc, failures)
+            peer = svc.extra.get("peer")
+            if peer is not None:
+                checks[name]["peer"] = verify_full(peer.name, peer, failures)
             continue
         scheme = svc.extra.get("scheme", "http")
         try:
@@ -1931,12 +2233,21 @@ def render_table(result: dict) -> str:
     lines = []
     m = result["machine"]
     lines.append(f"apishield proxy benchmark  {result['date']}")
+    methods = ("GET/POST" if result["load"].get("requests") or result["load"].get("full_request")
+               else "GET")
     lines.append(
         f"wrk -t{result['load']['threads']} -c{result['load']['connections']} "
         f"-d{result['load']['duration_s']:g}s x {result['load']['rounds']} alternating rounds "
         f"(+{result['load']['warmup_s']:g}s warm-up each), "
-        f"{'GET/POST' if result['load'].get('requests') else 'GET'} {PATH}, 127.0.0.1"
+        f"{methods} {PATH}, 127.0.0.1"
     )
+    if result["load"].get("workers_threads"):
+        lines.append("(the workers targets: wrk -t2; apishield_full_redis: one wrk per gateway "
+                     "at once, -c split between them)"
+                     if "apishield_full_redis" in result["targets"] else
+                     "(the workers targets: wrk -t2)")
+    elif "apishield_full_redis" in result["targets"]:
+        lines.append("(apishield_full_redis: one wrk per gateway at once, -c split between them)")
     pin = "pinned" if m["pinned"] else "UNPINNED"
     lines.append(f"machine: {m['nproc']} CPUs, {pin}: {m['pinning']}")
     lines.append(f"python {m['python']}, {m['nginx']}, {m['wrk']}")
@@ -1966,7 +2277,13 @@ def render_table(result: dict) -> str:
         )
     lines.append("")
     lines.append("'vs nginx' = median of per-round ratios target/nginx_proxy (same round);")
-    lines.append("for nginx_tls and apishield_tls: target/nginx_tls (TLS against TLS).")
+    if any(t in result["targets"] for t in (*FULL_TARGETS, *WORKERS_TARGETS,
+                                            *REDIS_FULL_TARGETS)):
+        lines.append("for nginx_tls and apishield_tls: target/nginx_tls (TLS against TLS);")
+        lines.append("apishield_full(_redis): target/nginx_proxy_post (the same POST); "
+                     "apishield_passthrough_w1/_w2: target/nginx_proxy_w2.")
+    else:
+        lines.append("for nginx_tls and apishield_tls: target/nginx_tls (TLS against TLS).")
     lines.append("'proxy cpu' / 'upstr cpu' = CPU used by the proxy / upstream nginx process tree")
     lines.append("during the run (100% = 1 core; wrk shares the upstream's CPU).")
     lines.append("")
@@ -2093,6 +2410,7 @@ def render_table(result: dict) -> str:
                          f"{fmt_num(tg['proxy_cpu_pct_sum_median'], '.0f')}% (median)")
             lines.extend(goal_lines({"goal_pct": result["metrics"]["issue_goal"]["goal_pct"],
                                      **tg["issue_goal"]}, "all at once"))
+    lines.extend(issue18_lines(result))
     flagged = [t for t in result["targets"] if s[t]["flagged"]]
     if flagged:
         lines.append("")
@@ -2108,6 +2426,62 @@ def render_table(result: dict) -> str:
         lines.append("")
         lines.append(f"NOTE: processes were NOT pinned ({m['pinning']}).")
     return "\n".join(lines) + "\n"
+
+
+def verdict(g: dict) -> str:
+    return "n/a" if g.get("met") is None else ("MET" if g["met"] else "NOT MET")
+
+
+def issue18_lines(result: dict) -> list[str]:
+    """The table's lines for the full pipeline, the workers and the Redis mode."""
+    lines: list[str] = []
+    fb = result.get("full") or {}
+    if fb:
+        lines += ["", "full pipeline (apishield_full vs nginx_proxy_post, the same POST; "
+                  "medians of per-round figures):",
+                  f"  ratio {fmt_num(fb['ratio'], '.3f')}  p99 {fmt_num(fb['p99_ms'], '.2f')} ms "
+                  f"({fmt_num(fb['p99_vs_nginx'], '.2f')}x nginx's)  cpu/req "
+                  f"{fmt_num(fb['proxy_cpu_us_per_request_median'], '.1f')} us (nginx "
+                  f"{fmt_num(fb.get('nginx_cpu_us_per_request_median'), '.1f')} us; "
+                  f"+{fmt_num(fb.get('added_cpu_us_per_request_vs_passthrough'), '.1f')} us "
+                  f"over the pass-through)  verifications/req "
+                  f"{fmt_num(fb['verifications_per_request_median'], '.4f')}"]
+        for name, g in fb["goals"].items():
+            cmp = ">=" if name.startswith("ratio") else "<="
+            lines.append(f"  issue 18 goal {name}: {fmt_num(g['value'], '.3f')} "
+                         f"({cmp} {g['goal']:g}): {verdict(g)}")
+    wb = result.get("workers_scaling") or {}
+    if wb:
+        cpu = wb["cpu_us_per_request_median"]
+        flat = {True: "flat", False: "GROWS", None: "n/a"}[wb["cpu_per_request_flat"]]
+        lines += ["", f"workers ({wb['load']}; {wb['pinning']}):",
+                  f"  rps w2/w1 {fmt_num(wb['ratio_w2_w1'], '.3f')}  cpu/req w1 "
+                  f"{fmt_num(cpu.get('apishield_passthrough_w1'), '.1f')} us, w2 "
+                  f"{fmt_num(cpu.get('apishield_passthrough_w2'), '.1f')} us (w2/w1 "
+                  f"{fmt_num(wb['cpu_per_request_w2_w1'], '.3f')}: "
+                  f"{flat})  nginx w2 {fmt_num(cpu.get('nginx_proxy_w2'), '.1f')} us/req",
+                  "  vs nginx (2 workers): "
+                  + ", ".join(f"{t} {fmt_num(v, '.3f')}" for t, v in wb["vs_nginx_w2"].items())]
+        if wb.get("note"):
+            lines.append(f"  NOTE: {wb['note']}")
+    rb = result.get("redis_full") or {}
+    if rb:
+        adm = rb.get("admission") or {}
+        lines += ["", "Redis mode (2 gateways sharing Redis vs 1 embedded apishield_full, "
+                  "same proxy CPU):",
+                  f"  ratio {fmt_num(rb['ratio_vs_embedded'], '.3f')} (goal >= "
+                  f"{rb['goal']['goal']:g}: {verdict(rb['goal'])}; from CPU per request "
+                  f"{fmt_num(rb['cpu_ratio_vs_embedded'], '.3f')})  cpu/req "
+                  f"{fmt_num(rb['proxy_cpu_us_per_request_median'], '.1f')} us vs "
+                  f"{fmt_num(rb['embedded_cpu_us_per_request_median'], '.1f')} us embedded; "
+                  f"redis calls/req {fmt_num(rb['redis_script_calls_per_request_median'], '.5f')}"]
+        if adm:
+            lines.append(f"  admission check ({adm['limit']['rate']}, 2 gateways, "
+                         f"{adm['seconds']:g} s): {adm['admitted']} admitted, "
+                         f"{adm['allowed']:g} allowed: {adm['deviation_pct']:+.2f}% "
+                         f"(tolerance {adm['tolerance_pct']:g}%): "
+                         f"{'MET' if adm['met'] else 'NOT MET'}")
+    return lines
 
 
 def machine_info(pin: Pinning) -> dict:
@@ -2148,31 +2522,39 @@ def measure(name: str, svc: Service, load: Load, duration: float, warmup: float,
             upstream: Service) -> dict:
     if not svc.alive():
         raise BenchError(f"{name} died (code {svc.proc.returncode}). stderr:\n{svc.stderr_tail()}")
+    load = svc.extra.get("load", load)  # the workers targets run wrk -t2
+    peer: Service | None = svc.extra.get("peer")  # apishield_full_redis: the second gateway
+    gateways = [svc] if peer is None else [svc, peer]
     scheme = svc.extra.get("scheme", "http")
     script = svc.extra.get("wrk_script")
     if warmup > 0:
-        load.run(svc.port, warmup, scheme, script)
+        run_loads(load, gateways, warmup, scheme, script)
     access_log: Path | None = svc.extra.get("access_log")
     count_statuses = svc.extra.get("count_statuses", False)
-    if count_statuses:
+    if count_statuses or svc.extra.get("workers"):
         time.sleep(0.3)  # the warm-up's last log lines (flushed every 100 ms) land first
-    if access_log is not None and access_log.exists():
-        os.truncate(access_log, 0)  # keeps the temp dir small; apishield keeps appending
+    for g in gateways:
+        g_log = g.extra.get("access_log")
+        if g_log is not None and g_log.exists():
+            os.truncate(g_log, 0)  # keeps the temp dir small; apishield keeps appending
     redis_svc: Service | None = svc.extra.get("redis")
     if redis_svc is not None:
         calls0, usec0 = redis_script_calls(redis_svc.port)
         rcpu0 = proc_tree_cpu_seconds(redis_svc.proc.pid)
     count_events = svc.extra.get("count_events", False)
-    stderr_at = svc.stderr_path.stat().st_size if count_events else 0
-    cpu0 = proc_tree_cpu_seconds(svc.proc.pid)
+    stderr_at = [g.stderr_path.stat().st_size if count_events else 0 for g in gateways]
+    cpu0 = sum(proc_tree_cpu_seconds(g.proc.pid) for g in gateways)
     up0 = proc_tree_cpu_seconds(upstream.proc.pid)
     admin_port: int | None = svc.extra.get("admin_port")
     t0 = time.monotonic()
     with Scraper(admin_port) if admin_port is not None else contextlib.nullcontext() as scraper:
-        res, _text = load.run(svc.port, duration, scheme, script)
+        res = run_loads(load, gateways, duration, scheme, script)
     wall = time.monotonic() - t0
-    cpu1 = proc_tree_cpu_seconds(svc.proc.pid)
+    cpu1 = sum(proc_tree_cpu_seconds(g.proc.pid) for g in gateways)
     up1 = proc_tree_cpu_seconds(upstream.proc.pid)
+    if svc.extra.get("workers"):
+        time.sleep(0.3)
+        res["access_log_lines_per_worker"] = count_workers(access_log, svc.extra["workers"])
     if scraper is not None:
         res.update(scraper.report(res["rps"]))
         if scraper.failures or not scraper.samples:  # a failed scrape makes the run suspect
@@ -2203,9 +2585,11 @@ def measure(name: str, svc: Service, load: Load, duration: float, warmup: float,
         # One `authn-success` security event per verified (not cached) JWT: the gateway's
         # own count of full verifications during the run (API keys log none).
         time.sleep(0.2)  # let the last lines reach the file
-        with open(svc.stderr_path, "rb") as err:
-            err.seek(stderr_at)
-            tail = err.read()
+        tail = b""
+        for g, at in zip(gateways, stderr_at, strict=True):
+            with open(g.stderr_path, "rb") as err:
+                err.seek(at)
+                tail += err.read()
         res["authn_success_events"] = tail.count(b'"event":"authn-success"')
         res["authn_failure_events"] = tail.count(b'"event":"authn-failure"')
         res["stderr_bytes"] = len(tail)
@@ -2218,13 +2602,54 @@ def measure(name: str, svc: Service, load: Load, duration: float, warmup: float,
             res["proxy_cpu_us_per_request"] = round(1e6 * (cpu1 - cpu0) / res["requests"], 2)
     res["upstream_cpu_pct"] = round(100 * (up1 - up0) / wall, 1)
     if access_log is not None:
-        size = access_log.stat().st_size if access_log.exists() else 0
+        size = sum(g.extra["access_log"].stat().st_size for g in gateways
+                   if g.extra.get("access_log") is not None and g.extra["access_log"].exists())
         res["access_log_bytes"] = size
         if res.get("requests"):
             res["access_log_bytes_per_request"] = round(size / res["requests"], 1)
-    if not svc.alive():
-        raise BenchError(f"{name} died during the run. stderr:\n{svc.stderr_tail()}")
+    for g in gateways:
+        if not g.alive():
+            raise BenchError(f"{g.name} died during the run. stderr:\n{g.stderr_tail()}")
     return res
+
+
+def run_loads(load: Load, gateways: list[Service], duration: float, scheme: str,
+              script: Path | None) -> dict:
+    """One wrk run against one target; for a pair of gateways (apishield_full_redis), one
+    wrk per gateway at the same time, added up: rps, requests and errors summed, each
+    latency percentile the worse of the two, the per-gateway rps kept."""
+    if len(gateways) == 1:
+        return load.run(gateways[0].port, duration, scheme, script)[0]
+    results: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def one(i: int, g: Service) -> None:
+        try:
+            results[i] = load.run(g.port, duration, scheme, g.extra.get("wrk_script", script))[0]
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i, g)) for i, g in enumerate(gateways)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    parts = [results[i] for i in range(len(gateways))]
+    out: dict = {
+        "rps": round(sum(x["rps"] for x in parts), 2),
+        "requests": sum(x.get("requests", 0) for x in parts),
+        "elapsed_s": max(x.get("elapsed_s", 0) for x in parts),
+        "latency_ms": {k: max(x["latency_ms"].get(k, 0) for x in parts)
+                       for k in parts[0]["latency_ms"]},
+        "non2xx": sum(x["non2xx"] for x in parts),
+        "socket_errors": {k: sum(x["socket_errors"][k] for x in parts)
+                          for k in parts[0]["socket_errors"]},
+        "errors": sum(x["errors"] for x in parts),
+        "rps_per_gateway": [x["rps"] for x in parts],
+    }
+    return out
 
 
 def parse_targets(only: str | None) -> list[str]:
@@ -2237,6 +2662,16 @@ def parse_targets(only: str | None) -> list[str]:
             raise BenchError(f"--only: unknown target {part!r}; use {', '.join(ALIASES)}")
         wanted.update(ALIASES[part])
     return [t for t in ALL_TARGETS if t in wanted]
+
+
+def plan_targets(args) -> list[str]:
+    """--only's targets (the defaults without it), plus the full-pipeline and workers
+    groups with --full."""
+    targets = parse_targets(args.only)
+    if getattr(args, "full", False):
+        wanted = set(targets) | set(FULL_TARGETS) | set(WORKERS_TARGETS)
+        targets = [t for t in ALL_TARGETS if t in wanted]
+    return targets
 
 
 def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
@@ -2355,9 +2790,99 @@ def start_targets(args, procs: Processes, tmp: Path, pin: Pinning,
                 admin = Service(f"{t}-admin", services[t].proc, extra["admin"]["port"],
                                 services[t].stderr_path, None)
                 wait_port(admin, 15)  # the admin listener may open after the main one
+    start_issue18_targets(args, procs, tmp, pin, targets, up_port, services)
     if "direct" in targets:
         services["direct"] = upstream
     return upstream, services
+
+
+def start_issue18_targets(args, procs: Processes, tmp: Path, pin: Pinning, targets: list[str],
+                          up_port: int, services: dict[str, Service]) -> None:
+    """The --full / workers / redis_full targets (issue 18); see FULL_TARGETS and below."""
+    full = [t for t in ("nginx_proxy_post", "apishield_full", *REDIS_FULL_TARGETS)
+            if t in targets]
+    token = ""
+    if full:
+        tokens = tmp / "full-tokens"
+        args.full_tokens = str(tokens)
+        args.full_tokens_report = mint_tokens(tokens, [])  # the one cache-hit token
+        token = (tokens / "token-hit.txt").read_text().strip()
+    if "nginx_proxy_post" in targets:
+        port = free_ports(1)[0]
+        svc = start_nginx(procs, "nginx_proxy_post", tmp / "nginx_proxy_post",
+                          nginx_proxy_conf(tmp / "nginx_proxy_post", port, up_port), port,
+                          pin.prefix("proxy"))
+        svc.extra.update(token=token, wrk_script=full_wrk_script(tmp / "nginx_proxy_post", token))
+        services["nginx_proxy_post"] = svc
+    w_proxy, w_load, w_note = workers_pinning(pin)
+    args.workers_pinning = w_note
+    if "nginx_proxy_w2" in targets:
+        port = free_ports(1)[0]
+        svc = start_nginx(procs, "nginx_proxy_w2", tmp / "nginx_proxy_w2",
+                          nginx_proxy_conf(tmp / "nginx_proxy_w2", port, up_port, workers=2),
+                          port, w_proxy)
+        svc.extra["load"] = Load(2, args.connections, w_load)
+        services["nginx_proxy_w2"] = svc
+    wanted = [t for t in ("apishield_full", "apishield_passthrough_w1",
+                          "apishield_passthrough_w2", *REDIS_FULL_TARGETS) if t in targets]
+    if not wanted:
+        return
+    base = apishield_argv(args.apishield_cmd)
+    redis_url = None
+    if "apishield_full_redis" in targets:
+        binary = redis_server_binary()
+        rport = free_ports(1)[0]
+        redis_svc = start_redis(procs, "redis-full", tmp / "redis-full", rport, binary,
+                                pin.prefix("load"))
+        redis_url = f"redis://{HOST}:{rport}/0"
+        args.redis_info = {"binary": binary, "version": tool_version([binary, "--version"]),
+                           "cpu": pin.load_cpu if pin.pinned else None,
+                           "persistence": "none (--save '' --appendonly no)"}
+        args.full_redis = (redis_svc, redis_url, token)
+    for t in wanted:
+        if t.startswith("apishield_passthrough_w"):
+            n = int(t[-1])
+            d = tmp / t
+            port = free_ports(1)[0]
+            config_path, access_log = write_apishield_config(
+                d, "passthrough", passthrough_contract(), port, up_port)
+            svc = start_apishield(procs, t, d, base, config_path, access_log, port, w_proxy,
+                                  ("--workers", str(n)))
+            svc.extra["load"] = Load(2, args.connections, w_load)
+            svc.extra["workers"] = n
+            services[t] = svc
+            continue
+        gateways = 2 if t == "apishield_full_redis" else 1
+        pair: list[Service] = []
+        pepper: Path | None = None
+        for i in range(gateways):
+            d = tmp / (t if i == 0 else f"{t}-peer")
+            port, admin_port = free_ports(2)
+            extra = full_config(admin_port, redis_url if gateways == 2 else None)
+            config_path, access_log = write_apishield_config(
+                d, "full", full_contract(), port, up_port, None, extra)
+            shutil.copyfile(Path(args.full_tokens) / "jwks.json", d / "jwks.json")
+            if gateways == 2:  # every instance must hash API keys alike: one pepper
+                if pepper is None:
+                    pepper = write_pepper(d)
+                else:
+                    shutil.copyfile(pepper, d / "pepper")
+                    (d / "pepper").chmod(0o600)
+            svc = start_apishield(procs, t if i == 0 else f"{t}-peer", d, base, config_path,
+                                  access_log, port, pin.prefix("proxy"))
+            wait_port(Service(f"{t}-admin", svc.proc, admin_port, svc.stderr_path, None), 15)
+            # metrics_port, not admin_port: checked once, not scraped while measuring (what
+            # scraping costs is the metrics group's figure)
+            svc.extra.update(token=token, metrics_port=admin_port, count_events=True,
+                             wrk_script=full_wrk_script(d, token))
+            pair.append(svc)
+        if gateways == 2:
+            pair[0].extra["peer"] = pair[1]
+            pair[0].extra["redis"] = args.full_redis[0]
+            # wrk's connections split between the two: as many in flight as on apishield_full
+            pair[0].extra["load"] = Load(args.threads, max(1, args.connections // 2),
+                                         pin.prefix("load"))
+        services[t] = pair[0]
 
 
 def validation_costs(rounds: list[dict], targets: list[str],
@@ -2576,8 +3101,181 @@ def metrics_block(rounds: list[dict], targets: list[str], summary: dict) -> dict
     return out
 
 
+def per_round(rounds: list[dict], num: str, den: str, key: str) -> list[float]:
+    """Per-round ratios num/den of one figure of their runs (e.g. proxy CPU per request)."""
+    out = []
+    for r in rounds:
+        a, b = r["results"].get(num, {}), r["results"].get(den, {})
+        x, y = a.get(key), b.get(key) if b else None
+        if x is not None and y:
+            out.append(x / y)
+    return out
+
+
+def p99_of(r: dict, t: str) -> float | None:
+    return r["results"].get(t, {}).get("latency_ms", {}).get("p99")
+
+
+def p99_ratio(rounds: list[dict], num: str, den: str) -> float | None:
+    """Median of per-round p99 ratios num/den (the issue: p99 within 2x nginx's)."""
+    vals = []
+    for r in rounds:
+        a, b = p99_of(r, num), p99_of(r, den)
+        if a is not None and b:
+            vals.append(a / b)
+    return median(vals)
+
+
+def goal(value: float | None, target: float, higher_is_better: bool = True) -> dict:
+    met = None if value is None else (value >= target if higher_is_better else value <= target)
+    return {"value": value, "goal": target, "met": met}
+
+
+def full_block(rounds: list[dict], targets: list[str], summary: dict, ratios: dict,
+               args) -> dict:
+    """Issue 18: the full pipeline against nginx proxying the same POST, its added CPU per
+    request over the pass-through, its p99 against nginx's, and the issue's goals."""
+    if "apishield_full" not in targets:
+        return {}
+    x = summary["apishield_full"]
+    ref = "nginx_proxy_post"
+    out: dict = {
+        "request": FULL_REQUEST,
+        "pipeline": ["JWT bearer RS256, static keys, one token (token-cache hits)",
+                     f"rate limit {FULL_LIMIT} checked every request (memory)",
+                     f"1 KB JSON body, {len(ITEM_SCHEMA['properties'])}-property schema, "
+                     "injection scan on",
+                     "response filtering: 200 declares 5 of the upstream body's 9 properties",
+                     "default security headers", "access log to a file",
+                     "metrics on, admin listener enabled (checked, not scraped while measuring)"],
+        "compared_with": ref,
+        "ratio": ratios.get("apishield_full"),
+        "ratios_per_round": [round(v, 4) for v in ratio_series(rounds, "apishield_full", ref)],
+        "rps_median": x["rps_median"],
+        "proxy_cpu_us_per_request_median": x.get("proxy_cpu_us_per_request_median"),
+        "verifications_per_request_median": x.get("verifications_per_request_median"),
+        "p99_ms": x["latency_ms_median"]["p99"],
+        "p99_vs_nginx": p99_ratio(rounds, "apishield_full", ref),
+        "tokens": getattr(args, "full_tokens_report", None),
+    }
+    if ref in summary:
+        out["nginx_rps_median"] = summary[ref]["rps_median"]
+        out["nginx_cpu_us_per_request_median"] = summary[ref].get(
+            "proxy_cpu_us_per_request_median")
+        out["nginx_p99_ms"] = summary[ref]["latency_ms_median"]["p99"]
+    if "apishield_passthrough" in targets:
+        cpu = [r["results"]["apishield_full"]["proxy_cpu_us_per_request"]
+               - r["results"]["apishield_passthrough"]["proxy_cpu_us_per_request"]
+               for r in rounds
+               if "proxy_cpu_us_per_request" in r["results"].get("apishield_full", {})
+               and "proxy_cpu_us_per_request" in r["results"].get("apishield_passthrough", {})]
+        out["added_cpu_us_per_request_vs_passthrough"] = median(cpu, 1)
+    out["goals"] = {
+        "ratio_passthrough": goal(ratios.get("apishield_passthrough"),
+                                  FULL_GOALS["ratio_passthrough"]),
+        "ratio_full": goal(out["ratio"], FULL_GOALS["ratio_full"]),
+        "p99_full_vs_nginx": goal(out["p99_vs_nginx"], FULL_GOALS["p99_vs_nginx"], False),
+        "p99_passthrough_vs_nginx": goal(p99_ratio(rounds, "apishield_passthrough",
+                                                   "nginx_proxy"),
+                                         FULL_GOALS["p99_vs_nginx"], False),
+    }
+    return out
+
+
+def workers_block(rounds: list[dict], targets: list[str], summary: dict, args) -> dict:
+    """Issue 18, scale out: rps of 2 workers against 1 and the CPU per request of each (the
+    proxy process tree: supervisor and workers), which must not grow with N."""
+    w1, w2, ng = "apishield_passthrough_w1", "apishield_passthrough_w2", "nginx_proxy_w2"
+    if w1 not in targets and w2 not in targets:
+        return {}
+    scaling = ratio_series(rounds, w2, w1)
+    cpu = per_round(rounds, w2, w1, "proxy_cpu_us_per_request")
+    cpu_ratio = median(cpu)
+    last_w2 = next((r["results"][w2] for r in reversed(rounds) if w2 in r["results"]), {})
+    out = {
+        "what": "GET /item with the pass-through contract: `serve --workers 1` vs "
+                "`--workers 2`, wrk -t2; nginx `worker_processes 2` as the reference",
+        "pinning": getattr(args, "workers_pinning", None),
+        "shares_cores_with_load": bool(str(getattr(args, "workers_pinning", "")
+                                           ).startswith("unpinned")),
+        "load": f"wrk -t2 -c{args.connections}",
+        "rps_median": {t: summary[t]["rps_median"] for t in WORKERS_TARGETS if t in summary},
+        "ratio_w2_w1": median(scaling),
+        "ratio_w2_w1_per_round": [round(v, 4) for v in scaling],
+        "cpu_us_per_request_median": {t: summary[t].get("proxy_cpu_us_per_request_median")
+                                      for t in WORKERS_TARGETS if t in summary},
+        "cpu_per_request_w2_w1": cpu_ratio,
+        "cpu_per_request_w2_w1_per_round": [round(v, 4) for v in cpu],
+        # "must not grow with N": within 5% (the rounds' own spread is reported beside it)
+        "cpu_per_request_flat": None if cpu_ratio is None else cpu_ratio <= 1.05,
+        "vs_nginx_w2": {t: median(ratio_series(rounds, t, ng)) for t in (w1, w2)
+                        if t in targets and ng in targets},
+        "access_log_lines_per_worker_last_round": last_w2.get("access_log_lines_per_worker"),
+    }
+    if out["shares_cores_with_load"]:
+        out["note"] = ("wrk, the upstream and the gateway share the same cores: the w2/w1 "
+                       "ratio is a floor of what a second free core gives; rerun on a "
+                       "machine with 3+ CPUs, where the proxies get 2 cores of their own")
+    return out
+
+
+def redis_full_block(rounds: list[dict], targets: list[str], summary: dict, checks: dict,
+                     args) -> dict:
+    """Issue 18, Redis mode: two gateways with the full config sharing a Redis (each its
+    own wrk, at once, both on the proxy CPU) against one embedded-mode apishield_full on
+    the same CPU, and the admission check."""
+    t = "apishield_full_redis"
+    if t not in targets:
+        return {}
+    x = summary[t]
+    series = ratio_series(rounds, t, "apishield_full")
+    # embedded CPU per request / the pair's: the same ratio from CPU time alone. On a shared
+    # machine two processes on the proxy CPU get a bigger share of it than one (the
+    # scheduler is fair per process), which lifts the pair's rps but not its CPU per request.
+    cpu = per_round(rounds, "apishield_full", t, "proxy_cpu_us_per_request")
+    figures = rl_limit_figures(FULL_LIMIT)
+    return {
+        "what": "2 gateways, full config, state: redis://, one wrk each at the same time, "
+                "rps added up; both on the proxy CPU(s), as the embedded apishield_full: "
+                "the same CPU budget",
+        "ratio_vs_embedded": median(series),
+        "ratios_per_round": [round(v, 4) for v in series],
+        "goal": goal(median(series), FULL_GOALS["redis_vs_embedded"]),
+        "cpu_ratio_vs_embedded": median(cpu),
+        "cpu_ratios_per_round": [round(v, 4) for v in cpu],
+        "rps_median": x["rps_median"],
+        "proxy_cpu_us_per_request_median": x.get("proxy_cpu_us_per_request_median"),
+        "embedded_cpu_us_per_request_median": summary.get("apishield_full", {}).get(
+            "proxy_cpu_us_per_request_median"),
+        "redis_script_calls_per_request_median": x.get("redis_script_calls_per_request_median"),
+        "redis_cpu_pct_median": x.get("redis_cpu_pct_median"),
+        "lease_size_n": figures["lease_size_n"],
+        "admission": checks.get("admission"),
+        "redis": getattr(args, "redis_info", None),
+    }
+
+
+def check_workers_spread(services: dict[str, Service]) -> dict:
+    """apishield_passthrough_w2 under wrk -t2 for 1 s: both workers must have served
+    (their access-log lines), or the target measures one worker."""
+    svc = services.get("apishield_passthrough_w2")
+    if svc is None:
+        return {}
+    access_log = svc.extra["access_log"]
+    time.sleep(0.3)
+    os.truncate(access_log, 0)
+    res, _ = svc.extra["load"].run(svc.port, 1.0)
+    time.sleep(0.5)
+    per = count_workers(access_log, 2)
+    log(f"  check apishield_passthrough_w2: {res.get('requests', 0):,} requests, access-log "
+        f"lines per worker {per}")
+    if not all(per.values()):
+        raise BenchError(f"apishield_passthrough_w2: not every worker served under load: {per}")
+    return {"requests": res.get("requests"), "access_log_lines_per_worker": per}
+
+
 def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
-    targets = parse_targets(args.only)
+    targets = plan_targets(args)
     load = Load(args.threads, args.connections, pin.prefix("load"))
     log("starting targets ...")
     upstream, services = start_targets(args, procs, tmp, pin, targets)
@@ -2593,6 +3291,15 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
             checks[t]["under_load"] = entry
             log(f"  {t}: wrk completed {entry['wrk_requests']:,} requests, "
                 f"{REQUESTS_TOTAL} grew by {entry['grown']:,.0f}")
+    if "apishield_passthrough_w2" in targets:
+        checks["apishield_passthrough_w2"]["under_load"] = check_workers_spread(services)
+    if "apishield_full_redis" in targets:
+        log(f"admission check: two gateways sharing Redis, limit {ADMISSION_LIMIT['rate']} "
+            f"({ADMISSION_SECONDS:g} s) ...")
+        _rsvc, redis_url, token = args.full_redis
+        checks["admission"] = admission_check(
+            args, procs, tmp, pin, apishield_argv(args.apishield_cmd), upstream.port,
+            redis_url, token, load)
     machine = machine_info(pin)
     log(f"pinning: {pin.note}")
     rounds = []
@@ -2626,6 +3333,15 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
     ratios = {t: median(v) for t, v in ratios_raw.items() if v}
     for t in TLS_TARGETS:  # TLS is compared with TLS: nginx_tls is their 1.0
         series = ratio_series(rounds, t, "nginx_tls")
+        if series:
+            ratios[t] = median(series)
+    # the full pipeline against nginx proxying the same POST; workers against nginx with
+    # 2 worker processes
+    for t, ref in (("apishield_full", "nginx_proxy_post"),
+                   ("apishield_full_redis", "nginx_proxy_post"),
+                   ("apishield_passthrough_w1", "nginx_proxy_w2"),
+                   ("apishield_passthrough_w2", "nginx_proxy_w2")):
+        series = ratio_series(rounds, t, ref)
         if series:
             ratios[t] = median(series)
     for entry in rounds:
@@ -2666,6 +3382,7 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
         "ratio_demo": ratios.get("apishield_demo"),
         "ratio_direct": ratios.get("direct"),
         "ratio_tls": ratios.get("apishield_tls"),
+        "ratio_full": ratios.get("apishield_full"),
         "p99_ms": {t: (summary[t]["latency_ms_median"]["p99"] if t in summary else None)
                    for t in ALL_TARGETS},
         "errors": {t: {"non2xx": summary[t]["non2xx_total"],
@@ -2673,13 +3390,17 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
         "flagged": [t for t in targets if summary[t]["flagged"]
                     or any(r.get("together", {}).get(t, {}).get("errors") for r in rounds)],
         "targets": targets,
-        "partial": targets != list(TARGETS),
+        # partial: some default target is missing (--full adds to the defaults)
+        "partial": not set(TARGETS) <= set(targets),
         "summary": summary,
         "ratios": ratios,
         "validation": validation,
         "auth": auth_info,
         "ratelimit": ratelimit_info,
         "metrics": metrics_info,
+        "full": full_block(rounds, targets, summary, ratios, args),
+        "workers_scaling": workers_block(rounds, targets, summary, args),
+        "redis_full": redis_full_block(rounds, targets, summary, checks, args),
         "rounds": rounds,
         "checks": checks,
         "load": {"tool": "wrk", "threads": args.threads, "connections": args.connections,
@@ -2693,7 +3414,11 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
                  "ratelimit_limits": {t: RATELIMIT_LIMITS[t] for t in targets
                                       if t in RATELIMIT_LIMITS},
                  "metrics_configs": {t: METRICS_CONFIGS[t] for t in targets
-                                     if t in METRICS_CONFIGS}},
+                                     if t in METRICS_CONFIGS},
+                 **({"full_request": FULL_REQUEST} if any(
+                     t in targets for t in (*FULL_TARGETS, *REDIS_FULL_TARGETS)) else {}),
+                 **({"workers_threads": 2} if any(t in targets for t in WORKERS_TARGETS)
+                    else {})},
         "machine": machine,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -2819,8 +3544,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"(= {','.join(VALIDATION_TARGETS)}: not in a default run), auth "
                     f"(= {','.join(AUTH_TARGETS)}: not in a default run), ratelimit "
                     f"(= {','.join(RATELIMIT_TARGETS)}: not in a default run), metrics "
-                    f"(= {','.join(METRICS_TARGETS)}: not in a default run), "
+                    f"(= {','.join(METRICS_TARGETS)}: not in a default run), full "
+                    f"(= {','.join(FULL_TARGETS)}), workers (= {','.join(WORKERS_TARGETS)}), "
+                    "redis_full (= nginx_proxy_post,apishield_full,apishield_full_redis), "
                     "direct, proxy, passthrough, demo, apishield (= proxy,passthrough,demo)")
+    ap.add_argument("--full", action="store_true",
+                    help="add the full-pipeline group (apishield_full vs nginx_proxy_post) and "
+                    "the workers group (serve --workers 1 vs 2, wrk -t2) to the run "
+                    "(issue 18); the Redis mode is --only redis_full")
     ap.add_argument("--apishield-cmd", help="command to run apishield (default: "
                     "<repo>/.venv/bin/apishield, else apishield on PATH)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
@@ -2855,7 +3586,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     try:
-        planned = len(parse_targets(args.only))
+        planned = len(plan_targets(args))
     except BenchError as exc:
         ap.error(str(exc))
     limit = args.max_seconds or (
