@@ -37,6 +37,11 @@ from apishield.config import load_config
 from apishield.contract.loader import Contract, load_contract
 from apishield.exchange import Exchange, Request
 from apishield.steps import injection, validate
+
+try:
+    from apishield.steps import libinjection_c
+except ImportError:  # before issue 18
+    libinjection_c = None  # type: ignore[assignment]
 from apishield.steps.validate import BodyStep
 
 HEADERS = [(b"content-type", b"application/json")]
@@ -106,8 +111,16 @@ def cases(steps: dict[str, tuple[BodyStep, Contract]]) -> dict[str, Callable[[],
         out[f"  json.loads {size} (no hook)"] = lambda b=body: json.loads(b)  # type: ignore[misc]
         validator = scan.validators[ex.operation.pointer]["application/json"]  # type: ignore[union-attr]
         out[f"  schema {size}"] = lambda v=validator, d=document: list(v.iter_errors(d))  # type: ignore[misc]
-        out[f"  scan walk {size}"] = (
-            lambda s=scan, d=document, sh=shape: s._scan(d, sh, [], []))  # type: ignore[misc]
+        if hasattr(scan, "_walk"):  # issue 18: one walk for the depth cap and the scan
+            out[f"  walk: depth+scan {size}"] = (
+                lambda s=scan, d=document, sh=shape: s._walk(d, sh, s.detector.check, True))  # type: ignore[misc]
+            out[f"  walk: depth only {size}"] = (
+                lambda s=scan, d=document: s._walk(d, None, None, True))  # type: ignore[misc]
+        else:  # before it (the commits this bench measures against)
+            out[f"  walk: scan {size}"] = (
+                lambda s=scan, d=document, sh=shape: s._scan(d, sh, [], []))  # type: ignore[misc]
+            out[f"  walk: depth only {size}"] = (
+                lambda s=scan, d=document: validate._too_deep(d, s.max_depth))  # type: ignore[misc]
     return out
 
 
@@ -150,7 +163,12 @@ def main() -> None:
                         help="calls per round for 1 KB (100 KB: a hundredth)")
     parser.add_argument("--profile", action="store_true", help="print cProfile breakdowns")
     parser.add_argument("--only", default="", help="run the cases whose name has this")
+    parser.add_argument("--dict-api", action="store_true",
+                        help="libinjection through its Python (dict) API, not the C calls")
     args = parser.parse_args()
+    if args.dict_api and libinjection_c is not None:
+        # the name the detector calls (a bench-only switch: the gateway has none)
+        injection.binding = lambda: libinjection_c.DICT_API
 
     with tempfile.TemporaryDirectory() as tmp:
         steps = {}
@@ -164,9 +182,10 @@ def main() -> None:
               f"100k = {len(BODY_100K):,} B")
         for size, body in BODIES:
             print(f"  {size}: {detector_counts(scan, contract, body)}")
-        print(f"libinjection binding: {getattr(injection, 'BINDING', 'dict API')}")
+        print("libinjection binding:",
+              injection.binding().kind if libinjection_c is not None else "dict")
 
-        for size, body in BODIES:  # every body passes: the loop times the step, not a refusal
+        for _size, body in BODIES:  # every body passes: the loop times the step, not a refusal
             scan.on_body(exchange_for(contract, body))
         rounds: dict[str, list[float]] = {name: [] for name in timed}
         for _ in range(args.repeat):

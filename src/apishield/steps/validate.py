@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -488,6 +489,20 @@ class _TooDeep(ValueError):
     pass
 
 
+_CONTAINERS = (dict, list)  # a tuple: `isinstance(x, dict | list)` builds a union per call
+_Check = Callable[[str], str | None]  # Detector.check
+_Trail = tuple[Any, ...]  # (parent trail, key or index), () at the root: a lazy JSON pointer
+
+
+def _pointer(trail: _Trail, last: str | int) -> str:
+    """`/body/...` for the value at `last` below `trail`."""
+    parts = [last]
+    while trail:
+        trail, part = trail
+        parts.append(part)
+    return "/body" + "".join("/" + escape_pointer(str(part)) for part in reversed(parts))
+
+
 class BodyStep:
     name = "validate_body"
 
@@ -559,13 +574,24 @@ class BodyStep:
                 return
             media = json_media[0]  # e.g. application/*+json
             validator = validators[media]
+        shapes = self.shapes.get(operation.pointer)
+        # the free strings are scanned when the operation scans (B6); its shape may be
+        # None (a schema that is no object): then every string is free
+        check = self.detector.check if shapes is not None and media in shapes else None
+        shape = shapes.get(media) if shapes is not None else None
+        found: list[dict[str, str]] = []
         if media == FORM:
             document = self.parse_form(request.body, self.form_fields[operation.pointer])
         elif media == MULTIPART:
             document = self.parse_multipart(request.body, content_type,
                                             self.multipart[operation.pointer])
         else:
-            document = self.parse(request.body, content_type)
+            # one walk for the depth cap and the scan (issue 18: they were two); its
+            # findings wait for the schema, whose 422 comes first
+            document, text = self._load(request.body, content_type)
+            found = self._walk(document, shape, check, strict=True)
+            self._no_lone_surrogate(document, text)
+            check = None
         errors: list[dict[str, str]] = []
         for error in validator.iter_errors(document):
             errors.extend(error_entries("/body", error))
@@ -576,43 +602,68 @@ class BodyStep:
             problem = InvalidBody("body-schema")
             problem.errors = errors
             raise problem
-        shapes = self.shapes.get(operation.pointer)
-        if shapes is not None and media in shapes:
-            found = self._scan(document, shapes[media], [], [])
-            if found:
-                suspected = InjectionSuspected("injection-in-body")
-                suspected.errors = found
-                raise suspected
+        if check is not None:  # a form: its strings are typed by the schema first
+            found = self._walk(document, shape, check, strict=False)
+        if found:
+            suspected = InjectionSuspected("injection-in-body")
+            suspected.errors = found
+            raise suspected
 
-    def _scan(self, value: Any, shape: Shape | None, path: list[str | int],
-              found: list[dict[str, str]]) -> list[dict[str, str]]:
-        """Free-text strings of a validated document that carry a payload. The JSON
+    def _walk(self, document: Any, shape: Shape | None, check: _Check | None,
+              strict: bool) -> list[dict[str, str]]:
+        """One pass over a parsed document: containers nested deeper than `max_depth`
+        (`strict`: 400 body-too-deep; else left unscanned) and, with `check`, the free-text
+        strings that carry a payload (at most `max_errors`, in document order). The JSON
         pointer is only built for a finding (building one per value cost a fifth)."""
-        if len(found) >= self.max_errors or len(path) > self.max_depth:
-            return found
-        if isinstance(value, str):
-            if shape is None or shape.free_string:
-                kind = self.detector.check(value)
+        found: list[dict[str, str]] = []
+        if isinstance(document, str):
+            if check is not None and (shape is None or shape.free_string):
+                kind = check(document)
                 if kind is not None:
-                    pointer = "".join("/" + escape_pointer(str(part)) for part in path)
-                    found.append({"pointer": "/body" + pointer, "reason": kind})
-        elif isinstance(value, dict):
+                    found.append({"pointer": "/body", "reason": kind})
+        elif isinstance(document, _CONTAINERS):
+            try:
+                self._visit(document, shape, 1, (), found, check, strict)
+            except _TooDeep as exc:
+                raise BadRequest(str(exc)) from None
+        return found
+
+    def _visit(self, node: dict[str, Any] | list[Any], shape: Shape | None, depth: int,
+               trail: _Trail, found: list[dict[str, str]], check: _Check | None,
+               strict: bool) -> None:
+        """`_walk` below one container (recursion per container, not per value: the
+        strings are read in the loop)."""
+        if depth > self.max_depth:
+            if strict:
+                raise _TooDeep("body-too-deep")
+            return
+        most = self.max_errors
+        if isinstance(node, dict):
             properties = shape.properties if shape is not None else None
             unscanned = shape.unscanned if shape is not None else ()
-            for key, item in value.items():
-                if isinstance(item, str | dict | list) and key not in unscanned:
-                    path.append(key)
-                    self._scan(item, properties.get(key) if properties is not None else None,
-                               path, found)
-                    path.pop()
-        elif isinstance(value, list):
+            for key, item in node.items():
+                if isinstance(item, str):
+                    if check is not None and len(found) < most and key not in unscanned:
+                        sub = properties.get(key) if properties is not None else None
+                        if sub is None or sub.free_string:
+                            kind = check(item)
+                            if kind is not None:
+                                found.append({"pointer": _pointer(trail, key), "reason": kind})
+                elif isinstance(item, _CONTAINERS):
+                    self._visit(item, properties.get(key) if properties is not None else None,
+                                depth + 1, (trail, key), found,
+                                None if key in unscanned else check, strict)
+        else:
             items = shape.items if shape is not None else None
-            for index, item in enumerate(value):
-                if isinstance(item, str | dict | list):
-                    path.append(index)
-                    self._scan(item, items, path, found)
-                    path.pop()
-        return found
+            free = items is None or items.free_string
+            for index, item in enumerate(node):
+                if isinstance(item, str):
+                    if check is not None and free and len(found) < most:
+                        kind = check(item)
+                        if kind is not None:
+                            found.append({"pointer": _pointer(trail, index), "reason": kind})
+                elif isinstance(item, _CONTAINERS):
+                    self._visit(item, items, depth + 1, (trail, index), found, check, strict)
 
     def parse_form(self, body: bytes, fields: dict[str, _FormField]) -> Any:
         """`application/x-www-form-urlencoded` -> an object typed by the schema."""
@@ -707,7 +758,17 @@ class BodyStep:
 
     def parse(self, body: bytes, content_type: bytes) -> Any:
         """Parse once, refusing duplicate keys (in the object hook), excess key counts,
-        non-finite numbers and excess depth.
+        non-finite numbers, excess depth and unpaired surrogates (a JSON part of a
+        multipart body; a JSON body gets the same checks in `on_body`, the depth one in the
+        walk that also scans it)."""
+        document, text = self._load(body, content_type)
+        self._walk(document, None, None, strict=True)
+        self._no_lone_surrogate(document, text)
+        return document
+
+    def _load(self, body: bytes, content_type: bytes) -> tuple[Any, str]:
+        """The document and its text: parsed once, refusing duplicate keys (in the object
+        hook), excess key counts and non-finite numbers.
 
         Measured (bench/RESULTS.md): stdlib json with this hook costs ~175 us more than
         without on 100 KB; orjson plus a colon count outside string literals (orjson keeps
@@ -747,14 +808,15 @@ class BodyStep:
             raise _bad_part("body-number-too-large", "/body", "out-of-range") from None
         except RecursionError:  # nesting beyond Python's stack
             raise BadRequest("body-malformed-json", contract_rule=True) from None
-        if _too_deep(document, self.max_depth):
-            raise BadRequest("body-too-deep")
+        return document, text
+
+    @staticmethod
+    def _no_lone_surrogate(document: Any, text: str) -> None:
         if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(document):
             # `"\ud800"` parses here but is no Unicode text (RFC 8259 8.2, RFC 7493 2.1):
             # stored upstream, it comes back in responses that orjson (and many other
             # parsers) refuse; every later read of that record would be a 502
             raise BadRequest("body-lone-surrogate", contract_rule=True)
-        return document
 
 
 def _bad_part(reason: str, pointer: str, why: str) -> BadRequest:
@@ -801,20 +863,6 @@ def _lone_surrogate(document: Any) -> bool:
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
-    return False
-
-
-def _too_deep(document: Any, limit: int) -> bool:
-    """Whether containers nest deeper than `limit` (walks containers only, iteratively)."""
-    if not isinstance(document, dict | list):
-        return False
-    stack = [(document, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
 
 
