@@ -24,11 +24,13 @@ Errors carry a JSON pointer and a reason, never the submitted value; at most
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -47,7 +49,7 @@ from apishield.contract.schema import (
     pattern_location,
 )
 from apishield.contract.shapes import Builder, Shape
-from apishield.exchange import Exchange, media_type
+from apishield.exchange import Exchange, Suspend, media_type
 from apishield.problems import (
     BadRequest,
     InjectionSuspected,
@@ -489,6 +491,37 @@ class _TooDeep(ValueError):
     pass
 
 
+# Bodies longer than this are validated in a thread, off the event loop (issue 18): a
+# 100 KB JSON body takes milliseconds to parse, cap and scan (bench/RESULTS.md), during
+# which every other connection would wait. In a thread the loop still shares the GIL with
+# it, in the interpreter's 5 ms slices, but it answers others meanwhile. Under it, the
+# thread hop (~50-100 us) would cost more than the validation.
+OFF_LOOP_BYTES = 64 * 1024
+
+
+class _OffLoop:
+    """One body's validation in a thread: the `Suspend` owner, so the step's rerun finds
+    the outcome here. `run` never raises (Suspend's contract): it keeps what was raised."""
+
+    __slots__ = ("body", "check", "raised")
+
+    def __init__(self, body: bytes, check: Callable[[], None]) -> None:
+        self.body = body  # which body it is about: the rerun checks it is the same
+        self.check = check
+        self.raised: BaseException | None = None
+
+    async def run(self) -> None:
+        try:
+            await asyncio.to_thread(self.check)
+        except Exception as exc:  # a refusal (Problem) or a bug: raised on the rerun
+            self.raised = exc.with_traceback(None) if isinstance(exc, Problem) else exc
+
+    def outcome(self) -> None:
+        """Raise what the validation raised, if anything."""
+        if self.raised is not None:
+            raise self.raised
+
+
 _CONTAINERS = (dict, list)  # a tuple: `isinstance(x, dict | list)` builds a union per call
 _Check = Callable[[str], str | None]  # Detector.check
 _Trail = tuple[Any, ...]  # (parent trail, key or index), () at the root: a lazy JSON pointer
@@ -574,6 +607,21 @@ class BodyStep:
                 return
             media = json_media[0]  # e.g. application/*+json
             validator = validators[media]
+        if len(request.body) > OFF_LOOP_BYTES:
+            # a large body is validated in a thread (issue 18): the step suspends, the
+            # pipeline awaits the thread and runs the step again, which finds the outcome
+            waited = exchange.waited_for
+            if isinstance(waited, _OffLoop) and waited.body is request.body:
+                waited.outcome()
+                return
+            job = _OffLoop(request.body, partial(self._check, operation, request.body,
+                                                 content_type, media, validator))
+            raise Suspend(job.run, owner=job)
+        self._check(operation, request.body, content_type, media, validator)
+
+    def _check(self, operation: Operation, body: bytes, content_type: bytes, media: str,
+               validator: jsonschema_rs.Validator) -> None:
+        """Parse, cap, validate and scan one body; a refusal is raised."""
         shapes = self.shapes.get(operation.pointer)
         # the free strings are scanned when the operation scans (B6); its shape may be
         # None (a schema that is no object): then every string is free
@@ -581,14 +629,14 @@ class BodyStep:
         shape = shapes.get(media) if shapes is not None else None
         found: list[dict[str, str]] = []
         if media == FORM:
-            document = self.parse_form(request.body, self.form_fields[operation.pointer])
+            document = self.parse_form(body, self.form_fields[operation.pointer])
         elif media == MULTIPART:
-            document = self.parse_multipart(request.body, content_type,
+            document = self.parse_multipart(body, content_type,
                                             self.multipart[operation.pointer])
         else:
             # one walk for the depth cap and the scan (issue 18: they were two); its
             # findings wait for the schema, whose 422 comes first
-            document, text = self._load(request.body, content_type)
+            document, text = self._load(body, content_type)
             found = self._walk(document, shape, check, strict=True)
             self._no_lone_surrogate(document, text)
             check = None
