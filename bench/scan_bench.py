@@ -35,7 +35,7 @@ from harness import BODY_1K, BODY_100K, validation_contract
 
 from apishield.config import load_config
 from apishield.contract.loader import Contract, load_contract
-from apishield.exchange import Exchange, Request
+from apishield.exchange import Exchange, Request, Suspend
 from apishield.steps import injection, validate
 
 try:
@@ -85,6 +85,16 @@ def exchange_for(contract: Contract, body: bytes) -> Exchange:
     return exchange
 
 
+def run_step(step: BodyStep, exchange: Exchange) -> None:
+    """`on_body` as the pipeline runs it, minus the thread: a body over the off-loop
+    threshold (issue 18) suspends, and its validation (what the thread would run) is
+    run here, so the figure is its CPU cost (the thread hop is measured apart)."""
+    try:
+        step.on_body(exchange)
+    except Suspend as suspended:
+        suspended.owner.check()  # type: ignore[union-attr]
+
+
 def per_body(fn: Callable[[], Any], number: int) -> float:
     """us per call of `fn`."""
     start = time.perf_counter()
@@ -101,9 +111,9 @@ def cases(steps: dict[str, tuple[BodyStep, Contract]]) -> dict[str, Callable[[],
         noscan, contract_noscan = steps["post_validate_1k_noscan"]
         ex = exchange_for(contract, body)
         ex_noscan = exchange_for(contract_noscan, body)
-        out[f"on_body {size} scan"] = lambda s=scan, e=ex: s.on_body(e)  # type: ignore[misc]
+        out[f"on_body {size} scan"] = lambda s=scan, e=ex: run_step(s, e)  # type: ignore[misc]
         out[f"on_body {size} noscan"] = (
-            lambda s=noscan, e=ex_noscan: s.on_body(e))  # type: ignore[misc]
+            lambda s=noscan, e=ex_noscan: run_step(s, e))  # type: ignore[misc]
         # the pieces, on the same body
         document = scan.parse(body, b"application/json")
         shape = scan.shapes[ex.operation.pointer]["application/json"]  # type: ignore[union-attr]
@@ -186,7 +196,7 @@ def main() -> None:
               injection.binding().kind if libinjection_c is not None else "dict")
 
         for _size, body in BODIES:  # every body passes: the loop times the step, not a refusal
-            scan.on_body(exchange_for(contract, body))
+            run_step(scan, exchange_for(contract, body))
         rounds: dict[str, list[float]] = {name: [] for name in timed}
         for _ in range(args.repeat):
             for name, fn in timed.items():
@@ -206,7 +216,7 @@ def main() -> None:
                 profiler = cProfile.Profile()
                 profiler.enable()
                 for _ in range(number):
-                    scan.on_body(exchange)
+                    run_step(scan, exchange)
                 profiler.disable()
                 out = io.StringIO()
                 stats = pstats.Stats(profiler, stream=out)
