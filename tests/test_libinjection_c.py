@@ -1,6 +1,6 @@
-"""libinjection's C functions through ctypes (issue 18): the same answers as the Python
-API on every corpus, and the fallback to the Python API when the C functions are missing
-or disagree, forced here with real libraries (no mock)."""
+"""libinjection's C SQLi function through ctypes (issue 18): the same answers as the
+Python API on every corpus, and the fallback to the Python API when the C function is
+missing or disagrees, forced here with real libraries (no mock)."""
 
 from __future__ import annotations
 
@@ -49,15 +49,15 @@ def test_c_and_python_api_agree_on_every_corpus():
     binding = load()
     assert binding.kind == "c"
     texts_ = texts()
-    disagree = [t for t in texts_ if binding.sqli(t) != dict_sqli(t)
-                or binding.xss(t) != dict_xss(t)]
+    disagree = [t for t in texts_ if binding.sqli(t) != dict_sqli(t)]
     assert disagree == []
+    assert binding.xss is dict_xss  # measured cheaper than its ctypes call
     # the corpus exercises both answers of both detectors
     assert {binding.sqli(t) for t in texts_} == {True, False}
     assert {binding.xss(t) for t in texts_} == {True, False}
 
 
-def test_missing_c_functions_fall_back_to_the_python_api(caplog):
+def test_a_missing_c_function_falls_back_to_the_python_api(caplog):
     libc = ctypes.util.find_library("c")
     assert libc is not None
     with caplog.at_level(logging.WARNING, logger="apishield"):
@@ -66,8 +66,9 @@ def test_missing_c_functions_fall_back_to_the_python_api(caplog):
     assert "not exported" in caplog.text and "using the Python API" in caplog.text
 
 
-def test_c_functions_that_disagree_fall_back_to_the_python_api(caplog):
-    # the XSS function where SQLi is expected: real C code that answers differently
+def test_a_c_function_that_disagrees_fall_back_to_the_python_api(caplog):
+    # libinjection's XSS function where SQLi is expected: real C code (same arguments,
+    # the third ignored) that answers differently
     with caplog.at_level(logging.WARNING, logger="apishield"):
         binding = load(None, sqli_symbol="libinjection_xss")
     assert binding is DICT_API
