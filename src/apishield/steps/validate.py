@@ -17,6 +17,8 @@ Two steps, both synchronous and compiled at load:
   (`application/x-www-form-urlencoded`, `multipart/form-data`) are decoded strictly,
   their text values typed by the schema the way parameters are, and the resulting object
   is validated the same way; multipart framing is read by `contract/multipart.py`.
+  A body over `OFF_LOOP_BYTES` is validated in a thread: the step suspends (`Suspend`)
+  and its rerun reports the thread's outcome.
 
 Errors carry a JSON pointer and a reason, never the submitted value; at most
 `validation.max_errors` of them.
@@ -24,10 +26,14 @@ Errors carry a JSON pointer and a reason, never the submitted value; at most
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -46,7 +52,7 @@ from apishield.contract.schema import (
     pattern_location,
 )
 from apishield.contract.shapes import Builder, Shape
-from apishield.exchange import Exchange, media_type
+from apishield.exchange import Exchange, Suspend, media_type
 from apishield.problems import (
     BadRequest,
     InjectionSuspected,
@@ -488,6 +494,76 @@ class _TooDeep(ValueError):
     pass
 
 
+class _Pairs:
+    """The parser's object hook: counts keys across the whole body (reset per body) and
+    refuses duplicates."""
+
+    __slots__ = ("keys", "max_keys")
+
+    def __init__(self, max_keys: int) -> None:
+        self.keys = 0
+        self.max_keys = max_keys
+
+    def __call__(self, items: list[tuple[str, Any]]) -> dict[str, Any]:
+        self.keys += len(items)
+        if self.keys > self.max_keys:
+            raise _TooDeep("body-too-many-keys")
+        result = dict(items)
+        if len(result) != len(items):
+            raise _TooDeep("body-duplicate-key")
+        return result
+
+
+def _non_finite(name: str) -> Any:
+    raise _TooDeep("body-non-finite-number")
+
+
+# Bodies longer than this are validated in a thread, off the event loop (issue 18): a
+# 100 KB JSON body takes milliseconds to parse, cap and scan (bench/RESULTS.md), during
+# which every other connection would wait. In a thread the loop still shares the GIL with
+# it, in the interpreter's 5 ms slices, but it answers others meanwhile. The thread hop
+# costs ~100-200 us (measured on the loaded 2-core bench machine): a few percent of a
+# 64 KB body's validation, more than a small body's whole validation.
+OFF_LOOP_BYTES = 64 * 1024
+
+
+class _OffLoop:
+    """One body's validation in a thread: the `Suspend` owner, so the step's rerun finds
+    the outcome here. `run` never raises (Suspend's contract): it keeps what was raised."""
+
+    __slots__ = ("body", "check", "raised")
+
+    def __init__(self, body: bytes, check: Callable[[], None]) -> None:
+        self.body = body  # which body it is about: the rerun checks it is the same
+        self.check = check
+        self.raised: BaseException | None = None
+
+    async def run(self) -> None:
+        try:
+            await asyncio.to_thread(self.check)
+        except Exception as exc:  # a refusal (Problem) or a bug: raised on the rerun
+            self.raised = exc.with_traceback(None) if isinstance(exc, Problem) else exc
+
+    def outcome(self) -> None:
+        """Raise what the validation raised, if anything."""
+        if self.raised is not None:
+            raise self.raised
+
+
+_CONTAINERS = (dict, list)  # a tuple: `isinstance(x, dict | list)` builds a union per call
+_Check = Callable[[str], str | None]  # Detector.check
+_Trail = tuple[Any, ...]  # (parent trail, key or index), () at the root: a lazy JSON pointer
+
+
+def _pointer(trail: _Trail, last: str | int) -> str:
+    """`/body/...` for the value at `last` below `trail`."""
+    parts = [last]
+    while trail:
+        trail, part = trail
+        parts.append(part)
+    return "/body" + "".join("/" + escape_pointer(str(part)) for part in reversed(parts))
+
+
 class BodyStep:
     name = "validate_body"
 
@@ -498,6 +574,7 @@ class BodyStep:
         self.max_keys = config.max_json_keys
         self.max_parts = config.max_parts
         self.max_file_bytes = config.max_file_bytes
+        self._local = threading.local()  # a JSON decoder per thread (`_decoder`)
         self.validators: dict[str, dict[str, jsonschema_rs.Validator]] = {}
         self.detector = Detector(config.injection)
         self.shapes: dict[str, dict[str, Shape | None]] = {}  # free strings to scan (B6)
@@ -559,13 +636,39 @@ class BodyStep:
                 return
             media = json_media[0]  # e.g. application/*+json
             validator = validators[media]
+        if len(request.body) > OFF_LOOP_BYTES:
+            # a large body is validated in a thread (issue 18): the step suspends, the
+            # pipeline awaits the thread and runs the step again, which finds the outcome
+            waited = exchange.waited_for
+            if isinstance(waited, _OffLoop) and waited.body is request.body:
+                waited.outcome()
+                return
+            job = _OffLoop(request.body, partial(self._check, operation, request.body,
+                                                 content_type, media, validator))
+            raise Suspend(job.run, owner=job)
+        self._check(operation, request.body, content_type, media, validator)
+
+    def _check(self, operation: Operation, body: bytes, content_type: bytes, media: str,
+               validator: jsonschema_rs.Validator) -> None:
+        """Parse, cap, validate and scan one body; a refusal is raised."""
+        shapes = self.shapes.get(operation.pointer)
+        # the free strings are scanned when the operation scans (B6); its shape may be
+        # None (a schema that is no object): then every string is free
+        check = self.detector.check if shapes is not None and media in shapes else None
+        shape = shapes.get(media) if shapes is not None else None
+        found: list[dict[str, str]] = []
         if media == FORM:
-            document = self.parse_form(request.body, self.form_fields[operation.pointer])
+            document = self.parse_form(body, self.form_fields[operation.pointer])
         elif media == MULTIPART:
-            document = self.parse_multipart(request.body, content_type,
+            document = self.parse_multipart(body, content_type,
                                             self.multipart[operation.pointer])
         else:
-            document = self.parse(request.body, content_type)
+            # one walk for the depth cap and the scan (issue 18: they were two); its
+            # findings wait for the schema, whose 422 comes first
+            document, text = self._load(body, content_type)
+            found = self._walk(document, shape, check, strict=True)
+            self._no_lone_surrogate(document, text)
+            check = None
         errors: list[dict[str, str]] = []
         for error in validator.iter_errors(document):
             errors.extend(error_entries("/body", error))
@@ -576,43 +679,68 @@ class BodyStep:
             problem = InvalidBody("body-schema")
             problem.errors = errors
             raise problem
-        shapes = self.shapes.get(operation.pointer)
-        if shapes is not None and media in shapes:
-            found = self._scan(document, shapes[media], [], [])
-            if found:
-                suspected = InjectionSuspected("injection-in-body")
-                suspected.errors = found
-                raise suspected
+        if check is not None:  # a form: its strings are typed by the schema first
+            found = self._walk(document, shape, check, strict=False)
+        if found:
+            suspected = InjectionSuspected("injection-in-body")
+            suspected.errors = found
+            raise suspected
 
-    def _scan(self, value: Any, shape: Shape | None, path: list[str | int],
-              found: list[dict[str, str]]) -> list[dict[str, str]]:
-        """Free-text strings of a validated document that carry a payload. The JSON
+    def _walk(self, document: Any, shape: Shape | None, check: _Check | None,
+              strict: bool) -> list[dict[str, str]]:
+        """One pass over a parsed document: containers nested deeper than `max_depth`
+        (`strict`: 400 body-too-deep; else left unscanned) and, with `check`, the free-text
+        strings that carry a payload (at most `max_errors`, in document order). The JSON
         pointer is only built for a finding (building one per value cost a fifth)."""
-        if len(found) >= self.max_errors or len(path) > self.max_depth:
-            return found
-        if isinstance(value, str):
-            if shape is None or shape.free_string:
-                kind = self.detector.check(value)
+        found: list[dict[str, str]] = []
+        if isinstance(document, str):
+            if check is not None and (shape is None or shape.free_string):
+                kind = check(document)
                 if kind is not None:
-                    pointer = "".join("/" + escape_pointer(str(part)) for part in path)
-                    found.append({"pointer": "/body" + pointer, "reason": kind})
-        elif isinstance(value, dict):
+                    found.append({"pointer": "/body", "reason": kind})
+        elif isinstance(document, _CONTAINERS):
+            try:
+                self._visit(document, shape, 1, (), found, check, strict)
+            except _TooDeep as exc:
+                raise BadRequest(str(exc)) from None
+        return found
+
+    def _visit(self, node: dict[str, Any] | list[Any], shape: Shape | None, depth: int,
+               trail: _Trail, found: list[dict[str, str]], check: _Check | None,
+               strict: bool) -> None:
+        """`_walk` below one container (recursion per container, not per value: the
+        strings are read in the loop)."""
+        if depth > self.max_depth:
+            if strict:
+                raise _TooDeep("body-too-deep")
+            return
+        most = self.max_errors
+        if isinstance(node, dict):
             properties = shape.properties if shape is not None else None
             unscanned = shape.unscanned if shape is not None else ()
-            for key, item in value.items():
-                if isinstance(item, str | dict | list) and key not in unscanned:
-                    path.append(key)
-                    self._scan(item, properties.get(key) if properties is not None else None,
-                               path, found)
-                    path.pop()
-        elif isinstance(value, list):
+            for key, item in node.items():
+                if isinstance(item, str):
+                    if check is not None and len(found) < most and key not in unscanned:
+                        sub = properties.get(key) if properties is not None else None
+                        if sub is None or sub.free_string:
+                            kind = check(item)
+                            if kind is not None:
+                                found.append({"pointer": _pointer(trail, key), "reason": kind})
+                elif isinstance(item, _CONTAINERS):
+                    self._visit(item, properties.get(key) if properties is not None else None,
+                                depth + 1, (trail, key), found,
+                                None if key in unscanned else check, strict)
+        else:
             items = shape.items if shape is not None else None
-            for index, item in enumerate(value):
-                if isinstance(item, str | dict | list):
-                    path.append(index)
-                    self._scan(item, items, path, found)
-                    path.pop()
-        return found
+            free = items is None or items.free_string
+            for index, item in enumerate(node):
+                if isinstance(item, str):
+                    if check is not None and free and len(found) < most:
+                        kind = check(item)
+                        if kind is not None:
+                            found.append({"pointer": _pointer(trail, index), "reason": kind})
+                elif isinstance(item, _CONTAINERS):
+                    self._visit(item, items, depth + 1, (trail, index), found, check, strict)
 
     def parse_form(self, body: bytes, fields: dict[str, _FormField]) -> Any:
         """`application/x-www-form-urlencoded` -> an object typed by the schema."""
@@ -707,7 +835,17 @@ class BodyStep:
 
     def parse(self, body: bytes, content_type: bytes) -> Any:
         """Parse once, refusing duplicate keys (in the object hook), excess key counts,
-        non-finite numbers and excess depth.
+        non-finite numbers, excess depth and unpaired surrogates (a JSON part of a
+        multipart body; a JSON body gets the same checks in `on_body`, the depth one in the
+        walk that also scans it)."""
+        document, text = self._load(body, content_type)
+        self._walk(document, None, None, strict=True)
+        self._no_lone_surrogate(document, text)
+        return document
+
+    def _load(self, body: bytes, content_type: bytes) -> tuple[Any, str]:
+        """The document and its text: parsed once, refusing duplicate keys (in the object
+        hook), excess key counts and non-finite numbers.
 
         Measured (bench/RESULTS.md): stdlib json with this hook costs ~175 us more than
         without on 100 KB; orjson plus a colon count outside string literals (orjson keeps
@@ -719,24 +857,10 @@ class BodyStep:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest("body-invalid-utf8") from None
-        keys = 0
-        max_keys = self.max_keys
-
-        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-            nonlocal keys
-            keys += len(items)
-            if keys > max_keys:
-                raise _TooDeep("body-too-many-keys")
-            result = dict(items)
-            if len(result) != len(items):
-                raise _TooDeep("body-duplicate-key")
-            return result
-
-        def constant(name: str) -> Any:
-            raise _TooDeep("body-non-finite-number")
-
+        decoder, pairs = self._decoder()
+        pairs.keys = 0
         try:
-            document = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+            document = decoder.decode(text)
         except _TooDeep as exc:
             raise BadRequest(str(exc), contract_rule=True) from None
         except json.JSONDecodeError:
@@ -747,14 +871,29 @@ class BodyStep:
             raise _bad_part("body-number-too-large", "/body", "out-of-range") from None
         except RecursionError:  # nesting beyond Python's stack
             raise BadRequest("body-malformed-json", contract_rule=True) from None
-        if _too_deep(document, self.max_depth):
-            raise BadRequest("body-too-deep")
+        return document, text
+
+    def _decoder(self) -> tuple[json.JSONDecoder, _Pairs]:
+        """This thread's decoder and its hook (issue 18: `json.loads` with a hook builds
+        a decoder and its C scanner per call, ~5 us of a 1 KB body's ~40 us; one per
+        thread, since large bodies are parsed in threads)."""
+        local = self._local
+        try:
+            return local.decoder, local.pairs
+        except AttributeError:
+            pairs = _Pairs(self.max_keys)
+            local.decoder = json.JSONDecoder(object_pairs_hook=pairs,
+                                             parse_constant=_non_finite)
+            local.pairs = pairs
+            return local.decoder, pairs
+
+    @staticmethod
+    def _no_lone_surrogate(document: Any, text: str) -> None:
         if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(document):
             # `"\ud800"` parses here but is no Unicode text (RFC 8259 8.2, RFC 7493 2.1):
             # stored upstream, it comes back in responses that orjson (and many other
             # parsers) refuse; every later read of that record would be a 502
             raise BadRequest("body-lone-surrogate", contract_rule=True)
-        return document
 
 
 def _bad_part(reason: str, pointer: str, why: str) -> BadRequest:
@@ -801,20 +940,6 @@ def _lone_surrogate(document: Any) -> bool:
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
-    return False
-
-
-def _too_deep(document: Any, limit: int) -> bool:
-    """Whether containers nest deeper than `limit` (walks containers only, iteratively)."""
-    if not isinstance(document, dict | list):
-        return False
-    stack = [(document, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
 
 
