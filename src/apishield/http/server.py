@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import re
 from collections import deque
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import httptools
@@ -79,8 +80,10 @@ CUT_ELSEWHERE = 256 * 1024  # response bodies cut in the worker process above th
 WRITE_HIGH_WATER = 64 * 1024  # unsent response bytes before writing pauses (low: a quarter)
 
 
+@lru_cache(maxsize=1024)
 def valid_host(value: bytes) -> bool:
-    """Whether a Host value is uri-host [":" port] (empty is allowed: RFC 9112 3.2)."""
+    """Whether a Host value is uri-host [":" port] (empty is allowed: RFC 9112 3.2).
+    Memoized: clients send the same few Host values, and the regex was ~3% of a request."""
     match = _HOST.fullmatch(value)
     if match is None:
         return False
