@@ -41,8 +41,15 @@ ratio to the floor, Python-level calls per request and the top functions by own 
 ~9.6 us of CPU per request in situ (bench/RESULTS.md, TLS section), and Python work in
 situ costs ~3x its in-memory figure (cache pressure from the kernel's socket work).
 
+With `--instructions`, the tool runs itself under valgrind's callgrind instead and
+reports instructions per request (`Ir`, counted only around the measured iterations via
+callgrind's client requests): a figure that does not move with the machine's load, for
+judging a change of a few percent that the noise of a shared machine hides in CPU time.
+It needs valgrind and gcc (a 10-line helper library is compiled into a temp dir).
+
     .venv/bin/python bench/hotpath.py [--rounds 7] [--number 20000] [--only passthrough,floor]
                                       [--json bench/results/hotpath.json] [--top 25]
+    .venv/bin/python bench/hotpath.py --instructions [--number 2000] [--only full]
 """
 
 from __future__ import annotations
@@ -50,10 +57,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import ctypes
 import json
 import os
 import platform
 import pstats
+import re
 import statistics
 import subprocess
 import sys
@@ -265,8 +274,9 @@ def check(target: Target) -> dict[str, Any]:
             "response_head": head.decode("latin-1").split("\r\n")}
 
 
-async def run_iterations(target: Target, number: int) -> float:
-    """CPU seconds for `number` requests (the loop gets a turn every BATCH)."""
+async def run_iterations(target: Target, number: int, turns: bool = True) -> float:
+    """CPU seconds for `number` requests (the loop gets a turn every BATCH unless not
+    `turns`: then the access log flushes on its size bound only, as under load)."""
     step = target.step
     client_out, up_out = target.client.out, target.upstream.out
     start = time.process_time()
@@ -278,7 +288,8 @@ async def run_iterations(target: Target, number: int) -> float:
         client_out.clear()
         up_out.clear()
         done += n
-        await asyncio.sleep(0)
+        if turns:
+            await asyncio.sleep(0)
     return time.process_time() - start
 
 
@@ -301,6 +312,51 @@ async def profile(target: Target, number: int, top: int) -> dict[str, Any]:
                  "cumtime_us": round(ct / number * 1e6, 3)}
                 for tt, nc, ct, name in rows[:top]],
     }
+
+
+CALLGRIND_HELPER = r"""
+#include <valgrind/callgrind.h>
+void hp_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
+void hp_stop(const char *name) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS_AT(name); }
+"""
+UNDER_VALGRIND = "HOTPATH_CALLGRIND_HELPER"
+
+
+def run_under_callgrind(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Run this tool again under callgrind and read instructions per request per target."""
+    with tempfile.TemporaryDirectory(prefix="hotpath-cg-") as tmp:
+        helper = Path(tmp) / "cghelper.so"
+        source = Path(tmp) / "cghelper.c"
+        source.write_text(CALLGRIND_HELPER)
+        subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(helper), str(source)],
+                       check=True)
+        out = Path(tmp) / "callgrind.out"
+        env = {**os.environ, UNDER_VALGRIND: str(helper)}
+        subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                        f"--callgrind-out-file={out}", sys.executable, __file__, *argv],
+                       check=True, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=3600)
+        totals: dict[str, int] = {}
+        for part in sorted(Path(tmp).glob("callgrind.out*")):
+            text = part.read_text(errors="replace")
+            trigger = re.search(r"^desc: Trigger: Client Request: (\S+)", text, re.M)
+            total = re.search(r"^totals: (\d+)", text, re.M)
+            if trigger and total:
+                totals[trigger.group(1)] = int(total.group(1))
+    return {name: round(ir / args.number) for name, ir in totals.items()}
+
+
+async def count_instructions(targets: dict[str, Target], number: int) -> None:
+    """Inside callgrind: instrument only the measured iterations of each target. The
+    event loop gets no turn inside: its timers (housekeeping each second, the access
+    log's 100 ms flush) run by wall-clock time, ~50x more often per request under
+    valgrind than at full speed, and would make the count vary from run to run."""
+    lib = ctypes.CDLL(os.environ[UNDER_VALGRIND])
+    for name, target in targets.items():
+        await asyncio.sleep(0)
+        lib.hp_start()
+        await run_iterations(target, number, turns=False)
+        lib.hp_stop(name.encode())
 
 
 def _short(filename: str) -> str:
@@ -331,6 +387,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             checks[name] = check(targets[name])
         for target in targets.values():  # warm-up: what a server has after its first seconds
             await run_iterations(target, args.number // 4)
+        if os.environ.get(UNDER_VALGRIND):
+            await count_instructions(targets, args.number)
+            return {}
         samples: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(args.rounds):
             for name, target in targets.items():
@@ -403,7 +462,26 @@ def main() -> int:
     ap.add_argument("--client-headers", action="store_true",
                     help="add User-Agent and Accept to the requests (wrk sends Host only)")
     ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument("--instructions", action="store_true",
+                    help="instructions per request under callgrind instead of CPU time "
+                         "(slow: use --number 2000)")
     args = ap.parse_args()
+    if os.environ.get(UNDER_VALGRIND):
+        uvloop.run(main_async(args))
+        return 0
+    if args.instructions:
+        argv = [a for a in sys.argv[1:] if a != "--instructions"]
+        counted = run_under_callgrind(args, argv)
+        floor = counted.get("floor")
+        print(f"instructions per request (callgrind Ir, {args.number:,} requests each):")
+        for name, ir in counted.items():
+            ratio = f"  {ir / floor:6.2f} x floor" if floor else ""
+            print(f"  {name:<12} {ir:>10,}{ratio}")
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"instructions_per_request": counted,
+                                             "number": args.number}, indent=2) + "\n")
+        return 0
     result = uvloop.run(main_async(args))
     print(render(result, args.top))
     if args.json is not None:

@@ -40,6 +40,8 @@ from apishield.http.plain_http import PlainHttpResponder
 from apishield.http.server import HttpConnection
 from apishield.http.tls import ServerTls, server_tls, upstream_context
 from apishield.http.upstream import (
+    HOP_BY_HOP,
+    RESPONSE_DROPPED,
     Ready,
     UpstreamConnection,
     UpstreamError,
@@ -57,25 +59,20 @@ from apishield.steps.response_cutter import Cutter
 
 logger = logging.getLogger("apishield")
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-        b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
-    }
-)
 # Replaced by the gateway on the way to the upstream.
 REQUEST_OWNED = HOP_BY_HOP | {
     b"host", b"content-length", b"expect", b"x-request-id",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip",
 }
-RESPONSE_DROPPED = HOP_BY_HOP | {b"content-length"}
 IDENTITY_PREFIX = b"x-apishield-"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 @lru_cache(maxsize=256)
-def _response_dropped(tokens: frozenset[bytes]) -> frozenset[bytes]:
-    return RESPONSE_DROPPED | tokens
+def _named_hop_by_hop(tokens: frozenset[bytes]) -> frozenset[bytes]:
+    """The fields a response's `Connection` names beyond those the upstream connection
+    already dropped while parsing (usually none: `keep-alive` or `close`)."""
+    return tokens - RESPONSE_DROPPED
 
 
 class Reply:
@@ -283,12 +280,14 @@ class Gateway:
         return True
 
     def reply_from(self, response: UpstreamResponse) -> Reply:
-        """Drop hop-by-hop response headers; give the connection back if the body is in."""
-        raw = response.headers
-        dropped = RESPONSE_DROPPED
+        """Drop the response headers its `Connection` names (the standard hop-by-hop ones
+        never reached the list: `UpstreamConnection.on_header`); give the connection back
+        if the body is in."""
+        headers = response.headers
         if response.connection_tokens:
-            dropped = _response_dropped(response.connection_tokens)
-        headers = [item for item in raw if item[0] not in dropped]
+            named = _named_hop_by_hop(response.connection_tokens)
+            if named:
+                headers = [item for item in headers if item[0] not in named]
         if response.complete:
             response.release()
             return Reply(response.status, headers, response.body, None, response.content_length)
