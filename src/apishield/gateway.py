@@ -198,7 +198,8 @@ class Gateway:
         client_host = b""
         forwarded_proto = request.scheme.encode()
         forwarded_host = b""
-        kept: Headers = []
+        # the head as lines, each `name: value` formatted once (no tuple list re-joined)
+        lines = [b"%b %b HTTP/1.1" % (request.method.encode(), target)]
         for name, value in headers:
             if b"_" in name:
                 # WSGI/CGI backends read `X_Forwarded_For` as `X-Forwarded-For`: an
@@ -215,28 +216,25 @@ class Gateway:
                     elif name == b"x-forwarded-host":
                         forwarded_host = value
                 continue
-            kept.append((name, value))
+            lines.append(b"%b: %b" % (name, value))
         host = self.upstream_host_header
         if self.preserve_host and client_host:
             host = client_host
-        kept.append((b"host", host))
-        kept.append((b"x-forwarded-for", exchange.forwarded_for.encode()))
-        kept.append((b"x-forwarded-proto", forwarded_proto))
+        lines.append(b"host: %b\r\nx-forwarded-for: %b\r\nx-forwarded-proto: %b" % (
+            host, exchange.forwarded_for.encode(), forwarded_proto))
         if forwarded_host or client_host:
-            kept.append((b"x-forwarded-host", forwarded_host or client_host))
-        kept.append((b"x-request-id", exchange.id.encode()))
+            lines.append(b"x-forwarded-host: %b" % (forwarded_host or client_host))
+        lines.append(b"x-request-id: %b" % exchange.id.encode())
         if request.client_identity:  # after the filter above dropped any client-sent copy
-            kept.extend(request.client_identity)
+            lines.extend([b": ".join(pair) for pair in request.client_identity])
         if exchange.principal is not None:
-            kept.extend(identity_headers(exchange.principal))
+            lines.extend([b": ".join(pair) for pair in identity_headers(exchange.principal)])
         body = request.body
         if framing is not None:
-            kept.append(framing)
+            lines.append(b": ".join(framing))
         elif body or request.method in BODY_METHODS:
-            kept.append((b"content-length", b"%d" % len(body)))
-        return b"%b %b HTTP/1.1\r\n%b\r\n\r\n%b" % (
-            request.method.encode(), target, b"\r\n".join([b": ".join(h) for h in kept]), body
-        )
+            lines.append(b"content-length: %d" % len(body))
+        return b"%b\r\n\r\n%b" % (b"\r\n".join(lines), body)
 
     async def forward(self, exchange: Exchange, pipeline: Pipeline | None = None) -> Reply:
         assert self.pool is not None
