@@ -628,7 +628,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 return
             exchange.problem = problem_for(error)
         elif conn.complete:
-            reply = self.gateway.reply_from(UpstreamResponse(conn))
+            reply = self.gateway.reply_complete(conn)
             pipeline = message.pipeline
             status = reply.status
             try:
