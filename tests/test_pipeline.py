@@ -101,3 +101,36 @@ def test_refusals_leave_no_reference_cycles():
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def _serialized(headers):
+    return b"".join(b"%b: %b\r\n" % item for item in headers)
+
+
+def test_response_head_is_on_response_serialized():
+    """The gateway writes `response_head`'s bytes (the security headers pre-serialized);
+    they must be exactly the fields and order `on_response` gives the ASGI middleware."""
+    upstream = [(b"content-type", b"application/json"), (b"server", b"nginx"),
+                (b"x-request-id", b"forged"), (b"cache-control", b"max-age=60"),
+                (b"x-content-type-options", b"weaker"), (b"access-control-allow-origin", b"*"),
+                (b"etag", b'"1"')]
+    settings = [
+        {},
+        {"cors": {"allow_origins": ["https://app.example"]},
+         "headers": {"hsts": "always", "content_security_policy": "default-src 'none'"}},
+        {"operations": {"cachePublic": {"public": True}},
+         "rate_limiting": {"limits": [{"name": "a", "rate": "5/s"}]}},
+        {"headers": {"cache_control": None, "referrer_policy": None}},
+    ]
+    for extra in settings:
+        pipeline = _pipeline(**extra)
+        for path, origin in ((b"/cache", b"https://app.example"), (b"/echo", None)):
+            for status in (200, 401, 404):
+                request_headers = [(b"origin", origin)] if origin else []
+                exchange = Exchange(Request("GET", path, b"", request_headers, "127.0.0.1"))
+                pipeline.on_head(exchange)
+                listed = pipeline.on_response(exchange, status, list(upstream))
+                head = pipeline.response_head(exchange, status, list(upstream))
+                assert head == _serialized(listed), (extra, path, status)
+                assert b"x-request-id: " + exchange.id.encode() in head
+                assert b"forged" not in head and b"server:" not in head

@@ -203,6 +203,23 @@ def test_unicode_and_decoded_characters_match_literally():
     assert match(r, "/café/a b") == ("/café/{x}", {"x": "a b"})
 
 
+@pytest.mark.parametrize("base_path", ["", "/api"])
+def test_static_targets_answer_as_normalize_and_match_do(base_path):
+    """The route step's shortcut (one dict probe on the raw path) must give exactly what
+    decoding and matching give; paths that need decoding or are refused are left out."""
+    r = router("/", "/pets", "/pets/", "/a b", "/café", "/x/.hidden", "/100%", "/a;v=1",
+               "/pets/{id}", base_path=base_path)
+    table = r.static_targets()
+    for raw, (path, entry) in table.items():
+        assert normalize_path(raw) == path
+        found = r.match(path)
+        assert found is not None and found[0] is entry and found[1] == {}
+    expected = {b"/", b"/pets", b"/pets/", b"/a;v=1"}
+    if base_path:
+        expected = {b"/api"} | {b"/api" + p for p in expected - {b"/"}}
+    assert set(table) == expected
+
+
 # --- paths.normalize_path -------------------------------------------------------------
 
 

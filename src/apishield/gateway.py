@@ -40,6 +40,8 @@ from apishield.http.plain_http import PlainHttpResponder
 from apishield.http.server import HttpConnection
 from apishield.http.tls import ServerTls, server_tls, upstream_context
 from apishield.http.upstream import (
+    HOP_BY_HOP,
+    RESPONSE_DROPPED,
     Ready,
     UpstreamConnection,
     UpstreamError,
@@ -57,25 +59,20 @@ from apishield.steps.response_cutter import Cutter
 
 logger = logging.getLogger("apishield")
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-        b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
-    }
-)
 # Replaced by the gateway on the way to the upstream.
 REQUEST_OWNED = HOP_BY_HOP | {
     b"host", b"content-length", b"expect", b"x-request-id",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip",
 }
-RESPONSE_DROPPED = HOP_BY_HOP | {b"content-length"}
 IDENTITY_PREFIX = b"x-apishield-"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 @lru_cache(maxsize=256)
-def _response_dropped(tokens: frozenset[bytes]) -> frozenset[bytes]:
-    return RESPONSE_DROPPED | tokens
+def _named_hop_by_hop(tokens: frozenset[bytes]) -> frozenset[bytes]:
+    """The fields a response's `Connection` names beyond those the upstream connection
+    already dropped while parsing (usually none: `keep-alive` or `close`)."""
+    return tokens - RESPONSE_DROPPED
 
 
 class Reply:
@@ -201,7 +198,8 @@ class Gateway:
         client_host = b""
         forwarded_proto = request.scheme.encode()
         forwarded_host = b""
-        kept: Headers = []
+        # the head as lines, each `name: value` formatted once (no tuple list re-joined)
+        lines = [b"%b %b HTTP/1.1" % (request.method.encode(), target)]
         for name, value in headers:
             if b"_" in name:
                 # WSGI/CGI backends read `X_Forwarded_For` as `X-Forwarded-For`: an
@@ -218,28 +216,25 @@ class Gateway:
                     elif name == b"x-forwarded-host":
                         forwarded_host = value
                 continue
-            kept.append((name, value))
+            lines.append(b"%b: %b" % (name, value))
         host = self.upstream_host_header
         if self.preserve_host and client_host:
             host = client_host
-        kept.append((b"host", host))
-        kept.append((b"x-forwarded-for", exchange.forwarded_for.encode()))
-        kept.append((b"x-forwarded-proto", forwarded_proto))
+        lines.append(b"host: %b\r\nx-forwarded-for: %b\r\nx-forwarded-proto: %b" % (
+            host, exchange.forwarded_for.encode(), forwarded_proto))
         if forwarded_host or client_host:
-            kept.append((b"x-forwarded-host", forwarded_host or client_host))
-        kept.append((b"x-request-id", exchange.id.encode()))
+            lines.append(b"x-forwarded-host: %b" % (forwarded_host or client_host))
+        lines.append(b"x-request-id: %b" % exchange.id.encode())
         if request.client_identity:  # after the filter above dropped any client-sent copy
-            kept.extend(request.client_identity)
+            lines.extend([b": ".join(pair) for pair in request.client_identity])
         if exchange.principal is not None:
-            kept.extend(identity_headers(exchange.principal))
+            lines.extend([b": ".join(pair) for pair in identity_headers(exchange.principal)])
         body = request.body
         if framing is not None:
-            kept.append(framing)
+            lines.append(b": ".join(framing))
         elif body or request.method in BODY_METHODS:
-            kept.append((b"content-length", b"%d" % len(body)))
-        return b"%b %b HTTP/1.1\r\n%b\r\n\r\n%b" % (
-            request.method.encode(), target, b"\r\n".join([b": ".join(h) for h in kept]), body
-        )
+            lines.append(b"content-length: %d" % len(body))
+        return b"%b\r\n\r\n%b" % (b"\r\n".join(lines), body)
 
     async def forward(self, exchange: Exchange, pipeline: Pipeline | None = None) -> Reply:
         assert self.pool is not None
@@ -283,16 +278,30 @@ class Gateway:
         return True
 
     def reply_from(self, response: UpstreamResponse) -> Reply:
-        """Drop hop-by-hop response headers; give the connection back if the body is in."""
-        raw = response.headers
-        dropped = RESPONSE_DROPPED
+        """Drop the response headers its `Connection` names (the standard hop-by-hop ones
+        never reached the list: `UpstreamConnection.on_header`); give the connection back
+        if the body is in."""
+        headers = response.headers
         if response.connection_tokens:
-            dropped = _response_dropped(response.connection_tokens)
-        headers = [item for item in raw if item[0] not in dropped]
+            named = _named_hop_by_hop(response.connection_tokens)
+            if named:
+                headers = [item for item in headers if item[0] not in named]
         if response.complete:
             response.release()
             return Reply(response.status, headers, response.body, None, response.content_length)
         return Reply(response.status, headers, response.body, response, response.content_length)
+
+    def reply_complete(self, conn: UpstreamConnection) -> Reply:
+        """`reply_from(UpstreamResponse(conn))` for a response received whole (the fast
+        path): the same Reply without the intermediate object; the connection goes back."""
+        headers = conn.headers
+        if conn.connection_tokens:
+            named = _named_hop_by_hop(conn.connection_tokens)
+            if named:
+                headers = [item for item in headers if item[0] not in named]
+        reply = Reply(conn.status, headers, b"".join(conn.chunks), None, conn.content_length)
+        conn.finish()
+        return reply
 
     def admin_app(self) -> AdminApp:
         """The admin API over this gateway (it reads the pipeline in force at each call)."""

@@ -176,6 +176,11 @@ class Pipeline:
         self._body_step = body
         self.response_steps = _enabled(response)
         self._response_calls = [s.on_response for s in self.response_steps]
+        # `response_head`: the steps before the security headers, which always run last
+        last = self.response_steps[-1]
+        assert isinstance(last, security_headers.SecurityHeadersStep)
+        self._security_headers = last
+        self._response_lead = self._response_calls[:-1]
         self.access_log: AccessLog | None = (
             previous.access_log if previous is not None and "access_log" in kept
             else AccessLog(config.access_log.path) if config.access_log.enabled else None)
@@ -340,6 +345,17 @@ class Pipeline:
         for call in self._response_calls:
             headers = call(exchange, status, headers)
         return headers
+
+    def response_head(self, exchange: Exchange, status: int, headers: Headers) -> bytes:
+        """`on_response` serialized as head lines (`name: value\\r\\n` each): the same
+        fields in the same order, for a front end that writes bytes (the gateway)."""
+        if status == 401 or status == 403:
+            operation = exchange.operation
+            events.login_refusal(exchange, status, operation is not None
+                                 and self.auth.plans.get(operation.pointer) is PUBLIC)
+        for call in self._response_lead:
+            headers = call(exchange, status, headers)
+        return self._security_headers.serialize(exchange, status, headers)
 
     def problem_response(self, exchange: Exchange, problem: Problem) -> tuple[int, Headers, bytes]:
         """The only way a refusal becomes a response (masked, with the request id)."""

@@ -105,6 +105,22 @@ class Router:
                 node = seg.child
         node.entry = entry
 
+    def static_targets(self) -> dict[bytes, tuple[str, PathEntry]]:
+        """Raw request paths that need no decoding, each with its normalized path and
+        entry: `normalize_path` returns such a path unchanged (ASCII, no `%`, `\\`,
+        control character, empty or dot segment) and `match` finds its static entry, so
+        the route step can skip both with one dict probe (tests/test_router.py checks it
+        is the same answer)."""
+        table: dict[bytes, tuple[str, PathEntry]] = {}
+        for template, entry in self._static.items():
+            path = self.base_path if self.base_path and template == "/" else (
+                self.base_path + template)
+            if (not path.isascii() or any(c in path for c in "%\\") or "//" in path
+                    or "/." in path or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in path)):
+                continue
+            table[path.encode("ascii")] = (path, entry)
+        return table
+
     def match(self, path: str) -> tuple[PathEntry, dict[str, str]] | None:
         if self.base_path:
             base = self.base_path

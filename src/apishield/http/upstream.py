@@ -38,6 +38,15 @@ from apishield.problems import BadGateway, GatewayTimeout, ServiceUnavailable, T
 STREAM_THRESHOLD = 64 * 1024  # buffer up to this much before switching to streaming
 HIGH_WATER = 256 * 1024  # pause the upstream socket above this many unread bytes
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+        b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+    }
+)
+# Never passed on from a response (the gateway frames the body itself): dropped as the
+# parser reports them, so the response headers are never copied to be filtered.
+RESPONSE_DROPPED = HOP_BY_HOP | {b"content-length"}
 
 logger = logging.getLogger("apishield")
 
@@ -211,8 +220,12 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        if name == b"connection":
-            self.connection_tokens |= connection_tokens(value)
+        if name in RESPONSE_DROPPED:  # read here, never forwarded (RFC 9110 7.6.1)
+            if name == b"content-length":
+                self.content_length = content_length(value)
+            elif name == b"connection":
+                self.connection_tokens |= connection_tokens(value)
+            return
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -220,14 +233,12 @@ class UpstreamConnection(HasDeadline, asyncio.Protocol):
         if 100 <= status < 200:
             self.headers = []  # an interim response (RFC 9110 15.2): wait for the final one
             self.connection_tokens = frozenset()
+            self.content_length = None
             return
         self.status = status
         self.head_done = True
         METRICS.upstream_duration.observe(self.loop.time() - self.sent_at)
         self.keep_alive = self.parser.should_keep_alive()
-        for name, value in self.headers:
-            if name == b"content-length":
-                self.content_length = content_length(value)
         if self.head_only or status in (204, 304):
             # No body follows (RFC 9112 6.3); llhttp cannot be told so for HEAD, so the
             # message ends here and the next response gets a fresh parser.

@@ -70,6 +70,15 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _middle(method: str, route: str | None, operation: str | None) -> bytes:
+    return b'"method":%b,"route":%b,"operation":%b' % (
+        orjson.dumps(method), orjson.dumps(route), orjson.dumps(operation))
+
+
+def _end(outcome: str, reason: str | None) -> bytes:
+    return b'"outcome":%b,"reason":%b' % (orjson.dumps(outcome), orjson.dumps(reason))
+
+
 class AccessLog:
     def __init__(self, path: str) -> None:
         self._owned = path != "-"
@@ -79,19 +88,23 @@ class AccessLog:
         self._pending: list[Entry] = []
         self._flush_scheduled = False
         self._second = -1
-        self._stamp = ""
-        self._text = lru_cache(maxsize=4096)(orjson.dumps)
+        self._stamp = b""
+        # memoized JSON fragments: method, route and operation repeat together, as do
+        # outcome and reason, and client addresses (one lookup each instead of five dumps)
+        self._middle = lru_cache(maxsize=4096)(_middle)
+        self._end = lru_cache(maxsize=4096)(_end)
+        self._ip = lru_cache(maxsize=4096)(orjson.dumps)
         role = worker_role.current()
         # which worker of `serve --workers N` wrote a line; then whole-line writes only
         self._worker = b"" if role is None else b',"worker":%d' % role.index
         self._shared = role is not None
 
-    def _timestamp(self, now: float) -> str:
+    def _timestamp(self, now: float) -> bytes:
         second = int(now)
         if second != self._second:  # formatting a date costs more than the rest of the line
             self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+        return b"%b.%03dZ" % (self._stamp, int((now - second) * 1000))
 
     def record(self, entry: Entry) -> None:
         """`entry` is FIELDS in order, then the wall-clock time of the request's end."""
@@ -114,8 +127,9 @@ class AccessLog:
         if not self._pending:
             return
         entries, self._pending = self._pending, []
-        text = self._text  # memoized: routes, operations, methods, reasons repeat
-        dumps = orjson.dumps  # ids and addresses do not: they would only churn the cache
+        middle, end, address = self._middle, self._end, self._ip  # memoized fragments
+        dumps = orjson.dumps  # ids do not repeat: they would only churn a cache
+        worker = self._worker
         lines = []
         for (rid, method, route, operation, status, duration, ip, outcome, reason, ts,
              principal) in entries:
@@ -126,11 +140,10 @@ class AccessLog:
                                                       dumps(principal.key_id))
             lines.append(
                 b'{"ts":"%b","level":"info","kind":"access","logger":"apishield.access",'
-                b'"msg":"request","request_id":%b,"method":%b,"route":%b,"operation":%b,'
-                b'"status":%d,"duration_ms":%.3f,"client_ip":%b,"outcome":%b,"reason":%b%b%b}\n'
-                % (self._timestamp(ts).encode(), dumps(rid), text(method), text(route),
-                   text(operation), status, duration, dumps(ip), text(outcome), text(reason),
-                   who, self._worker)
+                b'"msg":"request","request_id":%b,%b,"status":%d,"duration_ms":%.3f,'
+                b'"client_ip":%b,%b%b%b}\n'
+                % (self._timestamp(ts), dumps(rid), middle(method, route, operation), status,
+                   duration, address(ip), end(outcome, reason), who, worker)
             )
         try:
             if self._shared:

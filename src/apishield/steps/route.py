@@ -14,17 +14,23 @@ class RouteStep:
 
     def __init__(self, router: Router) -> None:
         self.router = router
+        # static paths by their raw bytes: the common request skips decoding and matching
+        self._static = router.static_targets()
 
     def on_head(self, exchange: Exchange) -> None:
         request = exchange.request
-        request.path = normalize_path(request.raw_path)
-        found = self.router.match(request.path)
-        if found is None:
-            raise NotFound("route-not-declared")
-        entry, params = found
+        static = self._static.get(request.raw_path)
+        if static is not None:
+            request.path, entry = static
+        else:
+            request.path = normalize_path(request.raw_path)
+            found = self.router.match(request.path)
+            if found is None:
+                raise NotFound("route-not-declared")
+            entry, params = found
+            exchange.path_params = params
         exchange.entry = entry
         operation = entry.operations.get(request.method)
         if operation is None:
             raise MethodNotAllowed("method-not-declared", headers=[(b"allow", entry.allow)])
         exchange.operation = operation
-        exchange.path_params = params
