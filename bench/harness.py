@@ -1666,7 +1666,7 @@ def check_metrics_load(services: dict[str, Service], load: Load) -> dict:
 
 # The response schema of apishield_full: 5 of the upstream body's 9 properties, so every
 # response is parsed, pruned and re-serialized (as get_filter, with more left in).
-FULL_RESPONSE_SCHEMA = {
+FULL_PIPELINE_RESPONSE_SCHEMA = {
     "type": "object",
     "properties": {"id": {"type": "integer"}, "name": {"type": "string"},
                    "sku": {"type": "string"}, "price": {"type": "number"},
@@ -1699,7 +1699,7 @@ def full_contract() -> dict:
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/Item"}}}},
             "responses": {"200": {"description": "ok", "content": {
-                "application/json": {"schema": FULL_RESPONSE_SCHEMA}}}},
+                "application/json": {"schema": FULL_PIPELINE_RESPONSE_SCHEMA}}}},
         }}},
         "components": {"schemas": {"Item": ITEM_SCHEMA},
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},

@@ -156,3 +156,19 @@ def test_reported_figures_are_medians_of_per_round_ratios(harness: ModuleType) -
     assert redis["ratio_vs_embedded"] == 0.9  # per round 0.9, 0.95, 0.5
     assert redis["goal"]["met"] is True
     assert redis["cpu_ratio_vs_embedded"] == pytest.approx(0.8929, abs=1e-4)
+
+
+def test_each_response_schema_declares_what_its_target_says(harness: ModuleType) -> None:
+    """`get_filter_full` (and bench/middleware) declare every property of the upstream body,
+    nothing is cut; `apishield_full` declares 5 of the 9. One module-level name once held
+    both: the later definition silently turned get_filter_full into a filtering target."""
+    import json
+
+    upstream = set(json.loads(harness.UPSTREAM_BODY))
+    full = harness.validation_contract("get_filter_full")
+    declared = full["paths"]["/item"]["get"]["responses"]["200"]["content"][
+        "application/json"]["schema"]["properties"]
+    assert set(declared) == upstream
+    pipeline = harness.full_contract()["paths"]["/item"]["post"]["responses"]["200"][
+        "content"]["application/json"]["schema"]["properties"]
+    assert set(pipeline) == set(harness.FULL_FILTERED_BODY) and len(pipeline) == 5
