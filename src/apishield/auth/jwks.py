@@ -294,37 +294,43 @@ class StaticKeys:
         except OSError as exc:
             raise ValueError(f"{label}: cannot read key file {path}: "
                              f"{exc.strerror or exc}") from None
-        where = f"{label}: key file {path}"
-        if b"-----BEGIN" in data:
-            if b"PRIVATE KEY-----" in data:
-                raise ValueError(f"{where} holds a private key; give apishield the public "
-                                 "key only (it verifies, it never signs)")
-            key: object
-            try:
-                if b"-----BEGIN CERTIFICATE-----" in data:
-                    key = x509.load_pem_x509_certificate(data).public_key()
-                else:
-                    key = serialization.load_pem_public_key(data)
-            except ValueError as exc:
-                raise ValueError(f"{where}: not a PEM public key or certificate "
-                                 f"({exc})") from None
-            public, problem = _check_key(key)
-            if public is None:
-                raise ValueError(f"{where}: {problem}")
-            return [KeyEntry(None, public)]
+        return parse_key_data(f"{label}: key file {path}", data)
+
+
+def parse_key_data(where: str, data: bytes) -> list[KeyEntry]:
+    """The public keys in a key file's bytes: a PEM public key, a PEM certificate, a JWK
+    or a JWK Set (the gateway's static `keys`, and the probe's `--issuer-keys`). Raises
+    ValueError starting with `where`, for people."""
+    if b"-----BEGIN" in data:
+        if b"PRIVATE KEY-----" in data:
+            raise ValueError(f"{where} holds a private key; give the public key only "
+                             "(verifying needs nothing more)")
+        key: object
         try:
-            document = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise ValueError(f"{where}: neither PEM nor JSON (a JWK or a JWK Set)") from None
-        if isinstance(document, dict) and "keys" in document:
-            entries, skipped = parse_jwks(document)
-            if not entries:
-                raise ValueError(f"{where}: no usable signing key ({'; '.join(skipped)})")
-            return entries
-        entry, why = entry_from_jwk(document)
-        if entry is None:
-            raise ValueError(f"{where}: {why}")
-        return [entry]
+            if b"-----BEGIN CERTIFICATE-----" in data:
+                key = x509.load_pem_x509_certificate(data).public_key()
+            else:
+                key = serialization.load_pem_public_key(data)
+        except ValueError as exc:
+            raise ValueError(f"{where}: not a PEM public key or certificate "
+                             f"({exc})") from None
+        public, problem = _check_key(key)
+        if public is None:
+            raise ValueError(f"{where}: {problem}")
+        return [KeyEntry(None, public)]
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise ValueError(f"{where}: neither PEM nor JSON (a JWK or a JWK Set)") from None
+    if isinstance(document, dict) and "keys" in document:
+        entries, skipped = parse_jwks(document)
+        if not entries:
+            raise ValueError(f"{where}: no usable signing key ({'; '.join(skipped)})")
+        return entries
+    entry, why = entry_from_jwk(document)
+    if entry is None:
+        raise ValueError(f"{where}: {why}")
+    return [entry]
 
 
 # -- fetching ------------------------------------------------------------------------------

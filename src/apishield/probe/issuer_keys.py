@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import orjson
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from apishield.auth.jwks import entry_from_jwk, parse_jwks
+from apishield.auth.jwks import parse_key_data
 from apishield.config.auth import Issuer
 
 MAX_KEYS = 4  # key-confusion tokens per operation, at most
@@ -26,33 +24,16 @@ PemKey = tuple[str | None, bytes]  # (kid, PEM text)
 
 
 def read_key_file(path: Path) -> list[PemKey]:
-    """The public keys in a PEM, certificate, JWK or JWK Set file. Raises ValueError with a
-    message for people."""
+    """The public keys in a PEM, certificate, JWK or JWK Set file, read as the gateway
+    reads its static `keys` (`parse_key_data`). Raises ValueError with a message for
+    people."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if b"-----BEGIN" in data:
-        if b"PRIVATE KEY-----" in data:
-            raise ValueError(f"{path} holds a private key; give the public key only")
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            try:
-                key = x509.load_pem_x509_certificate(data).public_key()
-            except ValueError as exc:
-                raise ValueError(f"{path}: not a PEM certificate ({exc})") from None
-            return [(None, _pem(key))]
-        return [(None, data)]
-    try:
-        document = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise ValueError(f"{path}: neither PEM nor JSON (a JWK or a JWK Set)") from None
-    if isinstance(document, dict) and "keys" in document:
-        entries, skipped = parse_jwks(document)
-    else:
-        entry, why = entry_from_jwk(document)
-        entries, skipped = ([entry] if entry is not None else []), [why]
-    if not entries:
-        raise ValueError(f"{path}: no usable public signing key ({'; '.join(skipped)})")
+    entries = parse_key_data(str(path), data)
+    if b"-----BEGIN" in data and b"-----BEGIN CERTIFICATE-----" not in data:
+        return [(None, data)]  # the PEM text as written: what a confused verifier keys with
     return [(entry.kid, _pem(entry.key)) for entry in entries][:MAX_KEYS]
 
 
