@@ -47,11 +47,7 @@ class SecurityHeadersStep:
         out = [item for item in headers if item[0] not in dropped]
         out.extend(self.added)
         if self.cache_control is not None:
-            upstream_policy = None
-            if exchange.operation is not None and exchange.operation.public:
-                for name, value in headers:
-                    if name == b"cache-control":
-                        upstream_policy = value
+            upstream_policy = _public_cache_policy(exchange, headers)
             if upstream_policy is not None:
                 out.append((b"cache-control", upstream_policy))
             else:
@@ -67,12 +63,19 @@ class SecurityHeadersStep:
         parts = [b"%b: %b\r\n" % item for item in headers if item[0] not in dropped]
         parts.append(self.block)
         if self.cache_control is not None:
-            upstream_policy = None
-            if exchange.operation is not None and exchange.operation.public:
-                for name, value in headers:
-                    if name == b"cache-control":
-                        upstream_policy = value
+            upstream_policy = _public_cache_policy(exchange, headers)
             parts.append(self.cache_block if upstream_policy is None
                          else b"cache-control: %b\r\n" % upstream_policy)
         parts.append(b"x-request-id: %b\r\n" % exchange.id.encode())
         return b"".join(parts)
+
+
+def _public_cache_policy(exchange: Exchange, headers: Headers) -> bytes | None:
+    """The upstream's own Cache-Control (its last one) when the operation is public: a
+    public answer may keep the API's caching policy; anything else gets the gateway's."""
+    policy = None
+    if exchange.operation is not None and exchange.operation.public:
+        for name, value in headers:
+            if name == b"cache-control":
+                policy = value
+    return policy
