@@ -353,9 +353,10 @@ def _body_errors(body, contract, document: dict, refusal: type) -> list[dict[str
     return []
 
 
-def _contract(tmp_path, schema: dict) -> Path:
+def _contract(tmp_path, schema: dict, components: dict | None = None) -> Path:
     document = {
         "openapi": "3.1.0", "info": {"title": "t", "version": "1"}, "security": [],
+        **({"components": components} if components else {}),
         "paths": {"/x": {"post": {
             "operationId": "x",
             "requestBody": {"content": {"application/json": {"schema": schema}}},
@@ -488,22 +489,11 @@ def test_undeclared_properties_are_named_but_long_names_are_not(tmp_path):
 def test_schemas_whose_names_sanitize_alike_keep_their_own_constraints(tmp_path):
     """Referenced schemas become `$defs` under a sanitized name: `Pet:Name` and `Pet_Name`
     both read `Pet_Name`, and the second must not be validated as the first."""
-    document = {
-        "openapi": "3.1.0", "info": {"title": "t", "version": "1"}, "security": [],
-        "components": {"schemas": {"Pet:Name": {"type": "string", "maxLength": 3},
-                                   "Pet_Name": {"type": "integer"}}},
-        "paths": {"/x": {"post": {
-            "operationId": "x",
-            "requestBody": {"content": {"application/json": {"schema": {
-                "type": "object", "properties": {
-                    "a": {"$ref": "#/components/schemas/Pet:Name"},
-                    "b": {"$ref": "#/components/schemas/Pet_Name"}}}}}},
-            "responses": {"200": {"description": "ok"}},
-        }}},
-    }
-    (tmp_path / "c.json").write_text(json.dumps(document))
-    (tmp_path / "a.yaml").write_text("contract: c.json\n")
-    config = load_config(tmp_path / "a.yaml")
+    path = _contract(tmp_path, {"type": "object", "properties": {
+        "a": {"$ref": "#/components/schemas/Pet:Name"},
+        "b": {"$ref": "#/components/schemas/Pet_Name"}}}, components={"schemas": {
+            "Pet:Name": {"type": "string", "maxLength": 3}, "Pet_Name": {"type": "integer"}}})
+    config = load_config(path)
     contract = load_contract(config)
     _, body = validate.build(contract, config.validation)
 
