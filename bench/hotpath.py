@@ -24,10 +24,9 @@ Targets:
   validated against its 20-property schema with the injection scan, a bearer JWT (RS256,
   static keys, the same token every request: a token-cache hit), a per-identity rate
   limit that never refuses, the 200 response filtered against a declared schema (parsed,
-  pruned, re-serialized), security headers, access log, metrics. When bench/harness.py
-  defines `full_contract`/`full_config` (`bench/run --full`'s apishield_full: 5 of the
-  upstream body's 9 properties kept), exactly that; else the same with a schema of all
-  9 properties;
+  pruned, re-serialized), security headers, access log, metrics: exactly bench/run
+  --full's apishield_full (`harness.full_contract`/`full_config`: 5 of the upstream
+  body's 9 properties kept);
 - `floor`: bench/floor_proxy.py's Client/Upstream driven the same way: the leanest
   uvloop + httptools proxy, no logic (the reference the ratios are taken to).
 
@@ -93,7 +92,6 @@ BATCH = 64  # iterations between two turns of the event loop
 PEER = ("127.0.0.1", 51234)
 HOST_HEADER = b"127.0.0.1:8080"
 UPSTREAM_BODY = harness.UPSTREAM_BODY.encode()
-FULL_RATE_LIMIT = {"name": "per-identity", "key": ["identity"], "rate": "1000000/s"}
 
 
 def upstream_response(body: bytes) -> bytes:
@@ -183,19 +181,9 @@ def write_files(d: Path, target: str, access_log: str) -> Path:
     extra: dict[str, Any] = {}
     if target == "passthrough":
         contract = harness.passthrough_contract()
-    elif hasattr(harness, "full_contract"):  # bench/run --full's apishield_full, as it is
+    else:  # bench/run --full's apishield_full, as it is
         contract = harness.full_contract()
         extra.update(harness.full_config(8083))  # admin listener configured, never started
-    else:
-        contract = harness.validation_contract("post_validate_1k")
-        contract["security"] = [{"bearer": []}]
-        contract["components"]["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer"}}
-        contract["paths"]["/item"]["post"]["responses"] = {"200": {
-            "description": "ok",
-            "content": {"application/json": {"schema": harness.FULL_RESPONSE_SCHEMA}}}}
-        extra.update(harness.auth_config("auth_jwt_hit"))
-        extra["rate_limiting"] = {"limits": [FULL_RATE_LIMIT]}
     config_path, _ = harness.write_apishield_config(d, target, contract, 8080, 8082,
                                                     extra=extra)
     if access_log != "file":
@@ -255,7 +243,7 @@ async def build_gateway_target(name: str, d: Path, access_log: str,
         await gateway.close()
 
     expect = UPSTREAM_BODY
-    if name == "full" and hasattr(harness, "FULL_FILTERED_BODY"):
+    if name == "full":
         expect = json.dumps(harness.FULL_FILTERED_BODY, separators=(",", ":")).encode()
     return Target(name, step, transport, up_transport, expect, close)
 
