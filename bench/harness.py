@@ -105,6 +105,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -3579,12 +3580,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
         ap.error("--duration must be > 0, --rounds >= 1, --warmup >= 0")
 
-    def on_alarm(signum, frame):
-        raise Timeout(f"the whole run exceeded --max-seconds={args.max_seconds:g}s")
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
     try:
         planned = len(plan_targets(args))
     except BenchError as exc:
@@ -3593,13 +3588,8 @@ def main(argv: list[str] | None = None) -> int:
         120 + args.rounds * max(planned, len(TARGETS)) * (args.duration + args.warmup + 15)
         + (2 * (args.duration + 60) if args.profile else 0))
     args.max_seconds = limit
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.alarm(int(limit) + 1)
 
-    procs = Processes()
-    tmp = Path(tempfile.mkdtemp(prefix="apishield-bench-"))
-    try:
+    def measure(procs: Processes, tmp: Path) -> int:
         ensure_tools(not args.no_install)
         pin = decide_pinning(args.no_pin)
         if not pin.pinned:
@@ -3608,8 +3598,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             return profile(args, procs, tmp, pin)
         return benchmark(args, procs, tmp, pin)
+
+    return run_guarded("bench", limit, "apishield-bench-", args.keep_tmp, measure)
+
+
+def run_guarded(name: str, limit: float, prefix: str, keep_tmp: bool,
+                body: Callable[[Processes, Path], int]) -> int:
+    """Run `body(procs, tmp)` as a bench's whole run: aborted (Timeout) after `limit`
+    seconds, SIGTERM taken as Ctrl-C, and whatever happens every process it started
+    stopped and its temp dir removed (unless `keep_tmp`). Returns the exit code."""
+
+    def on_alarm(signum, frame):
+        raise Timeout(f"the whole run exceeded --max-seconds={limit:g}s")
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.alarm(int(limit) + 1)
+    procs = Processes()
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        return body(procs, tmp)
     except BenchError as exc:
-        log(f"\nbench FAILED: {exc}")
+        log(f"\n{name} FAILED: {exc}")
         return 1
     except KeyboardInterrupt:
         log("\ninterrupted; stopping everything")
@@ -3617,11 +3630,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.alarm(0)
         procs.stop_all()
-        if args.keep_tmp:
+        if keep_tmp:
             log(f"kept temp dir {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-
 
 if __name__ == "__main__":
     sys.exit(main())

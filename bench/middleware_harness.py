@@ -32,9 +32,7 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +49,6 @@ from harness import (  # bench/ is sys.path[0] when run as a script
     Pinning,
     Processes,
     Service,
-    Timeout,
     decide_pinning,
     ensure_tools,
     free_ports,
@@ -61,6 +58,7 @@ from harness import (  # bench/ is sys.path[0] when run as a script
     median,
     proc_tree_cpu_seconds,
     run,
+    run_guarded,
     to_yaml,
     wait_port,
     wrk_script,
@@ -610,34 +608,11 @@ def main(argv: list[str] | None = None) -> int:
     limit = args.max_seconds or (
         2400 + args.rounds * len(OPS) * len(TARGETS) * (args.duration + args.warmup + 10))
 
-    def on_alarm(signum, frame):
-        raise Timeout(f"the whole run exceeded --max-seconds={limit:g}s")
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.signal(signal.SIGTERM, on_term)
-    signal.alarm(int(limit) + 1)
-    procs = Processes()
-    tmp = Path(tempfile.mkdtemp(prefix="apishield-bench-mw-"))
-    try:
+    def run(procs: Processes, tmp: Path) -> int:
         log(f"temp dir: {tmp}")
         return benchmark(args, procs, tmp)
-    except BenchError as exc:
-        log(f"\nbench/middleware FAILED: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("\ninterrupted; stopping everything")
-        return 130
-    finally:
-        signal.alarm(0)
-        procs.stop_all()
-        if args.keep_tmp:
-            log(f"kept temp dir {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
+    return run_guarded("bench/middleware", limit, "apishield-bench-mw-", args.keep_tmp, run)
 
 if __name__ == "__main__":
     sys.exit(main())
