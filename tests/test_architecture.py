@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("admin", "audit", "probe"),  # the admin API; the contract+policy review; the prober
     ("http", "middleware"),  # the gateway's transport; the ASGI front end
     ("gateway", "supervisor"),  # the gateway front end; its workers' supervisor
-    ("cli", "demo", "__main__", ""),  # the command line, the demo, the package root
+    # the command line, the demo, the package root, the compiled build's module list
+    ("cli", "demo", "__main__", "", "compiled"),
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

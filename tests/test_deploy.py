@@ -141,7 +141,10 @@ def test_the_builder_installs_the_hash_locked_dependencies_then_the_project_alon
     assert f"python -m venv {VENV}" in locked
     assert f"{VENV}/bin/pip install --no-cache-dir --require-hashes -r requirements.lock" in locked
     (project,) = [run for run in runs if run.endswith(" .")]
-    assert project == f"{VENV}/bin/pip install --no-cache-dir --no-deps ."
+    # pure Python unless the image is built with --build-arg APISHIELD_COMPILE=1
+    assert project == ("APISHIELD_COMPILE=${APISHIELD_COMPILE} "
+                       f"{VENV}/bin/pip install --no-cache-dir --no-deps .")
+    assert BUILDER.all("ARG") == ["APISHIELD_COMPILE=0"]
     order = [key + " " + args for key, args in BUILDER.instructions]
     assert order.index("COPY requirements.lock ./") < order.index("RUN " + locked)
     assert order.index("RUN " + locked) < order.index("COPY src ./src")

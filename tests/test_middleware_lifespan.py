@@ -266,3 +266,44 @@ async def test_a_second_lifespan_cycle_starts_a_fresh_pipeline(tmp_path):
         assert await _http_get(middleware, "/items/1") == 200
     middleware.pipeline.close()
     assert len(access_log.read_text().splitlines()) == 2
+
+
+_NO_SHUTDOWN_SCRIPT = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[2])
+from apishield import ApiShieldMiddleware
+from tests.test_middleware_lifespan import _http_get, _ok_app
+
+middleware = ApiShieldMiddleware(_ok_app, config=sys.argv[1])
+loop = asyncio.new_event_loop()
+print(loop.run_until_complete(_http_get(middleware, "/items/1")), flush=True)
+# no lifespan.shutdown, the loop never runs again: the batch is still pending here
+"""
+
+
+def test_pending_lines_written_when_the_interpreter_exits(tmp_path):
+    """A server that never sends lifespan.shutdown and stops its loop at once: the line of
+    the last request is still in the batch; the finalizer tied to the middleware writes it
+    as the interpreter exits (also where Pipeline is compiled and has no __weakref__)."""
+    config, access_log = _config(tmp_path)
+    done = subprocess.run([sys.executable, "-c", _NO_SHUTDOWN_SCRIPT, str(config),
+                           str(Path(__file__).parent.parent)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["200"]
+    lines = [json.loads(line) for line in access_log.read_text().splitlines()]
+    assert [(line["route"], line["status"]) for line in lines] == [("/items/{item_id}", 200)]
+
+
+async def test_a_new_pipeline_closes_the_previous_log(tmp_path):
+    """A second lifespan cycle makes a new pipeline: the previous one's log is closed then,
+    not kept open until the middleware is dropped."""
+    middleware, _ = _middleware(tmp_path, _ok_app)
+    first = middleware.pipeline.access_log
+    assert first is not None
+    middleware._closed = True  # what a finished lifespan cycle leaves
+    middleware._started = False
+    assert await _http_get(middleware, "/items/2") == 200
+    assert middleware.pipeline.access_log is not first
+    assert first._stream.closed
+    await middleware.pipeline.stop()

@@ -21,6 +21,7 @@ import pytest
 
 from apishield import __version__
 from apishield.cli.version import SECURITY_LIBRARIES, requested
+from apishield.compiled import build_kind
 from tests.test_lock import ENTRIES, RUNTIME, name
 
 ROOT = Path(__file__).parent.parent
@@ -82,6 +83,7 @@ def test_verbose_report_gives_openssl_and_python(report):
     assert f"# cryptography: {backend.openssl_version_text()}" in comments
     (python,) = [line for line in comments if line.startswith("# python ")]
     assert python.startswith(f"# python {platform.python_version()} (")
+    assert f"# build: {build_kind()}" in comments
     # One line per item and no blank line: pasteable as is.
     assert all(line and line == line.strip() for line in report)
 
@@ -119,4 +121,4 @@ def test_the_docs_example_is_this_versions_report():
     assert pins(lines[1:]) == {package: ENTRIES[name(package)].version
                                for package in SECURITY_LIBRARIES}
     assert [line.split(":")[0] for line in lines if line.startswith("# ") and ":" in line] == [
-        "# ssl module", "# cryptography"]
+        "# build", "# ssl module", "# cryptography"]

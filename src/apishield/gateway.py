@@ -767,6 +767,14 @@ class InheritedSockets:
     admin: socket.socket | None = None
 
 
+def bound_address(server: asyncio.Server) -> tuple[str, int]:
+    """The host and port a server listens on. `Server.sockets` is typed a tuple but uvloop
+    returns a list: read untyped, so a mypyc build does not check the declared type."""
+    sockets: list[socket.socket] = list(getattr(server, "sockets"))  # noqa: B009
+    host, port = sockets[0].getsockname()[:2]
+    return str(host), int(port)
+
+
 async def _listen(
     factory: Callable[[], asyncio.BaseProtocol], host: str, port: int,
     sock: socket.socket | None, backlog: int, context: ssl.SSLContext | None = None,
@@ -816,7 +824,7 @@ async def serve(
             # the handshake is part of the request head's time budget (slowloris, D3)
             gateway.config.timeouts.header,
         )
-    address = server.sockets[0].getsockname()
+    address = bound_address(server)
     plain: asyncio.Server | None = None
     responder: PlainHttpResponder | None = None
     if tls is not None and tls.settings.plain_http is not None:
@@ -852,7 +860,7 @@ async def serve(
         logger.info("listening on http://%s:%d", address[0], address[1], extra=fields(
             "lifecycle", event="start", listener="http", host=address[0], port=address[1]))
     if plain is not None and responder is not None:
-        plain_address = plain.sockets[0].getsockname()
+        plain_address = bound_address(plain)
         logger.info("plain http on http://%s:%d: %s", plain_address[0], plain_address[1],
                     "redirected to https" if responder.mode == "redirect" else "refused",
                     extra=fields("lifecycle", event="start", listener="plain_http",

@@ -87,6 +87,7 @@ class ApiShieldMiddleware:
         if log_handler:
             attach_if_unconfigured()
         self.contract = load_contract(self.config)
+        self._log_closer: weakref.finalize[[], ApiShieldMiddleware] | None = None
         self.pipeline = self._new_pipeline()
         self._started = False
         self._closed = False
@@ -117,10 +118,14 @@ class ApiShieldMiddleware:
 
     def _new_pipeline(self) -> Pipeline:
         pipeline = Pipeline(self.config, self.contract)
-        if pipeline.access_log is not None:
-            # The last resort for a server that never sends lifespan.shutdown: lines still
-            # pending when the interpreter exits (or this pipeline is dropped) are written.
-            weakref.finalize(pipeline, pipeline.access_log.close)
+        if self._log_closer is not None:
+            self._log_closer()  # the previous pipeline's log (a finalizer runs at most once)
+        # The last resort for a server that never sends lifespan.shutdown: lines still
+        # pending when the interpreter exits (or this middleware is dropped) are written.
+        # Tied to the middleware, not the pipeline: a compiled (mypyc) Pipeline has no
+        # __weakref__ slot.
+        self._log_closer = (None if pipeline.access_log is None
+                            else weakref.finalize(self, pipeline.access_log.close))
         return pipeline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, requires, version
 
 from apishield import __version__
+from apishield.compiled import build_kind
 
 # The runtime dependencies of pyproject.toml, each on the request path or guarding it. Used
 # when apishield's own metadata cannot be read (a source tree on sys.path, not installed);
@@ -83,6 +84,7 @@ def verbose() -> str:
         f"apishield=={__version__}",
         f"# python {platform.python_version()} ({platform.python_implementation()}, "
         f"{sys.platform}, {platform.machine()})",
+        f"# build: {build_kind()}",
         f"# ssl module: {ssl.OPENSSL_VERSION}",
         f"# cryptography: {_cryptography_openssl()}",
     ]

@@ -670,8 +670,11 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         try:
             head_sent = False
             try:
-                if exchange.problem is not None:
-                    raise exchange.problem
+                # Read through locals: a narrowed `exchange.problem` would stay narrowed to
+                # None across the await below (which sets it), and a mypyc build checks it.
+                refused = exchange.problem
+                if refused is not None:
+                    raise refused
                 if message.streaming:
                     framing = (b"content-length", b"%d" % message.length)
                     reply = await self.gateway.forward_streaming(
@@ -682,8 +685,9 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                 elif response is None:
                     if exchange.suspended is not None:
                         await pipeline.on_request(exchange)
-                        if exchange.problem is not None:
-                            raise exchange.problem
+                        refused = exchange.problem
+                        if refused is not None:
+                            raise refused
                     reply = await self.gateway.forward(exchange, pipeline)
                 else:
                     reply = self.gateway.reply_from(response)

@@ -67,7 +67,10 @@ def line_chunks(data: bytes, limit: int = PIPE_BUF) -> list[bytes]:
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        # Not `view[os.write(fd, view):]`: mypyc 2.4.1 evaluates a slice bound twice when
+        # the sliced object is not a native type (tests/test_compiled.py): a second write.
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _middle(method: str, route: str | None, operation: str | None) -> bytes:
