@@ -369,3 +369,95 @@ def test_tls_and_the_plain_http_listener_are_shared_too(two_workers: Any,
     lines = gw.log_lines()
     assert set(workers_of([line for line in lines if line["status"] == 200])) == {0, 1}
     assert set(workers_of([line for line in lines if line["status"] == 403])) == {0, 1}
+
+
+# ---------------------------------------------------------------- figures add up
+def admin_get(admin_port: int, path: str) -> bytes:
+    connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=30)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        assert response.status == 200, (path, response.status, body)
+        return body
+    finally:
+        connection.close()
+
+
+def scrape(admin_port: int) -> dict[str, float]:
+    """One `/metrics` scrape: each sample's `name{labels}` (labels sorted) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[str, float] = {}
+    text = admin_get(admin_port, "/metrics").decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def total(samples: dict[str, float], name: str) -> float:
+    return sum(value for key, value in samples.items() if key.startswith(name + "{"))
+
+
+def usage_requests(admin_port: int) -> int:
+    current = json.loads(admin_get(admin_port, "/usage"))["current"]
+    return sum(row["requests"] for row in current["top"]) + current["rest"]["requests"]
+
+
+def figures(admin_port: int) -> tuple[float, float, int, int]:
+    """Requests counted by /metrics, by the duration histogram's `_count`, by /usage and
+    by the dashboard's data, each from one call."""
+    samples = scrape(admin_port)
+    dashboard = json.loads(admin_get(admin_port, "/dashboard/data"))
+    return (total(samples, "apishield_requests_total"),
+            total(samples, "apishield_request_duration_seconds_count"),
+            usage_requests(admin_port), dashboard["totals"]["requests"])
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="the default is one process on one core")
+def test_the_default_runs_a_worker_per_core_and_the_admin_api_adds_them_up(
+        tmp_path: Path, upstream_url: str) -> None:
+    """`serve` with neither --workers nor APISHIELD_WORKERS: one worker per usable core.
+    Requests spread over every worker (new connections); once they have completed, one
+    call of each admin endpoint counts exactly the requests sent, a histogram's count
+    too. A worker killed with SIGKILL is started again and no figure goes down; the new
+    one's requests add on top."""
+    cores = usable_cores()
+    admin = free_port()
+    gw = start_gateway(tmp_path, upstream_url, {"admin": {"port": admin}}, workers=None)
+    try:
+        wait_until_serving(gw, cores)
+        (started,) = [line for line in lifecycle(gw, "start")
+                      if line["listener"] == "supervisor"]
+        assert started["workers"] == cores
+        statuses = spread(gw.port, 300)
+        assert statuses.count(200) == 300
+        lines = wait_for(lambda: len(gw.log_lines()) >= 300 and gw.log_lines())
+        assert len(set(workers_of(lines))) >= 2, workers_of(lines)  # spread
+        assert figures(admin) == (300, 300, 300, 300)
+        assert scrape(admin)["apishield_worker_restarts_total{}"] == 0
+        before = worker_pids(gw)
+        killed = max(before)  # not worker 0: the admin listener's
+        os.kill(before[killed], signal.SIGKILL)
+        assert wait_for(lambda: worker_pids(gw).get(killed) not in (None, before[killed]),
+                        30), gw.stderr()
+        wait_for(lambda: len([line for line in lifecycle(gw, "start")
+                              if line["listener"] == "http"]) >= cores + 1, 30)
+        # what the killed worker counted before the last gather is kept: nothing went down
+        assert figures(admin) == (300, 300, 300, 300)
+        assert spread(gw.port, 200).count(200) == 200
+        lines = wait_for(lambda: len(gw.log_lines()) >= 500 and gw.log_lines())
+        assert killed in set(workers_of(lines[300:]))  # the new worker served some
+        assert figures(admin) == (500, 500, 500, 500)
+        assert wait_for(lambda: scrape(admin)["apishield_worker_restarts_total{}"] == 1, 10)
+        assert lifecycle(gw, "figures-late") == []
+    finally:
+        gw.stop()
+    assert_documented(gw)
