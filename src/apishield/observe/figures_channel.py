@@ -36,6 +36,7 @@ import contextlib
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -221,7 +222,7 @@ class _HubPeer(_Peer):
 
     def on_message(self, message: dict[str, Any]) -> None:
         if "ask" in message:  # on the loop, between requests: a copy of a few tables
-            self.send({"answer": message["ask"], "figures": take()})
+            self.send({"answer": message["ask"], "figures": take(self.link.source())})
         elif "gathered" in message:
             waiter = self.link.waiting.pop(int(message["gathered"]), None)
             if waiter is not None and not waiter.done():
@@ -232,9 +233,12 @@ class FiguresLink:
     """A worker's end: answers the hub's asks; in worker 0, `gather()` the sum of every
     worker's figures (its own if the hub cannot be reached)."""
 
-    def __init__(self, path: str | Path, index: int) -> None:
+    def __init__(self, path: str | Path, index: int,
+                 source: Callable[[], View] = local) -> None:
+        """`source`: the figures this worker reports (this process's; a test's own)."""
         self.path = str(path)
         self.index = index
+        self.source = source
         self.waiting: dict[int, asyncio.Future[Document]] = {}
         self._ids = itertools.count(1)
         self._peer: _HubPeer | None = None
@@ -260,7 +264,7 @@ class FiguresLink:
             gather = next(self._ids)
             waiter: asyncio.Future[Document] = asyncio.get_running_loop().create_future()
             self.waiting[gather] = waiter
-            self._peer.send({"gather": gather, "figures": take()})
+            self._peer.send({"gather": gather, "figures": take(self.source())})
             try:
                 return view([await asyncio.wait_for(waiter, LINK_TIMEOUT)])
             finally:
@@ -273,7 +277,7 @@ class FiguresLink:
             if self._peer is not None:
                 self._peer.abort()
                 self._peer = None
-            return local()
+            return self.source()
 
     def close(self) -> None:
         if self._peer is not None:
