@@ -211,7 +211,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for warning in config_warnings(gateway):
             logging.getLogger("apishield").warning("%s", warning)
     listen = gateway.config.listen
-    workers = args.workers if args.workers is not None else worker_role.usable_cores()
+    workers = args.workers
+    if workers is None:  # one per usable core; Windows has no supervisor (see below)
+        workers = 1 if sys.platform == "win32" else worker_role.usable_cores()
     try:
         if spec is not None:
             from apishield.supervisor import serve_worker

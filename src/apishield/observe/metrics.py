@@ -88,7 +88,7 @@ METRIC_SPECS: dict[str, MetricSpec] = {
         "counter", "Audit-trail records this process could not write (or dropped)."),
     "apishield_worker_restarts_total": MetricSpec(
         "counter", "Worker processes of `serve --workers N` started again after they exited "
-        "(counted by the supervisor, reported by worker 0; 0 for a lone gateway)."),
+        "(counted by the supervisor; 0 for a lone gateway)."),
     "apishield_build_info": MetricSpec(
         "gauge", "Always 1; the version of apishield that runs.", ("version",)),
 }
