@@ -78,6 +78,11 @@ def wait_until_serving(gw: RunningGateway, workers: int = 2) -> None:
                     30), gw.stderr()
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
 @pytest.fixture
 def two_workers(tmp_path: Path, upstream_url: str) -> Any:
     started: list[RunningGateway] = []
@@ -85,7 +90,10 @@ def two_workers(tmp_path: Path, upstream_url: str) -> Any:
     def make(overrides: dict[str, Any] | None = None, **kwargs: Any) -> RunningGateway:
         workdir = tmp_path / f"gw{len(started)}"
         workdir.mkdir()
-        gw = start_gateway(workdir, upstream_url, overrides, workers=2, **kwargs)
+        # two workers: on a 2-core machine (CI) by the default, no --workers (so every
+        # test here also runs what `apishield serve` does unconfigured); else asked for
+        gw = start_gateway(workdir, upstream_url, overrides,
+                           workers=None if usable_cores() == 2 else 2, **kwargs)
         started.append(gw)
         wait_until_serving(gw)
         return gw
@@ -414,11 +422,6 @@ def figures(admin_port: int) -> tuple[float, float, int, int]:
     return (total(samples, "apishield_requests_total"),
             total(samples, "apishield_request_duration_seconds_count"),
             usage_requests(admin_port), dashboard["totals"]["requests"])
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
 
 
 @pytest.mark.skipif(usable_cores() < 2, reason="the default is one process on one core")
