@@ -207,3 +207,22 @@ async def test_without_the_hub_worker_0_shows_its_own_figures(
         (values,) = [v for v in map(fields_of, caplog.records)
                      if v.get("event") == "figures-late"]
         assert values["reason"] == "supervisor"
+
+
+async def test_when_the_hub_stops_answering_worker_0_keeps_the_last_sum(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Not its own figures alone: a scrape would read that as every counter reset."""
+    async with hub() as (server, path):
+        link = FiguresLink(path, 0, source=lambda: worker_view(10))
+        other = FiguresLink(path, 1, source=lambda: worker_view(30))
+        await link.connect()
+        await other.connect()
+        await until(lambda: sum(peer.index is not None for peer in server.peers) == 2)
+        assert sum((await link.gather()).metrics.requests.values()) == 40
+        other.close()
+    with caplog.at_level(logging.WARNING, "apishield"):
+        stale = await link.gather()  # the hub is closed
+    assert sum(stale.metrics.requests.values()) == 40
+    (values,) = [v for v in map(fields_of, caplog.records) if v.get("event") == "figures-late"]
+    assert values["reason"] == "supervisor"
+    link.close()

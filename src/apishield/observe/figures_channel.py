@@ -20,8 +20,8 @@ worker's connection closes (it exited, crashed, was killed) those are added into
 last report (at most one sampler period, 2 s, while the admin listener runs) is lost;
 nothing counted twice. A worker that does not answer within `GATHER_DEADLINE` (a
 stalled loop) is not waited for: its last figures stand in for it (stale, never lower)
-and the hub logs `figures-late`. If the hub cannot be reached, worker 0 answers with its
-own figures and logs why.
+and the hub logs `figures-late`. If the hub does not answer, worker 0 answers with the
+last sum it had (its own figures before the first) and logs why.
 
 Messages (JSON objects): worker -> hub `{"hello": index}` once; hub -> worker
 `{"ask": id}`, worker -> hub `{"answer": id, "figures": doc}`; worker 0 -> hub
@@ -239,6 +239,7 @@ class FiguresLink:
         self.path = str(path)
         self.index = index
         self.source = source
+        self._last: View | None = None  # the last sum the hub answered
         self.waiting: dict[int, asyncio.Future[Document]] = {}
         self._ids = itertools.count(1)
         self._peer: _HubPeer | None = None
@@ -266,18 +267,22 @@ class FiguresLink:
             self.waiting[gather] = waiter
             self._peer.send({"gather": gather, "figures": take(self.source())})
             try:
-                return view([await asyncio.wait_for(waiter, LINK_TIMEOUT)])
+                self._last = view([await asyncio.wait_for(waiter, LINK_TIMEOUT)])
+                return self._last
             finally:
                 self.waiting.pop(gather, None)
         except (OSError, TimeoutError) as exc:
             logger.warning("figures: the supervisor could not add up the workers' figures "
-                           "(%s): this answer has worker %d's only", exc or type(exc).__name__,
-                           self.index, extra=fields("lifecycle", event="figures-late",
-                                                    reason="supervisor"))
+                           "(%s): this answer has %s", exc or type(exc).__name__,
+                           "the last sum it gave" if self._last is not None
+                           else f"worker {self.index}'s only", extra=fields(
+                               "lifecycle", event="figures-late", reason="supervisor"))
             if self._peer is not None:
                 self._peer.abort()
                 self._peer = None
-            return self.source()
+            # stale but never lower (a counter going down reads as a reset), as the hub
+            # does for a worker that is late; nothing to go lower than before a first sum
+            return self._last if self._last is not None else self.source()
 
     def close(self) -> None:
         if self._peer is not None:
