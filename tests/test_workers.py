@@ -464,3 +464,39 @@ def test_the_default_runs_a_worker_per_core_and_the_admin_api_adds_them_up(
     finally:
         gw.stop()
     assert_documented(gw)
+
+
+def test_usage_per_identity_is_whole_across_workers(two_workers: Any, tmp_path: Path) -> None:
+    """Two API keys' requests spread over both workers: `GET /usage` (the last hours,
+    every worker's added up by worker 0) and the persisted counts (`?since=1d`, which
+    every worker adds to the shared SQLite state each flush) both count each identity's
+    requests exactly."""
+    contract = tmp_path / "keys.yaml"
+    contract.write_text(KEY_CONTRACT)
+    admin = free_port()
+    gw = two_workers({"admin": {"port": admin}, "usage": {"flush_interval": "1s"}},
+                     contract=contract)
+    keys = [sys.executable, "-m", "apishield", "keys"]
+    ids: dict[str, str] = {}
+    for name in ("billing", "reports"):
+        created = subprocess.run([*keys, "create", "--name", name, "--config",
+                                  str(gw.config_path)], capture_output=True, text=True,
+                                 check=True)
+        ids[name] = created.stdout.splitlines()[0].strip()
+    sent = {"billing": 70, "reports": 50}
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda name: get_with_key(gw.port, ids[name]),
+                                 ["billing"] * sent["billing"] + ["reports"] * sent["reports"]))
+    assert statuses == [200] * 120
+    lines = wait_for(lambda: len(gw.log_lines()) >= 120 and gw.log_lines())
+    assert set(workers_of(lines)) == {0, 1}
+    key_ids = Counter(line["key_id"] for line in lines)  # the identity of a key's request
+    assert sorted(key_ids.values()) == [50, 70]
+    live = json.loads(admin_get(admin, "/usage"))["current"]["top"]
+    assert {row["identity"]: row["requests"] for row in live} == key_ids
+
+    def persisted() -> dict[str, int]:
+        rows = json.loads(admin_get(admin, "/usage?since=1d"))["rows"]
+        return {row["identity"]: row["requests"] for row in rows}
+
+    assert wait_for(lambda: persisted() == key_ids, 15), persisted()  # a flush from each
