@@ -226,3 +226,20 @@ async def test_when_the_hub_stops_answering_worker_0_keeps_the_last_sum(
     (values,) = [v for v in map(fields_of, caplog.records) if v.get("event") == "figures-late"]
     assert values["reason"] == "supervisor"
     link.close()
+
+
+async def test_a_malformed_message_drops_that_connection_alone() -> None:
+    async with hub() as (_server, path):
+        link = FiguresLink(path, 0, source=lambda: worker_view(3))
+        await link.connect()
+        frames = [b"[]", b'{"hello":"x"}', b'{"answer":1}',  # valid JSON, not our messages
+                  b'{"answer":1,"figures":{"metrics":5}}']
+        for body in (b"\xff\xff\xff\xff garbage",
+                     *(len(frame).to_bytes(4, "big") + frame for frame in frames)):
+            with socket.socket(socket.AF_UNIX) as rogue:
+                rogue.connect(str(path))
+                rogue.sendall(body)
+                rogue.settimeout(5)
+                assert await asyncio.to_thread(rogue.recv, 100) == b""  # closed by the hub
+        assert sum((await link.gather()).metrics.requests.values()) == 3
+        link.close()

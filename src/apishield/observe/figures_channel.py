@@ -75,8 +75,15 @@ class _Peer(asyncio.Protocol):
             self.abort()
             return
         for message in messages:
-            if isinstance(message, dict):
+            try:
+                if not isinstance(message, dict):
+                    raise TypeError(f"{type(message).__name__}, not an object")
                 self.on_message(message)
+            except (KeyError, TypeError, ValueError) as exc:  # not a message of ours
+                logger.warning("figures channel: dropped a connection (a malformed "
+                               "message: %s)", f"{type(exc).__name__}: {exc}"[:200])
+                self.abort()
+                return
 
     def on_message(self, message: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -110,10 +117,20 @@ class _WorkerPeer(_Peer):
         if "hello" in message:
             self.index = int(message["hello"])
         elif "answer" in message:
-            self.hub.answered(self, int(message["answer"]), message["figures"])
+            self.hub.answered(self, int(message["answer"]), _checked(message["figures"]))
         elif "gather" in message:
-            self.hub.last[self] = message["figures"]
+            self.hub.last[self] = _checked(message["figures"])
             self.hub.spawn(self.hub.gather(self, int(message["gather"])))
+
+
+def _checked(figures: Any) -> Document:
+    """`figures` if it adds up (a document `take()` wrote); else TypeError, which drops the
+    connection (kept, it would break every later sum)."""
+    try:
+        view([figures])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise TypeError(f"figures that do not add up ({type(exc).__name__}: {exc})") from None
+    return cast(Document, figures)
 
 
 class FiguresHub:
