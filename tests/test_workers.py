@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -25,7 +26,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import RunningGateway, free_port, json_lines, start_gateway, wait_for
+from tests.conftest import (
+    DATA,
+    RunningGateway,
+    free_port,
+    json_lines,
+    start_gateway,
+    wait_for,
+    wait_for_port,
+)
 from tests.test_logging import problems_of
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and fds")
@@ -500,3 +509,36 @@ def test_usage_per_identity_is_whole_across_workers(two_workers: Any, tmp_path: 
         return {row["identity"]: row["requests"] for row in rows}
 
     assert wait_for(lambda: persisted() == key_ids, 15), persisted()  # a flush from each
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux: CPU affinity")
+def test_the_default_on_one_usable_core_is_a_lone_gateway(tmp_path: Path,
+                                                          upstream_url: str) -> None:
+    """`serve` without --workers, allowed one core (as `taskset -c 0` would): no
+    supervisor, the gateway in the `serve` process itself."""
+    for name in ("contract.yaml", "paths.yaml"):
+        shutil.copy(DATA / name, tmp_path / name)
+    config = tmp_path / "apishield.yaml"
+    config.write_text(yaml.safe_dump({"contract": "contract.yaml",
+                                      "upstream": {"url": upstream_url},
+                                      "access_log": {"path": str(tmp_path / "access.log")}}))
+    port = free_port()
+    core = min(os.sched_getaffinity(0))
+    environment = {name: value for name, value in os.environ.items()
+                   if name != "APISHIELD_WORKERS"}
+    with (tmp_path / "stderr").open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "apishield", "serve", "--config", str(config), "--port",
+             str(port)], stdout=subprocess.DEVNULL, stderr=stderr, env=environment,
+            preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    try:
+        wait_for_port(port, process)
+        assert get(port) == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    lines = json_lines((tmp_path / "stderr").read_text(), "lifecycle")
+    starts = [line for line in lines if line["event"] == "start"]
+    assert [line["listener"] for line in starts] == ["http"]  # no supervisor
+    assert not any("worker" in line for line in lines)
+    assert not any(line["event"] == "worker-start" for line in lines)
