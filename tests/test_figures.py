@@ -181,7 +181,8 @@ async def test_a_worker_that_does_not_answer_is_not_waited_for(
     figures (none yet here), and the hub logs which worker was late."""
     monkeypatch.setattr(figures_channel, "GATHER_DEADLINE", 0.2)
     async with hub() as (server, path):
-        link = FiguresLink(path, 0, source=lambda: worker_view(10))
+        own = worker_view(10)
+        link = FiguresLink(path, 0, source=lambda: own)
         await link.connect()
         with socket.socket(socket.AF_UNIX) as stalled:  # says hello, never answers
             stalled.connect(str(path))
@@ -194,6 +195,7 @@ async def test_a_worker_that_does_not_answer_is_not_waited_for(
         (values,) = [v for v in map(fields_of, caplog.records)
                      if v.get("event") == "figures-late"]
         assert values["late"] == [1]
+        assert own.metrics.figures_late == 1  # apishield_worker_figures_late_total
         link.close()
 
 
@@ -213,7 +215,8 @@ async def test_when_the_hub_stops_answering_worker_0_keeps_the_last_sum(
         caplog: pytest.LogCaptureFixture) -> None:
     """Not its own figures alone: a scrape would read that as every counter reset."""
     async with hub() as (server, path):
-        link = FiguresLink(path, 0, source=lambda: worker_view(10))
+        own = worker_view(10)
+        link = FiguresLink(path, 0, source=lambda: own)
         other = FiguresLink(path, 1, source=lambda: worker_view(30))
         await link.connect()
         await other.connect()
@@ -223,6 +226,7 @@ async def test_when_the_hub_stops_answering_worker_0_keeps_the_last_sum(
     with caplog.at_level(logging.WARNING, "apishield"):
         stale = await link.gather()  # the hub is closed
     assert sum(stale.metrics.requests.values()) == 40
+    assert own.metrics.figures_late == 1  # no sum from the hub counts as one
     (values,) = [v for v in map(fields_of, caplog.records) if v.get("event") == "figures-late"]
     assert values["reason"] == "supervisor"
     link.close()

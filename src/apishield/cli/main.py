@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", help="listen address (overrides listen.host)")
     serve_cmd.add_argument("--port", type=int, help="listen port (overrides listen.port)")
     serve_cmd.add_argument(
-        "--workers", type=_workers, default=os.environ.get("APISHIELD_WORKERS"),
+        "--workers", type=_workers, default=os.environ.get("APISHIELD_WORKERS") or None,
         help="worker processes sharing the listener and exact rate limits (default: "
         "$APISHIELD_WORKERS, else the usable cores; 1 runs the gateway in this process, "
         "2 or more start a supervisor: docs/workers.md)")

@@ -43,7 +43,8 @@ Document = dict[str, Any]
 # Metrics' tables of counts keyed by a label tuple (or a label), and its scalar counts
 TABLES = ("requests", "refusals", "auth_attempts", "rate_limited", "upstream_errors",
           "jwks_refreshes", "config_reloads", "alerts", "alert_deliveries")
-SCALARS = ("state_errors", "usage_flush_errors", "audit_records", "audit_errors")
+SCALARS = ("state_errors", "usage_flush_errors", "audit_records", "audit_errors",
+           "figures_late")
 REFUSERS_SENT = 100  # per worker: the dashboard shows the top 10 of their sum
 ALERTS_SENT = 20  # the dashboard shows the newest 20
 

@@ -243,7 +243,7 @@ class _HubPeer(_Peer):
         elif "gathered" in message:
             waiter = self.link.waiting.pop(int(message["gathered"]), None)
             if waiter is not None and not waiter.done():
-                waiter.set_result(message["figures"])
+                waiter.set_result(message)
 
 
 class FiguresLink:
@@ -257,7 +257,7 @@ class FiguresLink:
         self.index = index
         self.source = source
         self._last: View | None = None  # the last sum the hub answered
-        self.waiting: dict[int, asyncio.Future[Document]] = {}
+        self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._peer: _HubPeer | None = None
 
@@ -280,15 +280,19 @@ class FiguresLink:
                 await self.connect()
             assert self._peer is not None
             gather = next(self._ids)
-            waiter: asyncio.Future[Document] = asyncio.get_running_loop().create_future()
+            waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
             self.waiting[gather] = waiter
             self._peer.send({"gather": gather, "figures": take(self.source())})
             try:
-                self._last = view([await asyncio.wait_for(waiter, LINK_TIMEOUT)])
-                return self._last
+                answer = await asyncio.wait_for(waiter, LINK_TIMEOUT)
             finally:
                 self.waiting.pop(gather, None)
+            self._last = view([answer["figures"]])
+            # counted after this answer's sum: the next one has it
+            self.source().metrics.figures_late += len(answer["late"])
+            return self._last
         except (OSError, TimeoutError) as exc:
+            self.source().metrics.figures_late += 1
             logger.warning("figures: the supervisor could not add up the workers' figures "
                            "(%s): this answer has %s", exc or type(exc).__name__,
                            "the last sum it gave" if self._last is not None
