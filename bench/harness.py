@@ -961,6 +961,8 @@ def start_apishield(procs: Processes, name: str, d: Path, base_argv: list[str],
                     config_path: Path, access_log: Path, port: int,
                     prefix: list[str], serve_args: tuple[str, ...] = ()) -> Service:
     stderr_path = d / "stderr.log"
+    if "--workers" not in serve_args:  # one process: `serve` alone runs one per usable core
+        serve_args = ("--workers", "1", *serve_args)
     argv = [*prefix, *base_argv, "serve", "--config", str(config_path), *serve_args]
     with open(stderr_path, "wb") as err, open(d / "stdout.log", "wb") as out:
         proc = procs.start(name, argv, out, err, cwd=d)

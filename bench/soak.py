@@ -592,7 +592,8 @@ def start_services(procs: Processes, tmp: Path, apishield_cmd: str | None
     gw_err = tmp / "gateway.stderr"
     with open(gw_err, "wb") as err:
         proc = procs.start("apishield", [*apishield_argv(apishield_cmd), "serve", "--config",
-                                         str(config)], subprocess.DEVNULL, err, cwd=tmp)
+                                         str(config), "--workers", "1"],  # one process
+                           subprocess.DEVNULL, err, cwd=tmp)
     gateway = Service("apishield", proc, gw_port, gw_err, None)
     wait_port(gateway, 15)
     return upstream, gateway

@@ -22,6 +22,14 @@ from tests.upstream_server import UpstreamServer, start_upstream, stop
 pytest_plugins = ["tests.secret_scan"]  # the suite's logs are scanned for its secrets
 DATA = Path(__file__).parent / "data"
 
+# `apishield serve` runs one worker per usable core by default (docs/workers.md). The
+# suite pins one process for every gateway it starts (here and in the tests that run
+# `serve` themselves, which inherit this environment): most tests are about one process's
+# behaviour, a supervisor and N workers cost N interpreters each, and CI runs two test
+# processes on two cores. tests/test_workers.py runs the default on purpose
+# (`start_gateway(workers=None)`).
+os.environ["APISHIELD_WORKERS"] = "1"
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -119,10 +127,11 @@ def upstream_url(upstream: UpstreamServer) -> str:
 
 def start_gateway(
     workdir: Path, upstream_url: str, overrides: dict[str, Any] | None = None,
-    contract: Path | None = None, workers: int = 1, stdout: int = subprocess.DEVNULL,
+    contract: Path | None = None, workers: int | None = 1, stdout: int = subprocess.DEVNULL,
 ) -> RunningGateway:
     """Copy the test contract to `workdir`, write a config and run `apishield serve`
-    (with `--workers N` when `workers` is not 1: a supervisor and N worker processes)."""
+    (with `--workers N` when `workers` is not 1: a supervisor and N worker processes;
+    None: the default, one worker per usable core)."""
     for name in ("contract.yaml", "paths.yaml"):
         shutil.copy(DATA / name, workdir / name)
     if contract is not None:
@@ -145,10 +154,12 @@ def start_gateway(
     with stderr_path.open("wb") as stderr_file:  # the child keeps its own descriptor
         process = subprocess.Popen(
             [sys.executable, "-m", "apishield", "serve", "--config", str(config_path),
-             "--port", str(port), *(["--workers", str(workers)] if workers != 1 else [])],
+             "--port", str(port), *(["--workers", str(workers)] if workers else [])],
             stdout=stdout,
             stderr=stderr_file,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**{name: value for name, value in os.environ.items()
+                    if name != "APISHIELD_WORKERS" or workers is not None},
+                 "PYTHONUNBUFFERED": "1"},
         )
     try:
         wait_for_port(port, process)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -25,7 +26,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import RunningGateway, free_port, json_lines, start_gateway, wait_for
+from tests.conftest import (
+    DATA,
+    RunningGateway,
+    free_port,
+    json_lines,
+    start_gateway,
+    wait_for,
+    wait_for_port,
+)
 from tests.test_logging import problems_of
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and fds")
@@ -78,6 +87,11 @@ def wait_until_serving(gw: RunningGateway, workers: int = 2) -> None:
                     30), gw.stderr()
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
 @pytest.fixture
 def two_workers(tmp_path: Path, upstream_url: str) -> Any:
     started: list[RunningGateway] = []
@@ -85,7 +99,10 @@ def two_workers(tmp_path: Path, upstream_url: str) -> Any:
     def make(overrides: dict[str, Any] | None = None, **kwargs: Any) -> RunningGateway:
         workdir = tmp_path / f"gw{len(started)}"
         workdir.mkdir()
-        gw = start_gateway(workdir, upstream_url, overrides, workers=2, **kwargs)
+        # two workers: on a 2-core machine (CI) by the default, no --workers (so every
+        # test here also runs what `apishield serve` does unconfigured); else asked for
+        gw = start_gateway(workdir, upstream_url, overrides,
+                           workers=None if usable_cores() == 2 else 2, **kwargs)
         started.append(gw)
         wait_until_serving(gw)
         return gw
@@ -369,3 +386,159 @@ def test_tls_and_the_plain_http_listener_are_shared_too(two_workers: Any,
     lines = gw.log_lines()
     assert set(workers_of([line for line in lines if line["status"] == 200])) == {0, 1}
     assert set(workers_of([line for line in lines if line["status"] == 403])) == {0, 1}
+
+
+# ---------------------------------------------------------------- figures add up
+def admin_get(admin_port: int, path: str) -> bytes:
+    connection = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=30)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        assert response.status == 200, (path, response.status, body)
+        return body
+    finally:
+        connection.close()
+
+
+def scrape(admin_port: int) -> dict[str, float]:
+    """One `/metrics` scrape: each sample's `name{labels}` (labels sorted) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[str, float] = {}
+    text = admin_get(admin_port, "/metrics").decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def total(samples: dict[str, float], name: str) -> float:
+    return sum(value for key, value in samples.items() if key.startswith(name + "{"))
+
+
+def usage_requests(admin_port: int) -> int:
+    current = json.loads(admin_get(admin_port, "/usage"))["current"]
+    return sum(row["requests"] for row in current["top"]) + current["rest"]["requests"]
+
+
+def figures(admin_port: int) -> tuple[float, float, int, int]:
+    """Requests counted by /metrics, by the duration histogram's `_count`, by /usage and
+    by the dashboard's data, each from one call."""
+    samples = scrape(admin_port)
+    dashboard = json.loads(admin_get(admin_port, "/dashboard/data"))
+    return (total(samples, "apishield_requests_total"),
+            total(samples, "apishield_request_duration_seconds_count"),
+            usage_requests(admin_port), dashboard["totals"]["requests"])
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="the default is one process on one core")
+def test_the_default_runs_a_worker_per_core_and_the_admin_api_adds_them_up(
+        tmp_path: Path, upstream_url: str) -> None:
+    """`serve` with neither --workers nor APISHIELD_WORKERS: one worker per usable core.
+    Requests spread over every worker (new connections); once they have completed, one
+    call of each admin endpoint counts exactly the requests sent, a histogram's count
+    too. A worker killed with SIGKILL is started again and no figure goes down; the new
+    one's requests add on top."""
+    cores = usable_cores()
+    admin = free_port()
+    gw = start_gateway(tmp_path, upstream_url, {"admin": {"port": admin}}, workers=None)
+    try:
+        wait_until_serving(gw, cores)
+        (started,) = [line for line in lifecycle(gw, "start")
+                      if line["listener"] == "supervisor"]
+        assert started["workers"] == cores
+        statuses = spread(gw.port, 300)
+        assert statuses.count(200) == 300
+        lines = wait_for(lambda: len(gw.log_lines()) >= 300 and gw.log_lines())
+        assert len(set(workers_of(lines))) >= 2, workers_of(lines)  # spread
+        assert figures(admin) == (300, 300, 300, 300)
+        assert scrape(admin)["apishield_worker_restarts_total{}"] == 0
+        before = worker_pids(gw)
+        killed = max(before)  # not worker 0: the admin listener's
+        os.kill(before[killed], signal.SIGKILL)
+        assert wait_for(lambda: worker_pids(gw).get(killed) not in (None, before[killed]),
+                        30), gw.stderr()
+        wait_for(lambda: len([line for line in lifecycle(gw, "start")
+                              if line["listener"] == "http"]) >= cores + 1, 30)
+        # what the killed worker counted before the last gather is kept: nothing went down
+        assert figures(admin) == (300, 300, 300, 300)
+        assert spread(gw.port, 200).count(200) == 200
+        lines = wait_for(lambda: len(gw.log_lines()) >= 500 and gw.log_lines())
+        assert killed in set(workers_of(lines[300:]))  # the new worker served some
+        assert figures(admin) == (500, 500, 500, 500)
+        assert wait_for(lambda: scrape(admin)["apishield_worker_restarts_total{}"] == 1, 10)
+        assert lifecycle(gw, "figures-late") == []
+    finally:
+        gw.stop()
+    assert_documented(gw)
+
+
+def test_usage_per_identity_is_whole_across_workers(two_workers: Any, tmp_path: Path) -> None:
+    """Two API keys' requests spread over both workers: `GET /usage` (the last hours,
+    every worker's added up by worker 0) and the persisted counts (`?since=1d`, which
+    every worker adds to the shared SQLite state each flush) both count each identity's
+    requests exactly."""
+    contract = tmp_path / "keys.yaml"
+    contract.write_text(KEY_CONTRACT)
+    admin = free_port()
+    gw = two_workers({"admin": {"port": admin}, "usage": {"flush_interval": "1s"}},
+                     contract=contract)
+    keys = [sys.executable, "-m", "apishield", "keys"]
+    ids: dict[str, str] = {}
+    for name in ("billing", "reports"):
+        created = subprocess.run([*keys, "create", "--name", name, "--config",
+                                  str(gw.config_path)], capture_output=True, text=True,
+                                 check=True)
+        ids[name] = created.stdout.splitlines()[0].strip()
+    sent = {"billing": 70, "reports": 50}
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda name: get_with_key(gw.port, ids[name]),
+                                 ["billing"] * sent["billing"] + ["reports"] * sent["reports"]))
+    assert statuses == [200] * 120
+    lines = wait_for(lambda: len(gw.log_lines()) >= 120 and gw.log_lines())
+    assert set(workers_of(lines)) == {0, 1}
+    key_ids = Counter(line["key_id"] for line in lines)  # the identity of a key's request
+    assert sorted(key_ids.values()) == [50, 70]
+    live = json.loads(admin_get(admin, "/usage"))["current"]["top"]
+    assert {row["identity"]: row["requests"] for row in live} == key_ids
+
+    def persisted() -> dict[str, int]:
+        rows = json.loads(admin_get(admin, "/usage?since=1d"))["rows"]
+        return {row["identity"]: row["requests"] for row in rows}
+
+    assert wait_for(lambda: persisted() == key_ids, 15), persisted()  # a flush from each
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux: CPU affinity")
+def test_the_default_on_one_usable_core_is_a_lone_gateway(tmp_path: Path,
+                                                          upstream_url: str) -> None:
+    """`serve` without --workers, allowed one core (as `taskset -c 0` would): no
+    supervisor, the gateway in the `serve` process itself."""
+    for name in ("contract.yaml", "paths.yaml"):
+        shutil.copy(DATA / name, tmp_path / name)
+    config = tmp_path / "apishield.yaml"
+    config.write_text(yaml.safe_dump({"contract": "contract.yaml",
+                                      "upstream": {"url": upstream_url},
+                                      "access_log": {"path": str(tmp_path / "access.log")}}))
+    port = free_port()
+    core = min(os.sched_getaffinity(0))
+    environment = {name: value for name, value in os.environ.items()
+                   if name != "APISHIELD_WORKERS"}
+    with (tmp_path / "stderr").open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "apishield", "serve", "--config", str(config), "--port",
+             str(port)], stdout=subprocess.DEVNULL, stderr=stderr, env=environment,
+            preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    try:
+        wait_for_port(port, process)
+        assert get(port) == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    lines = json_lines((tmp_path / "stderr").read_text(), "lifecycle")
+    starts = [line for line in lines if line["event"] == "start"]
+    assert [line["listener"] for line in starts] == ["http"]  # no supervisor
+    assert not any("worker" in line for line in lines)
+    assert not any(line["event"] == "worker-start" for line in lines)

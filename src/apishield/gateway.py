@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from apishield.admin.app import AdminApp, ReloadReport, read_token
+from apishield.admin.app import AdminApp, Figures, ReloadReport, read_token
 from apishield.admin.listener import AdminListener
 from apishield.auth.identity import identity_headers
 from apishield.config import Config, ConfigError
@@ -139,6 +139,9 @@ class Gateway:
         # told of each reload through the admin API (worker 0 of `serve --workers N`
         # then has the supervisor reload every worker: supervisor.serve_worker)
         self.after_admin_reload: Callable[[ReloadResult], None] | None = None
+        # what the admin API shows, when not this process's own figures (worker 0 of
+        # `serve --workers N`: every worker's added up, supervisor.serve_worker)
+        self.figures: Figures | None = None
 
     def _set_upstream(self, config: Config, upstream_tls: ssl.SSLContext | None) -> None:
         """Where requests go (at start, and at a reload that changed `upstream`)."""
@@ -307,7 +310,8 @@ class Gateway:
         """The admin API over this gateway (it reads the pipeline in force at each call)."""
         return AdminApp(config=lambda: self.config, readiness=self.readiness,
                         gauges=self.gauges, reload=self._admin_reload, token=self.admin_token,
-                        pipeline=lambda: self.pipeline, audit=self.audit)
+                        pipeline=lambda: self.pipeline, audit=self.audit,
+                        figures=self.figures)
 
     async def _admin_reload(self, trigger: str) -> ReloadReport:
         result = await self.reload(trigger)

@@ -7,7 +7,8 @@ descriptors (`pass_fds`): a fresh interpreter, never a fork of a process that ha
 threads. Every worker runs the ordinary gateway (`gateway.serve`) on the inherited
 sockets; the kernel hands each accepted connection to one of the workers blocked in
 accept() on the shared socket. Only worker 0 gets the admin socket, so the admin API is
-never bound twice (its metrics are worker 0's: a limit of this first slice).
+never bound twice; its `/metrics`, `/usage` and dashboard add up every worker's figures,
+which the supervisor gathers for it (`observe/figures_channel.py`).
 
 Shared limits: the supervisor runs the lease server (`state/local_leases.py`) on a Unix
 socket in a private directory; each worker's counters lease from it, so a limit of
@@ -45,6 +46,7 @@ from pathlib import Path
 
 from apishield.config import Config, worker_role
 from apishield.gateway import Gateway, InheritedSockets, ReloadResult, serve
+from apishield.observe.figures_channel import FiguresHub, FiguresLink
 from apishield.observe.logjson import fields
 from apishield.observe.metrics import METRICS
 from apishield.state.local_leases import LeaseServer
@@ -147,6 +149,7 @@ class Supervisor:
         self.folder = tempfile.mkdtemp(prefix="apishield-workers-")  # 0700
         self.lease_socket = Path(self.folder) / "leases.sock"
         self.leases = LeaseServer()
+        self.figures = FiguresHub()
 
     def spec(self, index: int) -> WorkerSpec:
         listeners = self.listeners
@@ -228,6 +231,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         await self.gateway.close()  # files it opened (access log, audit trail) are the workers'
         await self.leases.start(self.lease_socket)
+        await self.figures.start(figures_socket(self.lease_socket))
         handled: list[signal.Signals] = []
 
         def stopping(sig: signal.Signals) -> None:
@@ -290,6 +294,7 @@ class Supervisor:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
         await self.leases.close()
+        await self.figures.close()
         self.listeners.close()
         shutil.rmtree(self.folder, ignore_errors=True)
         logger.info("stopped", extra=fields("lifecycle", event="stop", reason=reason))
@@ -299,6 +304,12 @@ def restarts_file(lease_socket: Path) -> Path:
     """Where the supervisor keeps its restart count: beside the lease socket, in the
     private folder (a file read once a second is all a worker needs for a metric)."""
     return lease_socket.parent / "restarts"
+
+
+def figures_socket(lease_socket: Path) -> Path:
+    """Where the supervisor gathers the workers' figures for worker 0's admin API: beside
+    the lease socket, in the private folder."""
+    return lease_socket.parent / "figures.sock"
 
 
 def _ignored(sig: signal.Signals) -> None:
@@ -341,14 +352,19 @@ async def serve_worker(gateway: Gateway, spec: WorkerSpec) -> None:
     """One worker: the gateway on the inherited sockets, until a stopping signal or the
     supervisor is gone."""
     stop = asyncio.Event()
+    link = FiguresLink(figures_socket(Path(spec.lease_socket)), spec.index)
 
     async def orphaned() -> None:
         """Once a second: is the supervisor still there? Also copies its restart count
-        into this worker's metrics (worker 0 serves them)."""
+        into this worker's metrics, and connects the figures channel if it is not (the
+        supervisor asks every worker for its figures when worker 0 needs them)."""
         counted = restarts_file(Path(spec.lease_socket))
         while os.getppid() == spec.supervisor_pid:
             with contextlib.suppress(OSError, ValueError):
                 METRICS.worker_restarts = int(counted.read_text())
+            if not link.connected:
+                with contextlib.suppress(OSError, TimeoutError):
+                    await link.connect()
             await asyncio.sleep(ORPHAN_CHECK)
         logger.warning("worker %d: the supervisor (pid %d) is gone: stopping", spec.index,
                        spec.supervisor_pid, extra=fields(
@@ -364,6 +380,14 @@ async def serve_worker(gateway: Gateway, spec: WorkerSpec) -> None:
                 os.kill(spec.supervisor_pid, signal.SIGHUP)
 
     gateway.after_admin_reload = reload_everyone
+    if spec.admin_fd is not None:  # worker 0: its admin API shows every worker's figures
+        gateway.figures = link.gather
+    try:
+        await link.connect()  # before serving: the first scrape finds every worker
+    except (OSError, TimeoutError) as exc:  # tried again once a second (orphaned)
+        logger.warning("worker %d: the figures channel is not connected yet (%s)",
+                       spec.index, exc, extra=fields("lifecycle", event="figures-late",
+                                                     reason="connect"))
     watch = asyncio.get_running_loop().create_task(orphaned())
     try:
         listen = gateway.config.listen
@@ -372,6 +396,7 @@ async def serve_worker(gateway: Gateway, spec: WorkerSpec) -> None:
         watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watch
+        link.close()
 
 
 def worker_command(config: str, host: str | None, port: int | None) -> list[str]:

@@ -37,9 +37,10 @@ from prometheus_client.exposition import choose_encoder
 
 from apishield.admin.dashboard import ASSETS, PAGE_HEADERS, asset, snapshot
 from apishield.config import Config, ConfigError
+from apishield.observe.figures import View, local
+from apishield.observe.history import HISTORY, History
 from apishield.observe.logjson import fields
 from apishield.observe.metrics import Gauges, registry
-from apishield.observe.usage import USAGE
 
 if TYPE_CHECKING:
     from apishield.observe.audit_trail import BackgroundAuditTrail
@@ -85,6 +86,7 @@ class Call:
 
 Reload = Callable[[str], Awaitable[ReloadReport]]
 Readiness = Callable[[], Awaitable[list[str]]]
+Figures = Callable[[], Awaitable[View]]
 
 
 def _problem(status: int, slug: str, title: str, detail: str,
@@ -107,19 +109,27 @@ class AdminApp:
         token: bytes | None,
         pipeline: Callable[[], Pipeline] | None = None,
         audit: BackgroundAuditTrail | None = None,
+        figures: Figures | None = None,
+        history: History = HISTORY,
     ) -> None:
         """`config`: the config now in force (it changes on reload); `readiness`: the
         failing parts, none when ready; `gauges`: values read at scrape time; `reload`:
         None where the front end cannot reload; `token`: the bearer token, or None on a
         loopback listener without one; `pipeline`: the pipeline in force (`GET /policy`
         reads its compiled plans), None where the front end has none to show; `audit`:
-        where every call but the probes is recorded (docs/audit-trail.md), None for none."""
+        where every call but the probes is recorded (docs/audit-trail.md), None for none;
+        `figures`: what `/metrics`, `/usage` and the dashboard read, when they are not this
+        process's own (worker 0 of `serve --workers N`: every worker's, added up);
+        `history`: the dashboard's past of those figures."""
         self._config = config
         self._readiness = readiness
         self._reload = reload
         self._token = token
         self._pipeline = pipeline
         self._audit = audit
+        self._gauges = gauges
+        self._figures = figures
+        self.history = history
         self._registry = registry(gauges=gauges)
         self._routes: dict[str, dict[str, Callable[[Call], Awaitable[AdminResponse]]]] = {
             "/healthz": {"GET": self._healthz},
@@ -188,9 +198,22 @@ class AdminApp:
                                                     "failing": failing}))
         return AdminResponse(200, b'{"status":"ready"}')
 
+    async def figures(self) -> View:
+        """The figures to show now: this process's, or every worker's added up."""
+        return local() if self._figures is None else await self._figures()
+
+    async def sample(self) -> None:
+        """One sample of the dashboard's past (the admin listener's task, every 2 s)."""
+        if self._figures is not None:
+            self.history.metrics = (await self._figures()).metrics
+        self.history.tick()
+
     async def _metrics(self, call: Call) -> AdminResponse:
         encoder, content_type = choose_encoder(call.accept.decode("latin-1"))
-        return AdminResponse(200, encoder(self._registry), content_type.encode())
+        metrics = self._registry
+        if self._figures is not None:  # a registry over this answer's sum of the workers
+            metrics = registry((await self._figures()).metrics, self._gauges)
+        return AdminResponse(200, encoder(metrics), content_type.encode())
 
     async def _config_view(self, call: Call) -> AdminResponse:
         from apishield.admin.masking import masked_config
@@ -220,7 +243,7 @@ class AdminApp:
                 persisted[name] = value
         if persisted:
             return await self._persisted_usage(persisted)
-        return AdminResponse(200, orjson.dumps(USAGE.report(top)))
+        return AdminResponse(200, orjson.dumps((await self.figures()).usage.report(top)))
 
     async def _persisted_usage(self, query: dict[str, str]) -> AdminResponse:
         """`GET /usage?since=7d&identity=...&operation=...&by=day|month`: the counts the
@@ -284,7 +307,10 @@ class AdminApp:
 
     async def _dashboard_data(self, call: Call) -> AdminResponse:
         pipeline = self._pipeline() if self._pipeline is not None else None
-        return AdminResponse(200, orjson.dumps(snapshot(pipeline)), JSON, list(PAGE_HEADERS))
+        figures = await self.figures()
+        self.history.metrics = figures.metrics  # the same object when this process's own
+        return AdminResponse(200, orjson.dumps(snapshot(pipeline, self.history, view=figures)),
+                             JSON, list(PAGE_HEADERS))
 
 
 def read_token(config: Config) -> bytes | None:

@@ -10,7 +10,8 @@ no inline code, so a strict Content-Security-Policy (`default-src 'self'`, nothi
 holds; what it shows from requests (client addresses, reasons, operation names: attacker
 input) it writes as text nodes only.
 
-Where the numbers come from: the per-process counters (`observe/metrics.py`), their short
+Where the numbers come from (under `serve --workers N`, every worker's added up:
+`observe/figures.py`): the per-process counters (`observe/metrics.py`), their short
 past (`observe/history.py`), the most refused clients (`observe/refusers.py`), the bans in
 force (the ban gate's store), the latest alerts (`observe/alert_feed.py`).
 """
@@ -23,9 +24,8 @@ from importlib.resources import files
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
-from apishield.observe.alert_feed import ALERT_FEED
+from apishield.observe.figures import View, local
 from apishield.observe.history import HISTORY, History, quantile, totals
-from apishield.observe.refusers import REFUSERS
 
 if TYPE_CHECKING:
     from apishield.pipeline import Pipeline
@@ -64,9 +64,12 @@ def asset(path: str) -> bytes:
 
 
 def snapshot(pipeline: Pipeline | None, history: History = HISTORY,
-             now: float | None = None) -> dict[str, Any]:
-    """Everything the page shows, at `now`."""
+             now: float | None = None, view: View | None = None) -> dict[str, Any]:
+    """Everything the page shows, at `now`; the refusers and alerts of `view` (this
+    process's by default; under `serve --workers N`, every worker's added up, whose
+    metrics `history` then reads too)."""
     now = time.time() if now is None else now
+    view = view or local()
     history.tick(now)  # the middleware has no sampler task: its past is its polls
     samples = list(history.samples)
     series = [{"at": later.at,
@@ -91,10 +94,10 @@ def snapshot(pipeline: Pipeline | None, history: History = HISTORY,
         "refusals": [{"reason": reason, "total": total, "recent": recent.get(reason, 0)}
                      for reason, total in by_reason[:TOP_REASONS]],
         "recent_since": samples[0].at,
-        "refusers": [entry.as_dict() for entry in REFUSERS.top(TOP_REFUSERS)],
+        "refusers": [entry.as_dict() for entry in view.refusers.top(TOP_REFUSERS)],
         "bans": _bans(pipeline, now),
-        "alerts": {"fired": ALERT_FEED.fired,
-                   "recent": [alert.as_dict() for alert in ALERT_FEED.recent(TOP_ALERTS)]},
+        "alerts": {"fired": view.alerts.fired,
+                   "recent": [alert.as_dict() for alert in view.alerts.recent(TOP_ALERTS)]},
         "latency": _latency(history),
     }
 

@@ -17,7 +17,7 @@ from http import HTTPStatus
 import httptools
 
 from apishield.admin.app import AdminApp, AdminResponse
-from apishield.observe.history import HISTORY, sample_forever
+from apishield.observe.history import sample_forever
 
 logger = logging.getLogger("apishield.admin")
 
@@ -179,7 +179,7 @@ class AdminListener:
                 lambda: AdminConnection(self.app, self.connections), host, port, backlog=64,
                 reuse_address=True)
         address = self.server.sockets[0].getsockname()
-        self.sampler = loop.create_task(sample_forever(HISTORY))
+        self.sampler = loop.create_task(sample_forever(self.app.history, self.app.sample))
         return str(address[0]), int(address[1])
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ from apishield.config import (
     is_loopback,
     load_config,
     read_yaml,
+    worker_role,
 )
 from apishield.contract.loader import load_contract
 from apishield.contract.review import open_in_strict_mode
@@ -210,12 +211,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for warning in config_warnings(gateway):
             logging.getLogger("apishield").warning("%s", warning)
     listen = gateway.config.listen
+    workers = args.workers
+    if workers is None:  # one per usable core; Windows has no supervisor (see below)
+        workers = 1 if sys.platform == "win32" else worker_role.usable_cores()
     try:
         if spec is not None:
             from apishield.supervisor import serve_worker
 
             _run(serve_worker(gateway, spec))
-        elif args.workers > 1:
+        elif workers > 1:
             if sys.platform == "win32":  # no inherited listening sockets, no POSIX signals
                 print("apishield: --workers needs Linux or macOS; run one process per "
                       "port behind a load balancer instead", file=sys.stderr)
@@ -223,7 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from apishield.supervisor import supervise, worker_command
 
             return supervise(gateway, worker_command(args.config, args.host, args.port),
-                             args.workers)
+                             workers)
         else:
             _run(serve(gateway, listen.host, listen.port))
     except ConfigError as exc:  # found at start: the key store or its pepper
@@ -333,9 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--host", help="listen address (overrides listen.host)")
     serve_cmd.add_argument("--port", type=int, help="listen port (overrides listen.port)")
     serve_cmd.add_argument(
-        "--workers", type=_workers, default=os.environ.get("APISHIELD_WORKERS", "1"),
-        help="worker processes sharing the listener and exact rate limits (default 1, or "
-        "$APISHIELD_WORKERS; 2 or more start a supervisor: docs/workers.md)")
+        "--workers", type=_workers, default=os.environ.get("APISHIELD_WORKERS") or None,
+        help="worker processes sharing the listener and exact rate limits (default: "
+        "$APISHIELD_WORKERS, else the usable cores; 1 runs the gateway in this process, "
+        "2 or more start a supervisor: docs/workers.md)")
     serve_cmd.add_argument("--worker-spec", help=argparse.SUPPRESS)  # set by the supervisor
     serve_cmd.set_defaults(func=cmd_serve)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from apishield.observe.metrics import DURATION_BUCKETS, METRICS, Metrics
@@ -119,11 +120,17 @@ def quantile(counts: list[int] | tuple[int, ...], q: float) -> float | None:
     return DURATION_BUCKETS[-1]  # pragma: no cover - rank <= total always lands above
 
 
-async def sample_forever(history: History) -> None:
+async def sample_forever(history: History,
+                         sample: Callable[[], Awaitable[None]] | None = None) -> None:
     """Sample every `history.interval` seconds until cancelled (the admin listener's
-    task: its close cancels it)."""
+    task: its close cancels it). `sample`, when given, takes the sample instead of
+    `history.tick()` (worker 0 of `serve --workers N` first adds up every worker's
+    figures)."""
     while True:
-        history.tick()
+        if sample is None:
+            history.tick()
+        else:
+            await sample()
         await asyncio.sleep(history.interval)
 
 

@@ -88,7 +88,11 @@ METRIC_SPECS: dict[str, MetricSpec] = {
         "counter", "Audit-trail records this process could not write (or dropped)."),
     "apishield_worker_restarts_total": MetricSpec(
         "counter", "Worker processes of `serve --workers N` started again after they exited "
-        "(counted by the supervisor, reported by worker 0; 0 for a lone gateway)."),
+        "(counted by the supervisor; 0 for a lone gateway)."),
+    "apishield_worker_figures_late_total": MetricSpec(
+        "counter", "Workers of `serve --workers N` whose figures an admin API answer could "
+        "not have fresh (no answer within 1 s, or no sum from the supervisor): their last "
+        "figures stood in."),
     "apishield_build_info": MetricSpec(
         "gauge", "Always 1; the version of apishield that runs.", ("version",)),
 }
@@ -150,6 +154,7 @@ class Metrics:
         self.audit_records = 0
         self.audit_errors = 0
         self.worker_restarts = 0  # the supervisor's count, copied in by a worker
+        self.figures_late = 0  # counted by worker 0 (observe/figures_channel.py)
 
     def request(self, operation: str | None, method: str, status: int, outcome: str,
                 seconds: float, reason: str | None) -> None:
@@ -303,6 +308,7 @@ class MetricsCollector(Collector):
         yield _counter("apishield_audit_log_records_total", [((), m.audit_records)])
         yield _counter("apishield_audit_log_errors_total", [((), m.audit_errors)])
         yield _counter("apishield_worker_restarts_total", [((), m.worker_restarts)])
+        yield _counter("apishield_worker_figures_late_total", [((), m.figures_late)])
         info = GaugeMetricFamily("apishield_build_info", METRICS_HELP["apishield_build_info"],
                                  labels=["version"])
         info.add_metric([_version()], 1)
