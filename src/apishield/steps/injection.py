@@ -135,10 +135,26 @@ _SQL_WORD_BYTES = frozenset(word.encode() for word in _SQL_WORDS)
 _XSS_CHARS = re.compile(r"[<>&=:(\\]")
 _SHELL_CHARS = re.compile(r"[;&|\n`$<]")
 _SPACE = re.compile(r"\s")
-# Every character (or pair) any of the three prefilters above looks for, in one class:
-# most free text has none, and then only SQL's keyword rule can apply (issue 18: one
-# search instead of three for such a string; the same answers).
-_ANY_CHARS = re.compile(r"['\"`;#=()|&\\<>:\n$]|--|/\*")
+# Every character (or pair) any of the three prefilters above looks for: most free text
+# has none, and then only SQL's keyword rule can apply (issue 18: one check instead of
+# three for such a string; the same answers). Checked in bytes, not with a regex: sre pays
+# ~200 instructions per character of a string it does not match, which was most of the
+# scan's cost on plain text. UTF-8 has ASCII bytes for ASCII characters only, so a byte
+# found is a character found.
+_SPECIAL = b"'\"`;#=()|&\\<>:\n$"
+_PLAIN_BYTES = bytes(byte for byte in range(256) if byte not in _SPECIAL + b"-/")
+
+
+def _plain(value: str) -> bool:
+    """None of the characters of `_SPECIAL`, no `--`, no `/*` (tests/test_libinjection_c.py:
+    the same answers as the regex of the three prefilters' union)."""
+    encoded = value.encode("utf-8", "surrogatepass")
+    rest = encoded.translate(None, _PLAIN_BYTES)  # the special bytes, and - and /
+    if not rest:
+        return True
+    if rest.translate(None, b"-/"):
+        return False
+    return b"--" not in encoded and b"/*" not in encoded
 
 
 def _maybe_sql(value: str) -> bool:
@@ -165,7 +181,7 @@ class Detector:
 
     def check(self, value: str) -> str | None:
         """The kind of payload found in `value`, or None."""
-        if _ANY_CHARS.search(value) is None:  # no character any detector needs
+        if _plain(value):  # no character any detector needs
             if self.sql and _sql_words(value) and self._sqli(value):
                 return "sql-injection"
             return None
