@@ -145,28 +145,35 @@ _SPECIAL = b"'\"`;#=()|&\\<>:\n$"
 _PLAIN_BYTES = bytes(byte for byte in range(256) if byte not in _SPECIAL + b"-/")
 
 
-def _plain(value: str) -> bool:
-    """None of the characters of `_SPECIAL`, no `--`, no `/*` (tests/test_libinjection_c.py:
-    the same answers as the regex of the three prefilters' union)."""
-    encoded = value.encode("utf-8", "surrogatepass")
-    rest = encoded.translate(None, _PLAIN_BYTES)  # the special bytes, and - and /
+def lowered(value: str) -> bytes:
+    """`value` lower-cased, as ASCII bytes with `?` for every other character: what both
+    checks below read. No non-ASCII character lower-cases to an ASCII one other than a
+    letter (KELVIN SIGN is `k`), so the special characters are exactly the original's."""
+    return value.lower().encode("ascii", "replace")
+
+
+def _plain(text: bytes) -> bool:
+    """No character of `_SPECIAL`, no `--`, no `/*` in `text` (`lowered(value)`;
+    tests/test_libinjection_c.py: the same answers as the union regex on `value`)."""
+    rest = text.translate(None, _PLAIN_BYTES)  # the special bytes, and - and /
     if not rest:
         return True
     if rest.translate(None, b"-/"):
         return False
-    return b"--" not in encoded and b"/*" not in encoded
+    return b"--" not in text and b"/*" not in text
 
 
-def _maybe_sql(value: str) -> bool:
-    # (a set lookup per word: a regex alternation of 35 keywords costs 4x more)
-    return _SQL_CHARS.search(value) is not None or _sql_words(value)
+def _maybe_sql(value: str, text: bytes) -> bool:
+    return _SQL_CHARS.search(value) is not None or _sql_words(value, text)
 
 
-def _sql_words(value: str) -> bool:
-    """Two tokens, one an SQL keyword: a space, and a keyword as a whole token of the
-    lower-cased text (tests/test_injection_keywords.py: the same answers as `findall`)."""
-    return _SPACE.search(value) is not None and not _SQL_WORD_BYTES.isdisjoint(
-        value.lower().encode("ascii", "replace").translate(_NOT_WORD).split())
+def _sql_words(value: str, text: bytes) -> bool:
+    """Two tokens, one an SQL keyword: a keyword as a whole token of the lower-cased text
+    (`text`, `lowered(value)`), and a space (tests/test_injection_keywords.py: the same
+    answers as `findall`). The keywords first: most text has none, and the space regex
+    would scan all of such a string."""
+    return not _SQL_WORD_BYTES.isdisjoint(text.translate(_NOT_WORD).split()) and \
+        _SPACE.search(value) is not None
 
 
 class Detector:
@@ -181,11 +188,12 @@ class Detector:
 
     def check(self, value: str) -> str | None:
         """The kind of payload found in `value`, or None."""
-        if _plain(value):  # no character any detector needs
-            if self.sql and _sql_words(value) and self._sqli(value):
+        text = lowered(value)
+        if _plain(text):  # no character any detector needs
+            if self.sql and _sql_words(value, text) and self._sqli(value):
                 return "sql-injection"
             return None
-        if self.sql and _maybe_sql(value) and self._sqli(value):
+        if self.sql and _maybe_sql(value, text) and self._sqli(value):
             return "sql-injection"
         if self.xss and _XSS_CHARS.search(value) and self._xss(value):
             return "xss"
