@@ -2254,6 +2254,8 @@ def render_table(result: dict) -> str:
     pin = "pinned" if m["pinned"] else "UNPINNED"
     lines.append(f"machine: {m['nproc']} CPUs, {pin}: {m['pinning']}")
     lines.append(f"python {m['python']}, {m['nginx']}, {m['wrk']}")
+    if "apishield_build" in m:
+        lines.append(f"apishield build: {m['apishield_build']}")
     lines.append("")
     w = max(23, *(len(t) + 2 for t in result["targets"]))  # 23 for the default targets
     hdr = (f"{'target':<{w}}{'rps median':>11}{'min':>9}{'max':>9}{'vs nginx':>10}"
@@ -2485,6 +2487,17 @@ def issue18_lines(result: dict) -> list[str]:
                          f"(tolerance {adm['tolerance_pct']:g}%): "
                          f"{'MET' if adm['met'] else 'NOT MET'}")
     return lines
+
+
+def apishield_build(argv: list[str]) -> str:
+    """The `# build:` line of `apishield --version --verbose`: `pure Python`, or how many
+    hot modules run compiled (docs/performance.md): a result says which build it measured."""
+    with contextlib.suppress(BenchError, FileNotFoundError):
+        out = run([*argv, "--version", "--verbose"], timeout=30)
+        for line in out.stdout.splitlines():
+            if line.startswith("# build: "):
+                return line.removeprefix("# build: ")
+    return "unknown"
 
 
 def machine_info(pin: Pinning) -> dict:
@@ -3304,6 +3317,9 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
             args, procs, tmp, pin, apishield_argv(args.apishield_cmd), upstream.port,
             redis_url, token, load)
     machine = machine_info(pin)
+    if any(t.startswith("apishield") for t in targets):
+        machine["apishield_build"] = apishield_build(apishield_argv(args.apishield_cmd))
+        log(f"apishield build: {machine['apishield_build']}")
     log(f"pinning: {pin.note}")
     rounds = []
     restart = [t for t in targets if t in METRICS_TARGETS] if not args.no_restart else []
