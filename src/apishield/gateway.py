@@ -187,7 +187,7 @@ class Gateway:
         """The request for the upstream. With `framing` (a streamed body), only the head,
         carrying that framing header; else head and the whole body. `pipeline`: the one
         the request runs on (after a reload, maybe not the gateway's current one)."""
-        request = exchange.request
+        request = exchange
         target = self.upstream_prefix + request.raw_path
         if request.query:
             target += b"?" + request.query
@@ -242,7 +242,7 @@ class Gateway:
     async def forward(self, exchange: Exchange, pipeline: Pipeline | None = None) -> Reply:
         assert self.pool is not None
         payload = self.serialize_request(exchange, None, pipeline)
-        response = await self.pool.request(payload, exchange.request.method,
+        response = await self.pool.request(payload, exchange.method,
                                            exchange.client_ip)
         return self.reply_from(response)
 
@@ -275,7 +275,7 @@ class Gateway:
             return False
         conn.send_nowait(
             self.serialize_request(exchange, None, pipeline),
-            head_only=exchange.request.method == "HEAD",
+            head_only=exchange.method == "HEAD",
             on_ready=on_ready,
         )
         return True

@@ -370,7 +370,7 @@ class Pipeline:
             (b"content-length", str(len(body)).encode()),
             *problem.headers,
         ]
-        if exchange.request.method == "HEAD":
+        if exchange.method == "HEAD":
             body = b""
         return problem.status, self.on_response(exchange, problem.status, headers), body
 
@@ -479,12 +479,12 @@ class Pipeline:
         if metrics is not None or usage is not None:
             label = operation.label if operation is not None else None
             if metrics is not None:
-                metrics.request(label, exchange.request.method, status, outcome, seconds,
+                metrics.request(label, exchange.method, status, outcome, seconds,
                                 reason)
                 USAGE.count(identity, label or UNMATCHED, outcome == "refused", now)
             if usage is not None:
                 DAILY.count(identity, label or UNMATCHED, outcome == "refused",
-                            exchange.bytes_in or len(exchange.request.body),
+                            exchange.bytes_in or len(exchange.body),
                             exchange.bytes_out, now)
             if outcome == "refused" and metrics is not None:  # the dashboard's top refused
                 REFUSERS.count(exchange.client_ip, reason, now)  # clients (refusals only)
@@ -493,7 +493,7 @@ class Pipeline:
         entry = exchange.entry
         access_log.record((
             exchange.id,
-            exchange.request.method,
+            exchange.method,
             entry.template if entry is not None else None,
             operation_id,
             status,

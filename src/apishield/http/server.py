@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from apishield.contract.paths import split_target
-from apishield.exchange import Exchange, Headers, Request, connection_tokens, content_length
+from apishield.exchange import Exchange, Headers, connection_tokens, content_length
 from apishield.http.deadlines import HasDeadline
 from apishield.http.tls import client_identity
 from apishield.http.upstream import (
@@ -100,14 +100,17 @@ class _StopParsing(Exception):
     """Raised from a callback to make llhttp stop: the connection is closing."""
 
 
-class _Message:
-    """A parsed request waiting for its turn, with what the connection needs to answer."""
+class _Message(Exchange):
+    """A parsed request waiting for its turn: the exchange itself, plus what the connection
+    needs to answer it (one object per request instead of three, issue 18)."""
 
-    __slots__ = ("done", "exchange", "keep_alive", "length", "parts", "pipeline", "size",
-                 "streaming", "upstream")
+    __slots__ = ("done", "keep_alive", "length", "parts", "pipeline", "size", "streaming",
+                 "upstream")
 
-    def __init__(self, exchange: Exchange, keep_alive: bool, pipeline: Pipeline) -> None:
-        self.exchange = exchange
+    def __init__(self, method: str, raw_path: bytes, query: bytes, headers: Headers,
+                 peer_ip: str, scheme: str, http_version: str, keep_alive: bool,
+                 pipeline: Pipeline) -> None:
+        super().__init__(method, raw_path, query, headers, peer_ip, scheme, http_version)
         # The pipeline this request started on: it ends on it, even if a reload swaps the
         # gateway's in between (`Pipeline.in_flight` tells the reload when it is drained).
         self.pipeline = pipeline
@@ -209,7 +212,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.held = False
         while self.queue:
             message = self.queue.popleft()
-            exchange = message.exchange
+            exchange = message
             exchange.reason = exchange.reason or "client-closed"
             exchange.bytes_in = message.size
             message.pipeline.record(exchange, CLIENT_CLOSED)
@@ -399,21 +402,14 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing
             raise BadRequest("transfer-encoding-in-http10", close=True)
         raw_path, query = split_target(b"".join(self._url))
-        request = Request(
-            parser.get_method().decode("ascii"),
-            raw_path,
-            query,
-            self._headers,
-            self.peer_ip,
-            self.scheme,
-            version,
-        )
-        request.connection_tokens = self._connection_tokens
-        if self.client_identity:
-            request.client_identity = self.client_identity
-        exchange = Exchange(request)
         pipeline = self.gateway.pipeline
-        message = _Message(exchange, parser.should_keep_alive(), pipeline)
+        exchange = message = _Message(
+            parser.get_method().decode("ascii"), raw_path, query, self._headers,
+            self.peer_ip, self.scheme, version, parser.should_keep_alive(), pipeline,
+        )
+        exchange.connection_tokens = self._connection_tokens
+        if self.client_identity:
+            exchange.client_identity = self.client_identity
         self.current = message
         pipeline.on_head(exchange)
         if parser.should_upgrade():
@@ -436,7 +432,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             else:
                 self.expire_at(self.body_timeout, self._on_timeout)
         if problem is None and not self.busy and not self.queue:
-            expect = request.header(b"expect")
+            expect = exchange.header(b"expect")
             if expect is not None and expect.lower() == b"100-continue" and self.transport:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             if (self._content_length > STREAM_MIN and exchange.suspended is None
@@ -450,7 +446,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         if message is None:
             return
         message.size += len(body)
-        exchange = message.exchange
+        exchange = message
         if message.size > exchange.body_limit:
             problem = PayloadTooLarge("body-over-limit", close=True)
             if message.streaming:
@@ -478,9 +474,9 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self._pump(message)
             return
         parts = message.parts
-        exchange = message.exchange
+        exchange = message
         if parts:
-            exchange.request.body = parts[0] if len(parts) == 1 else b"".join(parts)
+            exchange.body = parts[0] if len(parts) == 1 else b"".join(parts)
         if exchange.problem is None:
             message.pipeline.on_body(exchange)
         self._complete(message)
@@ -504,9 +500,9 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             return
         if message is None:
             # nothing usable was parsed: the access log shows method "-" (as nginx does)
-            request = Request("-", b"/", b"", [], self.peer_ip, self.scheme)
-            message = _Message(Exchange(request), False, self.gateway.pipeline)
-        message.exchange.problem = problem
+            message = _Message("-", b"/", b"", [], self.peer_ip, self.scheme, "1.1", False,
+                               self.gateway.pipeline)
+        message.problem = problem
         self._complete(message)
         self.closing = True
         self._pause_reading()
@@ -522,7 +518,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
 
     def _attach(self, message: _Message, conn: UpstreamConnection) -> None:
         """The upstream connection is ready and its head is written: send what came so far."""
-        if message.exchange.problem is not None:
+        if message.problem is not None:
             conn._close()  # refused while connecting (over the limit, too slow, malformed)
             return
         message.upstream = conn
@@ -558,7 +554,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
     def _abort_streaming(self, message: _Message, problem: Problem) -> None:
         """The client broke off (limit, timeout, bad framing): the upstream never gets the
         rest, and the answering task reports `problem`."""
-        message.exchange.problem = problem
+        message.problem = problem
         self.current = None
         self.receiving = False
         self.clear_deadline()
@@ -592,7 +588,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         if self.queue:
             self.busy = True
             message = self.queue.popleft()
-            exchange = message.exchange
+            exchange = message
             if (
                 exchange.problem is None
                 and exchange.suspended is None
@@ -618,11 +614,11 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self, message: _Message, conn: UpstreamConnection, error: UpstreamError | None
     ) -> None:
         """The fast path's second half, called from the upstream protocol's callbacks."""
-        exchange = message.exchange
+        exchange = message
         if error is not None:
             conn._close()
             conn.pool.forget(conn)
-            if error.retryable and exchange.request.method in IDEMPOTENT:
+            if error.retryable and exchange.method in IDEMPOTENT:
                 # a pooled connection the upstream had closed: one fresh attempt
                 self.task = self.loop.create_task(self._answer(message))
                 return
@@ -663,7 +659,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.task = self.loop.create_task(self._answer(message, response))
 
     async def _answer(self, message: _Message, response: UpstreamResponse | None = None) -> None:
-        exchange = message.exchange
+        exchange = message
         pipeline = message.pipeline
         status = 500
         keep_alive = message.keep_alive
@@ -762,17 +758,16 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
     def _write_complete(self, message: _Message, reply: Reply, block: bytes) -> bool:
         """Write a response whose body is all here, in one write; return keep-alive.
         `block`: its header lines, serialized (`Pipeline.response_head`)."""
-        request = message.exchange.request
         keep_alive = message.keep_alive and not self.closing
         status = reply.status
-        if request.method == "HEAD":
+        if message.method == "HEAD":
             if reply.content_length is not None:
                 block += b"content-length: %d\r\n" % reply.content_length
         elif status >= 200 and status != 204 and status != 304:
             block += b"content-length: %d\r\n" % len(reply.body)
         if not keep_alive:
             block += b"connection: close\r\n"
-        elif request.http_version == "1.0":
+        elif message.http_version == "1.0":
             block += b"connection: keep-alive\r\n"
         status_line = STATUS_LINES.get(status)
         if status_line is None:
@@ -785,14 +780,13 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         if reply.stream is None:
             return self._write_complete(
                 message, reply, b"".join([b"%b: %b\r\n" % item for item in headers]))
-        request = message.exchange.request
         keep_alive = message.keep_alive and not self.closing
         stream = reply.stream
         chunked = False
         try:
             if reply.content_length is not None:
                 headers.append((b"content-length", str(reply.content_length).encode()))
-            elif request.http_version == "1.1":
+            elif message.http_version == "1.1":
                 chunked = True
                 headers.append((b"transfer-encoding", b"chunked"))
             else:
@@ -806,7 +800,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                     self._write(piece)
                 await self.drain()
                 if self.closed:
-                    message.exchange.reason = "client-closed"
+                    message.reason = "client-closed"
                     return False
                 piece = await stream.read()
             if chunked:
@@ -814,7 +808,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             return keep_alive
         except Problem as problem:
             # The head is out: the only honest signal left is to cut the connection.
-            message.exchange.reason = problem.reason
+            message.reason = problem.reason
             if self.transport is not None:
                 self.transport.abort()
             return False
@@ -827,7 +821,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             status_line = b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b"Unknown"))
         if not keep_alive:
             headers.append((b"connection", b"close"))
-        elif message.exchange.request.http_version == "1.0":
+        elif message.http_version == "1.0":
             headers.append((b"connection", b"keep-alive"))
         if not headers:
             return status_line + b"\r\n"
@@ -842,7 +836,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         """The bytes of the answer just finished, for the usage counts (F4): its request
         body as received, its response as written (head and body; answers on one
         connection go out strictly one after another, so the difference is this one's)."""
-        exchange = message.exchange
+        exchange = message
         exchange.bytes_in = message.size
         exchange.bytes_out = self.sent - self._sent_mark
         self._sent_mark = self.sent

@@ -35,7 +35,7 @@ class LimitsStep:
         length = None
         chunked = False
         content_type = None
-        for name, value in exchange.request.headers:
+        for name, value in exchange.headers:
             if name == b"content-length":
                 length = content_length(value)
                 if length is None:  # llhttp checks this too; the middleware has no llhttp
