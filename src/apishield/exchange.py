@@ -92,7 +92,7 @@ class Exchange:
     One object per request, not a `Request` inside an `Exchange` inside the connection's
     message: three objects cost three allocations, three `__init__` calls and ~45 attribute
     stores a request (issue 18's profile). The gateway's connection adds its per-request
-    state in a subclass (http/server.py `_Message`), the middleware uses this class as is.
+    state in a subclass (http/server.py `Message`), the middleware uses this class as is.
     """
 
     __slots__ = (
@@ -100,9 +100,13 @@ class Exchange:
         "body_limit",
         "bytes_in",
         "bytes_out",
+        "chunked",
         "client_identity",
         "client_ip",
         "connection_tokens",
+        "content_type",
+        "content_type_repeated",
+        "declared_length",
         "delegated",
         "entry",
         "forwarded_for",
@@ -155,6 +159,14 @@ class Exchange:
         # `X-Apishield-Client-*` headers for the upstream from a verified client certificate
         # (mutual TLS), set by the gateway's connection; never from anything the client sent
         self.client_identity: tuple[tuple[bytes, bytes], ...] = ()
+        # framing facts for the limits step, found by the front end in its one pass over
+        # the headers (the gateway's parser callback, the middleware's `read_framing`):
+        # Content-Length as a number (0 when absent, -1 when not 1*DIGIT), whether a
+        # Transfer-Encoding was sent, the first Content-Type and whether there was another
+        self.declared_length = 0
+        self.chunked = False
+        self.content_type: bytes | None = None
+        self.content_type_repeated = False
         self.id = new_request_id()
         self.started = time.perf_counter()
         self.client_ip = peer_ip  # client_ip step: trusted-proxy aware
@@ -185,6 +197,23 @@ class Exchange:
         # sent, for the usage counts (F4)
         self.bytes_in = 0
         self.bytes_out = 0
+
+    def read_framing(self) -> None:
+        """Set the framing facts from `headers` (a front end without a parser callback of
+        its own: the middleware; the gateway's `HttpConnection.on_header` sets them as it
+        reads each header)."""
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = content_length(value)
+                if self.declared_length >= 0:  # an invalid one stays the answer
+                    self.declared_length = -1 if length is None else length
+            elif name == b"transfer-encoding":
+                self.chunked = True
+            elif name == b"content-type":
+                if self.content_type is None:
+                    self.content_type = value
+                else:
+                    self.content_type_repeated = True
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a request header (names are lower case)."""

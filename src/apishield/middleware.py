@@ -244,7 +244,7 @@ class ApiShieldMiddleware:
         if root_path and raw_path.startswith(root_path):
             raw_path = raw_path[len(root_path):] or b"/"  # contract paths are app-relative
         client = scope.get("client")
-        return Exchange(
+        exchange = Exchange(
             scope["method"],
             raw_path,
             scope.get("query_string", b""),
@@ -253,6 +253,8 @@ class ApiShieldMiddleware:
             scope.get("scheme", "http"),
             scope.get("http_version", "1.1"),
         )
+        exchange.read_framing()  # for the limits step (the gateway's parser does this)
+        return exchange
 
     def _check_sizes(self, exchange: Exchange) -> None:
         if len(exchange.raw_path) + len(exchange.query) + 1 > self._max_url:
