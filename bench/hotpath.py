@@ -47,6 +47,12 @@ reports instructions per request (`Ir`, counted only around the measured iterati
 callgrind's client requests): a figure that does not move with the machine's load, for
 judging a change of a few percent that the noise of a shared machine hides in CPU time.
 It needs valgrind and gcc (a 10-line helper library is compiled into a temp dir).
+Before counting, what the setup and warm-up left is moved out of the collector's reach
+(`gc.collect(); gc.freeze()`): the young generations are still collected as the requests
+allocate, but a full collection scanning the whole long-lived heap (contract, config,
+models) no longer lands, or not, inside the 2,000 counted requests. It did by chance:
+the same code counted 108,846 or 117,221 instructions per pass-through request depending
+on which other targets ran before (bench/RESULTS.md, "Issue 18: fewer objects").
 
     .venv/bin/python bench/hotpath.py [--rounds 7] [--number 20000] [--only passthrough,floor]
                                       [--json bench/results/hotpath.json] [--top 25]
@@ -59,6 +65,7 @@ import argparse
 import asyncio
 import cProfile
 import ctypes
+import gc
 import json
 import os
 import platform
@@ -385,6 +392,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for target in targets.values():  # warm-up: what a server has after its first seconds
             await run_iterations(target, args.number // 4)
         if os.environ.get(UNDER_VALGRIND):
+            gc.collect()
+            gc.freeze()  # see the module docstring: no full collection by chance
             await count_instructions(targets, args.number)
             return {}
         samples: dict[str, list[float]] = {name: [] for name in names}

@@ -35,7 +35,7 @@ from harness import BODY_1K, BODY_100K, validation_contract
 
 from apishield.config import load_config
 from apishield.contract.loader import Contract, load_contract
-from apishield.exchange import Exchange, Request, Suspend
+from apishield.exchange import Exchange, Suspend
 from apishield.steps import injection, validate
 
 try:
@@ -79,9 +79,9 @@ def body_step(target: str, directory: Path) -> tuple[BodyStep, Contract]:
 
 
 def exchange_for(contract: Contract, body: bytes) -> Exchange:
-    exchange = Exchange(Request("POST", b"/item", b"", HEADERS, "127.0.0.1"))
+    exchange = Exchange("POST", b"/item", b"", HEADERS, "127.0.0.1")
     exchange.operation = next(op for op in contract.operations if op.method == "POST")
-    exchange.request.body = body
+    exchange.body = body
     return exchange
 
 

@@ -27,7 +27,7 @@ from apishield.auth.jws import TokenVerifier, UnknownKey
 from apishield.auth.principal import AuthFailure, Principal
 from apishield.auth.token_cache import TokenCache
 from apishield.config import ConfigError, Issuer, config_from_dict
-from apishield.exchange import Exchange, Request
+from apishield.exchange import Exchange
 from tests.issuer_server import (
     AUDIENCE,
     CLIENT_SECRET,
@@ -437,7 +437,7 @@ async def test_non_string_iss_is_a_wrong_issuer_with_several_issuers(
         issuer.issuer: ("idp", verifier, None),
         "https://other.example": ("other", verifier, None),
     }, [], TokenCache())
-    exchange = Exchange(Request("GET", b"/", b"", [], "127.0.0.1"))
+    exchange = Exchange("GET", b"/", b"", [], "127.0.0.1")
     for iss in ([issuer.issuer], {"iss": issuer.issuer}):
         token = signed(issuer, "ES256", issuer.claims(iss=iss))
         with pytest.raises(AuthFailure) as excinfo:
@@ -457,7 +457,7 @@ async def test_a_token_without_iss_goes_to_the_issuer_that_does_not_check_it(
         issuer.issuer: ("idp", verifier, None),
         None: ("legacy", legacy, None),
     }, [], TokenCache())
-    exchange = Exchange(Request("GET", b"/", b"", [], "127.0.0.1"))
+    exchange = Exchange("GET", b"/", b"", [], "127.0.0.1")
     n = int(time.time())
     no_iss = sign_raw({"alg": "HS256"}, {"sub": "old-app-user", "exp": n + 60}, secret, "HS256")
     assert bearer.authenticate(no_iss, exchange).issuer == "legacy"

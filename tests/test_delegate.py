@@ -178,15 +178,15 @@ def test_other_http_schemes_need_their_name_in_authorization(
         tmp_path: Path, scheme: str) -> None:
     from apishield.auth.authenticators import DelegatedAuthenticator
     from apishield.auth.principal import AuthFailure
-    from apishield.exchange import Request
+    from apishield.exchange import Exchange
 
     authenticator = DelegatedAuthenticator("s", {"type": "http", "scheme": scheme}, "api")
     name = "Digest" if scheme == "digest" else scheme
     assert authenticator.challenge == f'{name} realm="api"'
 
-    def request(value: bytes | None) -> Request:
+    def request(value: bytes | None) -> Exchange:
         headers = [] if value is None else [(b"authorization", value)]
-        return Request("GET", b"/", b"", headers, "127.0.0.1")
+        return Exchange("GET", b"/", b"", headers, "127.0.0.1")
 
     assert authenticator.credential(request(None)) is None
     assert authenticator.credential(request(b"Bearer abc")) is None  # another scheme's

@@ -153,3 +153,39 @@ def test_under_real_uvicorn(uvicorn_server):
 
 def test_config_path_is_used():
     assert CONFIG.exists()
+
+
+async def _raw_asgi(headers: list[tuple[bytes, bytes]], body: bytes) -> int:
+    """POST /items straight through the ASGI interface, with headers exactly as given
+    (a client library would fix Content-Length and merge repeated fields)."""
+    app = create_app()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/items", "raw_path": b"/items",
+             "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+async def test_framing_facts_read_in_one_pass():
+    """The middleware finds Content-Length, Transfer-Encoding and Content-Type in its one
+    pass over the scope's headers (`Exchange.read_framing`) for the limits step."""
+    body = b'{"a": 1}'
+    json_type = (b"content-type", b"application/json")
+    length = (b"content-length", b"%d" % len(body))
+    assert await _raw_asgi([json_type, length], body) == 201
+    assert await _raw_asgi([(b"Content-Type", b"application/json"), length], body) == 201
+    # a singleton field sent twice: two parsers could disagree on what the body is
+    assert await _raw_asgi([json_type, (b"content-type", b"text/plain"), length], body) == 400
+    assert await _raw_asgi([json_type, (b"content-length", b"8x")], body) == 400
+    assert await _raw_asgi([json_type, (b"content-length", b"8x"), length], body) == 400
+    assert await _raw_asgi([json_type, (b"content-length", b"%d" % 10**6)], body) == 413
+    assert await _raw_asgi([(b"content-type", b"text/plain"), length], body) == 415

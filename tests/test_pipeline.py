@@ -7,7 +7,7 @@ from pathlib import Path
 
 from apishield.config import config_from_dict
 from apishield.contract.loader import load_contract
-from apishield.exchange import Exchange, Request
+from apishield.exchange import Exchange
 from apishield.pipeline import Pipeline
 from apishield.problems import ALL_PROBLEMS, InternalError
 
@@ -52,7 +52,7 @@ def test_disabled_steps_cost_nothing():
 def test_every_problem_renders_masked_with_request_id():
     pipeline = _pipeline()
     for cls in ALL_PROBLEMS:
-        exchange = Exchange(Request("GET", b"/echo", b"", [], "127.0.0.1"))
+        exchange = Exchange("GET", b"/echo", b"", [], "127.0.0.1")
         status, headers, body = pipeline.problem_response(exchange, cls("secret-internal-reason"))
         document = json.loads(body)
         assert status == cls.status == document["status"]
@@ -67,7 +67,7 @@ def test_every_problem_renders_masked_with_request_id():
 
 def test_internal_error_logs_traceback_but_sends_nothing(caplog):
     pipeline = _pipeline()
-    exchange = Exchange(Request("GET", b"/echo", b"", [], "127.0.0.1"))
+    exchange = Exchange("GET", b"/echo", b"", [], "127.0.0.1")
     try:
         raise ValueError("password=hunter2")
     except ValueError as exc:
@@ -78,7 +78,7 @@ def test_internal_error_logs_traceback_but_sends_nothing(caplog):
 
 
 def test_request_ids_are_unique_and_random():
-    ids = {Exchange(Request("GET", b"/", b"", [], "")).id for _ in range(1000)}
+    ids = {Exchange("GET", b"/", b"", [], "").id for _ in range(1000)}
     assert len(ids) == 1000
 
 
@@ -93,7 +93,7 @@ def test_refusals_leave_no_reference_cycles():
     gc.disable()
     try:
         for _ in range(200):
-            exchange = Exchange(Request("GET", b"/nowhere", b"", [(b"host", b"x")], "1.2.3.4"))
+            exchange = Exchange("GET", b"/nowhere", b"", [(b"host", b"x")], "1.2.3.4")
             pipeline.on_head(exchange)
             assert exchange.problem is not None
             pipeline.problem_response(exchange, exchange.problem)
@@ -127,7 +127,7 @@ def test_response_head_is_on_response_serialized():
         for path, origin in ((b"/cache", b"https://app.example"), (b"/echo", None)):
             for status in (200, 401, 404):
                 request_headers = [(b"origin", origin)] if origin else []
-                exchange = Exchange(Request("GET", path, b"", request_headers, "127.0.0.1"))
+                exchange = Exchange("GET", path, b"", request_headers, "127.0.0.1")
                 pipeline.on_head(exchange)
                 listed = pipeline.on_response(exchange, status, list(upstream))
                 head = pipeline.response_head(exchange, status, list(upstream))

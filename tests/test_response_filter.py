@@ -170,7 +170,7 @@ def test_an_object_where_an_array_is_declared_is_logged_once_a_minute(tmp_path, 
     log says so (rate-limited), instead of nothing (issue 16)."""
     import logging
 
-    from apishield.exchange import Exchange, Request
+    from apishield.exchange import Exchange
 
     flt = _filter(tmp_path, {}, {"type": "array", "items": {
         "type": "object", "properties": {"id": {"type": "integer"}}}})
@@ -179,7 +179,7 @@ def test_an_object_where_an_array_is_declared_is_logged_once_a_minute(tmp_path, 
     caplog.set_level(logging.WARNING, logger="apishield")
 
     def send(body: bytes) -> bytes:
-        exchange = Exchange(Request("GET", b"/x", b"", [], "127.0.0.1"))
+        exchange = Exchange("GET", b"/x", b"", [], "127.0.0.1")
         exchange.operation = operation
         plan = flt.plan_for(exchange, 200, [(b"content-type", b"application/json")])
         assert plan is not None

@@ -16,7 +16,7 @@ import pytest
 from apishield import ApiShieldMiddleware
 from apishield.config import ConfigError, config_from_dict, load_config
 from apishield.contract.loader import load_contract
-from apishield.exchange import Exchange, Request
+from apishield.exchange import Exchange
 from apishield.problems import InjectionSuspected, InvalidBody
 from apishield.steps import validate
 
@@ -342,10 +342,10 @@ def test_secrets_and_write_only_values_are_never_scanned(tmp_path):
 def _body_errors(body, contract, document: dict, refusal: type) -> list[dict[str, str]]:
     """The errors of `refusal` the body step raises for a JSON `document` sent to the
     contract's one operation, or [] when it passes."""
-    exchange = Exchange(Request("POST", b"/x", b"", [(b"content-type", b"application/json")],
-                                "127.0.0.1"))
+    exchange = Exchange("POST", b"/x", b"", [(b"content-type", b"application/json")],
+                        "127.0.0.1")
     exchange.operation = contract.operations[0]
-    exchange.request.body = json.dumps(document).encode()
+    exchange.body = json.dumps(document).encode()
     try:
         body.on_body(exchange)
     except refusal as refused:

@@ -17,7 +17,7 @@ import pytest
 from apishield.config import load_config
 from apishield.config.validation import Injection
 from apishield.contract.loader import load_contract
-from apishield.exchange import Exchange, Request, Suspend
+from apishield.exchange import Exchange, Suspend
 from apishield.problems import BadRequest, InjectionSuspected, InvalidBody
 from apishield.steps import validate
 from apishield.steps.injection import Detector
@@ -72,10 +72,10 @@ def step(tmp_path: Path):
 
 
 def exchange_for(contract, document: object) -> Exchange:
-    exchange = Exchange(Request("POST", b"/x", b"", [(b"content-type", b"application/json")],
-                                "127.0.0.1"))
+    exchange = Exchange("POST", b"/x", b"", [(b"content-type", b"application/json")],
+                        "127.0.0.1")
     exchange.operation = contract.operations[0]
-    exchange.request.body = json.dumps(document).encode()
+    exchange.body = json.dumps(document).encode()
     return exchange
 
 

@@ -1,6 +1,6 @@
 """Per-request state shared by the pipeline and both front ends.
 
-Plain classes with `__slots__`: one is built per request on the hot path, so they cost
+A plain class with `__slots__`: one is built per request on the hot path, so it costs
 attribute stores, not validation. Header names are lower-case bytes everywhere (HTTP field
 names are case-insensitive, RFC 9110 5.1); values are the raw bytes as received.
 """
@@ -85,19 +85,53 @@ def _discard_pool() -> None:
 os.register_at_fork(after_in_child=_discard_pool)
 
 
-class Request:
+class Exchange:
+    """One request's journey: the request as received and what the steps decided about it.
+    Each decided field is written by exactly one step (see pipeline).
+
+    One object per request, not a `Request` inside an `Exchange` inside the connection's
+    message: three objects cost three allocations, three `__init__` calls and ~45 attribute
+    stores a request (issue 18's profile). The gateway's connection adds its per-request
+    state in a subclass (http/server.py `Message`), the middleware uses this class as is.
+    """
+
     __slots__ = (
         "body",
+        "body_limit",
+        "bytes_in",
+        "bytes_out",
+        "chunked",
         "client_identity",
+        "client_ip",
         "connection_tokens",
+        "content_type",
+        "content_type_repeated",
+        "declared_length",
+        "delegated",
+        "entry",
+        "forwarded_for",
         "headers",
+        "held",
         "http_version",
+        "id",
         "method",
+        "operation",
         "path",
+        "path_params",
         "peer_ip",
+        "principal",
+        "problem",
         "query",
+        "rate_limit",
         "raw_path",
+        "reason",
+        "resumes",
         "scheme",
+        "shadowed",
+        "started",
+        "suspended",
+        "trusted_peer",
+        "waited_for",
     )
 
     def __init__(
@@ -125,49 +159,18 @@ class Request:
         # `X-Apishield-Client-*` headers for the upstream from a verified client certificate
         # (mutual TLS), set by the gateway's connection; never from anything the client sent
         self.client_identity: tuple[tuple[bytes, bytes], ...] = ()
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of a header (names are lower case)."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
-
-class Exchange:
-    """One request's journey. Each field is written by exactly one step (see pipeline)."""
-
-    __slots__ = (
-        "body_limit",
-        "bytes_in",
-        "bytes_out",
-        "client_ip",
-        "delegated",
-        "entry",
-        "forwarded_for",
-        "held",
-        "id",
-        "operation",
-        "path_params",
-        "principal",
-        "problem",
-        "rate_limit",
-        "reason",
-        "request",
-        "resumes",
-        "shadowed",
-        "started",
-        "suspended",
-        "trusted_peer",
-        "waited_for",
-    )
-
-    def __init__(self, request: Request) -> None:
+        # framing facts for the limits step, found by the front end in its one pass over
+        # the headers (the gateway's parser callback, the middleware's `read_framing`):
+        # Content-Length as a number (0 when absent, -1 when not 1*DIGIT), whether a
+        # Transfer-Encoding was sent, the first Content-Type and whether there was another
+        self.declared_length = 0
+        self.chunked = False
+        self.content_type: bytes | None = None
+        self.content_type_repeated = False
         self.id = new_request_id()
-        self.request = request
         self.started = time.perf_counter()
-        self.client_ip = request.peer_ip  # client_ip step: trusted-proxy aware
-        self.forwarded_for = request.peer_ip  # client_ip step: X-Forwarded-For to send
+        self.client_ip = peer_ip  # client_ip step: trusted-proxy aware
+        self.forwarded_for = peer_ip  # client_ip step: X-Forwarded-For to send
         self.trusted_peer = False  # client_ip step: the peer is a configured trusted proxy
         self.entry: PathEntry | None = None  # route step
         self.operation: Operation | None = None  # route step
@@ -190,10 +193,34 @@ class Exchange:
         self.rate_limit: tuple[str, Decision] | None = None
         # concurrency step: the in-flight slots this request holds (released by `record`)
         self.held: tuple[str, ...] = ()
-        # front end: request body bytes received (0: `len(request.body)` tells) and
-        # response bytes sent, for the usage counts (F4)
+        # front end: request body bytes received (0: `len(body)` tells) and response bytes
+        # sent, for the usage counts (F4)
         self.bytes_in = 0
         self.bytes_out = 0
+
+    def read_framing(self) -> None:
+        """Set the framing facts from `headers` (a front end without a parser callback of
+        its own: the middleware; the gateway's `HttpConnection.on_header` sets them as it
+        reads each header)."""
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = content_length(value)
+                if self.declared_length >= 0:  # an invalid one stays the answer
+                    self.declared_length = -1 if length is None else length
+            elif name == b"transfer-encoding":
+                self.chunked = True
+            elif name == b"content-type":
+                if self.content_type is None:
+                    self.content_type = value
+                else:
+                    self.content_type_repeated = True
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a request header (names are lower case)."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
 
 
 class Suspend(Exception):

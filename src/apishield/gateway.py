@@ -34,13 +34,13 @@ from apishield.admin.listener import AdminListener
 from apishield.auth.identity import identity_headers
 from apishield.config import Config, ConfigError
 from apishield.contract.loader import Contract, load_contract
-from apishield.exchange import Exchange, Headers
+from apishield.exchange import Headers
 from apishield.http.deadlines import Sweeper
 from apishield.http.plain_http import PlainHttpResponder
-from apishield.http.server import HttpConnection
+from apishield.http.server import HttpConnection, Message
 from apishield.http.tls import ServerTls, server_tls, upstream_context
 from apishield.http.upstream import (
-    HOP_BY_HOP,
+    REQUEST_OWNED,
     RESPONSE_DROPPED,
     Ready,
     UpstreamConnection,
@@ -59,13 +59,15 @@ from apishield.steps.response_cutter import Cutter
 
 logger = logging.getLogger("apishield")
 
-# Replaced by the gateway on the way to the upstream.
-REQUEST_OWNED = HOP_BY_HOP | {
-    b"host", b"content-length", b"expect", b"x-request-id",
-    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip",
-}
-IDENTITY_PREFIX = b"x-apishield-"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+ACCEPT_ENCODING = frozenset({b"accept-encoding"})
+
+
+@lru_cache(maxsize=256)
+def _named_late(tokens: frozenset[bytes]) -> frozenset[bytes]:
+    """The request fields a `Connection` header names beyond those never forwarded anyway
+    (usually none: `keep-alive` or `close`); memoized like `connection_tokens`."""
+    return tokens - REQUEST_OWNED
 
 
 @lru_cache(maxsize=256)
@@ -181,73 +183,63 @@ class Gateway:
         )
 
     def serialize_request(
-        self, exchange: Exchange, framing: tuple[bytes, bytes] | None = None,
+        self, exchange: Message, framing: tuple[bytes, bytes] | None = None,
         pipeline: Pipeline | None = None,
     ) -> bytes:
         """The request for the upstream. With `framing` (a streamed body), only the head,
         carrying that framing header; else head and the whole body. `pipeline`: the one
-        the request runs on (after a reload, maybe not the gateway's current one)."""
-        request = exchange.request
-        target = self.upstream_prefix + request.raw_path
-        if request.query:
-            target += b"?" + request.query
-        headers = request.headers
-        dropped = REQUEST_OWNED
-        if request.connection_tokens:
-            dropped = dropped | request.connection_tokens
+        the request runs on (after a reload, maybe not the gateway's current one).
+
+        The client's header lines to pass on were picked and formatted as the parser read
+        them (`Message.forward`); only those dropped late are taken out here."""
+        target = self.upstream_prefix + exchange.raw_path
+        if exchange.query:
+            target += b"?" + exchange.query
+        forward = exchange.forward
+        tokens = exchange.connection_tokens
+        late = _named_late(tokens) if tokens else tokens
         if (pipeline or self.pipeline).filters_operation(exchange):
             # its JSON responses are filtered: ask for them unencoded (identity)
-            dropped = dropped | {b"accept-encoding"}
-        client_host = b""
-        forwarded_proto = request.scheme.encode()
+            late = late | ACCEPT_ENCODING
+        if late and forward:
+            forward = [line for line in forward if line[:line.index(b":")] not in late]
+        forwarded_proto = exchange.scheme.encode()
         forwarded_host = b""
-        # the head as lines, each `name: value` formatted once (no tuple list re-joined)
-        lines = [b"%b %b HTTP/1.1" % (request.method.encode(), target)]
-        for name, value in headers:
-            if b"_" in name:
-                # WSGI/CGI backends read `X_Forwarded_For` as `X-Forwarded-For`: an
-                # underscore twin of a header the gateway owns is a spoofing attempt.
-                dashed = name.replace(b"_", b"-")
-                if dashed in REQUEST_OWNED or dashed.startswith(IDENTITY_PREFIX):
-                    continue
-            if name in dropped or name.startswith(IDENTITY_PREFIX):
-                if name == b"host":
-                    client_host = value
-                elif exchange.trusted_peer:
-                    if name == b"x-forwarded-proto":
-                        forwarded_proto = value
-                    elif name == b"x-forwarded-host":
-                        forwarded_host = value
-                continue
-            lines.append(b"%b: %b" % (name, value))
+        if exchange.trusted_peer:
+            if exchange.forwarded_proto is not None:
+                forwarded_proto = exchange.forwarded_proto
+            forwarded_host = exchange.forwarded_host
+        client_host = exchange.client_host
         host = self.upstream_host_header
         if self.preserve_host and client_host:
             host = client_host
-        lines.append(b"host: %b\r\nx-forwarded-for: %b\r\nx-forwarded-proto: %b" % (
-            host, exchange.forwarded_for.encode(), forwarded_proto))
+        # the head as lines, each `name: value` formatted once (no tuple list re-joined)
+        lines = [b"%b %b HTTP/1.1" % (exchange.method.encode(), target), *forward,
+                 b"host: %b\r\nx-forwarded-for: %b\r\nx-forwarded-proto: %b" % (
+                     host, exchange.forwarded_for.encode(), forwarded_proto)]
         if forwarded_host or client_host:
             lines.append(b"x-forwarded-host: %b" % (forwarded_host or client_host))
         lines.append(b"x-request-id: %b" % exchange.id.encode())
-        if request.client_identity:  # after the filter above dropped any client-sent copy
-            lines.extend([b": ".join(pair) for pair in request.client_identity])
+        if exchange.client_identity:  # the parser dropped any client-sent copy
+            lines.extend([b": ".join(pair) for pair in exchange.client_identity])
         if exchange.principal is not None:
             lines.extend([b": ".join(pair) for pair in identity_headers(exchange.principal)])
-        body = request.body
+        body = exchange.body
         if framing is not None:
             lines.append(b": ".join(framing))
-        elif body or request.method in BODY_METHODS:
+        elif body or exchange.method in BODY_METHODS:
             lines.append(b"content-length: %d" % len(body))
         return b"%b\r\n\r\n%b" % (b"\r\n".join(lines), body)
 
-    async def forward(self, exchange: Exchange, pipeline: Pipeline | None = None) -> Reply:
+    async def forward(self, exchange: Message, pipeline: Pipeline | None = None) -> Reply:
         assert self.pool is not None
         payload = self.serialize_request(exchange, None, pipeline)
-        response = await self.pool.request(payload, exchange.request.method,
+        response = await self.pool.request(payload, exchange.method,
                                            exchange.client_ip)
         return self.reply_from(response)
 
     async def forward_streaming(
-        self, exchange: Exchange, framing: tuple[bytes, bytes],
+        self, exchange: Message, framing: tuple[bytes, bytes],
         connected: Callable[[UpstreamConnection], None], pipeline: Pipeline | None = None,
     ) -> Reply:
         """Send the head now and let the front end write the body as it arrives
@@ -266,7 +258,7 @@ class Gateway:
             raise problem_for(exc) from None
         return self.reply_from(response)
 
-    def forward_nowait(self, exchange: Exchange, on_ready: Ready,
+    def forward_nowait(self, exchange: Message, on_ready: Ready,
                        pipeline: Pipeline | None = None) -> bool:
         """Send on a pooled connection in callback mode; False if none is idle."""
         assert self.pool is not None
@@ -275,7 +267,7 @@ class Gateway:
             return False
         conn.send_nowait(
             self.serialize_request(exchange, None, pipeline),
-            head_only=exchange.request.method == "HEAD",
+            head_only=exchange.method == "HEAD",
             on_ready=on_ready,
         )
         return True

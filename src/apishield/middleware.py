@@ -50,7 +50,7 @@ from apishield.admin.asgi import AdminMount
 from apishield.auth.identity import identity_headers
 from apishield.config import Config, load_config
 from apishield.contract.loader import load_contract
-from apishield.exchange import Exchange, Headers, Request
+from apishield.exchange import Exchange, Headers
 from apishield.observe.logjson import attach_if_unconfigured, fields, redact_records
 from apishield.pipeline import Pipeline
 from apishield.problems import (
@@ -238,13 +238,13 @@ class ApiShieldMiddleware:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _request(self, scope: Scope) -> Request:
+    def _exchange(self, scope: Scope) -> Exchange:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         root_path = scope.get("root_path", "").encode("utf-8")
         if root_path and raw_path.startswith(root_path):
             raw_path = raw_path[len(root_path):] or b"/"  # contract paths are app-relative
         client = scope.get("client")
-        return Request(
+        exchange = Exchange(
             scope["method"],
             raw_path,
             scope.get("query_string", b""),
@@ -253,19 +253,20 @@ class ApiShieldMiddleware:
             scope.get("scheme", "http"),
             scope.get("http_version", "1.1"),
         )
+        exchange.read_framing()  # for the limits step (the gateway's parser does this)
+        return exchange
 
-    def _check_sizes(self, request: Request) -> None:
-        if len(request.raw_path) + len(request.query) + 1 > self._max_url:
+    def _check_sizes(self, exchange: Exchange) -> None:
+        if len(exchange.raw_path) + len(exchange.query) + 1 > self._max_url:
             raise UriTooLong("url-over-limit")
-        if len(request.headers) > self._max_header_count:
+        if len(exchange.headers) > self._max_header_count:
             raise HeadersTooLarge("header-count-over-limit")
-        if sum(len(n) + len(v) + 4 for n, v in request.headers) > self._max_header_bytes:
+        if sum(len(n) + len(v) + 4 for n, v in exchange.headers) > self._max_header_bytes:
             raise HeadersTooLarge("header-bytes-over-limit")
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         pipeline = self.pipeline
-        request = self._request(scope)
-        exchange = Exchange(request)
+        exchange = self._exchange(scope)
         status = 500
         started = False
         if pipeline.usage is not None:  # count the response body bytes (F4)
@@ -279,7 +280,7 @@ class ApiShieldMiddleware:
 
         try:
             try:
-                self._check_sizes(request)
+                self._check_sizes(exchange)
             except Problem as problem:
                 exchange.problem = problem
             else:
@@ -292,7 +293,7 @@ class ApiShieldMiddleware:
                 exchange.reason = "client-disconnected"
                 status = 499
                 return
-            request.body = body
+            exchange.body = body
             pipeline.on_body(exchange)
             if exchange.problem is not None:
                 await refuse(exchange.problem)
@@ -411,8 +412,8 @@ class ApiShieldMiddleware:
             if not _spoofs_gateway_header(name.lower())
         ]
         headers.append((b"x-request-id", exchange.id.encode()))
-        if exchange.request.client_identity:
-            headers.extend(exchange.request.client_identity)
+        if exchange.client_identity:
+            headers.extend(exchange.client_identity)
         if exchange.principal is not None:
             headers.extend(identity_headers(exchange.principal))
         return {**scope, "headers": headers}

@@ -45,7 +45,7 @@ from apishield.contract.loader import Contract
 from apishield.contract.router import Router
 from apishield.exchange import Exchange, Headers, Suspend
 from apishield.observe import events, redact
-from apishield.observe.accesslog import AccessLog
+from apishield.observe.accesslog import FLUSH_EVERY, AccessLog
 from apishield.observe.alerts import AlertEngine
 from apishield.observe.logjson import fields
 from apishield.observe.metrics import METRICS, UNMATCHED
@@ -370,7 +370,7 @@ class Pipeline:
             (b"content-length", str(len(body)).encode()),
             *problem.headers,
         ]
-        if exchange.request.method == "HEAD":
+        if exchange.method == "HEAD":
             body = b""
         return problem.status, self.on_response(exchange, problem.status, headers), body
 
@@ -448,7 +448,11 @@ class Pipeline:
     def record(self, exchange: Exchange, status: int) -> None:
         """The end of every request, refused, failed or complete (each front end calls it
         once): give back concurrency slots, feed the ban rules, count metrics and usage,
-        write the access log."""
+        write the access log.
+
+        Run once per request, so kept flat (issue 18): the outcome is worked out inline,
+        and the access-log entry goes straight onto the log's pending list (the log is
+        woken only when that list starts a batch or fills one)."""
         if exchange.held and self.concurrency is not None:
             self.concurrency.release(exchange)
         if exchange.delegated is not None:  # the upstream verified the credential
@@ -459,51 +463,57 @@ class Pipeline:
         access_log = self.access_log
         metrics = self.metrics
         usage = self.usage
-        counted = alerts is not None or metrics is not None or usage is not None
-        if access_log is None and not counted:
+        if access_log is None and metrics is None and usage is None and alerts is None:
             return
         operation = exchange.operation
-        operation_id = operation.operation_id if operation is not None else None
-        outcome = _outcome(exchange, exchange.problem)  # once, for every reader below
+        problem = exchange.problem
+        if problem is not None and problem.status >= 300:  # the outcome, for every reader
+            outcome = "error" if problem.status >= 500 else "refused"
+        elif exchange.shadowed:
+            outcome = "shadowed"
+        else:
+            outcome = "allowed"
         reason = exchange.reason or None
-        if counted:
-            principal = exchange.principal
+        principal = exchange.principal
+        if alerts is not None:
             identity = None if principal is None else principal.key_id or principal.subject
-            if alerts is not None:
-                alerts.request(status, outcome, reason, exchange.client_ip, identity,
-                               operation_id)
-        if access_log is None and metrics is None and usage is None:
-            return
+            alerts.request(status, outcome, reason, exchange.client_ip, identity,
+                           None if operation is None else operation.operation_id)
+            if access_log is None and metrics is None and usage is None:
+                return
         seconds = time.perf_counter() - exchange.started
         now = time.time()  # one clock read for the usage count and the access log
         if metrics is not None or usage is not None:
-            label = operation.label if operation is not None else None
+            identity = None if principal is None else principal.key_id or principal.subject
+            label = UNMATCHED if operation is None else operation.label
+            refused = outcome == "refused"
             if metrics is not None:
-                metrics.request(label, exchange.request.method, status, outcome, seconds,
-                                reason)
-                USAGE.count(identity, label or UNMATCHED, outcome == "refused", now)
+                metrics.request(label, exchange.method, status, outcome, seconds, reason)
+                USAGE.count(identity, label, refused, now)
+                if refused:  # the dashboard's top refused clients (refusals only)
+                    REFUSERS.count(exchange.client_ip, reason, now)
             if usage is not None:
-                DAILY.count(identity, label or UNMATCHED, outcome == "refused",
-                            exchange.bytes_in or len(exchange.request.body),
+                DAILY.count(identity, label, refused, exchange.bytes_in or len(exchange.body),
                             exchange.bytes_out, now)
-            if outcome == "refused" and metrics is not None:  # the dashboard's top refused
-                REFUSERS.count(exchange.client_ip, reason, now)  # clients (refusals only)
         if access_log is None:
             return
         entry = exchange.entry
-        access_log.record((
+        pending = access_log.pending
+        pending.append((
             exchange.id,
-            exchange.request.method,
-            entry.template if entry is not None else None,
-            operation_id,
+            exchange.method,
+            None if entry is None else entry.template,
+            None if operation is None else operation.operation_id,
             status,
             seconds * 1000,
             exchange.client_ip,
             outcome,
             reason,
             now,
-            exchange.principal,
+            principal,
         ))
+        if len(pending) == 1 or len(pending) >= FLUSH_EVERY:
+            access_log.wake()
 
     async def usage_rows(self, since_day: str, identity: str | None = None,
                          operation: str | None = None) -> list[UsageRow] | None:
@@ -569,9 +579,3 @@ def carried_over(previous: Pipeline | None, config: Config, contract: Contract) 
         "alerts": old.alerts == config.alerts and old.source_dir == config.source_dir,
     }
     return frozenset(name for name in CARRIED_PARTS if kept[name])
-
-
-def _outcome(exchange: Exchange, problem: Problem | None) -> str:
-    if problem is not None and problem.status >= 300:
-        return "error" if problem.status >= 500 else "refused"
-    return "shadowed" if exchange.shadowed else "allowed"

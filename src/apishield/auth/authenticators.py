@@ -36,7 +36,7 @@ from urllib.parse import unquote
 import orjson
 
 from apishield.auth.principal import AuthFailure, Principal
-from apishield.exchange import Exchange, Request, Suspend
+from apishield.exchange import Exchange, Suspend
 from apishield.observe import events
 from apishield.observe.logjson import fields
 from apishield.problems import ServiceUnavailable
@@ -65,12 +65,12 @@ class Authenticator(Protocol):
     kind: str  # bearer | apiKey | mutualTLS
     challenge: str  # its WWW-Authenticate challenge ("" when the scheme has none)
 
-    def credential(self, request: Request) -> str | None: ...
+    def credential(self, request: Exchange) -> str | None: ...
 
     def authenticate(self, credential: str, exchange: Exchange) -> Principal: ...
 
 
-def _only(request: Request, name: bytes) -> bytes | None:
+def _only(request: Exchange, name: bytes) -> bytes | None:
     """The one value of a header; two of them are ambiguous (which would the upstream
     read?), so they are a failure rather than a pick."""
     found = None
@@ -104,7 +104,7 @@ class BearerAuthenticator:
         self.introspector = introspectors[0] if introspectors else None
         self.cache = cache
 
-    def credential(self, request: Request) -> str | None:
+    def credential(self, request: Exchange) -> str | None:
         value = _only(request, b"authorization")
         if value is None:
             return None
@@ -219,17 +219,17 @@ class ApiKeyAuthenticator:
         self.reader = {"header": self._from_header, "query": self._from_query,
                        "cookie": self._from_cookie}[location]
 
-    def credential(self, request: Request) -> str | None:
+    def credential(self, request: Exchange) -> str | None:
         value = self.reader(request)
         if value is not None and len(value) > MAX_CREDENTIAL:
             raise AuthFailure("api-key-malformed")
         return value
 
-    def _from_header(self, request: Request) -> str | None:
+    def _from_header(self, request: Exchange) -> str | None:
         value = _only(request, self.header)
         return value.decode("latin-1").strip() if value is not None else None
 
-    def _from_query(self, request: Request) -> str | None:
+    def _from_query(self, request: Exchange) -> str | None:
         found = None
         for pair in request.query.split(b"&"):
             name, _, value = pair.partition(b"=")
@@ -239,7 +239,7 @@ class ApiKeyAuthenticator:
                 found = unquote(value.decode("latin-1"))
         return found
 
-    def _from_cookie(self, request: Request) -> str | None:
+    def _from_cookie(self, request: Exchange) -> str | None:
         found = None
         for key, value in request.headers:
             if key != b"cookie":
@@ -274,7 +274,7 @@ class MutualTlsAuthenticator:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def credential(self, request: Request) -> str | None:
+    def credential(self, request: Exchange) -> str | None:
         for key, value in request.client_identity:
             if key == b"x-apishield-client-subject":
                 return unquote(value.decode("ascii"))
@@ -290,7 +290,7 @@ _SCHEME_NAMES = {"basic": "Basic", "bearer": "Bearer", "digest": "Digest"}
 _BASIC_TOKEN = re.compile(rb"[A-Za-z0-9+/]+={0,2}")  # RFC 7617: token68, base64 alphabet
 
 
-def _authorization(request: Request, scheme: bytes) -> bytes | None:
+def _authorization(request: Exchange, scheme: bytes) -> bytes | None:
     """The credential after `<scheme> ` in the one Authorization header; None when absent
     or another scheme's (an alternative of the requirement may take it)."""
     value = _only(request, b"authorization")
@@ -313,7 +313,7 @@ class BasicAuthenticator:
         self.challenge = f'Basic realm="{realm}", charset="UTF-8"'
         self.verifier = verifier  # opens the user store on first use
 
-    def credential(self, request: Request) -> str | None:
+    def credential(self, request: Exchange) -> str | None:
         from apishield.auth.basic import parse_basic
 
         token = _authorization(request, b"basic")
@@ -364,7 +364,7 @@ class DelegatedAuthenticator:
     def __init__(self, name: str, scheme: dict[str, Any], realm: str) -> None:
         self.name = name
         kind = scheme.get("type")
-        self.reader: Callable[[Request], str | None]
+        self.reader: Callable[[Exchange], str | None]
         self.api_key = kind == "apiKey"
         if self.api_key:
             keys = ApiKeyAuthenticator(name, realm, scheme["in"], scheme["name"],
@@ -378,7 +378,7 @@ class DelegatedAuthenticator:
         self.challenge = f'{label} realm="{realm}"'
         self.reader = self._authorization
 
-    def _authorization(self, request: Request) -> str | None:
+    def _authorization(self, request: Exchange) -> str | None:
         token = _authorization(request, self.http_scheme)
         if token is None:
             return None
@@ -400,7 +400,7 @@ class DelegatedAuthenticator:
             raise AuthFailure("delegated-malformed")
         return ""  # present and well formed; the value is not needed here
 
-    def credential(self, request: Request) -> str | None:
+    def credential(self, request: Exchange) -> str | None:
         try:
             value = self.reader(request)
         except AuthFailure as failure:
@@ -433,7 +433,7 @@ class RefusedAuthenticator:
                           else DelegatedAuthenticator(name, scheme, realm))
         self.challenge = self._presence.challenge if self._presence is not None else ""
 
-    def credential(self, request: Request) -> str | None:
+    def credential(self, request: Exchange) -> str | None:
         if self._presence is None:
             return None
         try:

@@ -24,7 +24,7 @@ from urllib.parse import quote_from_bytes
 import httptools
 
 from apishield.contract.paths import split_target
-from apishield.exchange import Exchange, Headers, Request
+from apishield.exchange import Exchange, Headers
 from apishield.problems import (
     PROBLEM_CONTENT_TYPE,
     BadRequest,
@@ -190,10 +190,10 @@ class PlainHttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         raw_path, query = split_target(b"".join(self.url))  # BadRequest unless origin-form
-        exchange = Exchange(Request(
+        exchange = Exchange(
             parser.get_method().decode("ascii", "replace"), raw_path, query, self.headers,
             self.peer_ip, "http", parser.get_http_version(),
-        ))
+        )
         responder = self.responder
         if responder.mode == "refuse":
             self._refuse(HttpsRequired("plain-http-refused"), exchange)
@@ -213,11 +213,11 @@ class PlainHttpConnection(asyncio.Protocol):
         if self.answered:
             return
         if exchange is None:  # nothing usable was parsed: logged with method "-"
-            exchange = Exchange(Request("-", b"/", b"", [], self.peer_ip, "http"))
+            exchange = Exchange("-", b"/", b"", [], self.peer_ip, "http")
         exchange.problem = problem
         exchange.reason = problem.reason
         body = self.responder.render(problem, exchange.id)
-        if exchange.request.method == "HEAD":
+        if exchange.method == "HEAD":
             body_out = b""
         else:
             body_out = body

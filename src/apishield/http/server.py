@@ -34,14 +34,17 @@ from typing import TYPE_CHECKING
 import httptools
 
 from apishield.contract.paths import split_target
-from apishield.exchange import Exchange, Headers, Request, connection_tokens, content_length
+from apishield.exchange import Exchange, Headers, connection_tokens, content_length
 from apishield.http.deadlines import HasDeadline
 from apishield.http.tls import client_identity
 from apishield.http.upstream import (
     IDEMPOTENT,
+    IDENTITY_PREFIX,
+    REQUEST_OWNED,
     UpstreamConnection,
     UpstreamError,
     UpstreamResponse,
+    owned_twin,
     problem_for,
 )
 from apishield.observe.logjson import fields
@@ -100,14 +103,29 @@ class _StopParsing(Exception):
     """Raised from a callback to make llhttp stop: the connection is closing."""
 
 
-class _Message:
-    """A parsed request waiting for its turn, with what the connection needs to answer."""
+class Message(Exchange):
+    """A parsed request waiting for its turn: the exchange itself, plus what the connection
+    needs to answer it and forward it (one object per request instead of three, issue 18).
 
-    __slots__ = ("done", "exchange", "keep_alive", "length", "parts", "pipeline", "size",
-                 "streaming", "upstream")
+    `forward` holds the client's header lines to pass upstream, each `name: value`, picked
+    and formatted by `HttpConnection.on_header` as llhttp reported them (one pass over the
+    headers instead of three): every field except those the gateway owns (REQUEST_OWNED,
+    the identity namespace, their underscore twins). `Gateway.serialize_request` only
+    takes out those dropped late (named by `Connection`, or `Accept-Encoding` for an
+    operation whose responses are filtered). The owned values it needs are kept aside."""
 
-    def __init__(self, exchange: Exchange, keep_alive: bool, pipeline: Pipeline) -> None:
-        self.exchange = exchange
+    __slots__ = ("client_host", "done", "forward", "forwarded_host", "forwarded_proto",
+                 "keep_alive", "length", "parts", "pipeline", "size", "streaming", "upstream")
+
+    def __init__(self, method: str, raw_path: bytes, query: bytes, headers: Headers,
+                 peer_ip: str, scheme: str, http_version: str, keep_alive: bool,
+                 pipeline: Pipeline, forward: list[bytes], client_host: bytes) -> None:
+        super().__init__(method, raw_path, query, headers, peer_ip, scheme, http_version)
+        self.forward = forward
+        self.client_host = client_host  # the client's Host (X-Forwarded-Host, preserve_host)
+        # the client's X-Forwarded-Proto / -Host: forwarded only from a trusted proxy
+        self.forwarded_proto: bytes | None = None
+        self.forwarded_host = b""
         # The pipeline this request started on: it ends on it, even if a reload swaps the
         # gateway's in between (`Pipeline.in_flight` tells the reload when it is drained).
         self.pipeline = pipeline
@@ -142,8 +160,8 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
-        self.queue: deque[_Message] = deque()
-        self.current: _Message | None = None
+        self.queue: deque[Message] = deque()
+        self.current: Message | None = None
         self.busy = False
         self.closing = False  # no more requests are read; close after the queue is answered
         self.closed = False
@@ -168,6 +186,12 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self._chunked = False
         self._content_length = 0
         self._hosts = 0
+        # facts of a request head few requests have (see on_message_begin)
+        self._rare = False
+        self._forwarded_proto: bytes | None = None
+        self._forwarded_host = b""
+        self._expect: bytes | None = None
+        self._content_type_repeated = False
         self.write_timeout = config.timeouts.write
 
     # -- connection lifecycle -------------------------------------------------------------
@@ -209,7 +233,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.held = False
         while self.queue:
             message = self.queue.popleft()
-            exchange = message.exchange
+            exchange = message
             exchange.reason = exchange.reason or "client-closed"
             exchange.bytes_in = message.size
             message.pipeline.record(exchange, CLIENT_CLOSED)
@@ -349,6 +373,15 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self._url = []
         self._url_len = 0
         self._headers = []
+        self._forward: list[bytes] = []
+        self._client_host = b""
+        self._content_type: bytes | None = None
+        if self._rare:  # the last request set one of these: few do, so few pay the stores
+            self._rare = False
+            self._forwarded_proto = None
+            self._forwarded_host = b""
+            self._expect = None
+            self._content_type_repeated = False
         self._header_bytes = 0
         self.receiving = True
         self.expire_at(self.header_timeout, self._on_timeout)
@@ -368,23 +401,48 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         if len(self._headers) >= self.max_header_count:
             raise HeadersTooLarge("header-count-over-limit", close=True)
         name = name.lower()
-        if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
-            # llhttp refuses most obfuscations; anything but exactly `chunked` is refused
-            # here too, so no transfer coding reaches an upstream that may read it differently.
-            raise BadRequest("transfer-encoding-not-chunked", close=True)
-        if name == b"host":
-            self._hosts += 1
-            if self._hosts > 1:  # RFC 9112 3.2: more than one Host is a 400
-                raise BadRequest("host-repeated", close=True)
-            if not valid_host(value):  # it is forwarded as X-Forwarded-Host
-                raise BadRequest("host-invalid", close=True)
-        elif name == b"content-length":
-            self._content_length = content_length(value) or 0
-            self._has_body = self._content_length > 0
-        elif name == b"transfer-encoding":
-            self._has_body = self._chunked = True
-        elif name == b"connection":
-            self._connection_tokens |= connection_tokens(value)
+        # One pass (issue 18): each header is classified here once, for the checks below,
+        # the limits step (framing facts) and forwarding (`Message.forward`).
+        if name in REQUEST_OWNED or name.startswith(IDENTITY_PREFIX):
+            # replaced by the gateway upstream: read here, never forwarded as sent
+            if name == b"host":
+                self._hosts += 1
+                if self._hosts > 1:  # RFC 9112 3.2: more than one Host is a 400
+                    raise BadRequest("host-repeated", close=True)
+                if not valid_host(value):  # it is forwarded as X-Forwarded-Host
+                    raise BadRequest("host-invalid", close=True)
+                self._client_host = value
+            elif name == b"content-length":
+                self._content_length = content_length(value) or 0
+                self._has_body = self._content_length > 0
+            elif name == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # llhttp refuses most obfuscations; anything but exactly `chunked` is
+                    # refused here too, so no transfer coding reaches an upstream that may
+                    # read it differently.
+                    raise BadRequest("transfer-encoding-not-chunked", close=True)
+                self._has_body = self._chunked = True
+            elif name == b"connection":
+                self._connection_tokens |= connection_tokens(value)
+            elif name == b"expect":
+                if self._expect is None:
+                    self._expect = value
+                    self._rare = True
+            elif name == b"x-forwarded-proto":
+                self._forwarded_proto = value
+                self._rare = True
+            elif name == b"x-forwarded-host":
+                self._forwarded_host = value
+                self._rare = True
+        elif b"_" in name and owned_twin(name):
+            pass  # an underscore twin of an owned field: a spoofing attempt, dropped
+        else:
+            if name == b"content-type":
+                if self._content_type is None:
+                    self._content_type = value
+                else:
+                    self._content_type_repeated = self._rare = True
+            self._forward.append(b"%b: %b" % (name, value))
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -399,21 +457,22 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing
             raise BadRequest("transfer-encoding-in-http10", close=True)
         raw_path, query = split_target(b"".join(self._url))
-        request = Request(
-            parser.get_method().decode("ascii"),
-            raw_path,
-            query,
-            self._headers,
-            self.peer_ip,
-            self.scheme,
-            version,
-        )
-        request.connection_tokens = self._connection_tokens
-        if self.client_identity:
-            request.client_identity = self.client_identity
-        exchange = Exchange(request)
         pipeline = self.gateway.pipeline
-        message = _Message(exchange, parser.should_keep_alive(), pipeline)
+        exchange = message = Message(
+            parser.get_method().decode("ascii"), raw_path, query, self._headers,
+            self.peer_ip, self.scheme, version, parser.should_keep_alive(), pipeline,
+            self._forward, self._client_host,
+        )
+        exchange.connection_tokens = self._connection_tokens
+        exchange.declared_length = self._content_length
+        exchange.chunked = self._chunked
+        exchange.content_type = self._content_type
+        if self._rare:
+            exchange.content_type_repeated = self._content_type_repeated
+            exchange.forwarded_proto = self._forwarded_proto
+            exchange.forwarded_host = self._forwarded_host
+        if self.client_identity:
+            exchange.client_identity = self.client_identity
         self.current = message
         pipeline.on_head(exchange)
         if parser.should_upgrade():
@@ -436,7 +495,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             else:
                 self.expire_at(self.body_timeout, self._on_timeout)
         if problem is None and not self.busy and not self.queue:
-            expect = request.header(b"expect")
+            expect = self._expect
             if expect is not None and expect.lower() == b"100-continue" and self.transport:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             if (self._content_length > STREAM_MIN and exchange.suspended is None
@@ -450,7 +509,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         if message is None:
             return
         message.size += len(body)
-        exchange = message.exchange
+        exchange = message
         if message.size > exchange.body_limit:
             problem = PayloadTooLarge("body-over-limit", close=True)
             if message.streaming:
@@ -478,15 +537,15 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self._pump(message)
             return
         parts = message.parts
-        exchange = message.exchange
+        exchange = message
         if parts:
-            exchange.request.body = parts[0] if len(parts) == 1 else b"".join(parts)
+            exchange.body = parts[0] if len(parts) == 1 else b"".join(parts)
         if exchange.problem is None:
             message.pipeline.on_body(exchange)
         self._complete(message)
 
     # -- answering, in order ----------------------------------------------------------------
-    def _complete(self, message: _Message) -> None:
+    def _complete(self, message: Message) -> None:
         self.current = None
         self.receiving = False
         self.clear_deadline()
@@ -504,15 +563,15 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             return
         if message is None:
             # nothing usable was parsed: the access log shows method "-" (as nginx does)
-            request = Request("-", b"/", b"", [], self.peer_ip, self.scheme)
-            message = _Message(Exchange(request), False, self.gateway.pipeline)
-        message.exchange.problem = problem
+            message = Message("-", b"/", b"", [], self.peer_ip, self.scheme, "1.1", False,
+                              self.gateway.pipeline, [], b"")
+        message.problem = problem
         self._complete(message)
         self.closing = True
         self._pause_reading()
 
     # -- streaming a large request body -----------------------------------------------------
-    def _start_streaming(self, message: _Message) -> None:
+    def _start_streaming(self, message: Message) -> None:
         """Answer this request now, sending its body upstream piece by piece as it arrives
         (only when nothing is ahead of it on the connection, so order is kept)."""
         message.streaming = True
@@ -520,9 +579,9 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self.busy = True
         self.task = self.loop.create_task(self._answer(message))
 
-    def _attach(self, message: _Message, conn: UpstreamConnection) -> None:
+    def _attach(self, message: Message, conn: UpstreamConnection) -> None:
         """The upstream connection is ready and its head is written: send what came so far."""
-        if message.exchange.problem is not None:
+        if message.problem is not None:
             conn._close()  # refused while connecting (over the limit, too slow, malformed)
             return
         message.upstream = conn
@@ -531,7 +590,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self._pump(message)
         self._on_upstream_pressure(False)
 
-    def _pump(self, message: _Message) -> None:
+    def _pump(self, message: Message) -> None:
         conn = message.upstream
         if conn is None or conn.closed or conn.transport is None:
             buffered = sum(len(part) for part in message.parts)
@@ -555,10 +614,10 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
-    def _abort_streaming(self, message: _Message, problem: Problem) -> None:
+    def _abort_streaming(self, message: Message, problem: Problem) -> None:
         """The client broke off (limit, timeout, bad framing): the upstream never gets the
         rest, and the answering task reports `problem`."""
-        message.exchange.problem = problem
+        message.problem = problem
         self.current = None
         self.receiving = False
         self.clear_deadline()
@@ -592,7 +651,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         if self.queue:
             self.busy = True
             message = self.queue.popleft()
-            exchange = message.exchange
+            exchange = message
             if (
                 exchange.problem is None
                 and exchange.suspended is None
@@ -615,14 +674,14 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self.expire_at(self.idle_timeout, self._on_idle_timeout)
 
     def _on_upstream(
-        self, message: _Message, conn: UpstreamConnection, error: UpstreamError | None
+        self, message: Message, conn: UpstreamConnection, error: UpstreamError | None
     ) -> None:
         """The fast path's second half, called from the upstream protocol's callbacks."""
-        exchange = message.exchange
+        exchange = message
         if error is not None:
             conn._close()
             conn.pool.forget(conn)
-            if error.retryable and exchange.request.method in IDEMPOTENT:
+            if error.retryable and exchange.method in IDEMPOTENT:
                 # a pooled connection the upstream had closed: one fresh attempt
                 self.task = self.loop.create_task(self._answer(message))
                 return
@@ -662,8 +721,8 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         response = UpstreamResponse(conn) if error is None else None
         self.task = self.loop.create_task(self._answer(message, response))
 
-    async def _answer(self, message: _Message, response: UpstreamResponse | None = None) -> None:
-        exchange = message.exchange
+    async def _answer(self, message: Message, response: UpstreamResponse | None = None) -> None:
+        exchange = message
         pipeline = message.pipeline
         status = 500
         keep_alive = message.keep_alive
@@ -759,20 +818,19 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         reply.body = b"".join(parts)
         reply.stream = None
 
-    def _write_complete(self, message: _Message, reply: Reply, block: bytes) -> bool:
+    def _write_complete(self, message: Message, reply: Reply, block: bytes) -> bool:
         """Write a response whose body is all here, in one write; return keep-alive.
         `block`: its header lines, serialized (`Pipeline.response_head`)."""
-        request = message.exchange.request
         keep_alive = message.keep_alive and not self.closing
         status = reply.status
-        if request.method == "HEAD":
+        if message.method == "HEAD":
             if reply.content_length is not None:
                 block += b"content-length: %d\r\n" % reply.content_length
         elif status >= 200 and status != 204 and status != 304:
             block += b"content-length: %d\r\n" % len(reply.body)
         if not keep_alive:
             block += b"connection: close\r\n"
-        elif request.http_version == "1.0":
+        elif message.http_version == "1.0":
             block += b"connection: keep-alive\r\n"
         status_line = STATUS_LINES.get(status)
         if status_line is None:
@@ -780,19 +838,18 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
         self._write(b"%b%b\r\n%b" % (status_line, block, reply.body))
         return keep_alive
 
-    async def _send_reply(self, message: _Message, reply: Reply, headers: Headers) -> bool:
+    async def _send_reply(self, message: Message, reply: Reply, headers: Headers) -> bool:
         """Write the upstream's answer; return whether the connection can be kept."""
         if reply.stream is None:
             return self._write_complete(
                 message, reply, b"".join([b"%b: %b\r\n" % item for item in headers]))
-        request = message.exchange.request
         keep_alive = message.keep_alive and not self.closing
         stream = reply.stream
         chunked = False
         try:
             if reply.content_length is not None:
                 headers.append((b"content-length", str(reply.content_length).encode()))
-            elif request.http_version == "1.1":
+            elif message.http_version == "1.1":
                 chunked = True
                 headers.append((b"transfer-encoding", b"chunked"))
             else:
@@ -806,7 +863,7 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
                     self._write(piece)
                 await self.drain()
                 if self.closed:
-                    message.exchange.reason = "client-closed"
+                    message.reason = "client-closed"
                     return False
                 piece = await stream.read()
             if chunked:
@@ -814,20 +871,20 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             return keep_alive
         except Problem as problem:
             # The head is out: the only honest signal left is to cut the connection.
-            message.exchange.reason = problem.reason
+            message.reason = problem.reason
             if self.transport is not None:
                 self.transport.abort()
             return False
         finally:
             stream.release()
 
-    def _head(self, status: int, headers: Headers, keep_alive: bool, message: _Message) -> bytes:
+    def _head(self, status: int, headers: Headers, keep_alive: bool, message: Message) -> bytes:
         status_line = STATUS_LINES.get(status)
         if status_line is None:
             status_line = b"HTTP/1.1 %d %b\r\n" % (status, REASONS.get(status, b"Unknown"))
         if not keep_alive:
             headers.append((b"connection", b"close"))
-        elif message.exchange.request.http_version == "1.0":
+        elif message.http_version == "1.0":
             headers.append((b"connection", b"keep-alive"))
         if not headers:
             return status_line + b"\r\n"
@@ -838,11 +895,11 @@ class HttpConnection(HasDeadline, asyncio.Protocol):
             self.transport.write(data)
             self.sent += len(data)
 
-    def _account(self, message: _Message) -> None:
+    def _account(self, message: Message) -> None:
         """The bytes of the answer just finished, for the usage counts (F4): its request
         body as received, its response as written (head and body; answers on one
         connection go out strictly one after another, so the difference is this one's)."""
-        exchange = message.exchange
+        exchange = message
         exchange.bytes_in = message.size
         exchange.bytes_out = self.sent - self._sent_mark
         self._sent_mark = self.sent

@@ -44,6 +44,23 @@ HOP_BY_HOP = frozenset(
         b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
     }
 )
+# Request fields the gateway replaces on the way to the upstream: read from the client,
+# never forwarded as sent (the `X-Apishield-*` identity namespace neither).
+REQUEST_OWNED = HOP_BY_HOP | {
+    b"host", b"content-length", b"expect", b"x-request-id",
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip",
+}
+IDENTITY_PREFIX = b"x-apishield-"
+
+
+def owned_twin(name: bytes) -> bool:
+    """Whether a field name with an underscore is the twin of one the gateway owns:
+    WSGI/CGI backends read `X_Forwarded_For` as `X-Forwarded-For`, so such a twin is a
+    spoofing attempt and is never forwarded."""
+    dashed = name.replace(b"_", b"-")
+    return dashed in REQUEST_OWNED or dashed.startswith(IDENTITY_PREFIX)
+
+
 # Never passed on from a response (the gateway frames the body itself): dropped as the
 # parser reports them, so the response headers are never copied to be filtered.
 RESPONSE_DROPPED = HOP_BY_HOP | {b"content-length"}

@@ -111,6 +111,20 @@ class DailyUsage:
         if not self._day_start <= now < self._day_end:
             self._new_day(now)
         identity = identity or ANONYMOUS
+        # a key already pending today is a pair already told apart (or already `other`):
+        # one lookup, no pair bookkeeping, on nearly every request
+        counts = self.pending.get((self._day, identity, operation))
+        if counts is None:
+            counts = self._new_key(identity, operation)
+        counts[0] += 1
+        if refused:
+            counts[1] += 1
+        counts[2] += bytes_in
+        counts[3] += bytes_out
+
+    def _new_key(self, identity: str, operation: str) -> list[int]:
+        """The counts of a key not pending yet: a pair not told apart today is, while
+        there is room (`max_pairs`); past that it counts as `other`."""
         pair = (identity, operation)
         if pair not in self._pairs:
             if len(self._pairs) >= self.max_pairs:
@@ -121,11 +135,7 @@ class DailyUsage:
         counts = self.pending.get(key)
         if counts is None:
             counts = self.pending[key] = [0, 0, 0, 0]
-        counts[0] += 1
-        if refused:
-            counts[1] += 1
-        counts[2] += bytes_in
-        counts[3] += bytes_out
+        return counts
 
     def _new_day(self, now: float) -> None:
         start = now - now % DAY

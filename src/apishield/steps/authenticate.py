@@ -69,7 +69,7 @@ class AuthenticateStep:
         if plan is NOT_PUBLIC or plan is None:
             raise NotPublic("no-security-declared")
         assert isinstance(plan, Plan)
-        request = exchange.request
+        request = exchange
         failure: tuple[str, AuthFailure] | None = None
         denied: tuple[Principal, frozenset[str]] | None = None
         for alternative in plan.alternatives:

@@ -142,7 +142,7 @@ class AuthorizeStep:
         if principal is None:
             raise Unauthorized("credentials-missing")
         value: Any = None
-        request = exchange.request
+        request = exchange
         content_type = request.header(b"content-type") or b""
         if request.body and media_type(content_type).endswith("json"):
             try:
@@ -155,7 +155,7 @@ class AuthorizeStep:
 
     def _head_value(self, exchange: Exchange, rule: _Rule) -> str | None:
         name = rule.owner_path[0]
-        request = exchange.request
+        request = exchange
         if rule.owner_source == "path":
             return exchange.path_params.get(name)  # decoded once by the route step
         if rule.owner_source == "header":

@@ -31,7 +31,7 @@ class ClientIpStep:
         return any(ip in network for network in self._trusted)
 
     def on_head(self, exchange: Exchange) -> None:
-        request = exchange.request
+        request = exchange
         if not self.is_trusted(request.peer_ip):
             return  # Exchange defaults: client = peer, X-Forwarded-For = peer
         exchange.trusted_peer = True

@@ -46,7 +46,7 @@ class CorsStep:
         return b"*" if self.any_origin and not self.credentials else origin
 
     def on_head(self, exchange: Exchange) -> None:
-        request = exchange.request
+        request = exchange
         if request.method != "OPTIONS":
             return
         requested = request.header(b"access-control-request-method")
@@ -74,7 +74,7 @@ class CorsStep:
             out = headers  # the gateway's own preflight answer
         else:
             out = [h for h in headers if not h[0].startswith(b"access-control-")]
-        origin = exchange.request.header(b"origin")
+        origin = exchange.header(b"origin")
         if self._allowed(origin):
             assert origin is not None
             if not any(name == b"access-control-allow-origin" for name, _ in out):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from apishield.config import Limits
 from apishield.contract.loader import Operation
-from apishield.exchange import Exchange, content_length, media_type
+from apishield.exchange import Exchange, media_type
 from apishield.problems import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 
@@ -32,25 +32,18 @@ class LimitsStep:
         assert operation is not None  # the route step runs first
         limit = self.body_limit[operation.pointer]
         exchange.body_limit = limit
-        length = None
-        chunked = False
-        content_type = None
-        for name, value in exchange.request.headers:
-            if name == b"content-length":
-                length = content_length(value)
-                if length is None:  # llhttp checks this too; the middleware has no llhttp
-                    raise BadRequest("content-length-invalid", close=True)
-            elif name == b"transfer-encoding":
-                chunked = True
-            elif name == b"content-type":
-                if content_type is not None:
-                    # a singleton field (RFC 9110 8.3): two values let two parsers disagree
-                    # on what the body is (one validates JSON, the other reads text)
-                    raise BadRequest("content-type-repeated")
-                content_type = value
-        if length is not None and length > limit:
+        # what the front end found in its one pass over the headers (Exchange)
+        length = exchange.declared_length
+        if length < 0:  # llhttp refuses this first; the middleware has no llhttp
+            raise BadRequest("content-length-invalid", close=True)
+        if exchange.content_type_repeated:
+            # a singleton field (RFC 9110 8.3): two values let two parsers disagree on
+            # what the body is (one validates JSON, the other reads text)
+            raise BadRequest("content-type-repeated")
+        if length > limit:
             raise PayloadTooLarge("body-over-limit", close=True)
-        has_body = chunked or bool(length)
+        content_type = exchange.content_type
+        has_body = exchange.chunked or length > 0
         if not has_body:
             if operation.body_required:
                 raise BadRequest("body-required", contract_rule=True)

@@ -233,7 +233,7 @@ class ResponseFilter:
             if plan.mode == "validate":
                 return Plan(status, refuse="response-status-undeclared")
         per_status = plan.shapes or plan.validators
-        if not per_status or exchange.request.method == "HEAD":
+        if not per_status or exchange.method == "HEAD":
             return None  # nothing declared for this operation: no header scan
         content_type = None
         for name, value in headers:

@@ -73,7 +73,7 @@ class ResponseOwnership:
             return False
         # every 2xx with a body is read: one that is not JSON cannot be checked and is
         # refused by `apply`, never sent unchecked
-        return 200 <= status < 300 and status != 204 and exchange.request.method != "HEAD"
+        return 200 <= status < 300 and status != 204 and exchange.method != "HEAD"
 
     def apply(self, exchange: Exchange, status: int, body: bytes,
               headers: Headers) -> bytes:

@@ -18,7 +18,7 @@ class RouteStep:
         self._static = router.static_targets()
 
     def on_head(self, exchange: Exchange) -> None:
-        request = exchange.request
+        request = exchange
         static = self._static.get(request.raw_path)
         if static is not None:
             request.path, entry = static
