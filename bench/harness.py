@@ -1975,9 +1975,26 @@ class Load:
     threads: int
     connections: int
     prefix: list[str]
+    # --pace RPS: each connection waits connections / RPS seconds after every answer (wrk's
+    # Lua `delay()`), so the offered rate is about RPS, below saturation, and latency is the
+    # proxy's own rather than queueing (a closed loop at full speed makes p50 ~= c / rps).
+    pace: float | None = None
+    pace_dir: Path | None = None
+
+    def paced(self, script: Path | None) -> Path | None:
+        """`script` with a `delay()` appended (or a script of its own) when pacing."""
+        if self.pace is None:
+            return script
+        assert self.pace_dir is not None
+        delay_ms = self.connections / self.pace * 1000
+        text = script.read_text() if script is not None else ""
+        out = self.pace_dir / f"paced-{script.stem if script else 'get'}-{id(script)}.lua"
+        out.write_text(text + f"\nfunction delay()\n  return {delay_ms:.3f}\nend\n")
+        return out
 
     def argv(self, port: int, duration: float, scheme: str = "http",
              script: Path | None = None) -> list[str]:
+        script = self.paced(script)
         return [
             *self.prefix, "wrk", f"-t{self.threads}", f"-c{self.connections}", f"-d{duration:g}s",
             "--latency", "--timeout", "5s", *(["-s", str(script)] if script else []),
@@ -3292,7 +3309,7 @@ def check_workers_spread(services: dict[str, Service]) -> dict:
 
 def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
     targets = plan_targets(args)
-    load = Load(args.threads, args.connections, pin.prefix("load"))
+    load = Load(args.threads, args.connections, pin.prefix("load"), args.pace, tmp)
     log("starting targets ...")
     upstream, services = start_targets(args, procs, tmp, pin, targets)
     log("verifying GET /item on every target ...")
@@ -3424,6 +3441,7 @@ def benchmark(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
         "checks": checks,
         "load": {"tool": "wrk", "threads": args.threads, "connections": args.connections,
                  "duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup,
+                 "paced_rps": args.pace,
                  "path": PATH, "upstream_body_bytes": len(UPSTREAM_BODY),
                  "requests": {t: {"method": VALIDATION_REQUESTS[t][0],
                                   "body_bytes": len(VALIDATION_REQUESTS[t][1] or b""),
@@ -3557,6 +3575,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 s runs, 2 rounds")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each run")
     ap.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
+    ap.add_argument("--pace", type=float, metavar="RPS",
+                    help="offer about RPS requests a second (each connection waits c/RPS s "
+                         "between requests) instead of as many as the proxy answers: the "
+                         "latency of an unsaturated proxy (the p99 goal); see bench/README.md")
     ap.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
     ap.add_argument("--only", help="comma list of targets: nginx (= nginx_proxy,direct), tls "
                     "(= nginx_tls,apishield_tls: HTTPS, not in a default run), validation "
