@@ -106,7 +106,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -1874,24 +1876,12 @@ def admission_check(args, procs: Processes, tmp: Path, pin: Pinning, base: list[
         svc.extra["wrk_script"] = full_wrk_script(d, token)
         svcs.append(svc)
     try:
-        results: list[dict] = []
-        errors: list[BaseException] = []
-
-        def one(s: Service) -> None:
-            try:
-                results.append(load.run(s.port, ADMISSION_SECONDS, script=s.extra["wrk_script"])[0])
-            except BaseException as exc:
-                errors.append(exc)
-
         t0 = time.monotonic()
-        threads = [threading.Thread(target=one, args=(s,)) for s in svcs]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        def one(s: Service) -> dict:
+            return load.run(s.port, ADMISSION_SECONDS, script=s.extra["wrk_script"])[0]
+
+        results = at_once([partial(one, s) for s in svcs])
         wall = time.monotonic() - t0
-        if errors:
-            raise errors[0]
         time.sleep(0.5)  # the last access-log lines (flushed every 100 ms)
         statuses = [access_log_statuses(s.extra["access_log"]) for s in svcs]
     finally:
@@ -1968,6 +1958,15 @@ def parse_wrk(text: str) -> dict:
                                         map(int, m.groups()), strict=True))
     out["errors"] = out["non2xx"] + sum(out["socket_errors"].values())
     return out
+
+
+def at_once(calls: list[Callable[[], dict]], name: str = "at-once") -> list[dict]:
+    """Every call in a thread of its own, all started together (wrk runs that must overlap);
+    their results in order. Waits for all of them, then re-raises the first failure in the
+    caller's thread."""
+    with ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix=name) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [future.result() for future in futures]
 
 
 @dataclass
@@ -2653,23 +2652,10 @@ def run_loads(load: Load, gateways: list[Service], duration: float, scheme: str,
     latency percentile the worse of the two, the per-gateway rps kept."""
     if len(gateways) == 1:
         return load.run(gateways[0].port, duration, scheme, script)[0]
-    results: dict[int, dict] = {}
-    errors: list[BaseException] = []
+    def one(g: Service) -> dict:
+        return load.run(g.port, duration, scheme, g.extra.get("wrk_script", script))[0]
 
-    def one(i: int, g: Service) -> None:
-        try:
-            results[i] = load.run(g.port, duration, scheme, g.extra.get("wrk_script", script))[0]
-        except BaseException as exc:  # re-raised below, in the caller's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(i, g)) for i, g in enumerate(gateways)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
-    parts = [results[i] for i in range(len(gateways))]
+    parts = at_once([partial(one, g) for g in gateways])
     out: dict = {
         "rps": round(sum(x["rps"] for x in parts), 2),
         "requests": sum(x.get("requests", 0) for x in parts),
@@ -3019,23 +3005,9 @@ def measure_together(names: list[str], services: dict[str, Service], load: Load,
     so a burst of noise hits them alike and their rps ratio is the ratio of their costs.
     On a machine shared with other work the sequential runs of a round can land in
     different noise; this is the pairing that cancels it."""
-    results: dict[str, dict] = {}
-    errors: list[BaseException] = []
-
-    def one(name: str) -> None:
-        try:
-            results[name] = measure(name, services[name], load, duration, warmup, upstream)
-        except BaseException as exc:  # re-raised below, in the caller's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(n,), name=f"together-{n}") for n in names]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
-    return results
+    measured = at_once([partial(measure, name, services[name], load, duration, warmup,
+                                upstream) for name in names], "together")
+    return dict(zip(names, measured, strict=True))
 
 
 def cpu_cost_pct(rounds: list[dict], t: str, base: str) -> tuple[float | None, list[float]]:
