@@ -1978,17 +1978,23 @@ class Load:
     # Lua `delay()`), so the offered rate is about RPS, below saturation, and latency is the
     # proxy's own rather than queueing (a closed loop at full speed makes p50 ~= c / rps).
     pace: float | None = None
-    pace_dir: Path | None = None
+    pace_dir: Path | None = None  # where a GET target's (script-less) paced script goes
 
     def paced(self, script: Path | None) -> Path | None:
-        """`script` with a `delay()` appended (or a script of its own) when pacing."""
+        """`script` with a `delay()` appended, beside it (or a script of its own for a
+        plain GET) when pacing; the same file for the same script every run."""
         if self.pace is None:
             return script
-        assert self.pace_dir is not None
-        delay_ms = self.connections / self.pace * 1000
-        text = script.read_text() if script is not None else ""
-        out = self.pace_dir / f"paced-{script.stem if script else 'get'}-{id(script)}.lua"
-        out.write_text(text + f"\nfunction delay()\n  return {delay_ms:.3f}\nend\n")
+        delay = f"\nfunction delay()\n  return {self.connections / self.pace * 1000:.3f}\nend\n"
+        if script is None:
+            assert self.pace_dir is not None
+            out = self.pace_dir / "paced-get.lua"
+            if not out.exists():
+                out.write_text(delay)
+            return out
+        out = script.with_name(f"{script.stem}-paced.lua")
+        if not out.exists():
+            out.write_text(script.read_text() + delay)
         return out
 
     def argv(self, port: int, duration: float, scheme: str = "http",
