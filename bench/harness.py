@@ -3544,20 +3544,40 @@ def profile(args, procs: Processes, tmp: Path, pin: Pinning) -> int:
 # --------------------------------------------------------------------------- main
 
 
+ROUNDS = 5  # bench/run's default rounds (bench/middleware: 3)
+
+
+def add_wrk_arguments(ap: argparse.ArgumentParser, rounds: int) -> None:
+    """The load options bench/run and bench/middleware share: how long, how many rounds,
+    how many wrk connections and threads."""
+    ap.add_argument("--duration", type=float, help="seconds per measured wrk run (default 10)")
+    ap.add_argument("--rounds", type=int, help=f"alternating rounds (default {rounds})")
+    ap.add_argument("--quick", action="store_true", help="3 s runs, 2 rounds")
+    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each run")
+    ap.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
+    ap.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
+
+
+def settle_wrk_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace,
+                         rounds: int) -> None:
+    """Fill in the defaults `--quick` changes, and refuse what cannot be run."""
+    if args.duration is None:
+        args.duration = 3.0 if args.quick else 10.0
+    if args.rounds is None:
+        args.rounds = 2 if args.quick else rounds
+    if args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
+        ap.error("--duration must be > 0, --rounds >= 1, --warmup >= 0")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="bench/run",
         description="Benchmark apishield against nginx proxy_pass, side by side, on 127.0.0.1.")
-    ap.add_argument("--duration", type=float, help="seconds per measured wrk run (default 10)")
-    ap.add_argument("--rounds", type=int, help="alternating rounds (default 5)")
-    ap.add_argument("--quick", action="store_true", help="3 s runs, 2 rounds")
-    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each run")
-    ap.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
+    add_wrk_arguments(ap, ROUNDS)
     ap.add_argument("--pace", type=float, metavar="RPS",
                     help="offer about RPS requests a second (each connection waits c/RPS s "
                          "between requests) instead of as many as the proxy answers: the "
                          "latency of an unsaturated proxy (the p99 goal); see bench/README.md")
-    ap.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
     ap.add_argument("--only", help="comma list of targets: nginx (= nginx_proxy,direct), tls "
                     "(= nginx_tls,apishield_tls: HTTPS, not in a default run), validation "
                     f"(= {','.join(VALIDATION_TARGETS)}: not in a default run), auth "
@@ -3591,12 +3611,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seconds", type=float,
                     help="abort the whole run after this long (default: computed from the plan)")
     args = ap.parse_args(argv)
-    if args.duration is None:
-        args.duration = 3.0 if args.quick else 10.0
-    if args.rounds is None:
-        args.rounds = 2 if args.quick else 5
-    if args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
-        ap.error("--duration must be > 0, --rounds >= 1, --warmup >= 0")
+    settle_wrk_arguments(ap, args, ROUNDS)
 
     try:
         planned = len(plan_targets(args))

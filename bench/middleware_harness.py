@@ -49,6 +49,7 @@ from harness import (  # bench/ is sys.path[0] when run as a script
     Pinning,
     Processes,
     Service,
+    add_wrk_arguments,
     decide_pinning,
     ensure_tools,
     free_ports,
@@ -59,6 +60,7 @@ from harness import (  # bench/ is sys.path[0] when run as a script
     proc_tree_cpu_seconds,
     run,
     run_guarded,
+    settle_wrk_arguments,
     to_yaml,
     wait_port,
     wrk_script,
@@ -73,6 +75,7 @@ BASELINE = "starlette"
 VALIDATING = tuple(t for t in TARGETS if t != BASELINE)
 # The issue's goals for the middleware (ratios to bare Starlette, same run).
 GOALS = {"get": 0.6, "post": 0.5}
+ROUNDS = 3  # default rounds
 
 # The peers as a user installs them (late-2026 releases). openapi-core 0.23.1's `starlette`
 # extra caps Starlette below 1.1 while FastAPI 0.163 needs 1.x: openapi-core is installed
@@ -570,12 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="bench/middleware",
         description="The ASGI middleware against bare Starlette, FastAPI+pydantic, "
                     "Connexion 3 and openapi-core: same app, same requests, one run.")
-    ap.add_argument("--duration", type=float, help="seconds per measured wrk run (default 10)")
-    ap.add_argument("--rounds", type=int, help="alternating rounds (default 3)")
-    ap.add_argument("--quick", action="store_true", help="3 s runs, 2 rounds")
-    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each run")
-    ap.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
-    ap.add_argument("--threads", type=int, default=1, help="wrk -t (default 1)")
+    add_wrk_arguments(ap, ROUNDS)
     ap.add_argument("--only", type=lambda s: [p.strip() for p in s.split(",") if p.strip()],
                     help=f"comma list of targets ({', '.join(TARGETS)}); starlette is always "
                          "added: every ratio is to it")
@@ -593,12 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seconds", type=float,
                     help="abort the whole run after this long (default: computed from the plan)")
     args = ap.parse_args(argv)
-    if args.duration is None:
-        args.duration = 3.0 if args.quick else 10.0
-    if args.rounds is None:
-        args.rounds = 2 if args.quick else 3
-    if args.duration <= 0 or args.rounds < 1 or args.warmup < 0:
-        ap.error("--duration must be > 0, --rounds >= 1, --warmup >= 0")
+    settle_wrk_arguments(ap, args, ROUNDS)
     if not args.duration.is_integer() or not args.warmup.is_integer():
         ap.error("--duration and --warmup are whole seconds (wrk -d takes no fractions)")
     unknown = [t for t in args.only or [] if t not in TARGETS]
