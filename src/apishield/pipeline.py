@@ -40,9 +40,10 @@ from apishield import problems
 from apishield.abuse.gate import BanGate
 from apishield.auth.delegate import upstream_refused
 from apishield.auth.service import PUBLIC, AuthService
-from apishield.config import Config
+from apishield.config import Config, ConfigError
 from apishield.contract.loader import Contract
 from apishield.contract.router import Router
+from apishield.contract.schema import SchemaError, schema_depth_guard
 from apishield.exchange import Exchange, Headers, Suspend
 from apishield.observe import events, redact
 from apishield.observe.accesslog import FLUSH_EVERY, AccessLog
@@ -121,7 +122,14 @@ class Pipeline:
         self._given: frozenset[str] = frozenset()
         self.in_flight = 0  # requests the gateway runs on this pipeline (drained at reload)
         self.router = Router(contract.operations, contract.base_path)
-        parameters, body = validate.build(contract, config.validation)
+        try:
+            with schema_depth_guard():  # a long `$ref` chain: a located error
+                parameters, body = validate.build(contract, config.validation)
+                self.response_filter = response_filter.ResponseFilter(contract,
+                                                                      config.responses)
+                self.response_owner = response_owner.ResponseOwnership(contract)
+        except SchemaError as exc:
+            raise ConfigError([f"{contract.source.name}: {exc}"]) from None
         self.cors = cors.build(config.cors, self.router)
         kept = self.kept
         self.auth: AuthService = AuthService(config, contract, previous=previous.auth
@@ -195,8 +203,6 @@ class Pipeline:
         redact.protect(config.redact.fields)  # compiled once, here (F6)
         self.mask_errors = config.responses.mask_errors
         self._render_problem = ProblemRenderer(config.responses.problem_docs).render
-        self.response_filter = response_filter.ResponseFilter(contract, config.responses)
-        self.response_owner = response_owner.ResponseOwnership(contract)
         self.max_filter_bytes = config.responses.max_filter_bytes
         self.global_log_only = config.mode == "log-only"
         self._tasks: list[asyncio.Task[None]] = []

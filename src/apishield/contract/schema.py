@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,23 @@ class Caps:
 
 BACKTRACK_LIMIT = 100_000  # steps of the backtracking engine per match (lookaround only)
 REGEX_SIZE_LIMIT = 10 * 1024 * 1024  # bytes of one compiled pattern (the engine's default)
+# Start-up walks follow each `$ref` depth first, about eight Python frames a schema, so a
+# chain of schemas each referring to the next (bench/contract_load.py's generated contract
+# has one 2,000 deep, through `oneOf`) passes the interpreter's recursion limit. Raising the
+# limit is no cure: that DAG then costs the response shapes and validators tens of GB
+# (measured: 23 GB before it was stopped). Such a chain is refused with a located error.
+
+
+@contextmanager
+def schema_depth_guard() -> Iterator[None]:
+    """A `$ref` chain too deep to walk becomes a `SchemaError` saying so (the pipeline turns
+    it into a ConfigError), never a bare RecursionError traceback at start-up."""
+    try:
+        yield
+    except RecursionError:
+        raise SchemaError(
+            "schemas nest too deeply through $ref (a chain of more than about 100 schemas, "
+            "each referring to the next); flatten the chain") from None
 # lookahead, lookbehind, a numbered or named backreference (ECMA-262 22.2)
 _BACKTRACKING_SYNTAX = re.compile(r"\(\?<?[=!]|\\[1-9]|\\k<")
 _NOT_A_REGEX = re.compile(r'^"(.*)" is not a "regex"', re.DOTALL)
@@ -128,7 +147,8 @@ class SchemaCompiler:
         refs: set[str] = set()
         self._added = []
         try:
-            converted = self._convert(node, file, refs, top=True)
+            with schema_depth_guard():
+                converted = self._convert(node, file, refs, top=True)
         except BaseException:
             # a schema that failed half-way must not stay behind as its placeholder (a
             # `true` would accept anything in the next body that refers to it): forget
