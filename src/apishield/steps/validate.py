@@ -866,17 +866,25 @@ class BodyStep:
         Measured (bench/RESULTS.md): stdlib json with this hook costs ~175 us more than
         without on 100 KB; orjson plus a colon count outside string literals (orjson keeps
         the last duplicate silently) cost more, so the hook stays."""
-        charset = re.search(rb"charset=\"?([A-Za-z0-9_-]+)", content_type)
+        charset = _CHARSET.search(content_type)
         if charset and charset.group(1).lower() not in (b"utf-8", b"utf8"):
             raise BadRequest("body-charset-not-utf8")  # RFC 8259 8.1: JSON is UTF-8
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest("body-invalid-utf8") from None
-        decoder, pairs = self._decoder()
+        scan, pairs = self._decoder()
         pairs.keys = 0
         try:
-            document = decoder.decode(text)
+            # `decoder.decode(text)` without its two interpreted frames (json/decoder.py):
+            # the C scanner from the first non-space character, then nothing but JSON
+            # whitespace may follow (RFC 8259 2); StopIteration is "Expecting value"
+            start = len(text) - len(text.lstrip(_JSON_SPACE))
+            document, end = scan(text, start)
+            if end != len(text) and text[end:].strip(_JSON_SPACE):
+                raise BadRequest("body-malformed-json", contract_rule=True)
+        except StopIteration:
+            raise BadRequest("body-malformed-json", contract_rule=True) from None
         except _TooDeep as exc:
             raise BadRequest(str(exc), contract_rule=True) from None
         except json.JSONDecodeError:
@@ -889,19 +897,20 @@ class BodyStep:
             raise BadRequest("body-malformed-json", contract_rule=True) from None
         return document, text
 
-    def _decoder(self) -> tuple[json.JSONDecoder, _Pairs]:
-        """This thread's decoder and its hook (issue 18: `json.loads` with a hook builds
-        a decoder and its C scanner per call, ~5 us of a 1 KB body's ~40 us; one per
-        thread, since large bodies are parsed in threads)."""
+    def _decoder(self) -> tuple[Callable[[str, int], tuple[Any, int]], _Pairs]:
+        """This thread's JSON scanner (the C one of a `json.JSONDecoder` with the hook) and
+        its hook (issue 18: `json.loads` with a hook builds a decoder and its C scanner per
+        call, ~5 us of a 1 KB body's ~40 us; one per thread, since large bodies are parsed
+        in threads)."""
         local = self._local
         try:
-            return local.decoder, local.pairs
+            return local.scan, local.pairs
         except AttributeError:
             pairs = _Pairs(self.max_keys)
-            local.decoder = json.JSONDecoder(object_pairs_hook=pairs,
-                                             parse_constant=_non_finite)
+            decoder = json.JSONDecoder(object_pairs_hook=pairs, parse_constant=_non_finite)
+            local.scan = decoder.scan_once  # type: ignore[attr-defined]
             local.pairs = pairs
-            return local.decoder, pairs
+            return local.scan, pairs
 
     @staticmethod
     def _no_lone_surrogate(document: Any, text: str) -> None:
@@ -937,6 +946,8 @@ def _multipart_problem(exc: MultipartError, fields: dict[str, _FormField]) -> Pr
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_CHARSET = re.compile(rb"charset=\"?([A-Za-z0-9_-]+)")
+_JSON_SPACE = " \t\n\r"  # RFC 8259's whitespace (json.decoder.WHITESPACE)
 
 
 def _lone_surrogate(document: Any) -> bool:
