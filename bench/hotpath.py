@@ -57,6 +57,7 @@ on which other targets ran before (bench/RESULTS.md, "Issue 18: fewer objects").
     .venv/bin/python bench/hotpath.py [--rounds 7] [--number 20000] [--only passthrough,floor]
                                       [--json bench/results/hotpath.json] [--top 25]
     .venv/bin/python bench/hotpath.py --instructions [--number 2000] [--only full]
+                                      [--keep-callgrind DIR]
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ import os
 import platform
 import pstats
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -347,6 +349,9 @@ def run_under_callgrind(args: argparse.Namespace, argv: list[str]) -> dict[str, 
             total = re.search(r"^totals: (\d+)", text, re.M)
             if trigger and total:
                 totals[trigger.group(1)] = int(total.group(1))
+                if args.keep_callgrind is not None:  # for callgrind_annotate --inclusive=yes
+                    args.keep_callgrind.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(part, args.keep_callgrind / f"callgrind.{trigger.group(1)}")
     return {name: round(ir / args.number) for name, ir in totals.items()}
 
 
@@ -471,12 +476,17 @@ def main() -> int:
     ap.add_argument("--instructions", action="store_true",
                     help="instructions per request under callgrind instead of CPU time "
                          "(slow: use --number 2000)")
+    ap.add_argument("--keep-callgrind", type=Path, metavar="DIR",
+                    help="with --instructions: keep each target's callgrind output here "
+                         "(DIR/callgrind.<target>), to read with callgrind_annotate")
     args = ap.parse_args()
     if os.environ.get(UNDER_VALGRIND):
         uvloop.run(main_async(args))
         return 0
     if args.instructions:
         argv = [a for a in sys.argv[1:] if a != "--instructions"]
+        if args.keep_callgrind is not None:
+            args.keep_callgrind = args.keep_callgrind.resolve()
         counted = run_under_callgrind(args, argv)
         floor = counted.get("floor")
         print(f"instructions per request (callgrind Ir, {args.number:,} requests each):")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 HOT_MODULES: tuple[str, ...] = (
     "apishield.exchange",
+    "apishield.gateway",
+    "apishield.abuse.gate",
     "apishield.pipeline",
     "apishield.http.server",
     "apishield.http.upstream",

@@ -87,9 +87,10 @@ class Operation:
         finding)."""
         return self.policy.public is True and any(self.security or ())
 
-    @property
+    @cached_property
     def public(self) -> bool:
-        """Explicitly public: `security: []` or `x-apishield: {public: true}`."""
+        """Explicitly public: `security: []` or `x-apishield: {public: true}`. Cached: the
+        security-headers step asks on every response (issue 18)."""
         if self.policy.public is not None:
             return self.policy.public
         return self.security is not None and len(self.security) == 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Protocol
 
 from apishield.observe.metrics import METRICS
@@ -29,13 +28,25 @@ logger = logging.getLogger("apishield.state")
 SUMMARY_EVERY = 5.0  # seconds between the counts an outage of the store logs
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
-    allowed: bool
-    limit: int  # the capacity the client sees (`q` of RateLimit-Policy)
-    remaining: int  # requests still admitted right now (`r` of RateLimit)
-    reset_after: float  # seconds until the full capacity is back (`t` of RateLimit)
-    retry_after: float  # seconds until one more request would pass (0 when allowed)
+    """One limit's answer for one request (never changed once made). A plain class, not a
+    dataclass: in the compiled build a dataclass keeps its generated, interpreted
+    `__init__`, one interpreted call per request (issue 18)."""
+
+    __slots__ = ("allowed", "limit", "remaining", "reset_after", "retry_after")
+
+    def __init__(self, allowed: bool, limit: int, remaining: int, reset_after: float,
+                 retry_after: float) -> None:
+        self.allowed = allowed
+        self.limit = limit  # the capacity the client sees (`q` of RateLimit-Policy)
+        self.remaining = remaining  # requests still admitted right now (`r` of RateLimit)
+        self.reset_after = reset_after  # seconds until the full capacity is back (`t`)
+        self.retry_after = retry_after  # seconds until one more would pass (0: allowed)
+
+    def __repr__(self) -> str:
+        return (f"Decision(allowed={self.allowed}, limit={self.limit}, remaining="
+                f"{self.remaining}, reset_after={self.reset_after}, "
+                f"retry_after={self.retry_after})")
 
 
 class StoreUnavailable(Exception):

@@ -88,18 +88,25 @@ def cut_json(body: bytes, shape: Shape | None) -> bytes | None:
     return None if pruned == document else orjson.dumps(pruned)
 
 
-@dataclass(slots=True, eq=False)
 class Plan:
     """What the front end must do with one response body, decided on its head: cut it to
     `shape`, check it with `validator`, or refuse it whatever it holds (`refuse`, a
-    reason). The front ends only test it for None and hand it back to the pipeline."""
+    reason). The front ends only test it for None and hand it back to the pipeline.
 
-    status: int
-    shape: Shape | None = None
-    validator: jsonschema_rs.Validator | None = None
-    refuse: str | None = None
-    owner: bool = False  # the owner of the answer is checked first (steps/response_owner)
-    headers: Headers | None = None  # the response head, when `owner` needs its media type
+    A plain class, not a dataclass: one is made per filtered response, and in the compiled
+    build a dataclass keeps its generated, interpreted `__init__` (issue 18)."""
+
+    __slots__ = ("headers", "owner", "refuse", "shape", "status", "validator")
+
+    def __init__(self, status: int, shape: Shape | None = None,
+                 validator: jsonschema_rs.Validator | None = None,
+                 refuse: str | None = None) -> None:
+        self.status = status
+        self.shape = shape
+        self.validator = validator
+        self.refuse = refuse
+        self.owner = False  # the owner of the answer is checked first (steps/response_owner)
+        self.headers: Headers | None = None  # the response head, when `owner` needs its media type
 
     @property
     def cuts(self) -> bool:
