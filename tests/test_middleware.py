@@ -77,11 +77,15 @@ async def test_streaming_response_passes_and_banners_removed(client):
 
 async def test_identity_headers_stripped_and_request_id_given(client):
     response = await client.get(
-        "/headers", headers={"X-Apishield-Subject": "admin", "X-Request-Id": "mine"}
+        "/headers", headers={"X-Apishield-Subject": "admin", "X-Request-Id": "mine",
+                             "X_Apishield_Roles": "admin", "x_request-ID": "mine2",
+                             "X-Apishield": "kept", "X-Requested-With": "kept"}
     )
     seen = response.json()
     assert "x-apishield-subject" not in seen
+    assert "x_apishield_roles" not in seen and "x_request-id" not in seen  # `_` twins
     assert seen["x-request-id"] == response.headers["x-request-id"] != "mine"
+    assert seen["x-apishield"] == seen["x-requested-with"] == "kept"  # not the gateway's
 
 
 async def test_lifespan_passes_through():

@@ -45,8 +45,10 @@ _IDENTITY_PREFIX = b"x-apishield-"
 
 def spoofs_gateway_header(name: bytes) -> bool:
     """Client copies of what only the gateway may say (also as `X_Apishield_...` twins);
-    `name` is lower case. Both names start `x-`, so most headers are let go at once."""
-    if not name.startswith((b"x-", b"x_")):
+    `name` is lower case. Both names start `x-` (or `x_`), so most headers are let go on
+    two byte comparisons (compiled: native indexing; `startswith` with a tuple was a
+    generic method call, ~1,200 instructions a header)."""
+    if len(name) < 2 or name[0] != 0x78 or (name[1] != 0x2D and name[1] != 0x5F):  # x- x_
         return False
     dashed = name.replace(b"_", b"-")
     return dashed.startswith(_IDENTITY_PREFIX) or dashed == b"x-request-id"
@@ -132,10 +134,12 @@ def exchange_from(scope: Scope) -> tuple[Exchange, Headers, int]:
     gateway's own removed, names as the server gave them) and the header bytes, all in one
     pass over the scope's headers."""
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-    root_path: bytes = scope.get("root_path", "").encode("utf-8")
-    if root_path and raw_path.startswith(root_path):
-        cut = len(root_path)
-        raw_path = raw_path[cut:] or b"/"  # contract paths are app-relative
+    root = scope.get("root_path")
+    if root:  # mounted under a prefix: contract paths are app-relative
+        root_path: bytes = root.encode("utf-8")
+        if raw_path.startswith(root_path):
+            cut = len(root_path)
+            raw_path = raw_path[cut:] or b"/"
     lowered: Headers = []
     kept: Headers = []
     header_bytes = 0
