@@ -211,8 +211,13 @@ class Flight:
         self.replayed = False
         self.status = 500  # what the access log records if nothing is sent
         self.started = False  # the app sent its response's start
-        self.held_start: Message | None = None
-        self.held_plan: Plan | None = None  # what the pipeline does to a held body
+        # a response held whole: its status and (lower-cased) headers, the plan for its
+        # body, the body parts so far (kept typed, not as the app's start message: only
+        # these two of its fields are ever sent on)
+        self.holding = False
+        self.held_status = 0
+        self.held_headers: Headers = []
+        self.held_plan: Plan | None = None
         self.held: list[bytes] = []
         self.held_size = 0
 
@@ -247,13 +252,14 @@ class Flight:
             plan = None if masked else pipeline.filter_shape(self.exchange, status, headers)
             self.held_plan = plan
             if masked or plan is not None:
-                self.held_start = {**message, "headers": headers}
+                self.holding = True
+                self.held_status = status
+                self.held_headers = headers
                 return
             headers = pipeline.on_response(self.exchange, status, headers)
             await self.out({**message, "headers": headers})
             return
-        start = self.held_start
-        if start is None or kind != "http.response.body":
+        if not self.holding or kind != "http.response.body":
             await self.out(message)
             return
         chunk = message.get("body", b"")
@@ -262,14 +268,14 @@ class Flight:
             raise BadGateway("response-too-large-to-filter")
         self.held.append(chunk)
         if not message.get("more_body", False):
-            self.status = await self.send_held(start, b"".join(self.held))
+            self.status = await self.send_held(b"".join(self.held))
 
-    async def send_held(self, start: Message, body: bytes) -> int:
+    async def send_held(self, body: bytes) -> int:
         """Send a held response: a 5xx masked, or a body as the plan says (cut to its
         declared shape, checked against its schema, or refused); the status sent."""
         pipeline = self.pipeline
         exchange = self.exchange
-        status: int = start["status"]
+        status = self.held_status
         plan = self.held_plan
         if status >= 500 and pipeline.mask_errors:
             code, headers, body = pipeline.mask_upstream_error(exchange, status, body)
@@ -281,7 +287,7 @@ class Flight:
                 code, headers, body = pipeline.problem_response(exchange, problem)
             else:
                 code = status
-                headers = [(n, v) for n, v in start["headers"] if n != b"content-length"]
+                headers = [(n, v) for n, v in self.held_headers if n != b"content-length"]
                 headers.append((b"content-length", b"%d" % len(body)))
                 headers = pipeline.on_response(exchange, status, headers)
         await self.out({"type": "http.response.start", "status": code, "headers": headers})
