@@ -6,7 +6,8 @@ Here `forward` is the wrapped app. What the ASGI server already guarantees (one 
 its own HTTP parser, hop-by-hop handling, keep-alive) is left to it; everything the
 contract decides (default deny, media types, body limits, security headers, request id,
 access log) is the same code the gateway runs. `upstream` and `listen` in the config are
-ignored here.
+ignored here. This class is the public, subclassable surface (lifespan, the admin mount,
+the last flush); what runs once per request is `asgi_http.py`, compiled in a mypyc build.
 
 - `lifespan` passes through to the app (its own startup and shutdown handlers run as
   before); the middleware only watches it: once the app has finished its shutdown, the
