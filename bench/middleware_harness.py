@@ -50,6 +50,7 @@ from harness import (  # bench/ is sys.path[0] when run as a script
     Processes,
     Service,
     add_wrk_arguments,
+    apishield_build,
     decide_pinning,
     ensure_tools,
     free_ports,
@@ -93,6 +94,9 @@ PEER_PINS = (
     "httptools==0.9.0",
 )
 DEFAULT_VENV = Path.home() / ".cache" / "apishield" / "bench-middleware-venv"
+# `--wheel`: a venv of its own, so a run of a built wheel never swaps the apishield that
+# another checkout's editable run is importing from the default one
+DEFAULT_WHEEL_VENV = DEFAULT_VENV.with_name(DEFAULT_VENV.name + "-wheel")
 
 GET_PATH = "/items/42?limit=10"
 POST_PATH = "/items"
@@ -207,24 +211,31 @@ def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def ensure_venv(venv: Path, rebuild: bool) -> Path:
+def ensure_venv(venv: Path, rebuild: bool, wheel: Path | None = None) -> Path:
     """The peer venv, built once and reused while the pins stay the same. apishield is
     installed editable from this checkout (a venv built by another checkout is pointed
-    here again with a quick `--no-deps` reinstall): the project's own venv and pyproject
-    are not touched."""
+    here again with a quick `--no-deps` reinstall), or from `wheel` (e.g. the compiled
+    build, docs/performance.md), reinstalled whenever the file's content differs from
+    what the venv has: the project's own venv and pyproject are not touched."""
     venv.parent.mkdir(parents=True, exist_ok=True)
     # Two checkouts running the bench at once must not build the same venv together.
     with open(venv.parent / f".{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _ensure_venv(venv, rebuild)
+        return _ensure_venv(venv, rebuild, wheel)
 
 
-def _ensure_venv(venv: Path, rebuild: bool) -> Path:
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _ensure_venv(venv: Path, rebuild: bool, wheel: Path | None) -> Path:
     stamp = venv / "apishield-bench-pins.sha256"
+    wheel_stamp = venv / "apishield-bench-wheel.sha256"  # the wheel installed, if any
     digest = pins_digest()
     py = venv_python(venv)
     fresh = (not rebuild and py.exists() and stamp.exists()
              and stamp.read_text().strip() == digest)
+    apishield = [str(wheel)] if wheel is not None else ["-e", str(REPO)]
     if not fresh:
         log(f"building the peer venv {venv} (pins changed or first run; needs PyPI) ...")
         if venv.exists():
@@ -236,11 +247,25 @@ def _ensure_venv(venv: Path, rebuild: bool) -> Path:
         if out.returncode != 0:
             raise BenchError(f"python -m venv {venv} failed:\n{out.stderr[-3000:]}")
         for argv in ([str(py), "-m", "pip", "install", "-q", *PEER_PINS],
-                     [str(py), "-m", "pip", "install", "-q", "-e", str(REPO)]):
+                     [str(py), "-m", "pip", "install", "-q", *apishield]):
             out = run(argv, timeout=1800)
             if out.returncode != 0:
                 raise BenchError(f"{' '.join(argv)} failed:\n{out.stderr[-3000:]}")
         stamp.write_text(digest + "\n")
+        if wheel is not None:
+            wheel_stamp.write_text(file_digest(wheel) + "\n")
+    if wheel is not None:
+        wanted = file_digest(wheel)
+        if not wheel_stamp.exists() or wheel_stamp.read_text().strip() != wanted:
+            log(f"installing {wheel} into the peer venv ...")
+            argv = [str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
+                    str(wheel)]
+            out = run(argv, timeout=600)
+            if out.returncode != 0:
+                raise BenchError(f"{' '.join(argv)} failed:\n{out.stderr[-3000:]}")
+            wheel_stamp.write_text(wanted + "\n")
+        return py
+    wheel_stamp.unlink(missing_ok=True)
     where = run([str(py), "-c",
                  "import os, apishield; print(os.path.realpath(apishield.__file__))"],
                 timeout=60)
@@ -450,6 +475,9 @@ def render(result: dict) -> str:
              f"{result['load']['rounds']} rounds x {result['load']['duration_s']:g} s; "
              f"{result['machine']['pinning']}; load average at start "
              f"{', '.join(f'{x:.2f}' for x in result['machine']['loadavg_at_start'])}"]
+    if "apishield_build" in result["machine"]:
+        lines.append(f"apishield build: {result['machine']['apishield_build']} "
+                     f"({result['machine']['apishield_install']})")
     if result.get("note"):
         lines.append(f"NOTE: {result['note']}")
     for op in OPS:
@@ -475,8 +503,9 @@ def render(result: dict) -> str:
             continue
         lines.append(f"  issue 18 goal, {op.upper()}: apishield {g['apishield']:.2f}x "
                      f"(goal >= {g['goal_ratio']:g}x): {'MET' if g['met'] else 'NOT MET'}; "
-                     f"FastAPI {fmt(g['fastapi'], '.2f')}x: "
-                     f"{'ahead' if g['ahead_of_fastapi'] else 'behind'}")
+                     + ("FastAPI not measured" if g["ahead_of_fastapi"] is None else
+                        f"FastAPI {g['fastapi']:.2f}x: "
+                        f"{'ahead' if g['ahead_of_fastapi'] else 'behind'}"))
     checks = result["checks"]
     targets = list(checks["refused_count"])
     lines += ["", "what each target refuses (status per invalid request; 4xx = refused)",
@@ -500,7 +529,9 @@ def benchmark(args, procs: Processes, tmp: Path) -> int:
     pin = decide_pinning(args.no_pin)
     if not pin.pinned:
         log(f"NOTE: {pin.note}")
-    py = ensure_venv(args.venv, args.rebuild_venv)
+    py = ensure_venv(args.venv, args.rebuild_venv, args.wheel)
+    build = apishield_build([str(py), "-m", "apishield"])
+    log(f"apishield build: {build} ({args.wheel or 'editable install of ' + str(REPO)})")
     targets = [t for t in TARGETS if not args.only or t in args.only]
     if BASELINE not in targets:
         targets.insert(0, BASELINE)  # every ratio is to it
@@ -519,10 +550,11 @@ def benchmark(args, procs: Processes, tmp: Path) -> int:
     scripts_dir = tmp / "wrk"
     scripts_dir.mkdir()
     post_script = wrk_script(scripts_dir, "post_validate_1k")  # POST, BODY_1K, JSON
-    loads = {"get": (PathLoad(args.threads, args.connections, pin.prefix("load"), GET_PATH),
-                     None),
-             "post": (PathLoad(args.threads, args.connections, pin.prefix("load"), POST_PATH),
-                      post_script)}
+    # the path by keyword: Load's fields after `prefix` (pace, pace_dir) come first
+    loads = {"get": (PathLoad(args.threads, args.connections, pin.prefix("load"),
+                              path=GET_PATH), None),
+             "post": (PathLoad(args.threads, args.connections, pin.prefix("load"),
+                               path=POST_PATH), post_script)}
     rounds: list[dict] = []
     for i in range(1, args.rounds + 1):
         entry: dict = {"round": i}
@@ -539,6 +571,9 @@ def benchmark(args, procs: Processes, tmp: Path) -> int:
         rounds.append(entry)
     summary = summarize(rounds, targets)
     machine["loadavg_at_end"] = os.getloadavg()
+    machine["apishield_build"] = build
+    machine["apishield_install"] = (f"wheel {args.wheel} (sha256 {file_digest(args.wheel)})"
+                                    if args.wheel else f"editable {REPO}")
     result = {
         "targets": targets,
         "summary": summary,
@@ -579,8 +614,12 @@ def main(argv: list[str] | None = None) -> int:
                          "added: every ratio is to it")
     ap.add_argument("--check-only", action="store_true",
                     help="start the targets, run the checks, print the refusal table; no load")
-    ap.add_argument("--venv", type=Path, default=DEFAULT_VENV,
-                    help=f"the peer venv (default {DEFAULT_VENV})")
+    ap.add_argument("--venv", type=Path,
+                    help=f"the peer venv (default {DEFAULT_VENV}; with --wheel "
+                         f"{DEFAULT_WHEEL_VENV})")
+    ap.add_argument("--wheel", type=Path,
+                    help="install apishield from this wheel (e.g. the compiled build: "
+                         "APISHIELD_COMPILE=1 pip wheel) instead of editable from this checkout")
     ap.add_argument("--rebuild-venv", action="store_true", help="rebuild the peer venv")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     ap.add_argument("--no-install", action="store_true", help="never apt-get install wrk")
@@ -592,6 +631,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="abort the whole run after this long (default: computed from the plan)")
     args = ap.parse_args(argv)
     settle_wrk_arguments(ap, args, ROUNDS)
+    if args.wheel is not None:
+        args.wheel = args.wheel.resolve()
+        if args.wheel.suffix != ".whl" or not args.wheel.is_file():
+            ap.error(f"--wheel {args.wheel}: not a wheel file (build one with "
+                     "`APISHIELD_COMPILE=1 pip wheel --no-deps -w DIR .`)")
+    if args.venv is None:
+        args.venv = DEFAULT_VENV if args.wheel is None else DEFAULT_WHEEL_VENV
     if not args.duration.is_integer() or not args.warmup.is_integer():
         ap.error("--duration and --warmup are whole seconds (wrk -d takes no fractions)")
     unknown = [t for t in args.only or [] if t not in TARGETS]

@@ -22,7 +22,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("steps",),  # one module per pipeline step
     ("pipeline",),  # runs the steps in order
     ("admin", "audit", "probe"),  # the admin API; the contract+policy review; the prober
-    ("http", "middleware"),  # the gateway's transport; the ASGI front end
+    # the gateway's transport; the ASGI front end and its per-request path
+    ("http", "middleware", "asgi_http"),
     ("gateway", "supervisor"),  # the gateway front end; its workers' supervisor
     # the command line, the demo, the package root, the compiled build's module list
     ("cli", "demo", "__main__", "", "compiled"),

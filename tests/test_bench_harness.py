@@ -172,3 +172,18 @@ def test_each_response_schema_declares_what_its_target_says(harness: ModuleType)
     pipeline = harness.full_contract()["paths"]["/item"]["post"]["responses"]["200"][
         "content"]["application/json"]["schema"]["properties"]
     assert set(pipeline) == set(harness.FULL_FILTERED_BODY) and len(pipeline) == 5
+
+
+def test_middleware_wheel_must_be_a_wheel_file(tmp_path: Path) -> None:
+    """`bench/middleware --wheel` (the compiled build under uvicorn) refuses anything but a
+    wheel file at once, before a venv is built or a target started."""
+    not_a_wheel = tmp_path / "apishield.tar.gz"
+    not_a_wheel.write_bytes(b"")
+    for given in (not_a_wheel, tmp_path / "missing.whl"):
+        result = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "middleware_harness.py"), "--wheel",
+             str(given), "--check-only", "--venv", str(tmp_path / "venv")],
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert f"--wheel {given}: not a wheel file" in result.stderr
+    assert not (tmp_path / "venv").exists()

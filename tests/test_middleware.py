@@ -77,11 +77,15 @@ async def test_streaming_response_passes_and_banners_removed(client):
 
 async def test_identity_headers_stripped_and_request_id_given(client):
     response = await client.get(
-        "/headers", headers={"X-Apishield-Subject": "admin", "X-Request-Id": "mine"}
+        "/headers", headers={"X-Apishield-Subject": "admin", "X-Request-Id": "mine",
+                             "X_Apishield_Roles": "admin", "x_request-ID": "mine2",
+                             "X-Apishield": "kept", "X-Requested-With": "kept"}
     )
     seen = response.json()
     assert "x-apishield-subject" not in seen
+    assert "x_apishield_roles" not in seen and "x_request-id" not in seen  # `_` twins
     assert seen["x-request-id"] == response.headers["x-request-id"] != "mine"
+    assert seen["x-apishield"] == seen["x-requested-with"] == "kept"  # not the gateway's
 
 
 async def test_lifespan_passes_through():
@@ -189,3 +193,51 @@ async def test_framing_facts_read_in_one_pass():
     assert await _raw_asgi([json_type, (b"content-length", b"8x"), length], body) == 400
     assert await _raw_asgi([json_type, (b"content-length", b"%d" % 10**6)], body) == 413
     assert await _raw_asgi([(b"content-type", b"text/plain"), length], body) == 415
+
+
+async def test_scopes_and_messages_that_are_mappings_not_dicts():
+    """ASGI 3.0 says dicts; the per-request path (asgi_http.py) reads them as dicts and
+    copies any other mapping first, so a server or app that sends another mapping gets the
+    same answers, compiled or not (a compiled build would refuse a non-dict typed dict)."""
+    from collections import UserDict
+
+    from apishield import ApiShieldMiddleware
+
+    async def app(scope, receive, send):
+        assert (await receive())["body"] == b""
+        status = 500 if scope["path"] == "/leak" else 200
+        await send(UserDict({"type": "http.response.start", "status": status,
+                             "headers": [(b"content-type", b"text/plain"),
+                                         (b"content-length", b"6")]}))
+        await send(UserDict({"type": "http.response.body", "body": b"secret"}))
+
+    middleware = ApiShieldMiddleware(app, config=CONFIG)
+
+    async def call(path: str) -> tuple[int, dict[bytes, bytes], bytes]:
+        sent: list = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = UserDict({"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                          "method": "GET", "scheme": "http", "path": path,
+                          "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                          "headers": [(b"host", b"testserver"), (b"x-request-id", b"mine")],
+                          "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)})
+        await middleware(scope, receive, send)
+        start, body = sent
+        return start["status"], dict(start["headers"]), body["body"]
+
+    try:
+        status, headers, body = await call("/items/7")
+        assert (status, body) == (200, b"secret")
+        assert headers[b"x-content-type-options"] == b"nosniff"
+        assert len(headers[b"x-request-id"]) == 32  # the gateway's, not the client's
+        status, headers, body = await call("/leak")  # held whole, then masked
+        assert status == 500 and b"secret" not in body
+        assert headers[b"content-type"] == b"application/problem+json"
+    finally:
+        await middleware._shutdown()

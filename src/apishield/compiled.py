@@ -7,7 +7,8 @@ CPU per proxied request (bench/RESULTS.md, "mypyc"). A wheel built with
 ordinary install (and every editable install) stays pure Python. Both are tested in CI
 (.ci/run), so the fallback is never a stale path.
 
-The list is the per-request work: the transport, the pipeline and its steps, the router, the
+The list is the per-request work: the transports (the gateway's, and the
+middleware's per-request path), the pipeline and its steps, the router, the
 counters, the log and metric slots, authentication's cache-hit path. Start-up code (config,
 contract loading, the CLI, the admin API) gains nothing from compiling and stays
 interpreted, which keeps its tracebacks and monkeypatching as they are.
@@ -18,6 +19,7 @@ This module imports nothing: setup.py reads it before any dependency is installe
 from __future__ import annotations
 
 HOT_MODULES: tuple[str, ...] = (
+    "apishield.asgi_http",
     "apishield.exchange",
     "apishield.gateway",
     "apishield.abuse.gate",

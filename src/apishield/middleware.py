@@ -6,7 +6,8 @@ Here `forward` is the wrapped app. What the ASGI server already guarantees (one 
 its own HTTP parser, hop-by-hop handling, keep-alive) is left to it; everything the
 contract decides (default deny, media types, body limits, security headers, request id,
 access log) is the same code the gateway runs. `upstream` and `listen` in the config are
-ignored here.
+ignored here. This class is the public, subclassable surface (lifespan, the admin mount,
+the last flush); what runs once per request is `asgi_http.py`, compiled in a mypyc build.
 
 - `lifespan` passes through to the app (its own startup and shutdown handlers run as
   before); the middleware only watches it: once the app has finished its shutdown, the
@@ -41,41 +42,19 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
-from typing import Any
 
 from apishield.admin.app import AdminApp, read_token
 from apishield.admin.asgi import AdminMount
-from apishield.auth.identity import identity_headers
+from apishield.asgi_http import ASGIApp, AsgiHttp, Message, Receive, Scope, Send
 from apishield.config import Config, load_config
 from apishield.contract.loader import load_contract
-from apishield.exchange import Exchange, Headers
-from apishield.observe.logjson import attach_if_unconfigured, fields, redact_records
+from apishield.observe.logjson import attach_if_unconfigured, redact_records
 from apishield.pipeline import Pipeline
-from apishield.problems import (
-    BadGateway,
-    HeadersTooLarge,
-    PayloadTooLarge,
-    Problem,
-    UriTooLong,
-)
-from apishield.steps.response_filter import Plan
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+__all__ = ["ASGIApp", "ApiShieldMiddleware", "Message", "Receive", "Scope", "Send"]
 
 logger = logging.getLogger("apishield")
-_IDENTITY_PREFIX = b"x-apishield-"
-
-
-def _spoofs_gateway_header(name: bytes) -> bool:
-    """Client copies of what only the gateway may say (also as `X_Apishield_...` twins)."""
-    dashed = name.replace(b"_", b"-")
-    return dashed.startswith(_IDENTITY_PREFIX) or dashed == b"x-request-id"
 
 
 class ApiShieldMiddleware:
@@ -95,10 +74,27 @@ class ApiShieldMiddleware:
         self._lifespan_seen = False  # a lifespan server tells us when it stops
         self._in_flight = 0  # requests, counted only without lifespan
         self.admin = self._admin_mount()
-        limits = self.config.limits
-        self._max_url = limits.max_url_length
-        self._max_header_bytes = limits.max_header_bytes
-        self._max_header_count = limits.max_header_count
+
+    # The per-request path (asgi_http.py, compiled in a mypyc build) holds the pipeline and
+    # the app it serves: setting either here builds it anew, so it never runs stale ones.
+    @property
+    def pipeline(self) -> Pipeline:
+        return self._pipeline
+
+    @pipeline.setter
+    def pipeline(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        self._asgi_http = AsgiHttp(pipeline, self._app, self.config.limits)
+
+    @property
+    def app(self) -> ASGIApp:
+        return self._app
+
+    @app.setter
+    def app(self, app: ASGIApp) -> None:
+        self._app = app
+        if hasattr(self, "_pipeline"):  # not yet in __init__: the pipeline setter builds it
+            self._asgi_http = AsgiHttp(self._pipeline, app, self.config.limits)
 
     def _admin_mount(self) -> AdminMount | None:
         """The admin API under `admin.path` (see admin/asgi.py), when configured."""
@@ -143,7 +139,7 @@ class ApiShieldMiddleware:
             if self.admin is not None and self.admin.matches(scope["path"]):
                 await self.admin(scope, send)
             elif self._lifespan_seen:
-                await self._http(scope, receive, send)
+                await self._asgi_http.serve(scope, receive, send)
             else:
                 await self._http_unannounced_end(scope, receive, send)
         elif kind == "lifespan":
@@ -158,7 +154,7 @@ class ApiShieldMiddleware:
         """A request under a server without lifespan: write the log once idle."""
         self._in_flight += 1
         try:
-            await self._http(scope, receive, send)
+            await self._asgi_http.serve(scope, receive, send)
         finally:
             self._in_flight -= 1
             access_log = self.pipeline.access_log
@@ -237,194 +233,3 @@ class ApiShieldMiddleware:
                 await self._shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-
-    def _exchange(self, scope: Scope) -> Exchange:
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
-        root_path = scope.get("root_path", "").encode("utf-8")
-        if root_path and raw_path.startswith(root_path):
-            raw_path = raw_path[len(root_path):] or b"/"  # contract paths are app-relative
-        client = scope.get("client")
-        exchange = Exchange(
-            scope["method"],
-            raw_path,
-            scope.get("query_string", b""),
-            [(name.lower(), value) for name, value in scope.get("headers", [])],
-            client[0] if client else "",
-            scope.get("scheme", "http"),
-            scope.get("http_version", "1.1"),
-        )
-        exchange.read_framing()  # for the limits step (the gateway's parser does this)
-        return exchange
-
-    def _check_sizes(self, exchange: Exchange) -> None:
-        if len(exchange.raw_path) + len(exchange.query) + 1 > self._max_url:
-            raise UriTooLong("url-over-limit")
-        if len(exchange.headers) > self._max_header_count:
-            raise HeadersTooLarge("header-count-over-limit")
-        if sum(len(n) + len(v) + 4 for n, v in exchange.headers) > self._max_header_bytes:
-            raise HeadersTooLarge("header-bytes-over-limit")
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pipeline = self.pipeline
-        exchange = self._exchange(scope)
-        status = 500
-        started = False
-        if pipeline.usage is not None:  # count the response body bytes (F4)
-            send = _counting(send, exchange)
-
-        async def refuse(problem: Problem) -> None:
-            nonlocal status
-            status, headers, body = pipeline.problem_response(exchange, problem)
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
-        try:
-            try:
-                self._check_sizes(exchange)
-            except Problem as problem:
-                exchange.problem = problem
-            else:
-                pipeline.on_head(exchange)
-            if exchange.problem is not None:
-                await refuse(exchange.problem)
-                return
-            body = await self._read_body(receive, exchange.body_limit)
-            if body is None:
-                exchange.reason = "client-disconnected"
-                status = 499
-                return
-            exchange.body = body
-            pipeline.on_body(exchange)
-            if exchange.problem is not None:
-                await refuse(exchange.problem)
-                return
-            if exchange.suspended is not None:
-                await pipeline.on_request(exchange)
-                if exchange.problem is not None:
-                    await refuse(exchange.problem)
-                    return
-
-            replayed = False
-
-            async def app_receive() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            # A response the gateway must rewrite (a 5xx to mask, a JSON body to filter) is
-            # held whole: its start message, then its body parts.
-            held_start: Message | None = None
-            held_plan: Plan | None = None  # what the pipeline does to a held body
-            held: list[bytes] = []
-            held_size = 0
-
-            async def app_send(message: Message) -> None:
-                nonlocal status, started, held_start, held_plan, held_size
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                    started = True
-                    headers: Headers = [
-                        (name.lower(), value) for name, value in message.get("headers", [])
-                    ]
-                    masked = status >= 500 and pipeline.mask_errors
-                    held_plan = None if masked else pipeline.filter_shape(exchange, status,
-                                                                          headers)
-                    if masked or held_plan is not None:
-                        held_start = {**message, "headers": headers}
-                        return
-                    headers = pipeline.on_response(exchange, status, headers)
-                    await send({**message, "headers": headers})
-                    return
-                if held_start is None or message["type"] != "http.response.body":
-                    await send(message)
-                    return
-                chunk = message.get("body", b"")
-                held_size += len(chunk)
-                if held_size > pipeline.max_filter_bytes:
-                    raise BadGateway("response-too-large-to-filter")
-                held.append(chunk)
-                if not message.get("more_body", False):
-                    status = await self._send_held(exchange, held_start, held_plan,
-                                                   b"".join(held), send)
-
-            await self.app(self._app_scope(scope, exchange), app_receive, app_send)
-        except Problem as problem:
-            if started:
-                raise
-            await refuse(problem)
-        except Exception as exc:
-            if started:
-                logger.error("response to %s broken", exchange.id, exc_info=exc,
-                             extra=fields("error", exchange.id))
-                exchange.reason = "response-broken"
-                raise
-            status, headers, body = pipeline.internal_error(exchange, exc)
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-        finally:
-            pipeline.record(exchange, status)
-
-    async def _send_held(self, exchange: Exchange, start: Message, plan: Plan | None,
-                         body: bytes, send: Send) -> int:
-        """Send a held response: a 5xx masked, or a body as `plan` says (cut to its
-        declared shape, checked against its schema, or refused)."""
-        pipeline = self.pipeline
-        status = start["status"]
-        if status >= 500 and pipeline.mask_errors:
-            code, headers, body = pipeline.mask_upstream_error(exchange, status, body)
-        else:
-            try:
-                body = pipeline.filter_body(exchange, plan, body) if plan else body
-            except Problem as problem:
-                code, headers, body = pipeline.problem_response(exchange, problem)
-            else:
-                code = status
-                headers = [(n, v) for n, v in start["headers"] if n != b"content-length"]
-                headers.append((b"content-length", b"%d" % len(body)))
-                headers = pipeline.on_response(exchange, status, headers)
-        await send({"type": "http.response.start", "status": code, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        return code
-
-    async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
-        """The whole body, refused with 413 the moment it passes `limit`."""
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge("body-over-limit")
-                parts.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(parts)
-
-    def _app_scope(self, scope: Scope, exchange: Exchange) -> Scope:
-        headers = [
-            (name, value)
-            for name, value in scope.get("headers", [])
-            if not _spoofs_gateway_header(name.lower())
-        ]
-        headers.append((b"x-request-id", exchange.id.encode()))
-        if exchange.client_identity:
-            headers.extend(exchange.client_identity)
-        if exchange.principal is not None:
-            headers.extend(identity_headers(exchange.principal))
-        return {**scope, "headers": headers}
-
-
-def _counting(send: Send, exchange: Exchange) -> Send:
-    """`send`, adding every response body's size to `exchange.bytes_out` (usage counts;
-    the ASGI server writes the head, so only body bytes are known here)."""
-    async def counted(message: Message) -> None:
-        if message["type"] == "http.response.body":
-            exchange.bytes_out += len(message.get("body", b""))
-        await send(message)
-
-    return counted
