@@ -10,7 +10,9 @@ with response filtering, and records every interpreted frame the event loop's th
 enters while the requests run (`sys.setprofile` sees only interpreted frames).
 
 Compiled (`APISHIELD_EXPECT_COMPILED=1`): no apishield frame at all. Pure Python: the same
-probe must see the pipeline's frames, or it proves nothing.
+probe must see the pipeline's frames, or it proves nothing. The ASGI middleware likewise,
+driven as an ASGI server drives it (lifespan, then requests): its one interpreted frame per
+request is `ApiShieldMiddleware.__call__`, by design (a thin class users may subclass).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from apishield import ApiShieldMiddleware
 from apishield.config import load_config
 from apishield.demo.api import make_server
 from apishield.gateway import build_gateway, serve
@@ -100,5 +103,107 @@ def test_a_proxied_request_runs_no_interpreted_apishield_frame(tmp_path):
     assert set(statuses["warm-up"]) == set(statuses["probed"]) == {200, 201}, statuses
     if EXPECT_COMPILED:
         assert dict(seen) == {}
+    else:
+        assert any(name.startswith("pipeline.py") for name in seen), seen
+
+
+async def _pets(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A raw ASGI app behind the middleware: lifespan, and the demo's two pet routes."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    created = scope["method"] == "POST"
+    body = json.dumps({"id": 1, "name": "Rex", "tag": "dog"} if created
+                      else [{"id": 1, "name": "Rex"}]).encode()
+    await send({"type": "http.response.start", "status": 201 if created else 200,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _call(app: Any, method: str, path: str, query: bytes, body: bytes) -> int:
+    """One request, as an ASGI server sends it; the response status."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": query, "root_path": "", "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 8000),
+             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                         (b"content-length", b"%d" % len(body))]}
+    sent: list[dict[str, Any]] = []
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return requests.pop(0) if requests else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return int(sent[0]["status"])
+
+
+def test_a_request_through_the_middleware_runs_only_its_thin_class_interpreted(tmp_path):
+    shutil.copy(DEMO, tmp_path / "openapi.yaml")
+    path = tmp_path / "apishield.yaml"
+    path.write_text(
+        "contract: openapi.yaml\n"
+        f"access_log: {{path: '{tmp_path / 'access.log'}'}}\n"
+        "responses: {mode: filter}\n"
+        "rate_limiting:\n"
+        "  limits: [{name: per-ip, key: [ip], rate: 100000/m}]\n"
+    )
+    app = ApiShieldMiddleware(_pets, config=path)
+    seen: collections.Counter[str] = collections.Counter()
+    statuses: list[int] = []
+    body = json.dumps({"name": "Rex, a small brown dog and his friend", "tag": "dog"}).encode()
+
+    def probe(frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call" and PACKAGE in frame.f_code.co_filename:
+            code = frame.f_code
+            seen[f"{code.co_filename.rsplit(PACKAGE, 1)[1]}({code.co_name})"] += 1
+
+    async def main() -> None:
+        lifespan = [{"type": "lifespan.startup"}]
+        started = asyncio.Event()
+        stopping = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if lifespan:
+                return lifespan.pop(0)
+            await stopping.wait()
+            return {"type": "lifespan.shutdown"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                started.set()
+
+        task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}},
+                                         receive, send))
+        await started.wait()
+        for _ in range(5):  # warm-up: what is made once per operation is made here
+            statuses.append(await _call(app, "GET", "/pets", b"limit=5", b""))
+            statuses.append(await _call(app, "POST", "/pets", b"", body))
+        sys.setprofile(probe)
+        try:
+            for _ in range(20):
+                statuses.append(await _call(app, "GET", "/pets", b"limit=5", b""))
+                statuses.append(await _call(app, "POST", "/pets", b"", body))
+        finally:
+            sys.setprofile(None)
+        stopping.set()
+        await task
+
+    asyncio.run(main())
+    assert set(statuses) == {200, 201}, statuses
+    if EXPECT_COMPILED:
+        assert dict(seen) == {"middleware.py(__call__)": 40}
     else:
         assert any(name.startswith("pipeline.py") for name in seen), seen
