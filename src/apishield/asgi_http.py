@@ -73,52 +73,67 @@ class AsgiHttp:
         exchange, app_headers, header_bytes = exchange_from(scope)
         flight = Flight(pipeline, exchange, receive, send)
         try:
+            # a refusal or failure is kept and answered after its handler: a compiled
+            # coroutine must not await inside `except` (the mypyc note in gateway.py)
+            failure: Exception | None = None
             try:
-                self.check_sizes(exchange, header_bytes)
+                await self._answer(pipeline, flight, scope, exchange, app_headers,
+                                   header_bytes, receive)
             except Problem as problem:
-                exchange.problem = problem
-            else:
-                pipeline.on_head(exchange)
-            refused = exchange.problem
-            if refused is not None:
-                await flight.refuse(refused)
-                return
-            body = await read_body(receive, exchange.body_limit)
-            if body is None:
-                exchange.reason = "client-disconnected"
-                flight.status = 499
-                return
-            exchange.body = body
-            pipeline.on_body(exchange)
-            refused = exchange.problem
-            if refused is not None:
-                await flight.refuse(refused)
-                return
-            if exchange.suspended is not None:
-                await pipeline.on_request(exchange)
-                refused = exchange.problem
-                if refused is not None:
-                    await flight.refuse(refused)
-                    return
-            flight.body = body
-            await self.app(app_scope(scope, exchange, app_headers), flight.receive, flight.send)
-        except Problem as problem:
-            if flight.started:
-                raise
-            await flight.refuse(problem)
-        except Exception as exc:
-            if flight.started:
-                logger.error("response to %s broken", exchange.id, exc_info=exc,
-                             extra=fields("error", exchange.id))
-                exchange.reason = "response-broken"
-                raise
-            status, headers, answer = pipeline.internal_error(exchange, exc)
-            flight.status = status
-            await flight.out({"type": "http.response.start", "status": status,
-                              "headers": headers})
-            await flight.out({"type": "http.response.body", "body": answer})
+                if flight.started:
+                    raise
+                failure = problem
+            except Exception as exc:
+                if flight.started:
+                    logger.error("response to %s broken", exchange.id, exc_info=exc,
+                                 extra=fields("error", exchange.id))
+                    exchange.reason = "response-broken"
+                    raise
+                failure = exc
+            if isinstance(failure, Problem):
+                await flight.refuse(failure)
+            elif failure is not None:
+                status, headers, answer = pipeline.internal_error(exchange, failure)
+                flight.status = status
+                await flight.out({"type": "http.response.start", "status": status,
+                                  "headers": headers})
+                await flight.out({"type": "http.response.body", "body": answer})
         finally:
             pipeline.record(exchange, flight.status)
+
+    async def _answer(self, pipeline: Pipeline, flight: Flight, scope: Scope,
+                      exchange: Exchange, app_headers: Headers, header_bytes: int,
+                      receive: Receive) -> None:
+        """The request's way through: refused by a step, or read and handed to the app."""
+        try:
+            self.check_sizes(exchange, header_bytes)
+        except Problem as problem:
+            exchange.problem = problem
+        else:
+            pipeline.on_head(exchange)
+        refused = exchange.problem
+        if refused is not None:
+            await flight.refuse(refused)
+            return
+        body = await read_body(receive, exchange.body_limit)
+        if body is None:
+            exchange.reason = "client-disconnected"
+            flight.status = 499
+            return
+        exchange.body = body
+        pipeline.on_body(exchange)
+        refused = exchange.problem
+        if refused is not None:
+            await flight.refuse(refused)
+            return
+        if exchange.suspended is not None:
+            await pipeline.on_request(exchange)
+            refused = exchange.problem
+            if refused is not None:
+                await flight.refuse(refused)
+                return
+        flight.body = body
+        await self.app(app_scope(scope, exchange, app_headers), flight.receive, flight.send)
 
     def check_sizes(self, exchange: Exchange, header_bytes: int) -> None:
         """The transport limits the gateway's parser enforces (`header_bytes`: as

@@ -435,14 +435,17 @@ class Gateway:
         if isinstance(prepared, ReloadResult):
             return prepared
         new = prepared.pipeline
+        failure: Exception | None = None
         try:
             await new.start()  # what needs the loop: JWKS fetch, key store, housekeeping
         except Exception as exc:
+            failure = exc  # handled below, outside the handler (await outside the handler: mypyc)
+        if failure is not None:
             new.abandon()
             await new.stop()
             new.close()
-            problems = exc.problems if isinstance(exc, ConfigError) else [
-                f"starting the new pipeline: {type(exc).__name__}: {exc}"]
+            problems = failure.problems if isinstance(failure, ConfigError) else [
+                f"starting the new pipeline: {type(failure).__name__}: {failure}"]
             return ReloadResult(trigger, "failed", prepared.result.config_hash,
                                 problems=tuple(problems))
         old, old_pool = self.pipeline, None
@@ -532,24 +535,32 @@ class Gateway:
 
     async def _retire(self, old: Pipeline, pool: UpstreamPool | None) -> None:
         """Stop the replaced pipeline once the requests that started on it are done (its
-        access log stays open for their lines); close its upstream pool with it."""
+        access log stays open for their lines); close its upstream pool with it.
+
+        Cancelled (`close`): stopped at once, drained or not, then cancelled. The stop is
+        awaited outside the `except`, as the compiled build needs
+        (see the mypyc note above `settle_heap`)."""
+        cancelled = False
         try:
             while old.in_flight > 0:  # noqa: ASYNC110 - a poll, bounded by the requests
                 await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            cancelled = True
+        try:
+            await old.stop()
         finally:
-            try:
-                await old.stop()
-            finally:
-                old.close()
-                if pool is not None:
-                    pool.close()
-                    self._draining_pools.discard(pool)
-                if gc.get_freeze_count():
-                    # the old pipeline was frozen with the heap: thawed, its cycles can be
-                    # collected; the new one is frozen in their place (one full collection
-                    # per reload, ~20 ms with a large contract)
-                    gc.unfreeze()
-                    settle_heap()
+            old.close()
+            if pool is not None:
+                pool.close()
+                self._draining_pools.discard(pool)
+            if gc.get_freeze_count():
+                # the old pipeline was frozen with the heap: thawed, its cycles can be
+                # collected; the new one is frozen in their place (one full collection
+                # per reload, ~20 ms with a large contract)
+                gc.unfreeze()
+                settle_heap()
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def watch_files(self) -> None:
         """`reload.watch`: poll the config file and the contract's files; reload once a
@@ -666,6 +677,14 @@ def _log_reload(result: ReloadResult) -> None:
                 "replaced %s", result.trigger, result.duration * 1000, result.config_hash[:12],
                 ", ".join(result.changed) or "nothing", ", ".join(result.kept) or "nothing",
                 ", ".join(result.replaced) or "nothing", extra=summary)
+
+
+# mypyc 2.4.1: a compiled coroutine that awaits inside an `except` or `finally` block while
+# an exception is in flight leaks that exception into the coroutine that awaits it (a
+# cancelled task's CancelledError re-raised by `serve` after `gather(..., return_exceptions=
+# True)`; 25 lines reproduce it, bench/RESULTS.md). In the compiled modules the exception is
+# caught into a local and the awaits run after the handler; tests/test_compiled.py checks
+# that no hot module awaits inside a handler ("await outside the handler" below).
 
 
 def settle_heap() -> None:
@@ -906,37 +925,42 @@ async def serve(
     settle_heap()
     if ready is not None:
         ready.set_result((address[0], address[1]))
+    interrupted: BaseException | None = None
     try:
         await stop.wait()
-    finally:
-        gc.unfreeze()  # an embedding process gets its whole heap back under the cyclic GC
-        logger.info("shutting down: no new connections, finishing in-flight requests",
-                    extra=fields("lifecycle", event="stopping",
-                                 reason="requested" if stop.is_set() else "cancelled"))
-        server.close()
-        if plain is not None and responder is not None:
-            plain.close()
-            responder.close()
-        if watcher is not None:
-            watcher.cancel()
-        if admin is not None:
-            admin.close()
-        if file_watch is not None:
-            file_watch.cancel()
-        for task in list(reloads):
-            task.cancel()
-        await asyncio.gather(*reloads, *(t for t in (file_watch,) if t), return_exceptions=True)
-        for sig in handled:
-            loop.remove_signal_handler(sig)
-        for connection in list(gateway.connections):
-            connection.shutdown()
-        deadline = loop.time() + gateway.config.timeouts.shutdown
-        while gateway.connections and loop.time() < deadline:  # noqa: ASYNC110 - bounded poll
-            await asyncio.sleep(0.05)
-        for connection in list(gateway.connections):
-            if connection.transport is not None:
-                connection.transport.abort()
-        sweeper.stop()
-        await gateway.close()
-        logger.info("stopped", extra=fields(
-            "lifecycle", event="stop", reason="requested" if stop.is_set() else "cancelled"))
+    except BaseException as exc:  # cancelled: shut down all the same, then re-raise
+        interrupted = exc  # (await outside the handler: mypyc)
+    # the shutdown, whether stopped or cancelled
+    gc.unfreeze()  # an embedding process gets its whole heap back under the cyclic GC
+    logger.info("shutting down: no new connections, finishing in-flight requests",
+                extra=fields("lifecycle", event="stopping",
+                             reason="requested" if stop.is_set() else "cancelled"))
+    server.close()
+    if plain is not None and responder is not None:
+        plain.close()
+        responder.close()
+    if watcher is not None:
+        watcher.cancel()
+    if admin is not None:
+        admin.close()
+    if file_watch is not None:
+        file_watch.cancel()
+    for task in list(reloads):
+        task.cancel()
+    await asyncio.gather(*reloads, *(t for t in (file_watch,) if t), return_exceptions=True)
+    for sig in handled:
+        loop.remove_signal_handler(sig)
+    for connection in list(gateway.connections):
+        connection.shutdown()
+    deadline = loop.time() + gateway.config.timeouts.shutdown
+    while gateway.connections and loop.time() < deadline:  # noqa: ASYNC110 - bounded poll
+        await asyncio.sleep(0.05)
+    for connection in list(gateway.connections):
+        if connection.transport is not None:
+            connection.transport.abort()
+    sweeper.stop()
+    await gateway.close()
+    logger.info("stopped", extra=fields(
+        "lifecycle", event="stop", reason="requested" if stop.is_set() else "cancelled"))
+    if interrupted is not None:
+        raise interrupted
