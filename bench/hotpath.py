@@ -65,14 +65,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import ctypes
 import gc
 import json
 import os
 import platform
 import pstats
-import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -88,6 +85,7 @@ import uvloop
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
+import callgrind  # noqa: E402  (bench/callgrind.py)
 import floor_proxy  # noqa: E402  (bench/ modules, not a package)
 import harness  # noqa: E402
 
@@ -320,38 +318,12 @@ async def profile(target: Target, number: int, top: int) -> dict[str, Any]:
     }
 
 
-CALLGRIND_HELPER = r"""
-#include <valgrind/callgrind.h>
-void hp_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
-void hp_stop(const char *name) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS_AT(name); }
-"""
 UNDER_VALGRIND = "HOTPATH_CALLGRIND_HELPER"
 
 
 def run_under_callgrind(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Run this tool again under callgrind and read instructions per request per target."""
-    with tempfile.TemporaryDirectory(prefix="hotpath-cg-") as tmp:
-        helper = Path(tmp) / "cghelper.so"
-        source = Path(tmp) / "cghelper.c"
-        source.write_text(CALLGRIND_HELPER)
-        subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(helper), str(source)],
-                       check=True)
-        out = Path(tmp) / "callgrind.out"
-        env = {**os.environ, UNDER_VALGRIND: str(helper)}
-        subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                        f"--callgrind-out-file={out}", sys.executable, __file__, *argv],
-                       check=True, env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=3600)
-        totals: dict[str, int] = {}
-        for part in sorted(Path(tmp).glob("callgrind.out*")):
-            text = part.read_text(errors="replace")
-            trigger = re.search(r"^desc: Trigger: Client Request: (\S+)", text, re.M)
-            total = re.search(r"^totals: (\d+)", text, re.M)
-            if trigger and total:
-                totals[trigger.group(1)] = int(total.group(1))
-                if args.keep_callgrind is not None:  # for callgrind_annotate --inclusive=yes
-                    args.keep_callgrind.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(part, args.keep_callgrind / f"callgrind.{trigger.group(1)}")
+    totals = callgrind.run_counting(__file__, argv, UNDER_VALGRIND, args.keep_callgrind)
     return {name: round(ir / args.number) for name, ir in totals.items()}
 
 
@@ -360,7 +332,7 @@ async def count_instructions(targets: dict[str, Target], number: int) -> None:
     event loop gets no turn inside: its timers (housekeeping each second, the access
     log's 100 ms flush) run by wall-clock time, ~50x more often per request under
     valgrind than at full speed, and would make the count vary from run to run."""
-    lib = ctypes.CDLL(os.environ[UNDER_VALGRIND])
+    lib = callgrind.counting_lib(UNDER_VALGRIND)
     for name, target in targets.items():
         await asyncio.sleep(0)
         lib.hp_start()

@@ -28,14 +28,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import ctypes
 import gc
 import json
 import os
 import pstats
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,18 +43,13 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import callgrind  # bench/callgrind.py
 import middleware_harness as mh
 
 from apishield import ApiShieldMiddleware
 from apishield.compiled import build_kind
 
 Message = dict[str, Any]
-# bench/hotpath.py's callgrind client requests (start counting; stop and dump, named)
-CALLGRIND_HELPER = r"""
-#include <valgrind/callgrind.h>
-void hp_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
-void hp_stop(const char *name) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS_AT(name); }
-"""
 UNDER_VALGRIND = "MW_HOTPATH_CALLGRIND_HELPER"
 GET_BODY = mh.UPSTREAM_BODY.encode()
 CREATED = json.dumps(mh.CREATED_BODY, separators=(",", ":")).encode()
@@ -163,7 +155,7 @@ async def count_instructions(drivers: dict[str, Driver], number: int) -> None:
     """Inside callgrind: instrument only the measured requests of each operation. The loop
     gets no turn inside: its timers (the access log's 100 ms flush) run by wall-clock time,
     ~50x more often per request under valgrind, and would make the count vary."""
-    lib = ctypes.CDLL(os.environ[UNDER_VALGRIND])
+    lib = callgrind.counting_lib(UNDER_VALGRIND)
     gc.collect()
     gc.freeze()  # no full collection of the start-up heap by chance inside a count
     for name, driver in drivers.items():
@@ -175,25 +167,8 @@ async def count_instructions(drivers: dict[str, Driver], number: int) -> None:
 
 def run_under_callgrind(argv: list[str], number: int) -> dict[str, int]:
     """This tool again under callgrind: instructions per request per operation."""
-    with tempfile.TemporaryDirectory(prefix="mw-hotpath-cg-") as tmp:
-        helper = Path(tmp) / "cghelper.so"
-        source = Path(tmp) / "cghelper.c"
-        source.write_text(CALLGRIND_HELPER)
-        subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(helper), str(source)],
-                       check=True)
-        out = Path(tmp) / "callgrind.out"
-        subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                        f"--callgrind-out-file={out}", sys.executable, __file__, *argv],
-                       check=True, env={**os.environ, UNDER_VALGRIND: str(helper)},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
-        totals: dict[str, int] = {}
-        for part in sorted(Path(tmp).glob("callgrind.out*")):
-            text = part.read_text(errors="replace")
-            trigger = re.search(r"^desc: Trigger: Client Request: (\S+)", text, re.M)
-            total = re.search(r"^totals: (\d+)", text, re.M)
-            if trigger and total:
-                totals[trigger.group(1)] = round(int(total.group(1)) / number)
-    return totals
+    totals = callgrind.run_counting(__file__, argv, UNDER_VALGRIND)
+    return {name: round(total / number) for name, total in totals.items()}
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
