@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from apishield.config import ConfigError, config_from_dict
+from apishield.config import ConfigError, load_config
 from apishield.gateway import build_gateway
 
 
@@ -39,9 +39,7 @@ def _chain_contract(directory: Path, depth: int) -> Path:
 
 
 def _config(directory: Path):
-    return config_from_dict({"contract": "openapi.json",
-                             "upstream": {"url": "http://127.0.0.1:9"},
-                             "responses": {"mode": "filter"}}, source_dir=directory)
+    return load_config(directory / "apishield.yaml")  # as `_chain_contract` wrote it
 
 
 def test_a_realistic_chain_compiles(tmp_path):
